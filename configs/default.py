@@ -1,0 +1,111 @@
+"""Default MedFinder-JAX configuration: the paper's design at seed-compatible settings.
+
+Every other file in configs/ starts from this one and overrides only what differs.
+Run with:  python launch.py train --config configs/default.py --config.train.epochs=5
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  """Returns the default config. `arg` is unused here; other configs accept e.g. 'runlocal'."""
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+  c.output_dir = "output"
+
+  # --- Raw corpus -> TFRecords (data_prep/) ------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.data_root = ""              # BIMCV-R layout: CT*/ct/*.nii.gz and meta/*.csv
+  c.data.csv = ""                    # "" = auto: meta/curated_ct_report_path_En.csv, else meta/BIMCV-R.csv
+  c.data.path_column = "path"
+  c.data.report_column = "Report_en"
+  c.data.label_columns = ("findings",)  # kept in the records when present in the CSV
+  c.data.split_by = "folders"        # "folders" (paper: 7/1/2 sorted CT folders) | "rows" (code: 70/10/20)
+  c.data.preprocess = "ct"           # "ct" (RAS, spacing, HU window, body crop) | "seed" (released code)
+  c.data.shape = (224, 224, 96)      # X, Y, Z voxels after preprocessing
+  c.data.spacing = (1.5, 1.5, 3.0)   # mm per voxel to resample to (X, Y, Z); () = plain resize
+  c.data.hu_window = (-1000.0, 1000.0)
+  c.data.volume_dtype = "uint8"      # "uint8" ([0,1] * 255) | "int16" (HU)
+  c.data.tfrecord_dir = ""           # converted dataset (output of `launch.py convert`)
+  c.data.workers = 1
+  c.data.shard_size = 64             # studies per TFRecord shard
+
+  # --- Text ---------------------------------------------------------------------------------
+  c.text = ml_collections.ConfigDict()
+  c.text.model_path = ""             # local HF folder (BioBERT v1.1); "minilm" = packaged all-MiniLM-L6-v2
+  c.text.max_tokens = 100
+  c.text.window_words = 100          # random contiguous window of this many words while training
+  c.text.trainable = False           # the seed freezes BERT
+
+  # --- Model ----------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet50"      # "resnet50" | "vit"
+  c.model.embed_dim = 512
+  c.model.dtype = "float32"          # compute dtype; "bfloat16" with fp32 master params
+  c.model.remat = False              # rematerialize per ResNet stage / ViT block
+  c.model.resnet = ml_collections.ConfigDict()
+  c.model.resnet.layers = (3, 4, 6, 3)
+  c.model.resnet.widths = (64, 128, 256, 512)
+  c.model.resnet.conv1_kernel = 7
+  c.model.resnet.conv1_stride = 1    # MONAI default, as in the seed
+  c.model.vit = ml_collections.ConfigDict()
+  c.model.vit.patch_size = 16
+  c.model.vit.hidden_size = 768
+  c.model.vit.mlp_dim = 3072
+  c.model.vit.num_layers = 12
+  c.model.vit.num_heads = 12
+  c.model.fusion = ml_collections.ConfigDict()
+  c.model.fusion.enabled = True
+  c.model.fusion.num_heads = 8
+
+  # --- Augmentation (on device) ---------------------------------------------------------------
+  c.augment = ml_collections.ConfigDict()
+  c.augment.two_views = True
+  c.augment.rotate_max = 0.2         # radians, about each axis
+  c.augment.zoom_range = (0.9, 1.1)
+  c.augment.noise_std_max = 0.1      # std ~ U(0, noise_std_max)
+  c.augment.prob = 0.5               # per transform, first view (seed: 0.5)
+  c.augment.view_prob = 0.3          # per transform, second view (seed: 0.3)
+
+  # --- Loss -----------------------------------------------------------------------------------
+  c.loss = ml_collections.ConfigDict()
+  c.loss.contrastive = "clip"        # "clip" | "siglip" | "seed_code"
+  c.loss.alpha = 1.0
+  c.loss.mse_weight = 1.0
+  c.loss.temperature_init = 0.07
+  c.loss.learn_temperature = True
+
+  # --- Mesh -----------------------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                   # -1 = all devices not used by other axes
+  c.mesh.fsdp = 1
+
+  # --- Training -------------------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size_per_device = 4
+  c.train.epochs = 20
+  c.train.lr = 1e-4
+  c.train.weight_decay = 0.01
+  c.train.warmup_steps = 0
+  c.train.grad_accum_steps = 1
+  c.train.shuffle_buffer = 256
+  c.train.log_every_steps = 10
+  c.train.eval_every_steps = 0       # 0 = once per epoch
+  c.train.checkpoint_every_steps = 0  # 0 = once per epoch
+  c.train.keep_checkpoints = 3
+
+  # --- Evaluation -----------------------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "val"
+  c.eval.batch_size_per_device = 4
+  c.eval.keywords = ("atelectasis", "consolidation", "adenopathy")
+  c.eval.keyword_topk = (20, 50, 100)
+  c.eval.bootstrap_samples = 1000
+
+  # --- Logging --------------------------------------------------------------------------------
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.mode = "disabled"          # "online" | "offline" | "disabled"
+  c.wandb.project = "MedFinder"
+  c.wandb.name = ""
+  return c

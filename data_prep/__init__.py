@@ -1,0 +1,1 @@
+"""Raw CT + report corpus -> TFRecord shards (and the synthetic phantom corpus)."""

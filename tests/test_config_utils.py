@@ -1,0 +1,42 @@
+"""Config files and --config.key=value overrides."""
+
+import os
+
+import pytest
+
+from medfinder_jax import config_utils
+
+DEFAULT = os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
+
+
+def test_overrides_parse_into_the_field_type():
+  config = config_utils.load_config_file(DEFAULT)
+  config_utils.apply_overrides(config, {
+      "train.lr": "3e-4", "train.epochs": "2", "data.shape": "64,64,32",
+      "text.trainable": "true", "model.backbone": "vit", "data.spacing": "()"})
+  assert config.train.lr == pytest.approx(3e-4)
+  assert config.train.epochs == 2 and isinstance(config.train.epochs, int)
+  assert config.data.shape == (64, 64, 32)
+  assert config.text.trainable is True
+  assert config.model.backbone == "vit"
+  assert config.data.spacing == ()
+
+
+def test_unknown_key_is_a_clear_error():
+  config = config_utils.load_config_file(DEFAULT)
+  with pytest.raises(config_utils.ConfigError, match="train.lrr"):
+    config_utils.apply_overrides(config, {"train.lrr": "1"})
+  with pytest.raises(config_utils.ConfigError, match="expected an integer"):
+    config_utils.apply_overrides(config, {"train.epochs": "many"})
+
+
+def test_split_config_overrides_accepts_both_spellings():
+  overrides, rest = config_utils.split_config_overrides(
+      ["train", "--config.train.lr=1e-3", "--config.seed", "7", "--epochs", "3"])
+  assert overrides == {"train.lr": "1e-3", "seed": "7"}
+  assert rest == ["train", "--epochs", "3"]
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+  with pytest.raises(config_utils.ConfigError, match="nope.py"):
+    config_utils.load_config_file(str(tmp_path / "nope.py"))
