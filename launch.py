@@ -6,6 +6,7 @@ Thin by design: parse flags, build the config, call one function per command.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -85,7 +86,44 @@ def main(argv=None):
 # --- Commands ------------------------------------------------------------------------------------
 # Each entry: name -> (help, add_arguments(parser), run(args, config) -> exit code).
 
-COMMANDS = {}
+
+
+def add_metrics_args(parser):
+  parser.add_argument("--embeddings", required=True, metavar="FILE.npz",
+                      help="paired embeddings in the interchange format (see README)")
+  parser.add_argument("--output", default=None, metavar="metrics.json",
+                      help="where to write the metrics (default: metrics.json next to the npz)")
+  parser.add_argument("--plots", default=None, metavar="DIR",
+                      help="also write rank_histogram.png and recall_at_k.png into DIR")
+  parser.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                      help="bootstrap resamples for 95%% CIs (default: config eval.bootstrap_samples;"
+                           " 0 = none)")
+  parser.add_argument("--chance", action="store_true", help="show chance levels in the table")
+  parser.add_argument("--json", action="store_true", help="print the metrics as JSON, no table")
+  add_config_args(parser)
+
+
+def run_metrics(args, config):
+  from medfinder_jax import interchange, metrics
+  try:
+    result, written = interchange.evaluate_embeddings_file(
+        args.embeddings, config.eval, seed=config.seed, output_path=args.output,
+        plots_dir=args.plots, bootstrap_samples=args.bootstrap)
+  except interchange.InterchangeError as err:
+    print(f"launch.py metrics: error: {err}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(result, indent=2))
+  else:
+    print(metrics.format_metrics_table(result, show_chance=args.chance))
+  print("wrote " + ", ".join(written), file=sys.stderr if args.json else sys.stdout)
+  return 0
+
+
+COMMANDS = {
+    "metrics": ("retrieval metrics of an embeddings .npz (offline, CPU)", add_metrics_args,
+                run_metrics),
+}
 
 
 if __name__ == "__main__":

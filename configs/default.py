@@ -101,7 +101,10 @@ def get_config(arg=None):
   c.eval.batch_size_per_device = 4
   c.eval.keywords = ("atelectasis", "consolidation", "adenopathy")
   c.eval.keyword_topk = (20, 50, 100)
-  c.eval.bootstrap_samples = 1000
+  c.eval.recall_ks = (1, 5, 10)      # R@K columns
+  c.eval.bootstrap_samples = 1000    # resamples for confidence intervals; 0 = no CIs
+  c.eval.ci_level = 0.95
+  c.eval.ties = "best"               # rank of a paired item tied with others: "best" | "worst"
 
   # --- Logging --------------------------------------------------------------------------------
   c.wandb = ml_collections.ConfigDict()

@@ -1,0 +1,309 @@
+"""Interchange files: `embeddings.npz` (paired embeddings, from this or any other system) and
+`metrics.json`, with validation that names the file and field of every problem.
+
+embeddings.npz — a numpy .npz archive (np.savez; strings as unicode arrays, no pickled objects):
+  image_embeddings    (N, D) float   image (CT volume) embedding of study i
+  text_embeddings     (N, D) float   report embedding of study i: row i is paired with image row i
+  study_ids           (N,)   str     unique study identifiers, in row order
+  reports             (N,)   str     optional: report texts (keyword relevance is derived from them)
+  source_paths        (N,)   str     optional: volume file of each study, relative to the data root
+  keywords            (Q,)   str     optional: keyword queries, e.g. "atelectasis"
+  keyword_embeddings  (Q, D) float   with keywords: the text embedding of each keyword query
+  keyword_relevance   (Q, N) bool    optional with keywords: relevance labels; without it they come
+                                     from `reports` via findings.keyword_relevance (negation-aware)
+All embeddings must be finite; they need not be normalized (metrics L2-normalize them).
+
+metrics.json — metrics.metrics_from_ranks's dict (+ "keywords" when keyword queries are present,
++ "embeddings": the source file), R@K and P@K in percent, ranks 1-based:
+  {"t2i": {"R@1", "R@5", "R@10", "MdR", "MnR"}, "i2t": {...}, "n": N,
+   "chance": {...}, "ties": {...}, "ci": {"level", "samples", "seed", "t2i": {m: [lo, hi]}, ...},
+   "keywords": {kw: {"P@20", "P@50", "P@100", "n_relevant", "chance", "ci"}}}
+"""
+
+import dataclasses
+import json
+import os
+import tempfile
+import zipfile
+from typing import Optional
+
+import numpy as np
+
+from medfinder_jax import findings
+from medfinder_jax import metrics as metrics_lib
+
+REQUIRED_FIELDS = ("image_embeddings", "text_embeddings", "study_ids")
+OPTIONAL_FIELDS = ("reports", "source_paths", "keywords", "keyword_embeddings",
+                   "keyword_relevance")
+
+
+class InterchangeError(ValueError):
+  """A file that cannot be used as given; the message names the file, field and the fix."""
+
+
+@dataclasses.dataclass
+class EmbeddingSet:
+  """The contents of an embeddings.npz (see the module docstring for shapes and meaning)."""
+  image_embeddings: np.ndarray
+  text_embeddings: np.ndarray
+  study_ids: np.ndarray
+  reports: Optional[np.ndarray] = None
+  source_paths: Optional[np.ndarray] = None
+  keywords: Optional[np.ndarray] = None
+  keyword_embeddings: Optional[np.ndarray] = None
+  keyword_relevance: Optional[np.ndarray] = None
+
+  @property
+  def n(self):
+    return int(self.image_embeddings.shape[0])
+
+  @property
+  def dim(self):
+    return int(self.image_embeddings.shape[1])
+
+  def fields(self):
+    """{name: array} of the fields that are present."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None}
+
+
+# --- Validation -----------------------------------------------------------------------------------
+
+def _fail(path, field, problem):
+  where = f"{path}: field {field!r}" if field else f"{path}"
+  raise InterchangeError(f"{where}: {problem}")
+
+
+def _check_matrix(path, field, array, rows=None, dim=None):
+  """A finite (rows, dim) float matrix, returned as float32."""
+  if array.ndim != 2:
+    _fail(path, field, f"expected a 2-D (N, D) array, found shape {array.shape}")
+  if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+    _fail(path, field, f"expected float values, found dtype {array.dtype}")
+  if rows is not None and array.shape[0] != rows:
+    _fail(path, field, f"has {array.shape[0]} rows, expected {rows} (one per study, paired "
+                       f"row by row with image_embeddings)")
+  if dim is not None and array.shape[1] != dim:
+    _fail(path, field, f"has dimension D={array.shape[1]}, expected D={dim} like "
+                       f"image_embeddings")
+  if array.shape[0] == 0 or array.shape[1] == 0:
+    _fail(path, field, f"is empty (shape {array.shape})")
+  array = np.asarray(array, np.float32)
+  bad = np.flatnonzero(~np.all(np.isfinite(array), axis=1))
+  if bad.size:
+    shown = ", ".join(map(str, bad[:5])) + (", ..." if bad.size > 5 else "")
+    _fail(path, field, f"{bad.size} row(s) contain NaN or Inf (rows {shown}); "
+                       f"all embeddings must be finite")
+  return array
+
+
+def _check_strings(path, field, array, rows):
+  if array.ndim != 1 or array.shape[0] != rows:
+    _fail(path, field, f"expected {rows} strings (shape ({rows},)), found shape {array.shape}")
+  if array.dtype.kind not in "US":
+    _fail(path, field, f"expected strings (a unicode array, e.g. np.array(values, dtype=str)), "
+                       f"found dtype {array.dtype}")
+  return array.astype(str)
+
+
+def _check_unique_ids(path, ids):
+  values, first, counts = np.unique(ids, return_index=True, return_counts=True)
+  if np.any(counts > 1):
+    dup = values[counts > 1][0]
+    rows = np.flatnonzero(ids == dup)[:3].tolist()
+    _fail(path, "study_ids", f"{int(np.sum(counts > 1))} id(s) appear more than once, e.g. "
+                             f"{dup!r} at rows {rows}; each study must appear exactly once")
+
+
+def validate(fields, path="<arrays>"):
+  """An EmbeddingSet from a {name: array} mapping, or InterchangeError naming path and field."""
+  missing = [f for f in REQUIRED_FIELDS if f not in fields]
+  if missing:
+    _fail(path, None, f"missing required field(s) {missing}; found {sorted(fields)}; "
+                      f"expected {list(REQUIRED_FIELDS)} (+ optional {list(OPTIONAL_FIELDS)})")
+  arrays = {k: np.asarray(v) for k, v in fields.items()}
+  image = _check_matrix(path, "image_embeddings", arrays["image_embeddings"])
+  n, dim = image.shape
+  out = {"image_embeddings": image,
+         "text_embeddings": _check_matrix(path, "text_embeddings", arrays["text_embeddings"],
+                                          rows=n, dim=dim),
+         "study_ids": _check_strings(path, "study_ids", arrays["study_ids"], n)}
+  _check_unique_ids(path, out["study_ids"])
+  for field in ("reports", "source_paths"):
+    if field in arrays:
+      out[field] = _check_strings(path, field, arrays[field], n)
+  out.update(_validate_keywords(path, arrays, n, dim, has_reports="reports" in out))
+  return EmbeddingSet(**out)
+
+
+def _validate_keywords(path, arrays, n, dim, has_reports):
+  present = [f for f in ("keywords", "keyword_embeddings", "keyword_relevance") if f in arrays]
+  if not present:
+    return {}
+  if "keywords" not in arrays or "keyword_embeddings" not in arrays:
+    _fail(path, None, f"found {present} but keyword retrieval needs both 'keywords' (Q strings) "
+                      f"and 'keyword_embeddings' (Q, D)")
+  keywords = arrays["keywords"]
+  if keywords.ndim != 1:
+    _fail(path, "keywords", f"expected a 1-D array of strings, found shape {keywords.shape}")
+  q = keywords.shape[0]
+  out = {"keywords": _check_strings(path, "keywords", keywords, q),
+         "keyword_embeddings": _check_matrix(path, "keyword_embeddings",
+                                             arrays["keyword_embeddings"], rows=q, dim=dim)}
+  if "keyword_relevance" in arrays:
+    relevance = arrays["keyword_relevance"]
+    if relevance.shape != (q, n) or relevance.dtype.kind not in "bui":
+      _fail(path, "keyword_relevance", f"expected a ({q}, {n}) bool array (keyword x study), "
+                                       f"found shape {relevance.shape} dtype {relevance.dtype}")
+    out["keyword_relevance"] = relevance.astype(bool)
+  elif not has_reports:
+    _fail(path, None, "keyword queries need relevance labels: add 'reports' (N strings) or "
+                      "'keyword_relevance' (Q, N bool)")
+  return out
+
+
+# --- embeddings.npz -------------------------------------------------------------------------------
+
+def load_embeddings(path):
+  """Reads and validates an embeddings.npz; InterchangeError for any problem, naming the field."""
+  if not os.path.isfile(path):
+    _fail(path, None, "no such file (expected an embeddings .npz archive)")
+  try:
+    archive = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+    _fail(path, None, f"not a readable .npz archive ({err})")
+  if not isinstance(archive, np.lib.npyio.NpzFile):
+    _fail(path, None, "is a single .npy array; expected an .npz archive with fields "
+                      f"{list(REQUIRED_FIELDS)}")
+  fields = {}
+  with archive:
+    for name in archive.files:
+      try:
+        fields[name] = archive[name]
+      except ValueError as err:   # object arrays need pickle, which is refused for safety
+        _fail(path, name, f"cannot be read without unpickling ({err}); store strings as a "
+                          f"unicode array (np.array(values, dtype=str))")
+      except (OSError, EOFError, zipfile.BadZipFile) as err:
+        _fail(path, name, f"is truncated or corrupt ({err})")
+  return validate(fields, path)
+
+
+def _atomic_write(path, write):
+  """Calls write(file) on a temporary file next to `path`, then renames it into place."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def save_embeddings(path, embeddings):
+  """Validates an EmbeddingSet (or {name: array}) and writes it as an .npz at exactly `path`."""
+  if not isinstance(embeddings, EmbeddingSet):
+    embeddings = validate(embeddings, path)
+  else:
+    embeddings = validate(embeddings.fields(), path)
+  _atomic_write(path, lambda f: np.savez(f, **embeddings.fields()))
+  return path
+
+
+# --- metrics.json ---------------------------------------------------------------------------------
+
+def _plain(value):
+  """numpy scalars/arrays -> JSON types."""
+  if isinstance(value, dict):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [_plain(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def write_metrics_json(path, metrics):
+  """Writes a metrics dict as strict JSON (no NaN; None for metrics that do not apply)."""
+  text = json.dumps(_plain(metrics), indent=2, allow_nan=False) + "\n"
+  _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+  return path
+
+
+def read_metrics_json(path):
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError) as err:
+    raise InterchangeError(f"{path}: not a readable metrics.json ({err})") from None
+  for field in ("t2i", "i2t", "n"):
+    if field not in data:
+      raise InterchangeError(f"{path}: field {field!r} missing; expected a metrics.json with "
+                             f"'t2i', 'i2t' and 'n'")
+  return data
+
+
+# --- Evaluation of an embedding set ----------------------------------------------------------------
+
+def evaluate_embedding_set(embeddings, *, ks=metrics_lib.RECALL_KS,
+                           keyword_ks=metrics_lib.PRECISION_KS, bootstrap_samples=0, seed=0,
+                           level=0.95, ties="best", mesh=None):
+  """All metrics of an EmbeddingSet: (metrics dict as in metrics.json, paired ranks).
+
+  Keyword P@K (keyword -> image) is added under "keywords" when the set has keyword queries.
+  """
+  ranks = metrics_lib.paired_ranks(embeddings.text_embeddings, embeddings.image_embeddings,
+                                   ties=ties, mesh=mesh)
+  result = metrics_lib.metrics_from_ranks(ranks, ks=ks, bootstrap_samples=bootstrap_samples,
+                                          seed=seed, level=level, ties=ties)
+  if embeddings.keywords is not None:
+    relevance = embeddings.keyword_relevance
+    if relevance is None:
+      relevance = findings.relevance_matrix(embeddings.reports, embeddings.keywords)
+    result["keywords"] = metrics_lib.keyword_metrics(
+        embeddings.keyword_embeddings, embeddings.image_embeddings, relevance,
+        embeddings.keywords, ks=keyword_ks, bootstrap_samples=bootstrap_samples, seed=seed,
+        level=level)
+    result["keyword_relevance_from"] = ("file" if embeddings.keyword_relevance is not None
+                                        else "reports")
+  return result, ranks
+
+
+def evaluate_embeddings_file(embeddings_path, eval_config, *, seed=0, output_path=None,
+                             plots_dir=None, bootstrap_samples=None, mesh=None):
+  """`launch.py metrics`: metrics of an embeddings.npz -> metrics.json (+ PNG plots).
+
+  eval_config: the config's `eval` section (recall_ks, keyword_topk, bootstrap_samples, ci_level,
+  ties). output_path defaults to metrics.json next to the npz. Returns (metrics, written paths).
+  InterchangeError for unusable input or unwritable outputs.
+  """
+  samples = eval_config.bootstrap_samples if bootstrap_samples is None else bootstrap_samples
+  if samples < 0:
+    raise InterchangeError(f"--bootstrap must be 0 (off) or a positive count, got {samples}")
+  if eval_config.ties not in metrics_lib.TIE_RULES:
+    raise InterchangeError(f"config eval.ties must be one of {metrics_lib.TIE_RULES}, got "
+                           f"{eval_config.ties!r}")
+  embeddings = load_embeddings(embeddings_path)
+  result, ranks = evaluate_embedding_set(
+      embeddings, ks=tuple(eval_config.recall_ks), keyword_ks=tuple(eval_config.keyword_topk),
+      bootstrap_samples=samples, seed=seed, level=eval_config.ci_level, ties=eval_config.ties,
+      mesh=mesh)
+  result["embeddings"] = os.path.abspath(embeddings_path)
+  output_path = output_path or os.path.join(os.path.dirname(os.path.abspath(embeddings_path)),
+                                            "metrics.json")
+  written = [_write_output(output_path, lambda: write_metrics_json(output_path, result))]
+  if plots_dir:
+    from medfinder_jax import plots   # matplotlib only when plots are asked for
+    written += _write_output(plots_dir, lambda: plots.save_retrieval_plots(
+        {d: r.ranks for d, r in ranks.items()}, plots_dir))
+  return result, written
+
+
+def _write_output(path, write):
+  try:
+    return write()
+  except OSError as err:
+    raise InterchangeError(f"{path}: cannot write ({err.strerror or err})") from None

@@ -1,0 +1,414 @@
+"""Retrieval metrics over paired embeddings: ranks, R@K, MdR, MnR, keyword P@K, bootstrap CIs.
+
+Conventions (the released MedFinder code's, see SEED_NOTES "Evaluation"):
+- Row i of the text embeddings and row i of the image embeddings are one study (a pair).
+- t2i: queries are texts, the gallery is the images, S = T·Iᵀ (row i = text query i). i2t: queries
+  are images against the text gallery, i.e. Sᵀ. Embeddings are L2-normalized first.
+- rank_i is 1-based: 1 means the paired item scored highest in row i.
+  R@K = 100 · mean(rank ≤ K) (percent), MdR = median(rank) (np.median: the mean of the two middle
+  ranks when N is even, so it can end in .5), MnR = mean(rank).
+
+Ranks without sorting: rank_i = 1 + #{j : S_ij > S_ii} ("best" tie rule). The released code sorts
+each row with an unstable `torch.argsort(descending=True)` and reads the paired item's position, so
+with ties its rank is anywhere in [1 + greater, 1 + greater + equal]; without ties (the normal case
+for float embeddings) both are the same number. `ties="worst"` gives the other end,
+1 + #{j : S_ij >= S_ii, j != i}, and every result records how many queries had a tie at all.
+
+S is never materialized: query rows are processed in chunks (chunk × N scores at a time), and the
+chunks can be spread over a device mesh (rows sharded, gallery replicated). Results do not depend
+on the chunking or the mesh except through float rounding of the matmul itself.
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+RECALL_KS = (1, 5, 10)
+PRECISION_KS = (20, 50, 100)
+DIRECTIONS = ("t2i", "i2t")
+TIE_RULES = ("best", "worst")
+BLOCK_ELEMENTS = 1 << 24   # similarity entries held per chunk by default (64 MiB of float32)
+
+
+class DirectionRanks(NamedTuple):
+  """Per-query result of one direction. Arrays are (N,) int64, indexed by pair (study) row."""
+  ranks: np.ndarray   # 1-based rank of the paired item under the chosen tie rule
+  tied: np.ndarray    # other gallery items whose score equals the paired item's score exactly
+
+
+# --- Ranks ----------------------------------------------------------------------------------------
+
+def l2_normalize(x, eps=1e-12):
+  """Rows scaled to unit L2 norm (float32); all-zero rows stay zero, like torch F.normalize."""
+  x = jnp.asarray(x, jnp.float32)
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, eps)
+
+
+def default_chunk_size(n):
+  """Query rows per chunk so that one chunk of scores holds about BLOCK_ELEMENTS floats."""
+  return int(max(8, min(4096, BLOCK_ELEMENTS // max(n, 1))) // 8 * 8)
+
+
+def _block_counts(queries, gallery, pair_cols):
+  """Scores one chunk of queries against the whole gallery and counts, per query row,
+  the gallery items scoring strictly more than / exactly as much as its paired item
+  (column `pair_cols[r]`; the pair itself is not counted as equal)."""
+  scores = jnp.matmul(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)   # (chunk, N)
+  # The paired score is read from the same matmul output, so it compares exactly with its row.
+  paired = jnp.take_along_axis(scores, pair_cols[:, None], axis=1)
+  greater = jnp.sum(scores > paired, axis=1, dtype=jnp.int32)
+  equal = jnp.sum(scores == paired, axis=1, dtype=jnp.int32) - 1
+  return greater, equal
+
+
+def _local_counts(queries, gallery, pair_cols, chunk_size):
+  """_block_counts over consecutive chunks of the (local) query rows, one chunk in memory."""
+  dim = queries.shape[-1]
+  chunks = (queries.reshape(-1, chunk_size, dim), pair_cols.reshape(-1, chunk_size))
+  greater, equal = jax.lax.map(lambda c: _block_counts(c[0], gallery, c[1]), chunks)
+  return greater.reshape(-1), equal.reshape(-1)
+
+
+def _place(x, mesh, spec):
+  """Lays x out as `spec` on `mesh`: a reshard on Explicit meshes, a constraint on Auto ones."""
+  sharding = NamedSharding(mesh, spec)
+  if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return jax.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "mesh"))
+def rank_counts(queries, gallery, chunk_size=None, mesh=None):
+  """Counts for paired rows (query i <-> gallery i), without forming the N×N score matrix.
+
+  queries, gallery: (N, D) float, compared by dot product as given (normalize first for cosine).
+  chunk_size: query rows scored at once (per device); None = default_chunk_size(N).
+  mesh: optional jax.sharding.Mesh; query rows are sharded over all of its axes, the gallery is
+    replicated. Any N works: rows are padded to a multiple of chunk_size × devices and dropped.
+  Returns (greater, equal), int32 (N,): gallery items scoring > / == the paired item (pair excluded).
+  """
+  n = queries.shape[0]
+  shards = 1 if mesh is None else mesh.size
+  chunk = min(chunk_size or default_chunk_size(n), math.ceil(n / shards))
+  padded = math.ceil(n / (chunk * shards)) * chunk * shards
+  queries = jnp.pad(jnp.asarray(queries, jnp.float32), ((0, padded - n), (0, 0)))
+  gallery = jnp.asarray(gallery, jnp.float32)
+  pair_cols = jnp.minimum(jnp.arange(padded, dtype=jnp.int32), n - 1)   # padding rows: discarded
+  count = functools.partial(_local_counts, chunk_size=chunk)
+  if mesh is not None:
+    rows = P(tuple(mesh.axis_names))
+    queries, pair_cols = (_place(x, mesh, rows) for x in (queries, pair_cols))
+    gallery = _place(gallery, mesh, P())
+    count = jax.shard_map(count, mesh=mesh, in_specs=(rows, P(), rows), out_specs=(rows, rows))
+  greater, equal = count(queries, gallery, pair_cols)
+  if mesh is not None:   # gather the (N,) counts before dropping the padding rows
+    greater, equal = (_place(x, mesh, P()) for x in (greater, equal))
+  return greater[:n], equal[:n]
+
+
+@functools.partial(jax.jit, static_argnames=("ties",))
+def similarity_ranks(similarity, ties="best"):
+  """1-based rank of the diagonal item in each row of a square score matrix (rows = queries).
+
+  For matrices already in memory (tests, small N); large N goes through rank_counts.
+  """
+  paired = jnp.diagonal(similarity)[:, None]
+  ranks = 1 + jnp.sum(similarity > paired, axis=1, dtype=jnp.int32)
+  if ties == "worst":
+    ranks = ranks + jnp.sum(similarity == paired, axis=1, dtype=jnp.int32) - 1
+  return ranks
+
+
+def _check_ties(ties):
+  if ties not in TIE_RULES:
+    raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
+
+
+def _check_pairs(text_embeddings, image_embeddings):
+  text, image = np.shape(text_embeddings), np.shape(image_embeddings)
+  if len(text) != 2 or text != image or text[0] < 1:
+    raise ValueError(f"text and image embeddings must both be (N, D) with N >= 1; "
+                     f"got text {text} and image {image}")
+
+
+def direction_ranks(queries, gallery, *, ties="best", chunk_size=None, mesh=None):
+  """DirectionRanks of one direction from (already normalized) paired query/gallery rows."""
+  _check_ties(ties)
+  greater, equal = (np.asarray(a, np.int64) for a in
+                    rank_counts(queries, gallery, chunk_size=chunk_size, mesh=mesh))
+  ranks = 1 + greater + (equal if ties == "worst" else 0)
+  return DirectionRanks(ranks=ranks, tied=equal)
+
+
+def paired_ranks(text_embeddings, image_embeddings, *, ties="best", chunk_size=None, mesh=None):
+  """{"t2i": DirectionRanks, "i2t": DirectionRanks} for paired (N, D) text/image embeddings.
+
+  Both are L2-normalized first; t2i ranks images for each text (S), i2t texts for each image (Sᵀ).
+  """
+  _check_pairs(text_embeddings, image_embeddings)
+  text, image = l2_normalize(text_embeddings), l2_normalize(image_embeddings)
+  options = dict(ties=ties, chunk_size=chunk_size, mesh=mesh)
+  return {"t2i": direction_ranks(text, image, **options),
+          "i2t": direction_ranks(image, text, **options)}
+
+
+# --- Summaries ------------------------------------------------------------------------------------
+
+def summarize_ranks(ranks, ks=RECALL_KS):
+  """{"R@K": percent, ..., "MdR": median rank, "MnR": mean rank} of 1-based ranks (float64)."""
+  ranks = np.asarray(ranks, np.float64)
+  summary = {f"R@{k}": float(100.0 * np.mean(ranks <= k)) for k in ks}
+  summary["MdR"] = float(np.median(ranks))
+  summary["MnR"] = float(np.mean(ranks))
+  return summary
+
+
+def chance_levels(n, ks=RECALL_KS):
+  """What a random ranking of N items scores: R@K = 100·min(K, N)/N, MdR ≈ MnR = (N + 1)/2."""
+  chance = {f"R@{k}": 100.0 * min(k, n) / n for k in ks}
+  chance["MdR"] = chance["MnR"] = (n + 1) / 2
+  return chance
+
+
+def _resample_counts(key, n):
+  """How many times each of n items is drawn in one bootstrap resample of size n (float32)."""
+  draws = jax.random.randint(key, (n,), 0, n)
+  return jnp.zeros((n,), jnp.float32).at[draws].add(1.0)
+
+
+def _order_statistic(sorted_values, cumulative_counts, m):
+  """The m-th smallest (1-based) value of a multiset given as sorted values + cumulative counts."""
+  return sorted_values[jnp.searchsorted(cumulative_counts, m, side="left")]
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "num_samples", "batch_size"))
+def _bootstrap_rank_totals(ranks, key, ks, num_samples, batch_size=16):
+  """Bootstrap replicates for M directions sharing the same queries, as totals over N draws.
+
+  ranks: (M, N) int. Each replicate resamples the N query rows (pairs) with replacement, the same
+  rows for every direction. Returns {"R@K": hits, "MnR": rank sum, "MdR": median rank}, each
+  (num_samples, M) float32 (hit counts and medians are exact; divide by N on the host).
+  """
+  n = ranks.shape[1]
+  order = jnp.argsort(ranks, axis=1)
+  sorted_ranks = jnp.take_along_axis(ranks, order, axis=1).astype(jnp.float32)
+  middle = ((n + 1) // 2, n // 2 + 1)   # np.median's order statistics (equal when N is odd)
+  pick = jax.vmap(_order_statistic, in_axes=(0, 0, None))
+
+  def replicate(key):
+    weights = _resample_counts(key, n)[order]                       # (M, N), sorted by rank
+    out = {f"R@{k}": jnp.sum(weights * (sorted_ranks <= k), axis=1) for k in ks}
+    out["MnR"] = jnp.sum(weights * sorted_ranks, axis=1)
+    cumulative = jnp.cumsum(weights, axis=1)
+    out["MdR"] = (pick(sorted_ranks, cumulative, middle[0])
+                  + pick(sorted_ranks, cumulative, middle[1])) / 2
+    return out
+
+  keys = jax.random.split(key, num_samples)
+  return jax.lax.map(replicate, keys, batch_size=batch_size)
+
+
+def _percentile_interval(samples, level):
+  """Percentile bootstrap interval [lo, hi] along axis 0."""
+  tail = 100.0 * (1.0 - level) / 2
+  return np.percentile(np.asarray(samples, np.float64), [tail, 100.0 - tail], axis=0)
+
+
+def bootstrap_rank_intervals(ranks_by_direction, *, ks=RECALL_KS, num_samples=1000, seed=0,
+                             level=0.95):
+  """Percentile bootstrap CIs of every summarize_ranks metric, resampling queries (pairs).
+
+  ranks_by_direction: {"t2i": (N,) ranks, "i2t": (N,) ranks} of the same N pairs (one paired
+  resample serves both). Returns {direction: {metric: [lo, hi]}}. Deterministic given seed.
+  """
+  names = list(ranks_by_direction)
+  stacked = jnp.asarray(np.stack([np.asarray(ranks_by_direction[d]) for d in names]), jnp.int32)
+  n = stacked.shape[1]
+  totals = _bootstrap_rank_totals(stacked, jax.random.key(seed), tuple(ks), int(num_samples))
+  per_query = {f"R@{k}": 100.0 / n for k in ks} | {"MnR": 1.0 / n, "MdR": 1.0}
+  intervals = {name: {} for name in names}
+  for metric, values in totals.items():
+    lo_hi = _percentile_interval(np.asarray(values, np.float64) * per_query[metric], level)
+    for m, name in enumerate(names):
+      intervals[name][metric] = [float(lo_hi[0, m]), float(lo_hi[1, m])]
+  return {name: {key: intervals[name][key] for key in _metric_names(ks)} for name in names}
+
+
+def _metric_names(ks):
+  return [f"R@{k}" for k in ks] + ["MdR", "MnR"]
+
+
+def metrics_from_ranks(ranks_by_direction, *, ks=RECALL_KS, bootstrap_samples=0, seed=0,
+                       level=0.95, ties="best"):
+  """The metrics.json dict from {"t2i": DirectionRanks, "i2t": DirectionRanks}.
+
+  {"t2i": {"R@1", "R@5", "R@10", "MdR", "MnR"}, "i2t": {...}, "n": N,
+   "chance": {...}, "ties": {"rule", "t2i_tied_queries", "i2t_tied_queries"},
+   "ci": {"level", "samples", "seed", "t2i": {metric: [lo, hi]}, "i2t": {...}}  (bootstrap > 0)}
+  """
+  n = len(next(iter(ranks_by_direction.values())).ranks)
+  metrics = {d: summarize_ranks(r.ranks, ks) for d, r in ranks_by_direction.items()}
+  metrics["n"] = n
+  metrics["chance"] = chance_levels(n, ks)
+  metrics["ties"] = {"rule": ties}
+  for d, r in ranks_by_direction.items():
+    metrics["ties"][f"{d}_tied_queries"] = int(np.count_nonzero(r.tied))
+  if bootstrap_samples:
+    intervals = bootstrap_rank_intervals({d: r.ranks for d, r in ranks_by_direction.items()},
+                                         ks=ks, num_samples=bootstrap_samples, seed=seed,
+                                         level=level)
+    metrics["ci"] = {"level": level, "samples": int(bootstrap_samples), "seed": int(seed),
+                     **intervals}
+  return metrics
+
+
+def retrieval_metrics(text_embeddings, image_embeddings, *, ks=RECALL_KS, bootstrap_samples=0,
+                      seed=0, level=0.95, ties="best", chunk_size=None, mesh=None):
+  """Text<->image retrieval metrics of N paired embeddings (row i of each = study i).
+
+  text_embeddings, image_embeddings: (N, D) float, finite. Returns the metrics_from_ranks dict:
+  {"t2i": {"R@1", "R@5", "R@10", "MdR", "MnR"}, "i2t": {...}, "n": N, ...} with R@K in percent.
+  """
+  for name, x in (("text_embeddings", text_embeddings), ("image_embeddings", image_embeddings)):
+    if not np.all(np.isfinite(np.asarray(x))):
+      raise ValueError(f"{name} contains NaN or Inf values")
+  ranks = paired_ranks(text_embeddings, image_embeddings, ties=ties, chunk_size=chunk_size,
+                       mesh=mesh)
+  return metrics_from_ranks(ranks, ks=ks, bootstrap_samples=bootstrap_samples, seed=seed,
+                            level=level, ties=ties)
+
+
+# --- Keyword retrieval ----------------------------------------------------------------------------
+
+def precision_at_k(scores, relevant, ks=PRECISION_KS):
+  """P@K in percent for keyword queries over a gallery.
+
+  scores: (Q, N) query-gallery scores; relevant: (Q, N) bool, gallery item relevant to query.
+  Returns {"P@K": (Q,) float64 array, or None when K > N}. The released code skips K > N too
+  (precision over fewer than K retrieved items would not be P@K). Top-K by lax.top_k: ties in score
+  go to the lower gallery index (like a stable descending sort).
+  """
+  scores = jnp.asarray(scores, jnp.float32)
+  relevant = np.asarray(relevant, bool)
+  n = scores.shape[-1]
+  valid = [k for k in ks if k <= n]
+  out = {f"P@{k}": None for k in ks}
+  if not valid:
+    return out
+  _, top = jax.lax.top_k(scores, max(valid))
+  hits = np.cumsum(np.take_along_axis(relevant, np.asarray(top), axis=-1), axis=-1)
+  for k in valid:
+    out[f"P@{k}"] = 100.0 * hits[..., k - 1] / k
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "num_samples", "batch_size"))
+def _bootstrap_precisions(scores, relevant, key, ks, num_samples, batch_size=16):
+  """Bootstrap replicates of P@K resampling the gallery: a gallery item drawn c times fills c
+  consecutive places of the ranking. scores, relevant: (Q, N).
+  Returns {K: relevant items among the top K, (num_samples, Q) float32}."""
+  n = scores.shape[-1]
+  order = jnp.argsort(-scores, axis=-1, stable=True)
+  relevant_sorted = jnp.take_along_axis(relevant, order, axis=-1).astype(jnp.float32)
+
+  def replicate(key):
+    copies = _resample_counts(key, n)[order]              # (Q, N), in ranking order
+    before = jnp.cumsum(copies, axis=-1) - copies         # places taken by higher-scoring items
+    return {k: jnp.sum(jnp.clip(k - before, 0.0, copies) * relevant_sorted, axis=-1) for k in ks}
+
+  return jax.lax.map(replicate, jax.random.split(key, num_samples), batch_size=batch_size)
+
+
+def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords, *,
+                    ks=PRECISION_KS, bootstrap_samples=0, seed=0, level=0.95):
+  """Keyword -> image retrieval: P@K per keyword, with the relevant count and the chance level.
+
+  keyword_embeddings: (Q, D) text embeddings of the keyword queries; gallery_embeddings: (N, D)
+  (the image embeddings, as in the released code); relevance: (Q, N) bool, e.g. from
+  findings.keyword_relevance; keywords: Q names. Both embeddings are L2-normalized.
+  Returns {keyword: {"P@20": percent | None (K > N), ..., "n_relevant": int,
+  "chance": 100·n_relevant/N (expected P@K of a random ranking), "ci": {"P@K": [lo, hi] | None}}}.
+  CIs resample the gallery (there is one query per keyword).
+  """
+  relevance = np.asarray(relevance, bool)
+  scores = l2_normalize(keyword_embeddings) @ l2_normalize(gallery_embeddings).T
+  point = precision_at_k(scores, relevance, ks)
+  n = relevance.shape[-1]
+  valid = tuple(k for k in ks if k <= n)
+  intervals = {}
+  if bootstrap_samples and valid:
+    hits = _bootstrap_precisions(scores, jnp.asarray(relevance), jax.random.key(seed), valid,
+                                 int(bootstrap_samples))
+    intervals = {f"P@{k}": _percentile_interval(100.0 * np.asarray(v, np.float64) / k, level)
+                 for k, v in hits.items()}
+  results = {}
+  for q, keyword in enumerate(keywords):
+    entry = {name: (None if v is None else float(v[q])) for name, v in point.items()}
+    entry["n_relevant"] = int(relevance[q].sum())
+    entry["chance"] = 100.0 * entry["n_relevant"] / n
+    if bootstrap_samples:
+      entry["ci"] = {f"P@{k}": ([float(intervals[f"P@{k}"][0, q]), float(intervals[f"P@{k}"][1, q])]
+                                if f"P@{k}" in intervals else None) for k in ks}
+    results[str(keyword)] = entry
+  return results
+
+
+# --- Tables ---------------------------------------------------------------------------------------
+
+def _cell(value, interval=None, digits=2):
+  if value is None:
+    return "n/a"
+  text = f"{value:.{digits}f}"
+  if interval is not None:
+    text += f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+  return text
+
+
+def _render(header, rows):
+  widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+  lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
+                     for c, (cell, w) in enumerate(zip(row, widths))) for row in [header] + rows]
+  return "\n".join(lines)
+
+
+def format_metrics_table(metrics, show_chance=False, digits=2):
+  """A paper-style text table of a metrics dict (metrics_from_ranks / metrics.json).
+
+  Rows t2i and i2t, columns R@K, MdR, MnR, each with its [lo, hi] CI when present; show_chance adds
+  a row with a random ranking's values; keyword P@K follows as a second table when present.
+  """
+  names = [k for k in metrics["t2i"]]
+  header = ["N=%d" % metrics["n"]] + names
+  rows = []
+  for d in DIRECTIONS:
+    ci = metrics.get("ci", {}).get(d, {})
+    rows.append([d] + [_cell(metrics[d][m], ci.get(m), digits) for m in names])
+  if show_chance:
+    chance = metrics.get("chance") or chance_levels(metrics["n"])
+    rows.append(["chance"] + [_cell(chance.get(m), None, digits) for m in names])
+  text = _render(header, rows)
+  if metrics.get("keywords"):
+    text += "\n\n" + format_keyword_table(metrics["keywords"], show_chance, digits)
+  return text
+
+
+def format_keyword_table(keyword_results, show_chance=False, digits=2):
+  """Text table of keyword_metrics output: one row per keyword, P@K columns (+ chance)."""
+  first = next(iter(keyword_results.values()))
+  names = [k for k in first if k.startswith("P@")]
+  header = ["keyword"] + names + ["relevant"] + (["chance"] if show_chance else [])
+  rows = []
+  for keyword, entry in keyword_results.items():
+    ci = entry.get("ci") or {}
+    row = [keyword] + [_cell(entry[m], ci.get(m), digits) for m in names]
+    row.append(str(entry["n_relevant"]))
+    if show_chance:
+      row.append(_cell(entry["chance"], None, digits))
+    rows.append(row)
+  return _render(header, rows)

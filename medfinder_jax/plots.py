@@ -1,0 +1,71 @@
+"""Retrieval plots as PNG files: rank histogram and recall@K curve (matplotlib, Agg, no display).
+
+Inputs are 1-based ranks per direction, {"t2i": (N,) ranks, "i2t": (N,) ranks}, as in
+metrics.paired_ranks(...)[d].ranks.
+"""
+
+import os
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+LABELS = {"t2i": "text → image", "i2t": "image → text"}
+
+
+def _save(figure, path):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  FigureCanvasAgg(figure)
+  figure.savefig(path, dpi=120, bbox_inches="tight")
+  return path
+
+
+def recall_curve(ranks, max_k):
+  """(ks, recall in percent) for K = 1..max_k: 100 · fraction of queries with rank ≤ K."""
+  ranks = np.asarray(ranks)
+  counts = np.bincount(np.minimum(ranks, max_k + 1), minlength=max_k + 2)[1:max_k + 1]
+  return np.arange(1, max_k + 1), 100.0 * np.cumsum(counts) / ranks.size
+
+
+def plot_rank_histogram(ranks_by_direction, path, bins=50):
+  """Histogram of the paired item's rank per direction (log-spaced bins when N is large)."""
+  n = max(int(np.max(r)) for r in ranks_by_direction.values())
+  figure = Figure(figsize=(6, 4))
+  axes = figure.add_subplot()
+  edges = (np.unique(np.geomspace(1, n + 1, bins).round()) if n > bins
+           else np.arange(1, n + 2)) - 0.5
+  for direction, ranks in ranks_by_direction.items():
+    axes.hist(np.asarray(ranks), bins=edges, histtype="step", linewidth=1.5,
+              label=LABELS.get(direction, direction))
+  if n > bins:
+    axes.set_xscale("log")
+  axes.set_xlabel("rank of the paired item (1 = best)")
+  axes.set_ylabel("queries")
+  axes.set_title(f"Rank histogram (N = {len(next(iter(ranks_by_direction.values())))})")
+  axes.legend()
+  return _save(figure, path)
+
+
+def plot_recall_curve(ranks_by_direction, path, max_k=None):
+  """Recall@K (percent) against K for each direction, with the chance line 100·K/N."""
+  n = len(next(iter(ranks_by_direction.values())))
+  max_k = min(n, max_k or max(10, min(n, 100)))
+  figure = Figure(figsize=(6, 4))
+  axes = figure.add_subplot()
+  for direction, ranks in ranks_by_direction.items():
+    ks, recall = recall_curve(ranks, max_k)
+    axes.plot(ks, recall, label=LABELS.get(direction, direction))
+  ks = np.arange(1, max_k + 1)
+  axes.plot(ks, 100.0 * ks / n, linestyle="--", color="gray", label="chance")
+  axes.set_xlabel("K")
+  axes.set_ylabel("recall@K (%)")
+  axes.set_ylim(0, 100)
+  axes.set_title(f"Recall@K (N = {n})")
+  axes.legend()
+  return _save(figure, path)
+
+
+def save_retrieval_plots(ranks_by_direction, directory):
+  """Writes rank_histogram.png and recall_at_k.png into `directory`; returns their paths."""
+  return [plot_rank_histogram(ranks_by_direction, os.path.join(directory, "rank_histogram.png")),
+          plot_recall_curve(ranks_by_direction, os.path.join(directory, "recall_at_k.png"))]

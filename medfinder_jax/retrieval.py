@@ -1,0 +1,239 @@
+"""Embedding index on disk, and search over it (text or keyword -> studies, volume -> reports).
+
+An index is a directory:
+  index.json      {"format": "medfinder-index", "version": 1, "n": N, "dim": D,
+                   "created": "2025-01-01T00:00:00Z" (UTC),
+                   "model": {"backbone", "embed_dim", "fingerprint", "checkpoint", ...}}
+  embeddings.npz  the interchange format (interchange.py): image_embeddings and text_embeddings
+                  (L2-normalized float32, row i = study i), study_ids, reports, source_paths.
+"model" identifies what produced the embeddings; queries must come from the same model, which
+load_index(..., expected_model=...) checks (fingerprint, backbone, embed_dim).
+"""
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import NamedTuple
+
+import numpy as np
+
+from medfinder_jax import interchange
+
+INDEX_FORMAT = "medfinder-index"
+INDEX_VERSION = 1
+META_FILE = "index.json"
+EMBEDDINGS_FILE = "embeddings.npz"
+TARGETS = ("image", "text")
+IDENTITY_FIELDS = ("fingerprint", "backbone", "embed_dim")
+
+
+class IndexFileError(interchange.InterchangeError):
+  """An index that cannot be used: missing, corrupt or inconsistent files."""
+
+
+class IndexMismatchError(IndexFileError):
+  """The index was built by another model (or model version) than the query's."""
+
+
+class SearchResult(NamedTuple):
+  rank: int           # 1-based position in the result list
+  study_id: str
+  score: float        # cosine similarity between the query and the item
+  excerpt: str        # start of the study's report (whitespace collapsed)
+  source_path: str    # the study's volume file ("" when unknown)
+  row: int            # 0-based row of the study in the index
+
+
+@dataclasses.dataclass
+class EmbeddingIndex:
+  directory: str
+  meta: dict
+  image_embeddings: np.ndarray   # (N, D) float32, unit rows
+  text_embeddings: np.ndarray    # (N, D) float32, unit rows
+  study_ids: np.ndarray          # (N,) str
+  reports: np.ndarray            # (N,) str ("" when unknown)
+  source_paths: np.ndarray       # (N,) str ("" when unknown)
+
+  @property
+  def n(self):
+    return int(self.image_embeddings.shape[0])
+
+  @property
+  def dim(self):
+    return int(self.image_embeddings.shape[1])
+
+
+# --- Model identity -------------------------------------------------------------------------------
+
+def model_fingerprint(params=None, config=None):
+  """sha256 hex of the parameter values (paths, shapes, dtypes, bytes) and/or a config dict.
+
+  Pass the config sections that change embeddings (model, text, data shape): two models with the
+  same fingerprint produce the same embeddings.
+  """
+  digest = hashlib.sha256()
+  if config is not None:
+    if hasattr(config, "to_dict"):
+      config = config.to_dict()
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+  if params is not None:
+    import jax   # only needed for parameter pytrees
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+      leaf = np.asarray(leaf)
+      digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|".encode())
+      digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def model_identity(*, backbone, embed_dim, fingerprint, checkpoint="", **extra):
+  """The "model" record of an index: what produced its embeddings."""
+  return {"backbone": str(backbone), "embed_dim": int(embed_dim), "fingerprint": str(fingerprint),
+          "checkpoint": str(checkpoint), **extra}
+
+
+def check_model(index, model):
+  """Raises IndexMismatchError when `model` (a model_identity) is not the one that built `index`."""
+  built = index.meta.get("model", {})
+  differ = [f for f in IDENTITY_FIELDS if str(built.get(f)) != str(model.get(f))]
+  if differ:
+    show = lambda m: ", ".join(f"{f}={str(m.get(f))[:16]}" for f in IDENTITY_FIELDS)
+    raise IndexMismatchError(
+        f"{index.directory}: index built by another model ({', '.join(differ)} differ): index has "
+        f"{show(built)} (checkpoint {built.get('checkpoint') or '?'}), the query model has "
+        f"{show(model)} (checkpoint {model.get('checkpoint') or '?'}); rebuild the index with "
+        f"this model (launch.py embed)")
+
+
+# --- Writing and reading --------------------------------------------------------------------------
+
+def _unit_rows(x):
+  x = np.asarray(x, np.float32)
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def build_index(directory, embeddings, model, overwrite=False):
+  """Writes an index directory from an interchange.EmbeddingSet (or its {name: array} fields).
+
+  Embeddings are L2-normalized before storing; missing reports/source paths are stored as "".
+  The directory appears complete or not at all (written next to it, then renamed).
+  """
+  if not isinstance(embeddings, interchange.EmbeddingSet):
+    embeddings = interchange.validate(embeddings, directory)
+  if os.path.exists(directory) and not overwrite:
+    raise IndexFileError(f"{directory}: already exists; pass overwrite to replace it")
+  blank = np.full((embeddings.n,), "", dtype=str)
+  stored = interchange.EmbeddingSet(
+      image_embeddings=_unit_rows(embeddings.image_embeddings),
+      text_embeddings=_unit_rows(embeddings.text_embeddings),
+      study_ids=embeddings.study_ids,
+      reports=blank if embeddings.reports is None else embeddings.reports,
+      source_paths=blank if embeddings.source_paths is None else embeddings.source_paths)
+  meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "n": embeddings.n,
+          "dim": embeddings.dim,
+          "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+          "model": dict(model)}
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(dir=parent, prefix=".tmp-index-")
+  try:
+    interchange.save_embeddings(os.path.join(staging, EMBEDDINGS_FILE), stored)
+    with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as f:
+      json.dump(meta, f, indent=2)
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(staging, directory)
+  finally:
+    if os.path.exists(staging):
+      shutil.rmtree(staging)
+  return directory
+
+
+def _read_meta(directory):
+  path = os.path.join(directory, META_FILE)
+  if not os.path.isdir(directory):
+    raise IndexFileError(f"{directory}: no such index directory")
+  try:
+    with open(path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise IndexFileError(f"{directory}: not a MedFinder index (no {META_FILE}); build one with "
+                      f"launch.py embed") from None
+  except (OSError, json.JSONDecodeError) as err:
+    raise IndexFileError(f"{path}: unreadable ({err})") from None
+  if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
+    raise IndexFileError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
+                      f"expected {INDEX_FORMAT!r} version {INDEX_VERSION}")
+  return meta
+
+
+def load_index(directory, expected_model=None):
+  """Reads an index; with expected_model (a model_identity), checks the index was built by it."""
+  meta = _read_meta(directory)
+  data = interchange.load_embeddings(os.path.join(directory, EMBEDDINGS_FILE))
+  if (data.n, data.dim) != (meta.get("n"), meta.get("dim")):
+    raise IndexFileError(f"{directory}: {META_FILE} says N={meta.get('n')}, D={meta.get('dim')} but "
+                      f"{EMBEDDINGS_FILE} has N={data.n}, D={data.dim}; rebuild the index")
+  blank = np.full((data.n,), "", dtype=str)
+  index = EmbeddingIndex(
+      directory=directory, meta=meta, image_embeddings=data.image_embeddings,
+      text_embeddings=data.text_embeddings, study_ids=data.study_ids,
+      reports=blank if data.reports is None else data.reports,
+      source_paths=blank if data.source_paths is None else data.source_paths)
+  if expected_model is not None:
+    check_model(index, expected_model)
+  return index
+
+
+# --- Search ---------------------------------------------------------------------------------------
+
+def excerpt(text, max_chars=200):
+  """The start of a report on one line, cut at a word boundary, with "…" when shortened."""
+  text = " ".join(str(text).split())
+  if len(text) <= max_chars:
+    return text
+  cut = text[:max_chars].rsplit(" ", 1)[0] or text[:max_chars]
+  return cut + "…"
+
+
+def top_k_rows(scores, k):
+  """Row indices of the k highest scores, best first (ties: lower row first); O(N + k log k)."""
+  k = min(int(k), scores.shape[0])
+  if k <= 0:
+    return np.zeros((0,), np.int64)
+  rows = np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(k)
+  return rows[np.lexsort((rows, -scores[rows]))]
+
+
+def _query_vector(index, query_embedding):
+  query = np.asarray(query_embedding, np.float32)
+  if query.ndim == 2 and query.shape[0] == 1:
+    query = query[0]
+  if query.ndim != 1 or query.shape[0] != index.dim:
+    raise ValueError(f"query embedding has shape {query.shape}; the index {index.directory} "
+                     f"expects one vector of dimension {index.dim}")
+  if not np.all(np.isfinite(query)):
+    raise ValueError("query embedding contains NaN or Inf")
+  return query / max(float(np.linalg.norm(query)), 1e-12)
+
+
+def search(index, query_embedding, top_k=10, against="image", excerpt_chars=200):
+  """Ranks the index's studies for one query embedding by cosine similarity.
+
+  against="image": compare with the image embeddings (a text or keyword query finds studies);
+  "text": compare with the report embeddings (a volume query finds reports).
+  Returns up to top_k SearchResult, best first (top_k larger than N returns all N).
+  """
+  if against not in TARGETS:
+    raise ValueError(f"against must be one of {TARGETS}, got {against!r}")
+  if top_k < 1:
+    raise ValueError(f"top_k must be at least 1, got {top_k}")
+  gallery = index.image_embeddings if against == "image" else index.text_embeddings
+  scores = gallery @ _query_vector(index, query_embedding)
+  return [SearchResult(rank=i + 1, study_id=str(index.study_ids[row]), score=float(scores[row]),
+                       excerpt=excerpt(index.reports[row], excerpt_chars),
+                       source_path=str(index.source_paths[row]), row=int(row))
+          for i, row in enumerate(top_k_rows(scores, top_k))]
