@@ -183,35 +183,62 @@ def _resample_counts(key, n):
 
 
 def _order_statistic(sorted_values, cumulative_counts, m):
-  """The m-th smallest (1-based) value of a multiset given as sorted values + cumulative counts."""
-  return sorted_values[jnp.searchsorted(cumulative_counts, m, side="left")]
+  """The m-th smallest (1-based) value of a multiset given as sorted values + cumulative counts
+  (along the last axis): the first position whose cumulative count reaches m."""
+  position = jnp.sum(cumulative_counts < m, axis=-1, keepdims=True)
+  return jnp.take_along_axis(sorted_values, position, axis=-1)[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=("ks", "num_samples", "batch_size"))
-def _bootstrap_rank_totals(ranks, key, ks, num_samples, batch_size=16):
-  """Bootstrap replicates for M directions sharing the same queries, as totals over N draws.
+BOOTSTRAP_BATCH = 32   # replicates computed per device call (memory: ~4 x BATCH x M x N floats)
 
-  ranks: (M, N) int. Each replicate resamples the N query rows (pairs) with replacement, the same
-  rows for every direction. Returns {"R@K": hits, "MnR": rank sum, "MdR": median rank}, each
-  (num_samples, M) float32 (hit counts and medians are exact; divide by N on the host).
+
+def _replicate_keys(seed, num_samples):
+  """Per-batch key arrays: batch b gets split(fold_in(key(seed), b)). Replicate j is the same
+  whatever num_samples is (fewer samples = a prefix), and shapes stay fixed, so nothing
+  recompiles when num_samples changes."""
+  base = jax.random.key(seed)
+  for b in range(math.ceil(num_samples / BOOTSTRAP_BATCH)):
+    yield jax.random.split(jax.random.fold_in(base, b), BOOTSTRAP_BATCH)
+
+
+def _run_replicates(kernel, seed, num_samples, *args):
+  """Concatenated {name: (num_samples, ...)} outputs of kernel(keys, *args) over key batches."""
+  batches = [kernel(keys, *args) for keys in _replicate_keys(seed, num_samples)]
+  return {name: np.concatenate([np.asarray(b[name]) for b in batches])[:num_samples]
+          for name in batches[0]}
+
+
+@functools.partial(jax.jit, static_argnames=("ks",))
+def _rank_replicates(keys, order, sorted_ranks, ks):
+  """Bootstrap replicates for M directions sharing the same N queries, as totals over N draws.
+
+  order: (M, N) query indices sorting each direction's ranks; sorted_ranks: (M, N) float32.
+  Each replicate resamples the N query rows (pairs) with replacement, the same rows for every
+  direction. Returns {"R@K": hits, "MnR": rank sum, "MdR": median rank}, each (keys, M) float32
+  (hit counts and medians are exact; the host divides by N).
   """
-  n = ranks.shape[1]
-  order = jnp.argsort(ranks, axis=1)
-  sorted_ranks = jnp.take_along_axis(ranks, order, axis=1).astype(jnp.float32)
+  n = order.shape[1]
   middle = ((n + 1) // 2, n // 2 + 1)   # np.median's order statistics (equal when N is odd)
-  pick = jax.vmap(_order_statistic, in_axes=(0, 0, None))
 
   def replicate(key):
     weights = _resample_counts(key, n)[order]                       # (M, N), sorted by rank
     out = {f"R@{k}": jnp.sum(weights * (sorted_ranks <= k), axis=1) for k in ks}
     out["MnR"] = jnp.sum(weights * sorted_ranks, axis=1)
     cumulative = jnp.cumsum(weights, axis=1)
-    out["MdR"] = (pick(sorted_ranks, cumulative, middle[0])
-                  + pick(sorted_ranks, cumulative, middle[1])) / 2
+    out["MdR"] = (_order_statistic(sorted_ranks, cumulative, middle[0])
+                  + _order_statistic(sorted_ranks, cumulative, middle[1])) / 2
     return out
 
-  keys = jax.random.split(key, num_samples)
-  return jax.lax.map(replicate, keys, batch_size=batch_size)
+  return jax.vmap(replicate)(keys)
+
+
+def _bootstrap_rank_totals(ranks, seed, ks, num_samples):
+  """{"R@K" | "MnR" | "MdR": (num_samples, M)} totals of _rank_replicates for (M, N) ranks."""
+  ranks = np.asarray(ranks)
+  order = np.argsort(ranks, axis=1, kind="stable")
+  sorted_ranks = np.take_along_axis(ranks, order, axis=1).astype(np.float32)
+  return _run_replicates(functools.partial(_rank_replicates, ks=tuple(ks)), seed, num_samples,
+                         jnp.asarray(order, jnp.int32), jnp.asarray(sorted_ranks))
 
 
 def _percentile_interval(samples, level):
@@ -228,9 +255,9 @@ def bootstrap_rank_intervals(ranks_by_direction, *, ks=RECALL_KS, num_samples=10
   resample serves both). Returns {direction: {metric: [lo, hi]}}. Deterministic given seed.
   """
   names = list(ranks_by_direction)
-  stacked = jnp.asarray(np.stack([np.asarray(ranks_by_direction[d]) for d in names]), jnp.int32)
+  stacked = np.stack([np.asarray(ranks_by_direction[d]) for d in names])
   n = stacked.shape[1]
-  totals = _bootstrap_rank_totals(stacked, jax.random.key(seed), tuple(ks), int(num_samples))
+  totals = _bootstrap_rank_totals(stacked, seed, ks, int(num_samples))
   per_query = {f"R@{k}": 100.0 / n for k in ks} | {"MnR": 1.0 / n, "MdR": 1.0}
   intervals = {name: {} for name in names}
   for metric, values in totals.items():
@@ -308,21 +335,28 @@ def precision_at_k(scores, relevant, ks=PRECISION_KS):
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("ks", "num_samples", "batch_size"))
-def _bootstrap_precisions(scores, relevant, key, ks, num_samples, batch_size=16):
+@functools.partial(jax.jit, static_argnames=("ks",))
+def _precision_replicates(keys, order, relevant_sorted, ks):
   """Bootstrap replicates of P@K resampling the gallery: a gallery item drawn c times fills c
-  consecutive places of the ranking. scores, relevant: (Q, N).
-  Returns {K: relevant items among the top K, (num_samples, Q) float32}."""
-  n = scores.shape[-1]
-  order = jnp.argsort(-scores, axis=-1, stable=True)
-  relevant_sorted = jnp.take_along_axis(relevant, order, axis=-1).astype(jnp.float32)
+  consecutive places of the ranking. order: (Q, N) gallery indices, best first; relevant_sorted:
+  (Q, N) float32 relevance in that order. Returns {K: relevant items among the top K,
+  (keys, Q) float32}."""
+  n = order.shape[-1]
 
   def replicate(key):
     copies = _resample_counts(key, n)[order]              # (Q, N), in ranking order
     before = jnp.cumsum(copies, axis=-1) - copies         # places taken by higher-scoring items
     return {k: jnp.sum(jnp.clip(k - before, 0.0, copies) * relevant_sorted, axis=-1) for k in ks}
 
-  return jax.lax.map(replicate, jax.random.split(key, num_samples), batch_size=batch_size)
+  return jax.vmap(replicate)(keys)
+
+
+def _bootstrap_precisions(scores, relevant, seed, ks, num_samples):
+  """{K: (num_samples, Q) relevant-in-top-K counts} for (Q, N) scores and relevance."""
+  order = np.argsort(-np.asarray(scores), axis=-1, kind="stable")
+  relevant_sorted = np.take_along_axis(np.asarray(relevant), order, axis=-1).astype(np.float32)
+  return _run_replicates(functools.partial(_precision_replicates, ks=tuple(ks)), seed,
+                         num_samples, jnp.asarray(order, jnp.int32), jnp.asarray(relevant_sorted))
 
 
 def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords, *,
@@ -343,8 +377,7 @@ def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords,
   valid = tuple(k for k in ks if k <= n)
   intervals = {}
   if bootstrap_samples and valid:
-    hits = _bootstrap_precisions(scores, jnp.asarray(relevance), jax.random.key(seed), valid,
-                                 int(bootstrap_samples))
+    hits = _bootstrap_precisions(scores, relevance, seed, valid, int(bootstrap_samples))
     intervals = {f"P@{k}": _percentile_interval(100.0 * np.asarray(v, np.float64) / k, level)
                  for k, v in hits.items()}
   results = {}

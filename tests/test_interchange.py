@@ -1,0 +1,148 @@
+"""embeddings.npz and metrics.json: round trips, and errors that name the file and the field."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medfinder_jax import interchange
+
+
+def embedding_fields(n=12, d=6, seed=0, **extra):
+  rng = np.random.default_rng(seed)
+  fields = {"image_embeddings": rng.normal(size=(n, d)).astype(np.float32),
+            "text_embeddings": rng.normal(size=(n, d)).astype(np.float32),
+            "study_ids": np.array([f"study{i:03d}" for i in range(n)])}
+  fields.update(extra)
+  return fields
+
+
+def write_npz(path, fields):
+  np.savez(path, **fields)
+  return str(path)
+
+
+def test_round_trip_keeps_every_field(tmp_path):
+  fields = embedding_fields(
+      reports=np.array([f"report {i}" for i in range(12)]),
+      source_paths=np.array([f"CT1/ct/{i}.nii.gz" for i in range(12)]),
+      keywords=np.array(["atelectasis", "nodule"]),
+      keyword_embeddings=np.ones((2, 6), np.float32),
+      keyword_relevance=np.eye(2, 12, dtype=bool))
+  path = interchange.save_embeddings(str(tmp_path / "e.npz"), fields)
+  loaded = interchange.load_embeddings(path)
+  assert (loaded.n, loaded.dim) == (12, 6)
+  for name, value in fields.items():
+    np.testing.assert_array_equal(getattr(loaded, name), value)
+
+
+def test_optional_fields_may_be_absent_and_half_precision_is_accepted(tmp_path):
+  fields = embedding_fields()
+  fields["image_embeddings"] = fields["image_embeddings"].astype(np.float16)
+  loaded = interchange.load_embeddings(write_npz(tmp_path / "e.npz", fields))
+  assert loaded.reports is None and loaded.keywords is None
+  assert loaded.image_embeddings.dtype == np.float32
+
+
+@pytest.mark.parametrize("change,field,message", [
+    (dict(text_embeddings=np.zeros((11, 6))), "text_embeddings", "has 11 rows, expected 12"),
+    (dict(text_embeddings=np.zeros((12, 5))), "text_embeddings", "D=5, expected D=6"),
+    (dict(image_embeddings=np.zeros(12)), "image_embeddings", "2-D"),
+    (dict(image_embeddings=np.zeros((12, 6, 1))), "image_embeddings", "2-D"),
+    (dict(study_ids=np.array(["a"] * 12)), "study_ids", "more than once"),
+    (dict(study_ids=np.arange(12)), "study_ids", "expected strings"),
+    (dict(reports=np.array(["r"] * 3)), "reports", "expected 12 strings"),
+])
+def test_inconsistent_fields_are_named_with_what_was_found_and_expected(tmp_path, change, field,
+                                                                        message):
+  path = write_npz(tmp_path / "bad.npz", embedding_fields(**change))
+  with pytest.raises(interchange.InterchangeError) as err:
+    interchange.load_embeddings(path)
+  assert str(path) in str(err.value) and repr(field) in str(err.value)
+  assert message in str(err.value)
+
+
+def test_nan_and_inf_rows_are_reported_by_row(tmp_path):
+  fields = embedding_fields()
+  fields["image_embeddings"][3, 1] = np.nan
+  fields["image_embeddings"][7, 0] = np.inf
+  with pytest.raises(interchange.InterchangeError, match=r"2 row\(s\) contain NaN or Inf "
+                                                         r"\(rows 3, 7\)"):
+    interchange.load_embeddings(write_npz(tmp_path / "nan.npz", fields))
+
+
+def test_missing_required_fields_are_listed(tmp_path):
+  fields = embedding_fields()
+  del fields["study_ids"]
+  with pytest.raises(interchange.InterchangeError, match=r"missing required field\(s\) "
+                                                         r"\['study_ids'\]"):
+    interchange.load_embeddings(write_npz(tmp_path / "e.npz", fields))
+
+
+def test_files_that_are_not_npz_archives_are_rejected(tmp_path):
+  text = tmp_path / "notes.npz"
+  text.write_text("not an archive")
+  with pytest.raises(interchange.InterchangeError, match="not a readable .npz archive"):
+    interchange.load_embeddings(str(text))
+  single = tmp_path / "single.npy"
+  np.save(single, np.zeros((3, 3)))
+  with pytest.raises(interchange.InterchangeError, match="single .npy array"):
+    interchange.load_embeddings(str(single))
+  with pytest.raises(interchange.InterchangeError, match="no such file"):
+    interchange.load_embeddings(str(tmp_path / "absent.npz"))
+
+
+def test_pickled_object_arrays_are_refused(tmp_path):
+  fields = embedding_fields(reports=np.array([f"r{i}" for i in range(12)], dtype=object))
+  with pytest.raises(interchange.InterchangeError, match="'reports'.*unpickling"):
+    interchange.load_embeddings(write_npz(tmp_path / "obj.npz", fields))
+
+
+def test_keyword_queries_need_embeddings_and_relevance_labels(tmp_path):
+  only_names = embedding_fields(keywords=np.array(["nodule"]))
+  with pytest.raises(interchange.InterchangeError, match="keyword_embeddings"):
+    interchange.validate(only_names, "x.npz")
+  no_labels = embedding_fields(keywords=np.array(["nodule"]),
+                               keyword_embeddings=np.ones((1, 6)))
+  with pytest.raises(interchange.InterchangeError, match="'reports'.*'keyword_relevance'"):
+    interchange.validate(no_labels, "x.npz")
+  wrong_dim = embedding_fields(keywords=np.array(["nodule"]), keyword_embeddings=np.ones((1, 4)),
+                               reports=np.array(["r"] * 12))
+  with pytest.raises(interchange.InterchangeError, match="'keyword_embeddings'.*D=4"):
+    interchange.validate(wrong_dim, "x.npz")
+
+
+def test_saving_invalid_embeddings_writes_nothing(tmp_path):
+  path = tmp_path / "e.npz"
+  with pytest.raises(interchange.InterchangeError):
+    interchange.save_embeddings(str(path), embedding_fields(text_embeddings=np.zeros((2, 6))))
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_json_is_strict_json_with_null_for_metrics_that_do_not_apply(tmp_path):
+  metrics = {"t2i": {"R@1": np.float64(12.5)}, "i2t": {"R@1": 10.0}, "n": np.int64(8),
+             "keywords": {"nodule": {"P@100": None, "ci": {"P@20": np.array([1.0, 2.0])}}}}
+  path = interchange.write_metrics_json(str(tmp_path / "m" / "metrics.json"), metrics)
+  data = json.loads(open(path).read())
+  assert data["t2i"]["R@1"] == 12.5 and data["n"] == 8
+  assert data["keywords"]["nodule"] == {"P@100": None, "ci": {"P@20": [1.0, 2.0]}}
+  assert interchange.read_metrics_json(path) == data
+  with pytest.raises(ValueError):
+    interchange.write_metrics_json(str(tmp_path / "nan.json"), {"t2i": {"MnR": float("nan")}})
+
+
+def test_evaluating_a_set_with_keywords_derives_relevance_from_reports():
+  n = 30
+  reports = np.array(["Left lower lobe atelectasis." if i < 10 else "No atelectasis."
+                      for i in range(n)])
+  image = np.eye(n, 32, dtype=np.float32)
+  keyword = np.zeros((1, 32), np.float32)
+  keyword[0, :10] = 1.0              # the keyword embedding points at the first 10 images
+  fields = embedding_fields(n=n, d=32, reports=reports, keywords=np.array(["atelectasis"]),
+                            keyword_embeddings=keyword)
+  fields["image_embeddings"] = fields["text_embeddings"] = image
+  result, ranks = interchange.evaluate_embedding_set(interchange.validate(fields))
+  assert result["t2i"]["R@1"] == 100.0 and set(ranks) == {"t2i", "i2t"}
+  assert result["keywords"]["atelectasis"]["n_relevant"] == 10
+  assert result["keywords"]["atelectasis"]["P@20"] == 50.0
+  assert result["keyword_relevance_from"] == "reports"

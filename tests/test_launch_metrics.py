@@ -1,0 +1,88 @@
+"""`launch.py metrics`: offline metrics of an embeddings.npz, and clear errors for user mistakes."""
+
+import json
+
+import numpy as np
+import pytest
+
+import launch
+
+
+def write_embeddings(path, n=40, d=8, **changes):
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(n, d)).astype(np.float32)
+  fields = {"image_embeddings": image,
+            "text_embeddings": image + 0.3 * rng.normal(size=(n, d)).astype(np.float32),
+            "study_ids": np.array([f"s{i}" for i in range(n)]),
+            "reports": np.array(["Right lower lobe atelectasis." if i % 2 else "No atelectasis."
+                                 for i in range(n)]),
+            "keywords": np.array(["atelectasis"]),
+            "keyword_embeddings": image[1::2].mean(axis=0, keepdims=True)}
+  fields.update(changes)
+  np.savez(path, **fields)
+  return str(path)
+
+
+def run(argv, capsys):
+  code = launch.main(argv)
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_metrics_prints_the_table_and_writes_metrics_json_and_plots(tmp_path, capsys):
+  npz = write_embeddings(tmp_path / "emb.npz")
+  code, out, _ = run(["metrics", "--embeddings", npz, "--bootstrap", "20", "--chance",
+                      "--plots", str(tmp_path / "plots")], capsys)
+  assert code == 0
+  lines = out.splitlines()
+  assert lines[0].split()[1:] == ["R@1", "R@5", "R@10", "MdR", "MnR"]
+  assert [line.split()[0] for line in lines[1:4]] == ["t2i", "i2t", "chance"]
+  assert any(line.startswith("atelectasis") for line in lines)
+  data = json.load(open(tmp_path / "metrics.json"))
+  assert set(data["t2i"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"} and data["n"] == 40
+  assert data["ci"]["samples"] == 20
+  assert data["keywords"]["atelectasis"]["n_relevant"] == 20
+  assert data["keywords"]["atelectasis"]["P@50"] is None           # K > N
+  for name in ("rank_histogram.png", "recall_at_k.png"):
+    assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_json_output_goes_to_stdout_and_the_chosen_file(tmp_path, capsys):
+  npz = write_embeddings(tmp_path / "emb.npz")
+  out_path = tmp_path / "out" / "m.json"
+  code, out, err = run(["metrics", "--embeddings", npz, "--bootstrap", "0", "--json",
+                        "--output", str(out_path)], capsys)
+  assert code == 0 and "ci" not in json.loads(out)
+  assert json.loads(out) == json.load(open(out_path))
+  assert str(out_path) in err
+
+
+@pytest.mark.parametrize("make_input,message", [
+    (lambda p: str(p / "absent.npz"), "no such file"),
+    (lambda p: write_embeddings(p / "short.npz", text_embeddings=np.zeros((39, 8))),
+     "'text_embeddings': has 39 rows, expected 40"),
+    (lambda p: write_embeddings(p / "nan.npz", image_embeddings=np.full((40, 8), np.nan)),
+     "NaN or Inf"),
+    (lambda p: write_embeddings(p / "flat.npz", image_embeddings=np.zeros(40)), "2-D"),
+])
+def test_bad_embedding_files_exit_2_with_a_message_not_a_traceback(tmp_path, capsys, make_input,
+                                                                   message):
+  code, out, err = run(["metrics", "--embeddings", make_input(tmp_path)], capsys)
+  assert code == 2 and out == ""
+  assert err.startswith("launch.py metrics: error: ") and message in err
+  assert "Traceback" not in err
+
+
+def test_unwritable_output_and_negative_bootstrap_exit_2(tmp_path, capsys):
+  npz = write_embeddings(tmp_path / "emb.npz")
+  (tmp_path / "taken").mkdir()
+  code, _, err = run(["metrics", "--embeddings", npz, "--output", str(tmp_path / "taken")], capsys)
+  assert code == 2 and "cannot write" in err
+  code, _, err = run(["metrics", "--embeddings", npz, "--bootstrap", "-1"], capsys)
+  assert code == 2 and "--bootstrap" in err
+
+
+def test_missing_embeddings_flag_is_a_usage_error():
+  with pytest.raises(SystemExit) as exit_info:
+    launch.main(["metrics"])
+  assert exit_info.value.code == 2

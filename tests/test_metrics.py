@@ -1,0 +1,314 @@
+"""Retrieval metrics: the released code's formulas, chunking, sharding, ties, bootstrap, P@K."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medfinder_jax import metrics
+
+
+def released_compute_metrics(similarities):
+  """The released main_ddp.py compute_metrics (torch argsort -> numpy), an independent reference.
+
+  Rows are queries, the ground truth of row i is column i.
+  """
+  n = similarities.shape[0]
+  sorted_indices = np.argsort(-similarities, axis=1, kind="stable")  # argsort(descending=True)
+  gt_indices = np.arange(n)
+  result = {}
+  for k in [1, 5, 10]:
+    is_match = (sorted_indices[:, :k] == gt_indices[:, None]).any(axis=1)
+    result[f"R@{k}"] = is_match.astype(np.float32).mean() * 100
+  ranks = [np.nonzero(sorted_indices[i] == i)[0][0] + 1 for i in range(n)]
+  result["MdR"] = np.median(ranks)
+  result["MnR"] = np.mean(ranks)
+  return result
+
+
+def assert_same_metrics(ours, reference):
+  assert set(ours) == set(reference)
+  for name, value in reference.items():
+    assert ours[name] == pytest.approx(float(value), rel=1e-6, abs=1e-5), name
+
+
+def random_similarity(n, seed):
+  similarity = np.random.default_rng(seed).normal(size=(n, n)).astype(np.float32)
+  # Precondition: no exact ties with the paired score, so argsort's rank is unambiguous.
+  assert not np.any((similarity == np.diag(similarity)[:, None]).sum(axis=1) > 1)
+  return similarity
+
+
+def quantized_embeddings(n, d, seed):
+  """Embeddings on a 1/16 grid: every dot product is exact in float32, in any summation order,
+  so ranks cannot depend on how the matmul is split (chunks, devices)."""
+  rng = np.random.default_rng(seed)
+  text = rng.integers(-8, 9, size=(n, d)) / 16.0
+  image = text + rng.integers(-16, 17, size=(n, d)) / 16.0
+  return text.astype(np.float32), image.astype(np.float32)
+
+
+def separated_pairs(n, seed):
+  """Paired embeddings whose cosine similarities are well separated (gaps > 1e-5, far above
+  float32 rounding) within every row and every column, with t2i and i2t ranks that differ.
+
+  Text i holds a row of a Latin square over values in [1, 2] plus an extra coordinate that makes
+  its norm 1x or 3x |values|; images are unit axes. Rows are then rotated and rescaled so they
+  look generic. Returns (text, image, S) with S the exact cosine similarity matrix (float64).
+  """
+  rng = np.random.default_rng(seed)
+  values = np.linspace(1.0, 2.0, n)
+  sigma, tau = rng.permutation(n), rng.permutation(n)
+  latin = values[(sigma[None, :] + tau[:, None]) % n]
+  extra = np.where(rng.random(n) < 0.5, np.sqrt(8.0) * np.linalg.norm(values), 0.0)
+  text = np.concatenate([latin, extra[:, None]], axis=1)
+  similarity = latin / np.linalg.norm(text, axis=1, keepdims=True)
+  rotation, _ = np.linalg.qr(rng.normal(size=(n + 1, n + 1)))
+  scale_t, scale_i = rng.uniform(0.5, 3.0, size=(2, n, 1))
+  return ((text @ rotation) * scale_t).astype(np.float32), (rotation[:n] * scale_i).astype(
+      np.float32), similarity
+
+
+def ranks_of(similarity):
+  """rank_counts over a given matrix: queries = S, gallery = identity, so queries @ gallery.T = S."""
+  greater, _ = metrics.rank_counts(similarity, np.eye(similarity.shape[0], dtype=np.float32))
+  return 1 + np.asarray(greater)
+
+
+# --- The released formulas ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 7, 64, 203, 1000])
+def test_ranks_of_a_similarity_matrix_match_released_argsort_metrics(n):
+  similarity = random_similarity(n, seed=n)
+  reference = released_compute_metrics(similarity)
+  assert_same_metrics(metrics.summarize_ranks(metrics.similarity_ranks(similarity)), reference)
+  assert_same_metrics(metrics.summarize_ranks(ranks_of(similarity)), reference)
+
+
+@pytest.mark.parametrize("n", [64, 203])
+def test_retrieval_metrics_match_released_validate_both_directions(n):
+  text, image, similarity = separated_pairs(n, seed=n)
+  result = metrics.retrieval_metrics(text, image)
+  assert result["n"] == n
+  assert_same_metrics(result["t2i"], released_compute_metrics(similarity))
+  assert_same_metrics(result["i2t"], released_compute_metrics(similarity.T))
+  assert result["t2i"] != result["i2t"]   # the construction makes the directions differ
+
+
+def test_perfect_retrieval_gives_r1_100_and_median_rank_1():
+  embeddings = np.random.default_rng(0).normal(size=(50, 16))
+  result = metrics.retrieval_metrics(embeddings, embeddings)
+  for direction in ("t2i", "i2t"):
+    assert result[direction] == {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "MdR": 1.0,
+                                 "MnR": 1.0}
+
+
+def test_reversed_retrieval_gives_median_rank_n():
+  n = 40
+  image = np.eye(n)
+  text = 1.0 - np.eye(n)        # each text is farthest from its own image, equally near the rest
+  result = metrics.retrieval_metrics(text, image)
+  for direction in ("t2i", "i2t"):
+    assert result[direction] == {"R@1": 0.0, "R@5": 0.0, "R@10": 0.0, "MdR": float(n),
+                                 "MnR": float(n)}
+
+
+def test_median_rank_of_an_even_count_is_the_mean_of_the_middle_two_like_np_median():
+  assert metrics.summarize_ranks([1, 2, 5, 9])["MdR"] == 3.5
+
+
+def test_ties_take_the_best_position_by_default_and_the_worst_on_request():
+  similarity = np.ones((6, 6), np.float32)
+  assert np.all(np.asarray(metrics.similarity_ranks(similarity)) == 1)
+  assert np.all(np.asarray(metrics.similarity_ranks(similarity, ties="worst")) == 6)
+  embeddings = np.ones((6, 4))
+  best = metrics.retrieval_metrics(embeddings, embeddings)
+  worst = metrics.retrieval_metrics(embeddings, embeddings, ties="worst")
+  assert best["t2i"]["MdR"] == 1.0 and worst["t2i"]["MdR"] == 6.0
+  assert best["ties"] == {"rule": "best", "t2i_tied_queries": 6, "i2t_tied_queries": 6}
+
+
+def test_released_argsort_rank_lies_between_the_best_and_worst_tie_ranks():
+  rng = np.random.default_rng(3)
+  similarity = rng.integers(0, 4, size=(30, 30)).astype(np.float32)   # many ties
+  argsort_ranks = np.argmax(np.argsort(-similarity, axis=1) == np.arange(30)[:, None], axis=1) + 1
+  best = np.asarray(metrics.similarity_ranks(similarity))
+  worst = np.asarray(metrics.similarity_ranks(similarity, ties="worst"))
+  assert np.all(best <= argsort_ranks) and np.all(argsort_ranks <= worst)
+  assert np.any(best < worst)
+
+
+def test_non_finite_or_unpaired_embeddings_are_rejected():
+  good = np.ones((4, 3))
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    metrics.retrieval_metrics(good, np.where(np.eye(4, 3) > 0, np.nan, 1.0))
+  with pytest.raises(ValueError, match=r"\(N, D\)"):
+    metrics.retrieval_metrics(good, np.ones((5, 3)))
+
+
+# --- Chunks and devices ---------------------------------------------------------------------------
+
+def test_chunked_counts_equal_unchunked_for_any_chunk_size():
+  text, image = quantized_embeddings(203, 24, seed=1)
+  exact = text.astype(np.float64) @ image.astype(np.float64).T
+  expected = np.asarray(metrics.similarity_ranks(exact))
+  for chunk_size in (1, 7, 64, 203, 1024):
+    greater, _ = metrics.rank_counts(text, image, chunk_size=chunk_size)
+    np.testing.assert_array_equal(1 + np.asarray(greater), expected, err_msg=str(chunk_size))
+
+
+@pytest.mark.parametrize("n", [203, 5])     # not divisible by 8; fewer rows than devices
+def test_rows_sharded_over_8_devices_equal_one_device(n):
+  assert jax.device_count() == 8
+  text, image = quantized_embeddings(n, 24, seed=2)
+  single = metrics.rank_counts(text, image, chunk_size=8)
+  for mesh in (jax.make_mesh((8,), ("data",)),
+               jax.make_mesh((4, 2), ("data", "fsdp"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)):
+    sharded = metrics.rank_counts(text, image, chunk_size=8, mesh=mesh)
+    for ours, theirs in zip(sharded, single):
+      np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_retrieval_metrics_on_a_mesh_equal_one_device():
+  text, image = quantized_embeddings(100, 16, seed=4)
+  mesh = jax.make_mesh((8,), ("data",))
+  assert (metrics.retrieval_metrics(text, image, mesh=mesh)
+          == metrics.retrieval_metrics(text, image))
+
+
+def test_rank_counts_composes_under_jit():
+  text, image = quantized_embeddings(37, 8, seed=5)
+  jitted = jax.jit(lambda q, g: metrics.rank_counts(q, g, chunk_size=8)[0] + 1)
+  np.testing.assert_array_equal(np.asarray(jitted(text, image)),
+                                np.asarray(metrics.similarity_ranks(text @ image.T)))
+
+
+def test_default_chunk_keeps_a_chunk_of_scores_within_the_block_budget():
+  for n in (10, 1000, 100_000):
+    chunk = metrics.default_chunk_size(n)
+    assert 8 <= chunk and (chunk * n <= metrics.BLOCK_ELEMENTS or chunk == 8)
+
+
+# --- Bootstrap ------------------------------------------------------------------------------------
+
+def geometric_ranks(n, seed):
+  return np.minimum(np.random.default_rng(seed).geometric(0.05, size=n), n)
+
+
+def two_directions(n):
+  return {"t2i": geometric_ranks(n, 0), "i2t": geometric_ranks(n, 1)}
+
+
+def test_bootstrap_replicates_equal_metrics_of_explicitly_resampled_queries():
+  ranks = np.stack(list(two_directions(300).values()))
+  totals = metrics._bootstrap_rank_totals(ranks, seed=9, ks=(1, 5, 10), num_samples=4)
+  keys = next(metrics._replicate_keys(9, 4))
+  for b in range(4):
+    draws = np.asarray(jax.random.randint(keys[b], (300,), 0, 300))
+    for m in range(2):
+      expected = metrics.summarize_ranks(ranks[m, draws])
+      for k in (1, 5, 10):
+        assert 100 * float(totals[f"R@{k}"][b, m]) / 300 == pytest.approx(expected[f"R@{k}"])
+      assert float(totals["MnR"][b, m]) / 300 == pytest.approx(expected["MnR"])
+      assert float(totals["MdR"][b, m]) == expected["MdR"]
+
+
+def test_bootstrap_interval_contains_the_point_estimate():
+  ranks = two_directions(300)
+  intervals = metrics.bootstrap_rank_intervals(ranks, num_samples=500, seed=0)
+  for direction, values in ranks.items():
+    point = metrics.summarize_ranks(values)
+    for name, (lo, hi) in intervals[direction].items():
+      assert lo <= point[name] <= hi, (direction, name)
+      assert lo < hi or name == "MdR"
+
+
+def test_bootstrap_interval_narrows_as_n_grows():
+  widths = {}
+  for n in (300, 6000):
+    ci = metrics.bootstrap_rank_intervals(two_directions(n), num_samples=300)["t2i"]
+    widths[n] = {name: hi - lo for name, (lo, hi) in ci.items()}
+  for name in ("R@1", "R@10", "MnR"):
+    assert widths[6000][name] < widths[300][name] / 2, name
+
+
+def test_bootstrap_is_reproducible_from_its_seed_and_fewer_samples_are_a_prefix():
+  ranks = two_directions(300)
+  first = metrics._bootstrap_rank_totals(np.stack(list(ranks.values())), 1, (1, 5, 10), 100)
+  again = metrics._bootstrap_rank_totals(np.stack(list(ranks.values())), 1, (1, 5, 10), 40)
+  np.testing.assert_array_equal(again["MnR"], first["MnR"][:40])
+  assert (metrics.bootstrap_rank_intervals(ranks, num_samples=100, seed=1)
+          == metrics.bootstrap_rank_intervals(ranks, num_samples=100, seed=1))
+  assert (metrics.bootstrap_rank_intervals(ranks, num_samples=100, seed=2)
+          != metrics.bootstrap_rank_intervals(ranks, num_samples=100, seed=1))
+
+
+def test_retrieval_metrics_report_intervals_for_every_metric():
+  text, image = quantized_embeddings(80, 8, seed=6)
+  result = metrics.retrieval_metrics(text, image, bootstrap_samples=50, seed=3)
+  assert result["ci"]["samples"] == 50 and result["ci"]["level"] == 0.95
+  for direction in ("t2i", "i2t"):
+    assert set(result["ci"][direction]) == set(result[direction])
+
+
+# --- Keyword retrieval ----------------------------------------------------------------------------
+
+def test_precision_at_k_counts_relevant_items_among_the_k_best_scores():
+  n = 150
+  order = np.random.default_rng(0).permutation(n)       # gallery item order[r] is ranked r
+  scores = np.empty(n)
+  scores[order] = np.linspace(1.0, 0.0, n)
+  relevant = np.zeros(n, bool)
+  relevant[order[:30]] = True                          # the 30 best are relevant
+  result = metrics.precision_at_k(scores[None], relevant[None])
+  assert [float(result[f"P@{k}"][0]) for k in (20, 50, 100)] == [100.0, 60.0, 30.0]
+
+
+def test_precision_at_k_larger_than_the_gallery_is_not_reported():
+  scores = np.linspace(1.0, 0.0, 40)[None]
+  relevant = (np.arange(40) % 2 == 0)[None]
+  result = metrics.precision_at_k(scores, relevant)
+  assert float(result["P@20"][0]) == 50.0
+  assert result["P@50"] is None and result["P@100"] is None
+
+
+def test_keyword_metrics_rank_images_by_cosine_to_the_keyword_embedding():
+  n = 120
+  gallery = np.eye(n) * np.random.default_rng(1).uniform(1, 5, size=(n, 1))  # norms do not matter
+  keyword = np.linspace(2.0, 1.0, n)[None]           # image j scores higher the lower j is
+  relevance = (np.arange(n) % 4 == 0)[None]
+  result = metrics.keyword_metrics(keyword, gallery, relevance, ["nodule"],
+                                   bootstrap_samples=200, seed=0)["nodule"]
+  assert (result["P@20"], result["P@50"], result["P@100"]) == (25.0, 26.0, 25.0)
+  assert result["n_relevant"] == 30 and result["chance"] == 25.0
+  for k in (20, 50, 100):
+    lo, hi = result["ci"][f"P@{k}"]
+    assert lo <= result[f"P@{k}"] <= hi
+
+
+def test_bootstrapped_precision_fills_the_top_k_with_resampled_copies():
+  # Every gallery item relevant: whatever the resample, its top K holds exactly K relevant copies.
+  scores = np.linspace(1.0, 0.0, 60)[None]
+  relevant = np.ones((1, 60), bool)
+  hits = metrics._bootstrap_precisions(scores, relevant, 0, (20, 50), 20)
+  assert np.all(np.asarray(hits[20]) == 20) and np.all(np.asarray(hits[50]) == 50)
+
+
+# --- Tables ---------------------------------------------------------------------------------------
+
+def test_table_has_a_row_per_direction_with_intervals_and_optional_chance():
+  text, image = quantized_embeddings(30, 8, seed=7)
+  result = metrics.retrieval_metrics(text, image, bootstrap_samples=20)
+  table = metrics.format_metrics_table(result, show_chance=True)
+  lines = table.splitlines()
+  assert lines[0].split()[1:] == ["R@1", "R@5", "R@10", "MdR", "MnR"]
+  assert [line.split()[0] for line in lines[1:]] == ["t2i", "i2t", "chance"]
+  assert f"{result['t2i']['R@1']:.2f} [{result['ci']['t2i']['R@1'][0]:.2f}," in lines[1]
+  assert lines[3].split()[1:] == ["3.33", "16.67", "33.33", "15.50", "15.50"]
+
+
+def test_chance_levels_are_those_of_a_random_ranking():
+  assert metrics.chance_levels(200) == {"R@1": 0.5, "R@5": 2.5, "R@10": 5.0, "MdR": 100.5,
+                                        "MnR": 100.5}
+  assert metrics.chance_levels(4)["R@10"] == 100.0

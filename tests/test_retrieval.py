@@ -1,0 +1,124 @@
+"""Embedding index on disk and search: round trip, model identity, ranked results."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from medfinder_jax import interchange, retrieval
+
+
+def constructed_set(n=300, d=32, seed=0):
+  """Studies whose report embedding is close to their own image embedding and far from others."""
+  rng = np.random.default_rng(seed)
+  image = rng.normal(size=(n, d)).astype(np.float32)
+  text = (image + 0.05 * rng.normal(size=(n, d))).astype(np.float32)
+  return interchange.validate({
+      "image_embeddings": image * rng.uniform(0.5, 2.0, size=(n, 1)).astype(np.float32),
+      "text_embeddings": text,
+      "study_ids": np.array([f"sub-{i:04d}" for i in range(n)]),
+      "reports": np.array([f"Study {i}: right lower lobe nodule of {i} mm. " * 20
+                           for i in range(n)]),
+      "source_paths": np.array([f"CT{i % 10}/ct/sub-{i:04d}.nii.gz" for i in range(n)])})
+
+
+MODEL = retrieval.model_identity(backbone="resnet50", embed_dim=32, fingerprint="abc123",
+                                 checkpoint="/ckpt/best")
+
+
+@pytest.fixture
+def index_dir(tmp_path):
+  return retrieval.build_index(str(tmp_path / "index"), constructed_set(), MODEL)
+
+
+def test_index_round_trip_stores_unit_embeddings_ids_reports_paths_and_model(index_dir):
+  data = constructed_set()
+  index = retrieval.load_index(index_dir, expected_model=MODEL)
+  assert (index.n, index.dim) == (300, 32)
+  np.testing.assert_allclose(np.linalg.norm(index.image_embeddings, axis=1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(
+      index.text_embeddings,
+      data.text_embeddings / np.linalg.norm(data.text_embeddings, axis=1, keepdims=True),
+      rtol=1e-6)
+  np.testing.assert_array_equal(index.study_ids, data.study_ids)
+  np.testing.assert_array_equal(index.reports, data.reports)
+  np.testing.assert_array_equal(index.source_paths, data.source_paths)
+  meta = json.load(open(os.path.join(index_dir, retrieval.META_FILE)))
+  assert meta["model"] == MODEL and meta["n"] == 300 and meta["created"].endswith("Z")
+
+
+def test_an_index_from_another_model_is_a_clear_error(index_dir):
+  other = dict(MODEL, fingerprint="def456", checkpoint="/ckpt/epoch_3")
+  with pytest.raises(retrieval.IndexMismatchError) as err:
+    retrieval.load_index(index_dir, expected_model=other)
+  message = str(err.value)
+  assert index_dir in message and "fingerprint" in message and "launch.py embed" in message
+  assert "/ckpt/best" in message and "/ckpt/epoch_3" in message
+  with pytest.raises(retrieval.IndexMismatchError, match="embed_dim"):
+    retrieval.load_index(index_dir, expected_model=dict(MODEL, embed_dim=512))
+
+
+def test_model_fingerprint_changes_with_any_parameter_or_config_value():
+  params = {"proj": {"kernel": np.ones((3, 2), np.float32)}, "bias": np.zeros(2, np.float32)}
+  base = retrieval.model_fingerprint(params, {"backbone": "resnet50"})
+  assert retrieval.model_fingerprint(params, {"backbone": "resnet50"}) == base
+  changed = {"proj": {"kernel": np.ones((3, 2), np.float32)}, "bias": np.array([0, 1e-7],
+                                                                               np.float32)}
+  assert retrieval.model_fingerprint(changed, {"backbone": "resnet50"}) != base
+  assert retrieval.model_fingerprint(params, {"backbone": "vit"}) != base
+
+
+def test_text_query_finds_its_own_study_at_rank_1(index_dir):
+  data, index = constructed_set(), retrieval.load_index(index_dir)
+  for row in (0, 137, 299):
+    results = retrieval.search(index, data.text_embeddings[row], top_k=5, against="image")
+    assert results[0].study_id == f"sub-{row:04d}" and results[0].rank == 1
+    assert results[0].source_path == f"CT{row % 10}/ct/sub-{row:04d}.nii.gz"
+    assert results[0].excerpt.startswith(f"Study {row}: right lower lobe nodule")
+    assert len(results[0].excerpt) <= 201 and results[0].excerpt.endswith("…")
+    assert [r.rank for r in results] == [1, 2, 3, 4, 5]
+
+
+def test_volume_query_finds_its_own_report_at_rank_1(index_dir):
+  data, index = constructed_set(), retrieval.load_index(index_dir)
+  results = retrieval.search(index, data.image_embeddings[42], top_k=3, against="text")
+  assert results[0].row == 42
+
+
+def test_results_are_the_top_k_by_cosine_in_order(index_dir):
+  index = retrieval.load_index(index_dir)
+  query = np.random.default_rng(1).normal(size=32)
+  scores = index.image_embeddings @ (query / np.linalg.norm(query))
+  results = retrieval.search(index, query, top_k=10)
+  assert [r.row for r in results] == list(np.argsort(-scores, kind="stable")[:10])
+  np.testing.assert_allclose([r.score for r in results], np.sort(scores)[::-1][:10], rtol=1e-5)
+  assert len(retrieval.search(index, query, top_k=1000)) == 300
+
+
+def test_top_k_rows_breaks_ties_by_lower_row():
+  scores = np.array([0.5, 0.9, 0.5, 0.9, 0.1], np.float32)
+  np.testing.assert_array_equal(retrieval.top_k_rows(scores, 3), [1, 3, 0])
+
+
+def test_bad_queries_and_missing_indexes_are_clear_errors(index_dir, tmp_path):
+  index = retrieval.load_index(index_dir)
+  with pytest.raises(ValueError, match="dimension 32"):
+    retrieval.search(index, np.ones(16))
+  with pytest.raises(ValueError, match="NaN"):
+    retrieval.search(index, np.full(32, np.nan))
+  with pytest.raises(ValueError, match="against"):
+    retrieval.search(index, np.ones(32), against="volume")
+  with pytest.raises(retrieval.IndexFileError, match="no such index"):
+    retrieval.load_index(str(tmp_path / "nowhere"))
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(retrieval.IndexFileError, match="not a MedFinder index"):
+    retrieval.load_index(str(tmp_path / "empty"))
+
+
+def test_building_over_an_existing_index_needs_overwrite(index_dir):
+  with pytest.raises(retrieval.IndexFileError, match="already exists"):
+    retrieval.build_index(index_dir, constructed_set(n=10), MODEL)
+  retrieval.build_index(index_dir, constructed_set(n=10), MODEL, overwrite=True)
+  assert retrieval.load_index(index_dir).n == 10
+  assert sorted(os.listdir(os.path.dirname(index_dir))) == ["index"]   # no staging leftovers
