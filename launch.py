@@ -96,8 +96,8 @@ def add_metrics_args(parser):
   parser.add_argument("--plots", default=None, metavar="DIR",
                       help="also write rank_histogram.png and recall_at_k.png into DIR")
   parser.add_argument("--bootstrap", type=int, default=None, metavar="N",
-                      help="bootstrap resamples for 95%% CIs (default: config eval.bootstrap_samples;"
-                           " 0 = none)")
+                      help="bootstrap resamples for confidence intervals (default: config "
+                           "eval.bootstrap_samples; 0 = none)")
   parser.add_argument("--chance", action="store_true", help="show chance levels in the table")
   parser.add_argument("--json", action="store_true", help="print the metrics as JSON, no table")
   add_config_args(parser)

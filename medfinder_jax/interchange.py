@@ -246,7 +246,7 @@ def read_metrics_json(path):
   return data
 
 
-# --- Evaluation of an embedding set ----------------------------------------------------------------
+# --- Evaluation of an embedding set ---------------------------------------------------------------
 
 def evaluate_embedding_set(embeddings, *, ks=metrics_lib.RECALL_KS,
                            keyword_ks=metrics_lib.PRECISION_KS, bootstrap_samples=0, seed=0,

@@ -17,6 +17,11 @@ for float embeddings) both are the same number. `ties="worst"` gives the other e
 S is never materialized: query rows are processed in chunks (chunk × N scores at a time), and the
 chunks can be spread over a device mesh (rows sharded, gallery replicated). Results do not depend
 on the chunking or the mesh except through float rounding of the matmul itself.
+
+Keyword retrieval: P@K of keyword queries against the image gallery, relevance labels from
+findings.keyword_relevance (re-exported here), which does not count negated mentions.
+Confidence intervals: percentile bootstrap, seeded, resampling query pairs (R@K, MdR, MnR; one
+resample shared by t2i and i2t) or the gallery (P@K, one query per keyword).
 """
 
 import functools
@@ -27,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from medfinder_jax.findings import keyword_relevance  # noqa: F401  (re-exported: relevance labels)
 
 RECALL_KS = (1, 5, 10)
 PRECISION_KS = (20, 50, 100)
@@ -91,7 +98,8 @@ def rank_counts(queries, gallery, chunk_size=None, mesh=None):
   chunk_size: query rows scored at once (per device); None = default_chunk_size(N).
   mesh: optional jax.sharding.Mesh; query rows are sharded over all of its axes, the gallery is
     replicated. Any N works: rows are padded to a multiple of chunk_size × devices and dropped.
-  Returns (greater, equal), int32 (N,): gallery items scoring > / == the paired item (pair excluded).
+  Returns (greater, equal), int32 (N,): how many gallery items score > / == the paired item
+  (the pair itself excluded).
   """
   n = queries.shape[0]
   shards = 1 if mesh is None else mesh.size
@@ -371,7 +379,8 @@ def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords,
   CIs resample the gallery (there is one query per keyword).
   """
   relevance = np.asarray(relevance, bool)
-  scores = l2_normalize(keyword_embeddings) @ l2_normalize(gallery_embeddings).T
+  scores = jnp.matmul(l2_normalize(keyword_embeddings), l2_normalize(gallery_embeddings).T,
+                      precision=jax.lax.Precision.HIGHEST)
   point = precision_at_k(scores, relevance, ks)
   n = relevance.shape[-1]
   valid = tuple(k for k in ks if k <= n)

@@ -123,8 +123,12 @@ def build_index(directory, embeddings, model, overwrite=False):
   """
   if not isinstance(embeddings, interchange.EmbeddingSet):
     embeddings = interchange.validate(embeddings, directory)
-  if os.path.exists(directory) and not overwrite:
-    raise IndexFileError(f"{directory}: already exists; pass overwrite to replace it")
+  if os.path.exists(directory):
+    if not overwrite:
+      raise IndexFileError(f"{directory}: already exists; pass overwrite to replace it")
+    if os.listdir(directory) and not os.path.isfile(os.path.join(directory, META_FILE)):
+      raise IndexFileError(f"{directory}: exists and is not an index (no {META_FILE}); "
+                           f"refusing to replace it")
   blank = np.full((embeddings.n,), "", dtype=str)
   stored = interchange.EmbeddingSet(
       image_embeddings=_unit_rows(embeddings.image_embeddings),
@@ -160,13 +164,14 @@ def _read_meta(directory):
     with open(path, encoding="utf-8") as f:
       meta = json.load(f)
   except FileNotFoundError:
-    raise IndexFileError(f"{directory}: not a MedFinder index (no {META_FILE}); build one with "
-                      f"launch.py embed") from None
+    raise IndexFileError(f"{directory}: not a MedFinder index (no {META_FILE}); build one "
+                         f"with launch.py embed") from None
   except (OSError, json.JSONDecodeError) as err:
     raise IndexFileError(f"{path}: unreadable ({err})") from None
   if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
-    raise IndexFileError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
-                      f"expected {INDEX_FORMAT!r} version {INDEX_VERSION}")
+    raise IndexFileError(f"{path}: format {meta.get('format')!r} version "
+                         f"{meta.get('version')!r}, expected {INDEX_FORMAT!r} version "
+                         f"{INDEX_VERSION}")
   return meta
 
 
@@ -175,8 +180,8 @@ def load_index(directory, expected_model=None):
   meta = _read_meta(directory)
   data = interchange.load_embeddings(os.path.join(directory, EMBEDDINGS_FILE))
   if (data.n, data.dim) != (meta.get("n"), meta.get("dim")):
-    raise IndexFileError(f"{directory}: {META_FILE} says N={meta.get('n')}, D={meta.get('dim')} but "
-                      f"{EMBEDDINGS_FILE} has N={data.n}, D={data.dim}; rebuild the index")
+    raise IndexFileError(f"{directory}: {META_FILE} says N={meta.get('n')}, D={meta.get('dim')} "
+                         f"but {EMBEDDINGS_FILE} has N={data.n}, D={data.dim}; rebuild the index")
   blank = np.full((data.n,), "", dtype=str)
   index = EmbeddingIndex(
       directory=directory, meta=meta, image_embeddings=data.image_embeddings,

@@ -70,7 +70,7 @@ def separated_pairs(n, seed):
 
 
 def ranks_of(similarity):
-  """rank_counts over a given matrix: queries = S, gallery = identity, so queries @ gallery.T = S."""
+  """rank_counts over a given matrix: queries = S and gallery = identity, so queries·galleryᵀ = S."""
   greater, _ = metrics.rank_counts(similarity, np.eye(similarity.shape[0], dtype=np.float32))
   return 1 + np.asarray(greater)
 

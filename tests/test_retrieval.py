@@ -122,3 +122,11 @@ def test_building_over_an_existing_index_needs_overwrite(index_dir):
   retrieval.build_index(index_dir, constructed_set(n=10), MODEL, overwrite=True)
   assert retrieval.load_index(index_dir).n == 10
   assert sorted(os.listdir(os.path.dirname(index_dir))) == ["index"]   # no staging leftovers
+
+
+def test_overwrite_never_replaces_a_directory_that_is_not_an_index(tmp_path):
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "scan.nii.gz").write_bytes(b"keep me")
+  with pytest.raises(retrieval.IndexFileError, match="not an index"):
+    retrieval.build_index(str(tmp_path / "data"), constructed_set(n=10), MODEL, overwrite=True)
+  assert (tmp_path / "data" / "scan.nii.gz").read_bytes() == b"keep me"
