@@ -8,9 +8,10 @@ For each N, both directions (t2i, i2t) of R@1/5/10, MdR, MnR from N paired D-dim
             paired item found row by row (as its loop does). Its peak memory is about 12·N² bytes
             (S in float32 + argsort indices in int64), so N above --reference_max_n is skipped and
             its time and memory are extrapolated (time ∝ N² log N from the largest measured N).
-Each measurement runs in a fresh process, so the peak RSS is that case's own. Both results are
-checked to agree where both ran. Then: search latency (text query -> top 10 studies) over an index
-of --index_n studies.
+Each measurement runs in a fresh process, so the peak RSS is that case's own; where both ran, the
+largest difference between their 10 metrics is printed. Then the cost of bootstrap CIs at the
+largest N, and search latency (text query -> top 10 studies) over an index of --index_n studies
+(--parts picks which of metrics / bootstrap / search run).
 
   python benchmarks/metrics_bench.py                      # N = 1k, 8k, 32k, 100k; D = 512
   python benchmarks/metrics_bench.py --ns 1000 8000 --dim 512 --reference_max_n 16384
@@ -130,6 +131,16 @@ def search_latency(n, dim, queries=200, top_k=10):
           "self_at_rank_1": int(hits)}
 
 
+def bootstrap_cost(n, samples):
+  """Seconds for percentile CIs of all 10 rank metrics (both directions) at N, B resamples."""
+  from medfinder_jax import metrics
+  rng = np.random.default_rng(3)
+  ranks = {d: np.minimum(rng.geometric(0.001, size=n), n) for d in ("t2i", "i2t")}
+  start = time.perf_counter()
+  metrics.bootstrap_rank_intervals(ranks, num_samples=samples)
+  return {"n": n, "samples": samples, "seconds": time.perf_counter() - start}
+
+
 # --- Report --------------------------------------------------------------------------------------
 
 def extrapolate(measured, n):
@@ -149,6 +160,9 @@ def main():
   parser.add_argument("--index_n", type=int, default=10000)
   parser.add_argument("--repeats", type=int, default=None,
                       help="timed calls per case (best kept; default 2 up to N=8k, else 1)")
+  parser.add_argument("--bootstrap_samples", type=int, default=1000)
+  parser.add_argument("--parts", nargs="+", default=["metrics", "bootstrap", "search"],
+                      choices=["metrics", "bootstrap", "search"])
   parser.add_argument("--json_out", default=None)
   parser.add_argument("--case", choices=["ours", "released"], help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -156,8 +170,8 @@ def main():
     print(json.dumps(run_case(args.case, args.ns[0], args.dim, args.repeats or 1)))
     return
 
-  rows, last_released = [], None
-  for n in args.ns:
+  rows, last_released, search, bootstrap = [], None, None, None
+  for n in (args.ns if "metrics" in args.parts else []):
     repeats = args.repeats or (2 if n <= 8192 else 1)
     mine = measure("ours", n, args.dim, repeats)
     if n <= args.reference_max_n:
@@ -174,8 +188,17 @@ def main():
           + (f"{theirs['seconds']:.2f}s {theirs['extra_peak_mib']:.0f} MiB"
              + (" (extrapolated)" if theirs.get("extrapolated") else "") if theirs else "n/a"),
           flush=True)
-  search = search_latency(args.index_n, args.dim)
+  if "bootstrap" in args.parts:
+    bootstrap = bootstrap_cost(max(args.ns), args.bootstrap_samples)
+  if "search" in args.parts:
+    search = search_latency(args.index_n, args.dim)
+  report(args, rows, search, bootstrap)
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump({"rows": rows, "search": search, "bootstrap": bootstrap}, f, indent=2)
 
+
+def print_metric_table(args, rows):
   print(f"\nD = {args.dim}, both directions, {os.cpu_count()} CPU cores; "
         "time = best of repeats (first call incl. compile in parentheses); "
         "memory = peak RSS above the inputs")
@@ -191,13 +214,19 @@ def main():
                    if theirs else "n/a | n/a | n/a | n/a")
     print(f"| {row['n']} | {mine['seconds']:.2f} s ({mine['first_call_s']:.2f}) | "
           f"{mine['extra_peak_mib']:.0f} MiB | {their_cells} |")
-  print(f"\nsearch over {search['n']} studies (D={search['dim']}, top {search['top_k']}): median "
-        f"{search['median_ms']:.2f} ms, p95 {search['p95_ms']:.2f} ms per query "
-        f"({search['queries']} queries; own study at rank 1 for {search['self_at_rank_1']}); "
-        f"index load {search['load_s']:.2f} s")
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump({"rows": rows, "search": search}, f, indent=2)
+
+
+def report(args, rows, search, bootstrap):
+  if rows:
+    print_metric_table(args, rows)
+  if bootstrap:
+    print(f"\nbootstrap CIs (10 metrics, {bootstrap['samples']} resamples) at N={bootstrap['n']}: "
+          f"{bootstrap['seconds']:.2f} s")
+  if search:
+    print(f"\nsearch over {search['n']} studies (D={search['dim']}, top {search['top_k']}): "
+          f"median {search['median_ms']:.2f} ms, p95 {search['p95_ms']:.2f} ms per query "
+          f"({search['queries']} queries; own study at rank 1 for {search['self_at_rank_1']}); "
+          f"index load {search['load_s']:.2f} s")
 
 
 if __name__ == "__main__":
