@@ -83,7 +83,8 @@ def get_config(arg=None):
   # --- Mesh -----------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # -1 = all devices not used by other axes
-  c.mesh.fsdp = 1
+  c.mesh.fsdp = 1                    # >1: large params and their optimizer state sharded
+  c.mesh.fsdp_min_size = 2**18       # params with fewer elements stay replicated
 
   # --- Training -------------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
