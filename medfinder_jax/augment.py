@@ -105,6 +105,7 @@ def augment_batch(key, volumes, augment_config, prob, view=0, first_index=0):
   for the second). view: 0 or 1. first_index: global index of row 0 (e.g. the micro-batch
   offset when accumulating gradients), so keys never repeat within a step.
   """
+  _check_volumes(volumes)
   keys = example_keys(key, volumes.shape[0], first_index)[view]
   return _augment_with_keys(keys, volumes, augment_config, prob)
 
@@ -116,6 +117,7 @@ def two_views(key, volumes, augment_config, first_index=0):
   run as a 2-step lax.map (one compiled body: half the compile time of two calls); a vmap over
   the views was measured ~3x slower on CPU (benchmarks/augment_bench.py, "views").
   """
+  _check_volumes(volumes)
   keys = example_keys(key, volumes.shape[0], first_index)
   probs = jnp.array([augment_config.prob, augment_config.view_prob], jnp.float32)
   views = jax.lax.map(lambda kp: _augment_with_keys(kp[0], volumes, augment_config, kp[1]),
@@ -132,6 +134,13 @@ def example_keys(key, batch_size, first_index=0):
   index = first_index + jnp.arange(batch_size)
   data = 4 * index[None, :, None] + 2 * jnp.arange(2)[:, None, None] + jnp.arange(2)
   return jax.vmap(lambda d: jax.random.fold_in(key, d))(data.reshape(-1)).reshape(data.shape)
+
+
+def _check_volumes(volumes):
+  if volumes.ndim != 5 or not jnp.issubdtype(volumes.dtype, jnp.floating):
+    raise TypeError(f"augmentation expects float volumes (B, X, Y, Z, C) in [0, 1]; got "
+                    f"{volumes.dtype} of shape {volumes.shape} (uint8 records: "
+                    "volumes.astype(float32) / 255)")
 
 
 def _augment_with_keys(keys, volumes, augment_config, prob):

@@ -206,5 +206,13 @@ def test_result_does_not_depend_on_batch_sharding_over_8_devices(axes):
   single = fn(jax.random.key(8), jax.device_put(volumes, jax.devices()[0]))
   sharded = fn(jax.random.key(8), jax.device_put(volumes, sharding))
   assert len(sharded[0].sharding.device_set) == 8
+  assert not sharded[0].sharding.is_fully_replicated  # no gather of the batch
   np.testing.assert_allclose(sharded[0], single[0], atol=1e-6)
   np.testing.assert_allclose(sharded[1], single[1], atol=1e-6)
+
+
+def test_integer_or_unbatched_volumes_are_a_clear_error():
+  with pytest.raises(TypeError, match="uint8"):
+    augment.two_views(jax.random.key(0), jnp.zeros((2, 4, 4, 4, 1), jnp.uint8), _config())
+  with pytest.raises(TypeError, match=r"\(4, 4, 4, 1\)"):
+    augment.augment_batch(jax.random.key(0), jnp.zeros((4, 4, 4, 1)), _config(), 0.5)

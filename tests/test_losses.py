@@ -242,3 +242,17 @@ def test_learnable_temperature_gets_a_gradient(kind):
 def test_unknown_contrastive_kind_is_a_clear_error():
   with pytest.raises(ValueError, match="loss.contrastive='infonce'"):
     losses.init_loss_params(_loss_config("infonce"))
+
+
+# --- on a mesh ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "seed_code"])
+def test_loss_on_a_batch_sharded_over_8_devices_equals_the_unsharded_loss(kind):
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  rows = jax.sharding.NamedSharding(mesh, jax.P("data"))
+  text, image = _pairs(n=16)
+  config = _loss_config(kind)
+  params = losses.init_loss_params(config)
+  fn = jax.jit(lambda t, i: losses.total_loss(params, t, i, config, num_blocks=8)[0])
+  sharded = fn(jax.device_put(text, rows), jax.device_put(image, rows))
+  np.testing.assert_allclose(sharded, fn(text, image), rtol=1e-5)
