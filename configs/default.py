@@ -73,13 +73,18 @@ def get_config(arg=None):
   c.loss.contrastive = "clip"        # "clip" | "siglip" | "seed_code"
   c.loss.alpha = 1.0
   c.loss.mse_weight = 1.0
-  c.loss.temperature_init = 0.07
-  c.loss.learn_temperature = True
+  c.loss.temperature_init = 0.07     # clip: initial temperature; seed_code: the fixed one
+  c.loss.learn_temperature = True    # False: clip/siglip scale (and bias) stay at their init
+  c.loss.max_logit_scale = 100.0     # clip: 1/temperature clipped to [1, 100] as in CLIP
+  c.loss.siglip_logit_scale_init = 10.0   # SigLIP paper init: t = 10 ...
+  c.loss.siglip_logit_bias_init = -10.0   # ... and b = -10
+  c.loss.mse_normalize = True        # view MSE on L2-normalized embeddings (the retrieval space)
 
   # --- Mesh -----------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # -1 = all devices not used by other axes
-  c.mesh.fsdp = 1
+  c.mesh.fsdp = 1                    # >1: large params and their optimizer state sharded
+  c.mesh.fsdp_min_size = 2**18       # params with fewer elements stay replicated
 
   # --- Training -------------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()

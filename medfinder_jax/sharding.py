@@ -1,0 +1,242 @@
+"""Device mesh, partition rules, batch sharding, sharded init and multi-process start-up.
+
+One mesh with axes ("data", "fsdp"). The batch axis is sharded over both axes jointly, so every
+device holds global_batch / num_devices rows; parameters and optimizer state are sharded over
+"fsdp" by one rule (`PartitionRules`), everything else is replicated. The train step is one
+`jax.jit` with these shardings as in/out shardings (no pmap); XLA inserts the collectives, so
+losses and BatchNorm statistics are over the global batch.
+"""
+
+import dataclasses
+import math
+import os
+import re
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from medfinder_jax.config_utils import ConfigError
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch axis is split over both: data x fsdp row blocks
+FSDP_AXIS = "fsdp"
+
+
+# --- Mesh ---------------------------------------------------------------------------------------
+
+def mesh_shape(mesh_config, num_devices):
+  """(data, fsdp) sizes from config `mesh` (-1 = the rest of the devices) for `num_devices`."""
+  sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f"config mesh.{axis}={size}: expected a positive size or -1 (the rest)")
+  rest = [axis for axis, size in sizes.items() if size == -1]
+  if len(rest) > 1:
+    raise ConfigError(f"config mesh.{rest[0]} and mesh.{rest[1]} are both -1; at most one axis "
+                      "can take the rest of the devices")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if rest:
+    if num_devices % fixed:
+      raise ConfigError(f"config mesh: {num_devices} devices cannot be split with "
+                        f"{_describe(sizes)}; the fixed sizes ({fixed}) must divide "
+                        f"{num_devices}")
+    sizes[rest[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f"config mesh: {_describe(sizes)} uses {math.prod(sizes.values())} devices "
+                      f"but {num_devices} are available; make the product {num_devices} or set "
+                      "one axis to -1")
+  return tuple(sizes[axis] for axis in MESH_AXES)
+
+
+def make_mesh(mesh_config, devices=None):
+  """A ("data", "fsdp") Mesh with Auto axis types over `devices` (default: all, all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def num_batch_shards(mesh):
+  """How many row blocks the batch axis is split into (= the number of devices of the mesh).
+
+  This is the `num_blocks` of losses.seed_code when each device holds one seed "local batch".
+  """
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def _describe(sizes):
+  return " x ".join(f"{axis}={size}" for axis, size in sizes.items())
+
+
+# --- Parameter / optimizer-state partitioning ---------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PartitionRules:
+  """Where each leaf of a state pytree lives on the mesh.
+
+  overrides: ((regex, PartitionSpec), ...) tried first, in order, with re.search against the
+    leaf's path ("params/encoder/conv1/kernel"; optimizer states contain the same path).
+  Otherwise a leaf with at least `min_size` elements is sharded over "fsdp" on its largest
+  dimension divisible by the fsdp size (the last such on ties: the output features of a
+  kernel); every other leaf (biases, norms, scalars, step counters) is replicated.
+  """
+  min_size: int = 2**18
+  overrides: tuple = ()
+
+  @classmethod
+  def from_config(cls, mesh_config):
+    return cls(min_size=int(mesh_config.fsdp_min_size))
+
+  def spec(self, path, shape, fsdp_size):
+    """PartitionSpec for a leaf at `path` ("a/b/kernel") of `shape` with fsdp axis size."""
+    for pattern, override in self.overrides:
+      if re.search(pattern, path):
+        return override
+    if fsdp_size <= 1 or math.prod(shape) < self.min_size:
+      return PartitionSpec()
+    candidates = [i for i, n in enumerate(shape) if n % fsdp_size == 0]
+    if not candidates:
+      return PartitionSpec()
+    dim = max(candidates, key=lambda i: (shape[i], i))
+    return PartitionSpec(*([None] * dim + [FSDP_AXIS]))
+
+
+def tree_shardings(tree, mesh, rules):
+  """A pytree of NamedShardings for `tree` (arrays, ShapeDtypeStructs: anything with .shape).
+
+  Works the same for params and for optimizer states built from them (optax mu/nu mirror the
+  params' paths and shapes, so they get the same placement).
+  """
+  fsdp_size = mesh.shape[FSDP_AXIS]
+
+  def one(path, leaf):
+    return NamedSharding(mesh, rules.spec(path_string(path), tuple(leaf.shape), fsdp_size))
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def path_string(path):
+  """'a/b/0/kernel' for a jax key path (dict keys, attributes, sequence indices)."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+def replicated(mesh):
+  """Sharding of a value every device holds in full (scalars, metrics, RNG keys)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def sharded_abstract(init_fn, *args, mesh, rules):
+  """jax.ShapeDtypeStructs (with .sharding) of init_fn(*args), computed without running it.
+
+  What orbax restore needs as its target, and what `init_sharded` places the state on.
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = tree_shardings(abstract, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def init_sharded(init_fn, *args, mesh, rules):
+  """init_fn(*args) computed directly into its shardings (never whole on one device).
+
+  jax.eval_shape gives the state's structure, the rules give each leaf's sharding, and a jit
+  with those out_shardings lets every device compute only its own shard. `args` (e.g. an RNG
+  key) must be the same on every process.
+  """
+  abstract = sharded_abstract(init_fn, *args, mesh=mesh, rules=rules)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  return jax.jit(init_fn, out_shardings=shardings)(*args)
+
+
+# --- Batches ------------------------------------------------------------------------------------
+
+def batch_sharding(mesh):
+  """Rows of the leading (batch) axis split over ("data", "fsdp"); other axes whole."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def make_global_batch(local_batch, mesh):
+  """Global jax.Arrays from this process's rows (a pytree of numpy arrays, batch axis first).
+
+  Every process passes its own per-process batch (global batch / process count rows, in the
+  order of its devices in the mesh); the result is one global array per field, sharded by
+  `batch_sharding`. Works unchanged for one process. Fields must be numeric or bool (encode
+  strings such as study ids before, or keep them on the host).
+  """
+  sharding = batch_sharding(mesh)
+  local_devices = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+
+  def one(path, value):
+    value = np.asarray(value)
+    name = path_string(path) or "batch"
+    if value.dtype.kind not in "biuf":
+      raise TypeError(f"batch field {name!r} has dtype {value.dtype}; only numeric/bool fields "
+                      "can become device arrays (keep strings such as study ids on the host)")
+    if value.ndim == 0 or value.shape[0] % local_devices:
+      raise ValueError(f"batch field {name!r} has shape {value.shape}; its first (batch) axis "
+                       f"must split evenly over this process's {local_devices} devices")
+    return jax.make_array_from_process_local_data(sharding, value)
+
+  return jax.tree_util.tree_map_with_path(one, local_batch)
+
+
+# --- Multi-process start-up ---------------------------------------------------------------------
+
+def detect_cluster(environ=None):
+  """Name of a multi-process launcher jax.distributed.initialize() can read, or None.
+
+  "jax" (JAX_COORDINATOR_ADDRESS set), "slurm" (srun with >1 task), "openmpi" (mpirun with >1
+  process), "tpu" (multi-host Cloud TPU). A single task under any of them counts as None.
+  """
+  env = os.environ if environ is None else environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return "jax"
+  slurm_vars = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                "SLURM_LOCALID")
+  if all(v in env for v in slurm_vars) and _as_int(env["SLURM_NTASKS"]) > 1:
+    return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in env and _as_int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return "openmpi"
+  if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "tpu"
+  return None
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
+                           environ=None):
+  """Starts multi-process JAX when asked or when a cluster launcher is detected.
+
+  Explicit flags go to jax.distributed.initialize as given (missing ones are auto-detected by
+  jax); with no flags, a detected SLURM / Open MPI / TPU / JAX_COORDINATOR_ADDRESS environment
+  calls jax.distributed.initialize() with no arguments; otherwise (one process) nothing happens.
+  Must run before any other JAX call. Returns True when JAX runs multi-process.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  flags = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+           "process_id": process_id}
+  given = {k: v for k, v in flags.items() if v is not None}
+  if given.get("num_processes") == 1 or (not given and detect_cluster(environ) is None):
+    return False
+  try:
+    jax.distributed.initialize(**given)
+  except (RuntimeError, ValueError) as err:
+    shown = ", ".join(f"{k}={v!r}" for k, v in given.items()) or "auto-detected cluster"
+    raise RuntimeError(f"jax.distributed.initialize({shown}) failed: {err}") from err
+  return True
+
+
+def _as_int(text):
+  try:
+    return int(text)
+  except (TypeError, ValueError):
+    return 1

@@ -1,0 +1,258 @@
+"""Losses against hand-written numpy references (and torch for the released code's formula)."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medfinder_jax import config_utils, losses
+
+DEFAULT = os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
+
+
+def _pairs(n=8, d=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(n, d)).astype(np.float32),
+          rng.normal(size=(n, d)).astype(np.float32))
+
+
+def _loss_config(kind="clip", **overrides):
+  config = config_utils.load_config_file(DEFAULT).loss
+  config.contrastive = kind
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+# --- numpy references ---------------------------------------------------------------------------
+
+def _np_normalize(x):
+  x = x.astype(np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _np_ce_diagonal(logits):
+  """Mean over rows of -log softmax(row)[i] (targets = arange)."""
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  return -np.mean(np.diag(log_softmax))
+
+
+def _np_clip(text, image, scale):
+  logits = scale * _np_normalize(text) @ _np_normalize(image).T
+  return 0.5 * (_np_ce_diagonal(logits) + _np_ce_diagonal(logits.T))
+
+
+def _np_siglip(text, image, scale, bias):
+  logits = scale * _np_normalize(text) @ _np_normalize(image).T + bias
+  labels = 2.0 * np.eye(len(text)) - 1.0
+  log_sigmoid = -np.log1p(np.exp(-labels * logits))
+  return -log_sigmoid.sum() / len(text)
+
+
+# --- clip ---------------------------------------------------------------------------------------
+
+def test_clip_matches_numpy_reference():
+  text, image = _pairs()
+  loss, _ = losses.clip(text, image, jnp.log(1 / 0.07))
+  np.testing.assert_allclose(loss, _np_clip(text, image, 1 / 0.07), rtol=1e-5)
+
+
+def test_clip_is_symmetric_in_text_and_image():
+  text, image = _pairs()
+  a, _ = losses.clip(text, image, jnp.log(1 / 0.07))
+  b, _ = losses.clip(image, text, jnp.log(1 / 0.07))
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_clip_temperature_initialised_at_0_07():
+  params = losses.init_loss_params(_loss_config("clip"))
+  np.testing.assert_allclose(params["logit_scale"], math.log(1 / 0.07), rtol=1e-6)
+  _, metrics = losses.clip(*_pairs(), params["logit_scale"])
+  np.testing.assert_allclose(metrics["temperature"], 0.07, rtol=1e-5)
+
+
+def test_clip_clips_logit_scale_at_100_like_clip():
+  text, image = _pairs()
+  loss, metrics = losses.clip(text, image, jnp.float32(10.0))
+  np.testing.assert_allclose(metrics["temperature"], 0.01, rtol=1e-5)
+  np.testing.assert_allclose(loss, _np_clip(text, image, 100.0), rtol=1e-5)
+
+
+def test_clip_ignores_scale_invariance_of_inputs():
+  text, image = _pairs()
+  a, _ = losses.clip(text, image, jnp.float32(2.0))
+  b, _ = losses.clip(3.0 * text, 0.5 * image, jnp.float32(2.0))
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_clip_accuracy_is_one_for_perfectly_paired_embeddings():
+  text = np.eye(6, 8, dtype=np.float32)
+  _, metrics = losses.clip(text, text, jnp.log(1 / 0.07))
+  assert metrics["accuracy_t2i"] == 1.0 and metrics["accuracy_i2t"] == 1.0
+
+
+def test_clip_mask_equals_loss_on_real_rows_only():
+  text, image = _pairs(n=8)
+  mask = np.array([1, 1, 0, 1, 1, 1, 0, 1], bool)
+  padded = image.copy()
+  padded[~mask] = 1e3  # padding content must not matter
+  masked, _ = losses.clip(text, padded, jnp.float32(2.0), mask=mask)
+  np.testing.assert_allclose(masked, _np_clip(text[mask], image[mask], math.exp(2.0)), rtol=1e-5)
+
+
+def test_clip_masked_gradient_is_finite_and_zero_on_padding_rows():
+  text, image = _pairs(n=8)
+  mask = np.array([1] * 6 + [0] * 2, bool)
+  grads = jax.grad(lambda t: losses.clip(t, image, jnp.float32(2.0), mask=mask)[0])(text)
+  assert np.all(np.isfinite(grads))
+  np.testing.assert_array_equal(grads[~mask], 0.0)
+
+
+# --- siglip -------------------------------------------------------------------------------------
+
+def test_siglip_matches_numpy_reference():
+  text, image = _pairs()
+  loss, _ = losses.siglip(text, image, jnp.log(10.0), jnp.float32(-10.0))
+  np.testing.assert_allclose(loss, _np_siglip(text, image, 10.0, -10.0), rtol=1e-5)
+
+
+def test_siglip_init_follows_the_paper():
+  params = losses.init_loss_params(_loss_config("siglip"))
+  np.testing.assert_allclose(jnp.exp(params["logit_scale"]), 10.0, rtol=1e-6)
+  assert float(params["logit_bias"]) == -10.0
+
+
+def test_siglip_mask_equals_loss_on_real_rows_only():
+  text, image = _pairs(n=8)
+  mask = np.array([1, 0, 1, 1, 1, 1, 1, 0], bool)
+  loss, _ = losses.siglip(text, image, jnp.float32(1.0), jnp.float32(-2.0), mask=mask)
+  np.testing.assert_allclose(loss, _np_siglip(text[mask], image[mask], math.e, -2.0), rtol=1e-5)
+
+
+# --- seed_code ----------------------------------------------------------------------------------
+
+def _torch_seed_formula(text, image, num_blocks):
+  """The released main_ddp.py per GPU: CE(text @ image.T / 0.07, arange(B)); DDP averages."""
+  torch = pytest.importorskip("torch")
+  f = torch.nn.functional
+  per_device = []
+  for t, i in zip(np.split(text, num_blocks), np.split(image, num_blocks)):
+    t, i = torch.from_numpy(t).double(), torch.from_numpy(i).double()
+    per_device.append(f.cross_entropy(t @ i.T / 0.07, torch.arange(len(t))).item())
+  return np.mean(per_device)
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 4])
+def test_seed_code_equals_seed_formula_per_local_block(num_blocks):
+  text, image = _pairs(n=8, d=16)
+  text, image = 0.3 * text, 0.3 * image  # unnormalized logits must stay in a sane range
+  loss, _ = losses.seed_code(text, image, num_blocks)
+  np.testing.assert_allclose(loss, _torch_seed_formula(text, image, num_blocks), rtol=1e-5)
+
+
+def test_seed_code_ignores_negatives_of_other_blocks():
+  text, image = _pairs(n=8)
+  other = image.copy()
+  other[4:] = -other[4:] * 7.0  # change block 2 only
+  a, _ = losses.seed_code(text[:4], image[:4], 1)
+  b, _ = losses.seed_code(text, other, 2)
+  c, _ = losses.seed_code(text[4:], other[4:], 1)
+  np.testing.assert_allclose(b, 0.5 * (a + c), rtol=1e-5)
+
+
+def test_seed_code_is_text_to_image_only_and_unnormalized():
+  text, image = _pairs(n=4)
+  loss, _ = losses.seed_code(0.1 * text, 0.1 * image, 1)
+  logits = (0.1 * text.astype(np.float64)) @ (0.1 * image.astype(np.float64)).T / 0.07
+  np.testing.assert_allclose(loss, _np_ce_diagonal(logits), rtol=1e-5)
+
+
+def test_seed_code_mask_drops_padding_rows_within_their_block():
+  text, image = _pairs(n=8)
+  mask = np.array([1, 1, 1, 0, 1, 1, 1, 1], bool)
+  loss, _ = losses.seed_code(0.2 * text, 0.2 * image, 2, mask=mask)
+  block1 = _np_ce_diagonal((0.2 * text[:3]) @ (0.2 * image[:3]).T / 0.07)
+  block2 = _np_ce_diagonal((0.2 * text[4:]) @ (0.2 * image[4:]).T / 0.07)
+  np.testing.assert_allclose(loss, (3 * block1 + 4 * block2) / 7, rtol=1e-5)
+
+
+def test_seed_code_rejects_batch_not_divisible_into_blocks():
+  with pytest.raises(ValueError, match="num_blocks=3"):
+    losses.seed_code(*_pairs(n=8), 3)
+
+
+# --- view MSE and total -------------------------------------------------------------------------
+
+def test_view_mse_matches_numpy_and_masks_rows():
+  a, b = _pairs(n=6)
+  mask = np.array([1, 1, 1, 1, 0, 0], bool)
+  np.testing.assert_allclose(losses.view_mse(a, b), np.mean((a - b) ** 2), rtol=1e-6)
+  np.testing.assert_allclose(losses.view_mse(a, b, mask), np.mean((a[:4] - b[:4]) ** 2),
+                             rtol=1e-6)
+
+
+def test_view_mse_normalized_is_two_minus_two_cosine_over_dim():
+  a, b = _pairs(n=6, d=16)
+  cos = np.sum(_np_normalize(a) * _np_normalize(b), axis=1)
+  np.testing.assert_allclose(losses.view_mse(a, b, normalize=True), np.mean((2 - 2 * cos) / 16),
+                             rtol=1e-5)
+
+
+def test_total_loss_weights_mse_and_contrastive():
+  text, image = _pairs()
+  view_a, view_b = _pairs(seed=1)
+  config = _loss_config("clip", alpha=0.7, mse_weight=2.5)
+  params = losses.init_loss_params(config)
+  loss, metrics = losses.total_loss(params, text, image, config, view_a=view_a, view_b=view_b)
+  expected_mse = losses.view_mse(view_a, view_b, normalize=True)
+  expected_clip = _np_clip(text, image, 1 / 0.07)
+  np.testing.assert_allclose(metrics["mse"], expected_mse, rtol=1e-6)
+  np.testing.assert_allclose(metrics["contrastive"], expected_clip, rtol=1e-5)
+  np.testing.assert_allclose(loss, 2.5 * expected_mse + 0.7 * expected_clip, rtol=1e-5)
+
+
+def test_total_loss_without_views_has_zero_mse():
+  config = _loss_config("seed_code")
+  loss, metrics = losses.total_loss({}, *_pairs(), config, num_blocks=2)
+  assert metrics["mse"] == 0.0
+  np.testing.assert_allclose(loss, metrics["contrastive"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_fixed_temperature_gets_no_gradient(kind):
+  config = _loss_config(kind, learn_temperature=False)
+  params = losses.init_loss_params(config)
+  grads = jax.grad(lambda p: losses.total_loss(p, *_pairs(), config)[0])(params)
+  for leaf in jax.tree.leaves(grads):
+    assert float(leaf) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_learnable_temperature_gets_a_gradient(kind):
+  config = _loss_config(kind)
+  params = losses.init_loss_params(config)
+  grads = jax.grad(lambda p: losses.total_loss(p, *_pairs(), config)[0])(params)
+  assert abs(float(grads["logit_scale"])) > 0.0
+
+
+def test_unknown_contrastive_kind_is_a_clear_error():
+  with pytest.raises(ValueError, match="loss.contrastive='infonce'"):
+    losses.init_loss_params(_loss_config("infonce"))
+
+
+# --- on a mesh ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "seed_code"])
+def test_loss_on_a_batch_sharded_over_8_devices_equals_the_unsharded_loss(kind):
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  rows = jax.sharding.NamedSharding(mesh, jax.P("data"))
+  text, image = _pairs(n=16)
+  config = _loss_config(kind)
+  params = losses.init_loss_params(config)
+  fn = jax.jit(lambda t, i: losses.total_loss(params, t, i, config, num_blocks=8)[0])
+  sharded = fn(jax.device_put(text, rows), jax.device_put(image, rows))
+  np.testing.assert_allclose(sharded, fn(text, image), rtol=1e-5)
