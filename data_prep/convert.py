@@ -108,11 +108,6 @@ def convert_study(study):
     return "skip", f"unexpected error: {type(err).__name__}: {err}"
 
 
-def _run_study(study):
-  """Pool entry point; looks convert_study up at call time (tests replace it)."""
-  return convert_study(study)
-
-
 def make_example(study, source, volume, volume_spacing):
   """The record of one study as a dict of feature values (data_prep/schema.py)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -132,7 +127,7 @@ def make_example(study, source, volume, volume_spacing):
 
 # --- Running the studies ------------------------------------------------------------------------
 
-def _ordered_results(studies, workers, init_args):
+def _ordered_results(studies, workers, init_args, convert_fn):
   """Yields (study, result) in input order, converting in `workers` processes (0 = here).
 
   After a worker death the pool is rebuilt and every study that was in flight is rerun alone;
@@ -140,7 +135,7 @@ def _ordered_results(studies, workers, init_args):
   if workers == 0:
     init_worker(*init_args)
     for study in studies:
-      yield study, convert_study(study)
+      yield study, convert_fn(study)
     return
   window = 2 * workers
   pending, done, suspects = {}, {}, set()
@@ -153,10 +148,10 @@ def _ordered_results(studies, workers, init_args):
         if suspects:
           if not pending:
             i = min(suspects)
-            pending[i] = pool.submit(_run_study, studies[i])
+            pending[i] = pool.submit(convert_fn, studies[i])
         else:
           while next_submit < len(studies) and len(pending) < window:
-            pending[next_submit] = pool.submit(_run_study, studies[next_submit])
+            pending[next_submit] = pool.submit(convert_fn, studies[next_submit])
             next_submit += 1
       except concurrent.futures.process.BrokenProcessPool:
         broken = True
@@ -365,12 +360,14 @@ def format_summary(report, seconds=None):
 
 # --- Driver -------------------------------------------------------------------------------------
 
-def convert_corpus(data_config, output_dir, workers=None, progress=True, log=print):
+def convert_corpus(data_config, output_dir, workers=None, progress=True, log=print,
+                   convert_fn=convert_study):
   """Converts the corpus of `data_config` (the config's `data` section) into `output_dir`.
 
   workers: processes (None = data_config.workers; 0 = convert in this process). Returns the
-  report dict (also written to output_dir/conversion_report.json). Raises CorpusError /
-  ValueError for unusable input as a whole; bad studies are skipped and reported.
+  report dict (also written to output_dir/conversion_report.json). Raises CorpusError for
+  unusable input as a whole; bad studies are skipped and reported. `convert_fn` (study ->
+  result, run in the workers, importable by name) is where tests inject faults.
   """
   start = time.time()
   try:
@@ -399,8 +396,9 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
   todo = [s for s in shards if s.filename not in markers]
   if markers:
     log(f"resuming: {len(markers)} of {len(shards)} shards already done")
-  markers.update(_convert_shards(output_dir, todo, fingerprints, workers, progress,
-                                 (str(data_config.data_root), params, corpus.label_columns)))
+  init_args = (str(data_config.data_root), params, corpus.label_columns)
+  markers.update(_convert_shards(output_dir, todo, fingerprints, workers, progress, init_args,
+                                 convert_fn))
   if any(m["num_examples"] for m in markers.values()):
     _write_tfds_metadata(output_dir, params, corpus, shards, markers)
   report = build_report(output_dir, params, corpus, shards, markers)
@@ -409,7 +407,8 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
   return report
 
 
-def _convert_shards(output_dir, shards, fingerprints, workers, progress, init_args):
+def _convert_shards(output_dir, shards, fingerprints, workers, progress, init_args,
+                    convert_fn):
   """Converts the studies of `shards` in order; writes and commits each shard when complete."""
   import tqdm  # pylint: disable=g-import-not-at-top
   studies = [study for shard in shards for study in shard.studies]
@@ -417,7 +416,8 @@ def _convert_shards(output_dir, shards, fingerprints, workers, progress, init_ar
   markers, writer, skipped = {}, None, 0
   bar = tqdm.tqdm(total=len(studies), unit="study", desc="convert", disable=not progress)
   with bar:
-    for i, (study, result) in enumerate(_ordered_results(studies, workers, init_args)):
+    for i, (study, result) in enumerate(_ordered_results(studies, workers, init_args,
+                                                                  convert_fn)):
       shard = owner[i]
       if writer is None:
         writer = _ShardWriter(output_dir, shard, fingerprints[shard.filename])

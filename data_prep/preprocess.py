@@ -109,15 +109,36 @@ def load_source(path):
     raise
   except FileNotFoundError:
     raise BadVolume("file not found") from None
-  except nib.filebasedimages.ImageFileError as err:
-    raise BadVolume(f"not a NIfTI file ({_first_line(err)})") from None
-  except gzip.BadGzipFile as err:
-    raise BadVolume(f"not a valid gzip file ({_first_line(err)})") from None
-  except (EOFError, zlib.error) as err:
-    raise BadVolume(f"file is truncated or corrupt ({_first_line(err)})") from None
-  except (OSError, ValueError, MemoryError) as err:
+  except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error) as err:
+    raise BadVolume(diagnose_unreadable(path, err)) from None
+  except (ValueError, MemoryError) as err:
     raise BadVolume(f"cannot read the file: {type(err).__name__}: {_first_line(err)}") from None
   return _checked_source(raw, slope, inter, affine)
+
+
+def diagnose_unreadable(path, err):
+  """Why nibabel could not read `path`: gzip problems first, then the NIfTI header."""
+  try:
+    with open(path, "rb") as file:
+      magic = file.read(2)
+    if path.endswith(".gz"):
+      if magic != b"\x1f\x8b":
+        return "not a valid gzip file (a .nii.gz must be gzip-compressed)"
+      with gzip.open(path, "rb") as stream:
+        head = stream.read(348)
+        while stream.read(1 << 24):
+          pass
+    else:
+      with open(path, "rb") as file:
+        head = file.read(348)
+  except (EOFError, zlib.error, gzip.BadGzipFile) as gz_err:
+    return f"file is truncated or corrupt (gzip: {_first_line(gz_err)})"
+  except OSError as os_err:
+    return f"cannot read the file: {_first_line(os_err)}"
+  size = int.from_bytes(head[:4], "little") if len(head) >= 4 else 0
+  if size not in (348, 540) and int.from_bytes(head[:4], "big") not in (348, 540):
+    return "not a NIfTI file (no NIfTI header at the start of the data)"
+  return f"file is truncated or corrupt ({_first_line(err)})"
 
 
 def _first_line(err):

@@ -12,18 +12,29 @@ def linear_weights(n_in, n_out, antialias=True):
   """(idx, w), each (n_out, taps): linear interpolation between two grids of the same extent.
 
   Sample centers are aligned (output j sits at input coordinate (j + 0.5) * n_in / n_out - 0.5,
-  0-based), edges replicate. When shrinking (n_out < n_in) and `antialias`, the triangle kernel
-  is widened by the shrink factor so every input sample contributes (no aliasing of noise or small
-  structures); a linear ramp is still reproduced exactly away from the edges.
+  0-based), edges replicate. When shrinking (n_out < n_in) and `antialias`, each output is the
+  mean of the linear interpolant over its own cell (width n_in / n_out), so every input sample
+  contributes (no aliasing of noise or small structures); a linear ramp is reproduced exactly
+  away from the edges either way.
   """
   scale = n_in / n_out
-  support = max(scale, 1.0) if antialias else 1.0
   centers = (np.arange(n_out) + 0.5) * scale - 0.5
-  first = np.ceil(centers - support).astype(np.int64)
-  taps = int(np.ceil(2 * support)) + 1
+  half = scale / 2 if antialias and scale > 1 else 0.0
+  first = np.floor(centers - half - 1).astype(np.int64) + 1
+  taps = int(np.ceil(2 * half + 2)) + 1
   idx = first[:, None] + np.arange(taps)[None, :]
-  w = np.maximum(0.0, 1.0 - np.abs(idx - centers[:, None]) / support)
+  offset = centers[:, None] - idx
+  if half > 0:
+    w = (_hat_integral(offset + half) - _hat_integral(offset - half)) / (2 * half)
+  else:
+    w = np.maximum(0.0, 1.0 - np.abs(offset))
   return _normalized(np.clip(idx, 0, n_in - 1), w)
+
+
+def _hat_integral(t):
+  """Integral from -inf to t of the linear-interpolation kernel max(0, 1 - |u|)."""
+  t = np.clip(t, -1.0, 1.0)
+  return np.where(t < 0, 0.5 * (t + 1) ** 2, 1.0 - 0.5 * (1 - t) ** 2)
 
 
 def area_weights(n_in, n_out):
