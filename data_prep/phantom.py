@@ -174,11 +174,14 @@ class _Chest:
 
   def __init__(self, canvas, rng):
     g = canvas.geometry
-    self.canvas, self.rng = canvas, rng
+    self.canvas = canvas
     self.width, self.depth = g.body_width, g.body_depth
     height = canvas.z[-1] - canvas.z[0]
     self.lung_base = canvas.z[0] + height * rng.uniform(0.08, 0.14)
     self.lung_top = canvas.z[-1] - height * rng.uniform(0.04, 0.1)
+    self.rib_pitch = rng.uniform(22.0, 28.0)
+    self.rib_phase = rng.uniform(0.0, self.rib_pitch)
+    self.enlarged_heart_scale = float(rng.uniform(1.3, 1.45))
     self.heart_scale = 1.0
     self.lung_center = {side: (sign * 0.255 * self.width, -0.03 * self.depth)
                         for side, sign in (("right", 1.0), ("left", -1.0))}
@@ -203,8 +206,8 @@ class _Chest:
     c.hu[q <= 0.87] = MUSCLE
     rib_ring = (q >= 0.7) & (q <= 0.76) & ~((np.abs(c.x)[:, None] < 0.08 * self.width)
                                             & (c.y[None, :] > 0))
-    pitch = self.rng.uniform(22.0, 28.0)
-    ribs_z = (np.mod(c.z - self.rng.uniform(0, pitch), pitch) < 0.4 * pitch)
+    pitch = self.rib_pitch
+    ribs_z = (np.mod(c.z - self.rib_phase, pitch) < 0.4 * pitch)
     ribs_z &= (c.z > self.lung_base - 10) & (c.z < self.lung_top + 5)
     c.hu[rib_ring[:, :, None] & ribs_z[None, None, :]] = BONE_CORTEX - 150
     self._draw_column((0.0, -0.36 * self.depth), 0.085 * self.width, BONE_MARROW, BONE_CORTEX)
@@ -304,14 +307,14 @@ def _draw_node(chest, finding):
   if finding.location == "hilar":
     center = chest.lung_point(finding.side, (-0.85, 0.0, 0.5))
   else:
-    center = (0.0, -0.05 * chest.depth, chest.lung_base + 0.6 * span)
+    center = (0.1 * chest.width, -0.06 * chest.depth, chest.lung_base + 0.72 * span)
   c.ellipsoid(center, (radius, radius, 1.3 * radius), SOLID + 10)
 
 
 def _draw_emphysema(chest, finding, rng):
   """Lower attenuation and bullae in the upper lungs."""
   c = chest.canvas
-  drop, bullae = {"mild": (50.0, 1), "moderate": (80.0, 3), "severe": (110.0, 6)}[finding.size]
+  drop, bullae = {"mild": (70.0, 2), "moderate": (100.0, 4), "severe": (125.0, 7)}[finding.size]
   z_rel = chest.lung_z_rel()
   weight = np.clip((z_rel - 0.35) / 0.3, 0.0, 1.0).astype(np.float32)
   sides = ("right", "left") if finding.side == "bilateral" else (finding.side,)
@@ -324,20 +327,29 @@ def _draw_emphysema(chest, finding, rng):
                   within=lung)
 
 
-def render_volume(geometry, findings, rng):
-  """HU volume (canonical RAS, float32) of a chest with `findings` drawn in, plus noise."""
+def render_study(geometry, findings, rng):
+  """(HU volume, anatomy): canonical RAS float32 chest with `findings` drawn in, plus noise.
+
+  The anatomy takes its random numbers before any finding, so the same RNG state gives the
+  same chest with or without findings."""
   canvas = _Canvas(geometry)
   chest = _Chest(canvas, rng)
   if any(f.name == "cardiomegaly" for f in findings):
-    chest.heart_scale = float(rng.uniform(1.3, 1.45))
+    chest.heart_scale = chest.enlarged_heart_scale
   chest.draw_body()
   chest.draw_lungs()
   chest.draw_mediastinum()
   for finding in findings:
     _draw_finding(chest, finding, rng)
-  noise = rng.standard_normal(geometry.shape, dtype=np.float32)
-  canvas.hu += noise * np.float32(geometry.noise_hu)
-  return canvas.hu
+  if geometry.noise_hu > 0:
+    noise = rng.standard_normal(geometry.shape, dtype=np.float32)
+    canvas.hu += noise * np.float32(geometry.noise_hu)
+  return canvas.hu, chest
+
+
+def render_volume(geometry, findings, rng):
+  """HU volume (canonical RAS, float32) of a chest with `findings` drawn in, plus noise."""
+  return render_study(geometry, findings, rng)[0]
 
 
 def canonical_affine(geometry):
@@ -392,7 +404,7 @@ def _positive_sentence(finding, rng):
   if f.name == "adenopathy":
     if f.location == "hilar":
       return f"{f.side.capitalize()} hilar adenopathy, with a lymph node measuring {f.size}."
-    return f"Mediastinal adenopathy, with a subcarinal lymph node measuring {f.size}."
+    return f"Mediastinal adenopathy, with a right paratracheal lymph node measuring {f.size}."
   if f.name == "emphysema":
     where = "in both upper lobes" if f.side == "bilateral" else f"in the {f.side} upper lobe"
     return f"{f.size.capitalize()} centrilobular emphysema, predominantly {where}."
