@@ -14,6 +14,7 @@ Splits (recorded in the dataset metadata):
   rows (for n = 10 that is 7 / 0 / 3, as in the released code).
 """
 
+import csv
 import dataclasses
 import glob
 import io
@@ -21,7 +22,6 @@ import os
 import posixpath
 import re
 
-import pandas as pd
 
 CSV_CANDIDATES = ("curated_ct_report_path_En.csv", "BIMCV-R.csv")
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
@@ -91,8 +91,8 @@ def find_csv(data_root, csv=""):
 
 
 def read_csv_table(csv_path, encoding="utf-8"):
-  """All cells as text. Bytes that are not valid `encoding` are kept as surrogate characters
-  (U+DC80..U+DCFF) so the affected rows can be reported and the others still used."""
+  """(columns, rows as {column: text}). Bytes that are not valid `encoding` are kept as surrogate
+  characters (U+DC80..U+DCFF) so the affected rows can be reported and the others still used."""
   with open(csv_path, "rb") as file:
     data = file.read()
   if data.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -104,9 +104,13 @@ def read_csv_table(csv_path, encoding="utf-8"):
   except LookupError:
     raise CorpusError(f"unknown CSV encoding {encoding!r} (data.csv_encoding)") from None
   try:
-    return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-  except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+    reader = csv.DictReader(io.StringIO(text, newline=""), restval="")
+    rows = list(reader)
+  except csv.Error as err:
     raise CorpusError(f"cannot parse CSV {csv_path!r}: {err}") from None
+  if not reader.fieldnames:
+    raise CorpusError(f"CSV {csv_path!r} is empty")
+  return list(reader.fieldnames), [{k: v for k, v in row.items() if k is not None} for row in rows]
 
 
 def index_volumes(data_root):
@@ -196,13 +200,13 @@ def read_corpus(data_config):
     raise CorpusError(f"data.split_by={split_by!r}; expected one of {SPLIT_RULES}")
   encoding = str(data_config.get("csv_encoding", "utf-8"))
   csv_path = find_csv(data_root, str(data_config.csv))
-  table = read_csv_table(csv_path, encoding)
+  columns, table = read_csv_table(csv_path, encoding)
   path_column, report_column = str(data_config.path_column), str(data_config.report_column)
   for column, field in ((path_column, "path_column"), (report_column, "report_column")):
-    if column not in table.columns:
+    if column not in columns:
       raise CorpusError(f"CSV {csv_path!r} has no column {column!r} (data.{field}); "
-                        f"its columns are {list(table.columns)}")
-  label_columns = tuple(c for c in data_config.label_columns if c in table.columns)
+                        f"its columns are {columns}")
+  label_columns = tuple(c for c in data_config.label_columns if c in columns)
   folders, files = index_volumes(data_root)
   if not folders:
     raise CorpusError(f"no CT*/ct/ folders under data_root {data_root!r}")
@@ -213,7 +217,7 @@ def read_corpus(data_config):
     bounds = row_split_bounds(len(table))
     assignment = {"train": [0, bounds[0]], "val": list(bounds), "test": [bounds[1], len(table)]}
   studies, skipped, used = [], [], {}
-  for index, record in enumerate(table.to_dict("records")):
+  for index, record in enumerate(table):
     row, path_text = index + 1, record[path_column]
     split = row_split(index, len(table)) if split_by == "rows" else ""
     reason = next(filter(None, (_undecodable(c, record[c], encoding)
