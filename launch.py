@@ -124,6 +124,7 @@ def _add_convert_args(parser):
 
 
 def _run_convert(args, config):
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from data_prep import convert  # pylint: disable=g-import-not-at-top
   from data_prep import corpus  # pylint: disable=g-import-not-at-top
   data = config.data

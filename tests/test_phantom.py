@@ -200,3 +200,12 @@ def test_findings_column_round_trips_and_studies_are_distinguishable():
   assert len(set(with_findings)) > 0.85 * len(with_findings)
   counts = {name: sum(name in label for label in labels) for name in phantom.FINDINGS}
   assert min(counts.values()) >= 20, counts
+
+
+def test_cli_writes_a_corpus_and_rejects_bad_counts(tmp_path, capsys):
+  import launch  # pylint: disable=g-import-not-at-top
+  assert launch.main(["phantom", "--out", str(tmp_path), "--n", "3", "--folders", "3",
+                      "--size", "32", "--slices", "12", "--seed", "2"]) == 0
+  assert len(list(tmp_path.glob("CT*/ct/*.nii.gz"))) == 3
+  assert launch.main(["phantom", "--out", str(tmp_path / "x"), "--n", "0"]) == 2
+  assert "need n >= 1" in capsys.readouterr().err
