@@ -97,7 +97,7 @@ def convert_study(study):
     source = preprocess.load_source(os.path.join(_WORKER["data_root"], study.source_path))
     volume, volume_spacing = preprocess.preprocess(source, _WORKER["params"])
     example = make_example(study, source, volume, volume_spacing)
-    encoded = _WORKER["features"].encode_example(example)
+    encoded = encode_example(_WORKER["features"], example, _WORKER["params"])
     record = _WORKER["serializer"].get_tf_example(encoded).SerializeToString(deterministic=True)
     return "ok", record
   except preprocess.BadVolume as err:
@@ -106,6 +106,13 @@ def convert_study(study):
     return "skip", "out of memory while converting"
   except Exception as err:  # pylint: disable=broad-except
     return "skip", f"unexpected error: {type(err).__name__}: {err}"
+
+
+def encode_example(features, example, params):
+  """tfds encoding of every feature, the volume at schema.VOLUME_ZLIB_LEVEL (same format)."""
+  return {name: (schema.encode_volume(example[name], params.shape, params.volume_dtype)
+                 if name == schema.VOLUME else feature.encode_example(example[name]))
+          for name, feature in features.items()}
 
 
 def make_example(study, source, volume, volume_spacing):

@@ -27,6 +27,7 @@ VOLUME_SPACING = "volume_spacing"       # mm per voxel of `volume` along X, Y, Z
 
 VOLUME_DTYPES = ("uint8", "int16")
 VOLUME_ENCODING = "zlib"                # volume bytes (C order) compressed with zlib
+VOLUME_ZLIB_LEVEL = 1                   # 4-5x faster than zlib's default 6, files ~15% larger
 
 
 def feature_specs(shape, volume_dtype, label_columns=()):
@@ -67,6 +68,19 @@ def features_dict(shape, volume_dtype, label_columns=()):
     else:
       features[name] = tfds.features.Tensor(shape=dims, dtype=np.dtype(dtype))
   return tfds.features.FeaturesDict(features)
+
+
+def encode_volume(volume, shape, volume_dtype):
+  """The stored form of `volume`: zlib(C-order bytes), as tfds' Tensor(encoding="zlib") decodes.
+
+  tfds compresses at zlib's default level; this writes the same format at VOLUME_ZLIB_LEVEL.
+  """
+  import zlib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if volume.dtype != np.dtype(volume_dtype) or tuple(volume.shape) != tuple(shape):
+    raise ValueError(f"volume is {volume.dtype}{tuple(volume.shape)}, the schema expects "
+                     f"{volume_dtype}{tuple(shape)}")
+  return zlib.compress(np.ascontiguousarray(volume).tobytes(), VOLUME_ZLIB_LEVEL)
 
 
 def label_columns_of(feature_names):
