@@ -139,6 +139,10 @@ def _run_convert(args, config):
   except (config_utils.ConfigError, corpus.CorpusError) as err:
     print(f"launch.py convert: error: {err}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("\nlaunch.py convert: interrupted; finished shards are kept, rerun the same command "
+          "to resume", file=sys.stderr)
+    return 130
   return 0 if report["num_converted"] else 1
 
 

@@ -7,11 +7,14 @@ Writes (or reuses) a phantom corpus of realistic source size, then reports per s
   decode    nibabel load + scaled float32 array (`get_fdata(dtype=float32)`): the bare cost any
             reader pays; `raw` is the unscaled int16 decode alone
   convert   what a conversion worker does per study: load, ct preprocessing, zlib + tf.Example
-and the ratio convert/decode (goal: <= 2), then full `convert_corpus` runs with 1..N workers
-(wall time, includes process start-up and shard writing).
+and the ratio convert/decode (goal: <= 2); then, for 1..N workers, the steady-state rate of a
+warm worker pool converting every study (what scales with cores) and the wall time of a whole
+`convert_corpus` run (adds process start-up, the TensorFlow import for writing, shard files).
 """
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 import statistics
 import sys
@@ -80,6 +83,21 @@ def per_study(root, data_config, repeats):
   return rows
 
 
+def pool_rate(root, data_config, workers):
+  """Studies/s of `workers` warm processes running convert_study over the whole corpus."""
+  studies = corpus.read_corpus(data_config).studies
+  params = preprocess.params_from_config(data_config)
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn"), initializer=convert.init_worker,
+      initargs=(root, params, ("findings",))) as pool:
+    list(pool.map(time.sleep, [0.5] * workers))       # start and initialize every worker
+    start = time.perf_counter()
+    results = list(pool.map(convert.convert_study, studies))
+    seconds = time.perf_counter() - start
+  assert all(status == "ok" for status, _ in results)
+  return len(studies) / seconds
+
+
 def main():
   args = parse_args()
   root = ensure_corpus(args)
@@ -99,7 +117,12 @@ def main():
   print(f"mean voxels {statistics.mean(np.prod(r[1]) for r in rows) / 1e6:.1f} M; "
         f"decode {len(rows) / decode:.2f} studies/s, convert {len(rows) / full:.2f} studies/s "
         f"per worker; convert/decode = {full / decode:.2f}")
-  print("\nwhole conversion (convert_corpus, wall time incl. start-up):")
+  print(f"\nscaling (load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
+  base = None
+  for workers in (int(w) for w in args.workers.split(",")):
+    rate = pool_rate(root, data_config, workers)
+    base = base or rate
+    print(f"  warm pool, workers={workers}: {rate:.2f} studies/s ({rate / base:.2f}x)")
   base = None
   for workers in (int(w) for w in args.workers.split(",")):
     with tempfile.TemporaryDirectory() as out:
@@ -109,7 +132,8 @@ def main():
       seconds = time.perf_counter() - start
     rate = report["num_converted"] / seconds
     base = base or rate
-    print(f"  workers={workers}: {report['num_converted']} studies in {seconds:.1f} s = "
+    print(f"  convert_corpus, workers={workers}: {report['num_converted']} studies in "
+          f"{seconds:.1f} s = "
           f"{rate:.2f} studies/s ({rate / base:.2f}x)")
 
 

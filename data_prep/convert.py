@@ -22,6 +22,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import time
 
@@ -355,7 +356,8 @@ def format_summary(report, seconds=None):
   lines = [f"converted {report['num_converted']} of {report['csv_rows']} CSV rows "
            f"({counts}); skipped {report['num_skipped']}"
            + (f"; {seconds:.1f} s" if seconds is not None else "")]
-  reasons = collections.Counter(s["reason"].split(" (")[0].split(":")[0] for s in report["skipped"])
+  reasons = collections.Counter(re.sub(r"'[^']*'|\d+", "*", s["reason"].split(" (")[0])
+                                for s in report["skipped"])
   for reason, count in reasons.most_common(8):
     lines.append(f"  skipped {count:4d} x {reason}")
   empty = [split for split in schema.SPLITS if not report["converted"][split]]
