@@ -273,7 +273,8 @@ def _draw_finding(chest, finding, rng):
     span = chest.lung_top - chest.lung_base
     scale = 1.0 if finding.size == "lobar" else 0.6
     radii = np.asarray((0.55 * chest.lung_radii[0], 0.45 * chest.lung_radii[1], 0.2 * span))
-    c.ellipsoid(center, radii * scale, float(rng.uniform(-40, 20)), within=chest.lungs[finding.side])
+    c.ellipsoid(center, radii * scale, float(rng.uniform(-40, 20)),
+                within=chest.lungs[finding.side])
   elif finding.name == "atelectasis":
     center = chest.lung_point(finding.side, finding.center)
     c.ellipsoid(center, (0.45 * chest.lung_radii[0], 0.35 * chest.lung_radii[1],
@@ -436,9 +437,11 @@ _NEGATIONS = {
     "emphysema": ("No emphysema.",),
     "cardiomegaly": ("No cardiomegaly.", "There is no cardiomegaly."),
 }
-_FILLERS = ("The trachea and central airways are patent.", "Degenerative changes of the "
-            "thoracic spine.", "The visualized upper abdomen is unremarkable.",
-            "The thyroid gland is unremarkable.", "Mild atherosclerotic calcification of the aorta.")
+_FILLERS = ("The trachea and central airways are patent.",
+            "Degenerative changes of the thoracic spine.",
+            "The visualized upper abdomen is unremarkable.",
+            "The thyroid gland is unremarkable.",
+            "Mild atherosclerotic calcification of the aorta.")
 
 
 def write_report(findings, rng, negation_prob=0.7):

@@ -11,7 +11,7 @@ raw voxel order (the released code does not reorient).
 """
 
 SCHEMA_VERSION = 1
-DATASET_NAME = "medfinder_ct"           # TFRecord files: medfinder_ct-<split>.tfrecord-0000i-of-0000n
+DATASET_NAME = "medfinder_ct"           # files: medfinder_ct-<split>.tfrecord-<i>-of-<n>
 FILE_FORMAT = "tfrecord"
 SPLITS = ("train", "val", "test")
 

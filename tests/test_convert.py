@@ -281,3 +281,19 @@ def test_cli_reports_an_unusable_corpus_without_a_traceback(tmp_path, capsys):
                       str(tmp_path / "out")])
   err = capsys.readouterr().err
   assert code == 2 and "is not a directory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("mode,dtype", [("seed", "uint8"), ("ct", "int16")])
+def test_other_modes_and_dtypes_round_trip(phantom_root, tmp_path, mode, dtype):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  config = data_config(phantom_root, preprocess=mode, volume_dtype=dtype)
+  run_convert(phantom_root, tmp_path, preprocess=mode, volume_dtype=dtype)
+  params = preprocess.params_from_config(config)
+  metadata = tfds.builder_from_directory(str(tmp_path)).info.metadata
+  assert metadata["intensity"]["volume_dtype"] == dtype
+  assert metadata["orientation"] == ("RAS" if mode == "ct" else "source voxel order")
+  studies = [s for s in corpus.read_corpus(config).studies if s.split == "val"]
+  for study, record in zip(studies, read_split(tmp_path, "val"), strict=True):
+    source = preprocess.load_source(os.path.join(phantom_root, study.source_path))
+    assert record[schema.VOLUME].dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(record[schema.VOLUME], preprocess.preprocess(source, params)[0])
