@@ -147,7 +147,7 @@ def _ordered_results(studies, workers, init_args, convert_fn):
     return
   window = 2 * workers
   pending, done, suspects = {}, {}, set()
-  next_submit = next_yield = 0
+  next_submit = next_yield = converted = culprits = 0
   pool = _new_pool(workers, init_args)
   try:
     while next_yield < len(studies):
@@ -173,13 +173,19 @@ def _ordered_results(studies, workers, init_args, convert_fn):
         try:
           done[i] = future.result()
           suspects.discard(i)
+          converted += 1
         except concurrent.futures.process.BrokenProcessPool:
           broken = True
           if i in suspects and not pending:   # it ran alone: it is the culprit
             done[i] = ("skip", WORKER_DIED)
             suspects.discard(i)
+            culprits += 1
           else:
             suspects.add(i)
+      if culprits >= 3 and not converted:
+        raise corpus_lib.CorpusError(
+            "worker processes die before converting any study (out of memory? a broken "
+            "install?); rerun with --workers 0 to see the error in this process")
       if broken:
         suspects.update(pending)
         pending.clear()

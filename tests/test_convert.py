@@ -297,3 +297,13 @@ def test_other_modes_and_dtypes_round_trip(phantom_root, tmp_path, mode, dtype):
     source = preprocess.load_source(os.path.join(phantom_root, study.source_path))
     assert record[schema.VOLUME].dtype == np.dtype(dtype)
     np.testing.assert_array_equal(record[schema.VOLUME], preprocess.preprocess(source, params)[0])
+
+
+def always_die(study):
+  del study
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_workers_that_always_die_stop_the_conversion_with_advice(phantom_root, tmp_path):
+  with pytest.raises(corpus.CorpusError, match="--workers 0"):
+    run_convert(phantom_root, tmp_path, workers=1, convert_fn=always_die)
