@@ -86,7 +86,65 @@ def main(argv=None):
 # --- Commands ------------------------------------------------------------------------------------
 # Each entry: name -> (help, add_arguments(parser), run(args, config) -> exit code).
 
+def _add_phantom_args(parser):
+  parser.add_argument("--out", required=True, help="output folder (BIMCV-R layout)")
+  parser.add_argument("--n", type=int, required=True, help="number of studies")
+  parser.add_argument("--seed", type=int, default=0, help="corpus seed (deterministic output)")
+  parser.add_argument("--folders", type=int, default=10, help="CT folders (10: 7/1/2 split)")
+  parser.add_argument("--size", type=int, default=512,
+                      help="nominal in-plane matrix (512 = realistic 0.55-0.98 mm pixels; "
+                           "smaller = coarser voxels over the same anatomy)")
+  parser.add_argument("--slices", type=int, default=100,
+                      help="nominal slice count (varies 0.75-1.3x per study)")
 
+
+def _run_phantom(args, config):
+  del config
+  from data_prep import phantom  # pylint: disable=g-import-not-at-top
+  try:
+    csv_path = phantom.write_phantom_corpus(args.out, args.n, seed=args.seed,
+                                            folders=args.folders, size=args.size,
+                                            slices=args.slices, progress=True)
+  except ValueError as err:
+    print(f"launch.py phantom: error: {err}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.n} phantom studies under {args.out} (CSV: {csv_path})")
+  return 0
+
+
+def _add_convert_args(parser):
+  add_config_args(parser)
+  parser.add_argument("--data_root", default=None, help="corpus root: CT*/ct/*.nii.gz, meta/*.csv")
+  parser.add_argument("--output_dir", default=None,
+                      help="where the TFRecords go (sets data.tfrecord_dir)")
+  parser.add_argument("--shape", default=None, help="X,Y,Z voxels (data.shape)")
+  parser.add_argument("--split_by", choices=("folders", "rows"), default=None,
+                      help="folders: paper's 7/1/2 CT folders; rows: released code's 70/10/20")
+  parser.add_argument("--workers", type=int, default=None,
+                      help="worker processes (data.workers; 0 = in this process)")
+
+
+def _run_convert(args, config):
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from data_prep import convert  # pylint: disable=g-import-not-at-top
+  from data_prep import corpus  # pylint: disable=g-import-not-at-top
+  data = config.data
+  try:
+    overrides = {"tfrecord_dir": args.output_dir, "shape": args.shape, "split_by": args.split_by}
+    config_utils.apply_overrides(
+        config, {f"data.{k}": v for k, v in overrides.items() if v is not None})
+    if not data.tfrecord_dir:
+      raise corpus.CorpusError("no output directory: pass --output_dir "
+                               "(or --config.data.tfrecord_dir)")
+    report = convert.convert_corpus(data, data.tfrecord_dir, workers=args.workers)
+  except (config_utils.ConfigError, corpus.CorpusError) as err:
+    print(f"launch.py convert: error: {err}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("\nlaunch.py convert: interrupted; finished shards are kept, rerun the same command "
+          "to resume", file=sys.stderr)
+    return 130
+  return 0 if report["num_converted"] else 1
 
 def add_metrics_args(parser):
   parser.add_argument("--embeddings", required=True, metavar="FILE.npz",
@@ -121,6 +179,10 @@ def run_metrics(args, config):
 
 
 COMMANDS = {
+    "phantom": ("write a synthetic chest-CT corpus in the BIMCV-R layout",
+                _add_phantom_args, _run_phantom),
+    "convert": ("convert a CT + report corpus into TFRecord shards (TFDS-readable)",
+                _add_convert_args, _run_convert),
     "metrics": ("retrieval metrics of an embeddings .npz (offline, CPU)", add_metrics_args,
                 run_metrics),
 }

@@ -18,6 +18,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   c.data.data_root = ""              # BIMCV-R layout: CT*/ct/*.nii.gz and meta/*.csv
   c.data.csv = ""                    # "" = auto: meta/curated_ct_report_path_En.csv, else meta/BIMCV-R.csv
+  c.data.csv_encoding = "utf-8"      # rows with bytes invalid in this encoding are skipped and reported
   c.data.path_column = "path"
   c.data.report_column = "Report_en"
   c.data.label_columns = ("findings",)  # kept in the records when present in the CSV
@@ -26,10 +27,12 @@ def get_config(arg=None):
   c.data.shape = (224, 224, 96)      # X, Y, Z voxels after preprocessing
   c.data.spacing = (1.5, 1.5, 3.0)   # mm per voxel to resample to (X, Y, Z); () = plain resize
   c.data.hu_window = (-1000.0, 1000.0)
+  c.data.body_threshold_hu = -500.0  # ct mode: body crop = bounding box of voxels above this HU
   c.data.volume_dtype = "uint8"      # "uint8" ([0,1] * 255) | "int16" (HU)
   c.data.tfrecord_dir = ""           # converted dataset (output of `launch.py convert`)
   c.data.workers = 1
   c.data.shard_size = 64             # studies per TFRecord shard
+  c.data.min_shards = 4              # per split (if it has that many studies): one per reading process
 
   # --- Text ---------------------------------------------------------------------------------
   c.text = ml_collections.ConfigDict()

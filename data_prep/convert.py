@@ -1,0 +1,446 @@
+"""Raw corpus -> TFRecord shards + TFDS metadata + conversion report (`launch.py convert`).
+
+Output directory:
+  medfinder_ct-<split>.tfrecord-<i>-of-<n>   records (data_prep/schema.py), CSV order per split
+  dataset_info.json, features.json, metadata.json   TFDS metadata: `tfds.builder_from_directory`
+  conversion_report.json   every skipped study with its reason, counts per split, settings
+  .convert_state/          plan and one marker per finished shard (what makes a rerun resume)
+
+Studies are preprocessed in worker processes; the main process writes each shard to a temporary
+file and renames it into place when complete, then writes the shard's marker. A rerun (after an
+interruption, a killed worker or a crash) skips shards whose marker matches and redoes the rest,
+so it ends with the same bytes as an uninterrupted run. If a worker process dies, the studies it
+may have held are retried one at a time in a fresh pool; one that kills its worker again on its
+own is skipped with that reason.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import time
+
+from data_prep import corpus as corpus_lib
+from data_prep import preprocess
+from data_prep import schema
+
+STATE_DIR = ".convert_state"
+REPORT_NAME = "conversion_report.json"
+SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"   # tfds' default template
+WORKER_DIED = "the worker process converting it died (killed, or out of memory)"
+
+
+@dataclasses.dataclass
+class Shard:
+  """One output file: a contiguous run of a split's studies (CSV order)."""
+  split: str
+  index: int
+  count: int
+  studies: list
+
+  @property
+  def filename(self):
+    return (f"{schema.DATASET_NAME}-{self.split}.{schema.FILE_FORMAT}-"
+            f"{self.index:05d}-of-{self.count:05d}")
+
+  def fingerprint(self, settings_digest):
+    """Changes when the settings or any of the shard's inputs change."""
+    inputs = [(s.study_id, s.source_path, s.file_size, s.report, sorted(s.labels.items()))
+              for s in self.studies]
+    return _digest([settings_digest, self.filename, inputs])
+
+
+def _digest(value):
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def num_shards(num_studies, shard_size, min_shards):
+  """Enough shards for `shard_size` studies each, and at least `min_shards` (if that many
+  studies) so that several processes can each read their own files."""
+  return max(math.ceil(num_studies / shard_size), min(num_studies, min_shards))
+
+
+def plan_shards(studies, shard_size, min_shards):
+  """Shards per split, in split order; sizes within a split differ by at most one."""
+  shards = []
+  for split in schema.SPLITS:
+    members = [s for s in studies if s.split == split]
+    if not members:
+      continue
+    count = num_shards(len(members), shard_size, min_shards)
+    bounds = [len(members) * i // count for i in range(count + 1)]
+    shards += [Shard(split, i, count, members[bounds[i]:bounds[i + 1]]) for i in range(count)]
+  return shards
+
+
+# --- Worker side --------------------------------------------------------------------------------
+
+_WORKER = {}
+
+
+def init_worker(data_root, params, label_columns):
+  """Per-process setup: the feature spec and serializer (no TensorFlow needed here)."""
+  from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
+  features = schema.features_dict(params.shape, params.volume_dtype, label_columns)
+  _WORKER.update(data_root=data_root, params=params, features=features,
+                 serializer=example_serializer.ExampleSerializer(features.get_serialized_info()))
+
+
+def convert_study(study):
+  """("ok", serialized record bytes) or ("skip", reason). Never raises for bad input."""
+  try:
+    source = preprocess.load_source(os.path.join(_WORKER["data_root"], study.source_path))
+    volume, volume_spacing = preprocess.preprocess(source, _WORKER["params"])
+    example = make_example(study, source, volume, volume_spacing)
+    encoded = encode_example(_WORKER["features"], example, _WORKER["params"])
+    record = _WORKER["serializer"].get_tf_example(encoded).SerializeToString(deterministic=True)
+    return "ok", record
+  except preprocess.BadVolume as err:
+    return "skip", str(err)
+  except MemoryError:
+    return "skip", "out of memory while converting"
+  except Exception as err:  # pylint: disable=broad-except
+    return "skip", f"unexpected error: {type(err).__name__}: {err}"
+
+
+def encode_example(features, example, params):
+  """tfds encoding of every feature, the volume at schema.VOLUME_ZLIB_LEVEL (same format)."""
+  return {name: (schema.encode_volume(example[name], params.shape, params.volume_dtype)
+                 if name == schema.VOLUME else feature.encode_example(example[name]))
+          for name, feature in features.items()}
+
+
+def make_example(study, source, volume, volume_spacing):
+  """The record of one study as a dict of feature values (data_prep/schema.py)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  example = {
+      schema.VOLUME: volume,
+      schema.SHAPE: np.asarray(source.raw.shape, np.int32),
+      schema.SPACING: np.asarray(source.spacing, np.float32),
+      schema.VOLUME_SPACING: np.asarray(volume_spacing, np.float32),
+      schema.ORIENTATION: source.orientation,
+      schema.REPORT: study.report,
+      schema.STUDY_ID: study.study_id,
+      schema.SOURCE_PATH: study.source_path,
+  }
+  example.update(study.labels)
+  return example
+
+
+# --- Running the studies ------------------------------------------------------------------------
+
+def _ordered_results(studies, workers, init_args, convert_fn):
+  """Yields (study, result) in input order, converting in `workers` processes (0 = here).
+
+  After a worker death the pool is rebuilt and every study that was in flight is rerun alone;
+  one that kills its worker alone yields ("skip", WORKER_DIED)."""
+  if workers == 0:
+    init_worker(*init_args)
+    for study in studies:
+      yield study, convert_fn(study)
+    return
+  window = 2 * workers
+  pending, done, suspects = {}, {}, set()
+  next_submit = next_yield = converted = culprits = 0
+  pool = _new_pool(workers, init_args)
+  try:
+    while next_yield < len(studies):
+      broken = False
+      try:
+        if suspects:
+          if not pending:
+            i = min(suspects)
+            pending[i] = pool.submit(convert_fn, studies[i])
+        else:
+          while next_submit < len(studies) and len(pending) < window:
+            pending[next_submit] = pool.submit(convert_fn, studies[next_submit])
+            next_submit += 1
+      except concurrent.futures.process.BrokenProcessPool:
+        broken = True
+      if not broken:
+        concurrent.futures.wait(pending.values(),
+                                return_when=concurrent.futures.FIRST_COMPLETED)
+      for i, future in list(pending.items()):
+        if not future.done():
+          continue
+        del pending[i]
+        try:
+          done[i] = future.result()
+          suspects.discard(i)
+          converted += 1
+        except concurrent.futures.process.BrokenProcessPool:
+          broken = True
+          if i in suspects and not pending:   # it ran alone: it is the culprit
+            done[i] = ("skip", WORKER_DIED)
+            suspects.discard(i)
+            culprits += 1
+          else:
+            suspects.add(i)
+      if culprits >= 3 and not converted:
+        raise corpus_lib.CorpusError(
+            "worker processes die before converting any study (out of memory? a broken "
+            "install?); rerun with --workers 0 to see the error in this process")
+      if broken:
+        suspects.update(pending)
+        pending.clear()
+        pool.shutdown(wait=True, cancel_futures=True)
+        pool = _new_pool(workers, init_args)
+      while next_yield in done:
+        yield studies[next_yield], done.pop(next_yield)
+        next_yield += 1
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _new_pool(workers, init_args):
+  return concurrent.futures.ProcessPoolExecutor(
+      max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+      initializer=init_worker, initargs=init_args)
+
+
+# --- Shard files and state ----------------------------------------------------------------------
+
+def _write_json_atomic(path, value):
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as file:
+    json.dump(value, file, indent=1, sort_keys=True, ensure_ascii=False)
+    file.write("\n")
+  os.replace(tmp, path)
+
+
+def _read_json(path):
+  try:
+    with open(path, encoding="utf-8") as file:
+      return json.load(file)
+  except (OSError, ValueError):
+    return None
+
+
+def _marker_path(output_dir, shard):
+  return os.path.join(output_dir, STATE_DIR, shard.filename + ".json")
+
+
+def _finished_marker(output_dir, shard, fingerprint):
+  """The shard's marker if the shard is complete for these inputs, else None."""
+  marker = _read_json(_marker_path(output_dir, shard))
+  path = os.path.join(output_dir, shard.filename)
+  if (marker and marker.get("fingerprint") == fingerprint and os.path.isfile(path)
+      and os.path.getsize(path) == marker.get("num_bytes")):
+    return marker
+  return None
+
+
+def _check_plan(output_dir, plan_digest, shards):
+  """Refuses an output_dir that holds a conversion of other inputs or settings."""
+  plan_path = os.path.join(output_dir, STATE_DIR, "plan.json")
+  plan = _read_json(plan_path)
+  if plan is not None and plan.get("digest") != plan_digest:
+    raise corpus_lib.CorpusError(
+        f"{output_dir!r} holds a conversion with other inputs or settings; use a new "
+        f"--output_dir or delete that one")
+  if plan is None:
+    _write_json_atomic(plan_path, {"digest": plan_digest,
+                                   "shards": [s.filename for s in shards]})
+
+
+class _ShardWriter:
+  """Writes one shard to a temporary file; `commit` renames it into place, then the marker."""
+
+  def __init__(self, output_dir, shard, fingerprint):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self.output_dir, self.shard, self.fingerprint = output_dir, shard, fingerprint
+    self.tmp = os.path.join(output_dir, STATE_DIR, "tmp", f"{shard.filename}.{os.getpid()}")
+    self.writer = tf.io.TFRecordWriter(self.tmp)
+    self.study_ids, self.skipped = [], []
+
+  def add(self, study, result):
+    status, payload = result
+    if status == "ok":
+      self.writer.write(payload)
+      self.study_ids.append(study.study_id)
+    else:
+      self.skipped.append(dataclasses.asdict(corpus_lib.Skipped(
+          study.row, study.source_path, payload, study.split, study.study_id)))
+
+  def commit(self):
+    self.writer.close()
+    path = os.path.join(self.output_dir, self.shard.filename)
+    os.replace(self.tmp, path)
+    marker = {"fingerprint": self.fingerprint, "num_examples": len(self.study_ids),
+              "num_bytes": os.path.getsize(path), "study_ids": self.study_ids,
+              "skipped": self.skipped}
+    _write_json_atomic(_marker_path(self.output_dir, self.shard), marker)
+    return marker
+
+
+# --- Metadata and report ------------------------------------------------------------------------
+
+def dataset_metadata(params, corpus):
+  """What a reader needs beyond the features: preprocessing and how splits were assigned."""
+  scale, offset = schema.unit_scale_offset(params.volume_dtype, params.hu_window)
+  split_rule = {
+      "folders": "CT folders in natural order: last max(1, round(n/5)) test, the "
+                 "max(1, round(n/10)) before them val, the rest train (7/1/2 of 10)",
+      "rows": "CSV rows: [0, int(n*0.7)) train, [int(n*0.7), int(n*(0.7+0.1))) val, rest test "
+              "(the released code's slicing)",
+  }[corpus.split_by]
+  return {
+      "schema_version": schema.SCHEMA_VERSION,
+      "preprocess": params.to_dict(),
+      "axis_order": "XYZ",
+      "orientation": "RAS" if params.mode == "ct" else "source voxel order",
+      "intensity": {"volume_dtype": params.volume_dtype, "unit_scale": scale,
+                    "unit_offset": offset,
+                    "meaning": "volume * unit_scale + unit_offset = [0, 1] intensity"},
+      "split_by": corpus.split_by,
+      "split_rule": split_rule,
+      "split_assignment": corpus.split_assignment,
+      "label_columns": list(corpus.label_columns),
+      "csv": os.path.basename(corpus.csv_path),
+  }
+
+
+def _write_tfds_metadata(output_dir, params, corpus, shards, markers):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core import naming  # pylint: disable=g-import-not-at-top
+  lengths = collections.defaultdict(list)
+  sizes = collections.Counter()
+  for shard in shards:
+    lengths[shard.split].append(markers[shard.filename]["num_examples"])
+    sizes[shard.split] += markers[shard.filename]["num_bytes"]
+  split_infos = [
+      tfds.core.SplitInfo(
+          name=split, shard_lengths=lengths[split], num_bytes=sizes[split],
+          filename_template=naming.ShardedFileTemplate(
+              data_dir=output_dir, template=SHARD_TEMPLATE, dataset_name=schema.DATASET_NAME,
+              split=split, filetype_suffix=schema.FILE_FORMAT))
+      for split in schema.SPLITS if split in lengths]
+  tfds.folder_dataset.write_metadata(
+      data_dir=output_dir,
+      features=schema.features_dict(params.shape, params.volume_dtype, corpus.label_columns),
+      split_infos=split_infos, filename_template=SHARD_TEMPLATE, check_data=False,
+      description="CT volumes and radiology reports converted by MedFinder-JAX "
+                  "(data_prep/convert.py); see metadata.json for the preprocessing.",
+      metadata=tfds.core.MetadataDict(dataset_metadata(params, corpus)))
+
+
+def build_report(output_dir, params, corpus, shards, markers):
+  """The conversion report: counts, shard lengths and every skipped study with its reason."""
+  skipped = [dataclasses.asdict(s) for s in corpus.skipped]
+  for shard in shards:
+    skipped += markers[shard.filename]["skipped"]
+  skipped.sort(key=lambda s: s["row"])
+  converted = collections.Counter()
+  shard_lengths = collections.defaultdict(list)
+  for shard in shards:
+    converted[shard.split] += markers[shard.filename]["num_examples"]
+    shard_lengths[shard.split].append(markers[shard.filename]["num_examples"])
+  return {
+      "output_dir": os.path.abspath(output_dir),
+      "csv": os.path.abspath(corpus.csv_path),
+      "csv_rows": corpus.num_rows,
+      "split_by": corpus.split_by,
+      "split_assignment": corpus.split_assignment,
+      "converted": {split: converted[split] for split in schema.SPLITS},
+      "num_converted": sum(converted.values()),
+      "num_skipped": len(skipped),
+      "shard_lengths": dict(shard_lengths),
+      "preprocess": params.to_dict(),
+      "skipped": skipped,
+  }
+
+
+def format_summary(report, seconds=None):
+  """A few lines for the terminal."""
+  counts = ", ".join(f"{split} {report['converted'][split]}" for split in schema.SPLITS)
+  lines = [f"converted {report['num_converted']} of {report['csv_rows']} CSV rows "
+           f"({counts}); skipped {report['num_skipped']}"
+           + (f"; {seconds:.1f} s" if seconds is not None else "")]
+  reasons = collections.Counter(re.sub(r"'[^']*'|\d+", "*", s["reason"].split(" (")[0])
+                                for s in report["skipped"])
+  for reason, count in reasons.most_common(8):
+    lines.append(f"  skipped {count:4d} x {reason}")
+  empty = [split for split in schema.SPLITS if not report["converted"][split]]
+  if empty:
+    lines.append(f"  warning: no studies in split(s) {', '.join(empty)}")
+  lines.append(f"report: {os.path.join(report['output_dir'], REPORT_NAME)}")
+  return "\n".join(lines)
+
+
+# --- Driver -------------------------------------------------------------------------------------
+
+def convert_corpus(data_config, output_dir, workers=None, progress=True, log=print,
+                   convert_fn=convert_study):
+  """Converts the corpus of `data_config` (the config's `data` section) into `output_dir`.
+
+  workers: processes (None = data_config.workers; 0 = convert in this process). Returns the
+  report dict (also written to output_dir/conversion_report.json). Raises CorpusError for
+  unusable input as a whole; bad studies are skipped and reported. `convert_fn` (study ->
+  result, run in the workers, importable by name) is where tests inject faults.
+  """
+  start = time.time()
+  try:
+    params = preprocess.params_from_config(data_config)
+    corpus = corpus_lib.read_corpus(data_config)
+    schema.feature_specs(params.shape, params.volume_dtype, corpus.label_columns)  # name clashes
+  except corpus_lib.CorpusError:
+    raise
+  except ValueError as err:
+    raise corpus_lib.CorpusError(str(err)) from None
+  workers = int(data_config.workers if workers is None else workers)
+  shards = plan_shards(corpus.studies, int(data_config.shard_size),
+                       int(data_config.get("min_shards", 1)))
+  settings_digest = _digest({"schema": schema.SCHEMA_VERSION, "params": params.to_dict(),
+                             "labels": list(corpus.label_columns)})
+  fingerprints = {s.filename: s.fingerprint(settings_digest) for s in shards}
+  os.makedirs(os.path.join(output_dir, STATE_DIR, "tmp"), exist_ok=True)
+  _check_plan(output_dir, _digest(sorted(fingerprints.items())), shards)
+  shutil.rmtree(os.path.join(output_dir, STATE_DIR, "tmp"))
+  os.makedirs(os.path.join(output_dir, STATE_DIR, "tmp"))
+  markers = {}
+  for shard in shards:
+    marker = _finished_marker(output_dir, shard, fingerprints[shard.filename])
+    if marker is not None:
+      markers[shard.filename] = marker
+  todo = [s for s in shards if s.filename not in markers]
+  if markers:
+    log(f"resuming: {len(markers)} of {len(shards)} shards already done")
+  init_args = (str(data_config.data_root), params, corpus.label_columns)
+  markers.update(_convert_shards(output_dir, todo, fingerprints, workers, progress, init_args,
+                                 convert_fn))
+  if any(m["num_examples"] for m in markers.values()):
+    _write_tfds_metadata(output_dir, params, corpus, shards, markers)
+  report = build_report(output_dir, params, corpus, shards, markers)
+  _write_json_atomic(os.path.join(output_dir, REPORT_NAME), report)
+  log(format_summary(report, time.time() - start))
+  return report
+
+
+def _convert_shards(output_dir, shards, fingerprints, workers, progress, init_args,
+                    convert_fn):
+  """Converts the studies of `shards` in order; writes and commits each shard when complete."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+  studies = [study for shard in shards for study in shard.studies]
+  owner = [shard for shard in shards for _ in shard.studies]
+  markers, writer, skipped = {}, None, 0
+  bar = tqdm.tqdm(total=len(studies), unit="study", desc="convert", disable=not progress)
+  with bar:
+    for i, (study, result) in enumerate(_ordered_results(studies, workers, init_args,
+                                                                  convert_fn)):
+      shard = owner[i]
+      if writer is None:
+        writer = _ShardWriter(output_dir, shard, fingerprints[shard.filename])
+      writer.add(study, result)
+      skipped += result[0] != "ok"
+      bar.update(1)
+      bar.set_postfix(skipped=skipped, refresh=False)
+      if i + 1 == len(studies) or owner[i + 1] is not shard:
+        markers[shard.filename] = writer.commit()
+        writer = None
+  return markers

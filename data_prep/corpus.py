@@ -1,0 +1,246 @@
+"""The raw corpus: CSV rows matched to volume files, checked, and assigned to splits.
+
+Layout (BIMCV-R): `data_root/CT*/ct/<name>.nii.gz` and `data_root/meta/<csv>`. A CSV row's volume
+is found as the seed code does, by the basename of its `path` among the CT*/ct/ files (so the
+CSV may hold paths from another machine); a relative path that names a CT*/ct/ file exactly wins
+over a basename match. Row numbers in messages are 1-based data rows (the header is row 0).
+
+Splits (recorded in the dataset metadata):
+- `folders` (default, the paper's split as stated by the dataset author): CT folders in natural
+  order (CT1 < CT2 < ... < CT10); the last max(1, round(n/5)) are test, the max(1, round(n/10))
+  before them val, the rest train -- 7/1/2 for BIMCV-R's 10 folders.
+- `rows` (the released code): CSV row order, rows [0, int(n*0.7)) train,
+  [int(n*0.7), int(n*(0.7+0.1))) val, the rest test -- the same float expressions, so the same
+  rows (for n = 10 that is 7 / 0 / 3, as in the released code).
+"""
+
+import csv
+import dataclasses
+import glob
+import io
+import os
+import posixpath
+import re
+
+
+CSV_CANDIDATES = ("curated_ct_report_path_En.csv", "BIMCV-R.csv")
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+SPLIT_RULES = ("folders", "rows")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+class CorpusError(ValueError):
+  """A problem with the corpus as a whole (no data_root, no CSV, missing columns): fatal."""
+
+
+@dataclasses.dataclass
+class Study:
+  """A CSV row with its matched volume, ready to convert."""
+  row: int               # 1-based CSV data row
+  study_id: str          # volume basename without .nii(.gz)
+  source_path: str       # relative to data_root, '/' separators
+  folder: str            # the CT folder, e.g. "CT3"
+  report: str
+  labels: dict           # label column -> text
+  split: str
+  file_size: int = 0
+
+
+@dataclasses.dataclass
+class Skipped:
+  """A CSV row (or study) that is not converted, and why."""
+  row: int
+  path: str              # the CSV's path text (or source path once matched)
+  reason: str
+  split: str = ""
+  study_id: str = ""
+
+
+@dataclasses.dataclass
+class Corpus:
+  csv_path: str
+  studies: list
+  skipped: list
+  folders: list          # CT folders in natural order
+  split_by: str
+  split_assignment: dict  # folders: {split: [folders]}; rows: {split: [first_row, end_row)}
+  label_columns: tuple    # configured label columns present in the CSV
+  num_rows: int
+
+
+def natural_key(name):
+  """Sort key that orders CT2 before CT10."""
+  return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def find_csv(data_root, csv=""):
+  """The CSV to read: `csv` (absolute or relative to data_root), else meta/<CSV_CANDIDATES>."""
+  if csv:
+    path = csv if os.path.isabs(csv) else os.path.join(data_root, csv)
+    if not os.path.isfile(path):
+      raise CorpusError(f"CSV file {path!r} does not exist (data.csv={csv!r})")
+    return path
+  for name in CSV_CANDIDATES:
+    path = os.path.join(data_root, "meta", name)
+    if os.path.isfile(path):
+      return path
+  meta = os.path.join(data_root, "meta")
+  found = sorted(os.listdir(meta)) if os.path.isdir(meta) else "no meta/ folder"
+  raise CorpusError(f"no CSV in {meta!r}: expected one of {list(CSV_CANDIDATES)} "
+                    f"(found: {found}); set data.csv to choose another file")
+
+
+def read_csv_table(csv_path, encoding="utf-8"):
+  """(columns, rows as {column: text}). Bytes that are not valid `encoding` are kept as surrogate
+  characters (U+DC80..U+DCFF) so the affected rows can be reported and the others still used."""
+  with open(csv_path, "rb") as file:
+    data = file.read()
+  if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+    encoding = "utf-16"
+  elif data.startswith(b"\xef\xbb\xbf") and encoding.lower().replace("-", "") == "utf8":
+    encoding = "utf-8-sig"
+  try:
+    text = data.decode(encoding, errors="surrogateescape")
+  except LookupError:
+    raise CorpusError(f"unknown CSV encoding {encoding!r} (data.csv_encoding)") from None
+  try:
+    reader = csv.DictReader(io.StringIO(text, newline=""), restval="")
+    rows = list(reader)
+  except csv.Error as err:
+    raise CorpusError(f"cannot parse CSV {csv_path!r}: {err}") from None
+  if not reader.fieldnames:
+    raise CorpusError(f"CSV {csv_path!r} is empty")
+  return list(reader.fieldnames), [{k: v for k, v in row.items() if k is not None} for row in rows]
+
+
+def index_volumes(data_root):
+  """(folders, files): CT folders (natural order) and {basename: [relative paths]}."""
+  folders = sorted((os.path.basename(os.path.dirname(p.rstrip("/")))
+                    for p in glob.glob(os.path.join(glob.escape(data_root), "CT*", "ct", ""))),
+                   key=natural_key)
+  files = {}
+  for folder in folders:
+    names = sorted(os.listdir(os.path.join(data_root, folder, "ct")), key=natural_key)
+    for name in names:
+      if name.endswith(VOLUME_SUFFIXES):
+        files.setdefault(name, []).append(f"{folder}/ct/{name}")
+  return folders, files
+
+
+def folder_split_assignment(folders):
+  """{split: [folders]} for the `folders` rule (module docstring)."""
+  n = len(folders)
+  if n < 3:
+    raise CorpusError(f"split_by='folders' needs at least 3 CT folders, found {n} ({folders}); "
+                      f"use --split_by rows")
+  n_test = max(1, int(n / 5 + 0.5))
+  n_val = max(1, int(n / 10 + 0.5))
+  n_train = n - n_val - n_test
+  return {"train": folders[:n_train], "val": folders[n_train:n_train + n_val],
+          "test": folders[n_train + n_val:]}
+
+
+def row_split_bounds(num_rows, split_rate=0.7):
+  """(train_end, val_end) exactly as the released code slices its DataFrame."""
+  return int(num_rows * split_rate), int(num_rows * (split_rate + 0.1))
+
+
+def row_split(row_index, num_rows):
+  """Split of the 0-based CSV data row `row_index` under the `rows` rule."""
+  train_end, val_end = row_split_bounds(num_rows)
+  if row_index < train_end:
+    return "train"
+  return "val" if row_index < val_end else "test"
+
+
+def study_id_of(filename):
+  for suffix in VOLUME_SUFFIXES:
+    if filename.endswith(suffix):
+      return filename[:-len(suffix)]
+  return filename
+
+
+def match_volume(path_text, files, data_root):
+  """(source_path, None) or (None, reason) for a CSV `path` cell."""
+  text = path_text.strip().replace("\\", "/")
+  if not text:
+    return None, "empty path"
+  if ".." in text.split("/"):
+    return None, f"path {path_text!r} escapes data_root (contains '..'); refused"
+  normalized = posixpath.normpath(text)
+  basename = posixpath.basename(normalized)
+  candidates = files.get(basename, [])
+  if not candidates:
+    return None, f"no volume file named {basename!r} under {data_root}/CT*/ct/"
+  exact = [c for c in candidates if normalized.endswith(c)]
+  source = (exact or candidates)[0]
+  real_root = os.path.realpath(data_root)
+  if not os.path.realpath(os.path.join(data_root, source)).startswith(real_root + os.sep):
+    return None, f"{source} resolves outside data_root (symbolic link); refused"
+  return source, None
+
+
+def _undecodable(column, value, encoding):
+  match = _UNDECODABLE.search(value)
+  if not match:
+    return None
+  byte = ord(match.group()) - 0xDC00
+  return (f"column {column!r} is not valid {encoding} (byte 0x{byte:02X} at character "
+          f"{match.start()}); save the CSV as UTF-8 or set data.csv_encoding")
+
+
+def read_corpus(data_config):
+  """Reads, matches and checks every CSV row; assigns splits. Raises CorpusError when the
+  corpus as a whole is unusable, otherwise lists bad rows in `skipped` with the reason."""
+  data_root = str(data_config.data_root)
+  if not data_root or not os.path.isdir(data_root):
+    raise CorpusError(f"data_root {data_root!r} is not a directory (set --data_root)")
+  split_by = str(data_config.split_by)
+  if split_by not in SPLIT_RULES:
+    raise CorpusError(f"data.split_by={split_by!r}; expected one of {SPLIT_RULES}")
+  encoding = str(data_config.get("csv_encoding", "utf-8"))
+  csv_path = find_csv(data_root, str(data_config.csv))
+  columns, table = read_csv_table(csv_path, encoding)
+  path_column, report_column = str(data_config.path_column), str(data_config.report_column)
+  for column, field in ((path_column, "path_column"), (report_column, "report_column")):
+    if column not in columns:
+      raise CorpusError(f"CSV {csv_path!r} has no column {column!r} (data.{field}); "
+                        f"its columns are {columns}")
+  label_columns = tuple(c for c in data_config.label_columns if c in columns)
+  folders, files = index_volumes(data_root)
+  if not folders:
+    raise CorpusError(f"no CT*/ct/ folders under data_root {data_root!r}")
+  if split_by == "folders":
+    assignment = folder_split_assignment(folders)
+    split_of_folder = {f: s for s, names in assignment.items() for f in names}
+  else:
+    bounds = row_split_bounds(len(table))
+    assignment = {"train": [0, bounds[0]], "val": list(bounds), "test": [bounds[1], len(table)]}
+  studies, skipped, used = [], [], {}
+  for index, record in enumerate(table):
+    row, path_text = index + 1, record[path_column]
+    split = row_split(index, len(table)) if split_by == "rows" else ""
+    reason = next(filter(None, (_undecodable(c, record[c], encoding)
+                                for c in (path_column, report_column, *label_columns))), None)
+    source = None
+    if reason is None:
+      source, reason = match_volume(path_text, files, data_root)
+    study_id = study_id_of(posixpath.basename(source)) if source else ""
+    if source is not None:
+      split = split or split_of_folder[source.split("/")[0]]
+      if study_id in used:
+        reason = f"duplicate study {study_id!r}: row {used[study_id]} already uses it"
+      elif not record[report_column].strip():
+        reason = f"empty report (column {report_column!r})"
+    if reason is not None:
+      skipped.append(Skipped(row, source or path_text, reason, split, study_id))
+      continue
+    used[study_id] = row
+    studies.append(Study(
+        row=row, study_id=study_id, source_path=source,
+        folder=source.split("/")[0], report=record[report_column].strip(),
+        labels={c: record[c] for c in label_columns}, split=split,
+        file_size=os.path.getsize(os.path.join(data_root, source))))
+  return Corpus(csv_path=csv_path, studies=studies, skipped=skipped, folders=folders,
+                split_by=split_by, split_assignment=assignment, label_columns=label_columns,
+                num_rows=len(table))

@@ -1,0 +1,194 @@
+"""Volume preprocessing: orientation, HU window, spacing resample, body crop, fit, seed mode."""
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data_prep import phantom
+from data_prep import preprocess
+
+
+def params(**kw):
+  base = dict(mode="ct", shape=(32, 32, 32), spacing=(), hu_window=(-1000.0, 1000.0),
+              volume_dtype="uint8", body_threshold_hu=-500.0)
+  base.update(kw)
+  return preprocess.PreprocessParams(**base)
+
+
+def save(path, data, affine):
+  nib.save(nib.Nifti1Image(data, affine), str(path))
+  return str(path)
+
+
+def save_scaled(path, hu, spacing, orientation="RAS", slope=0.5, inter=-1024.0):
+  """int16 NIfTI with scl_slope/scl_inter, as scanners export (via the phantom's writer)."""
+  geometry = phantom.StudyGeometry(shape=hu.shape, spacing=spacing, orientation=orientation,
+                                   slope=slope, inter=inter, noise_hu=0.0, body_width=0.0,
+                                   body_depth=0.0)
+  phantom.write_nifti(str(path), hu.astype(np.float32), geometry)
+  return str(path)
+
+
+def test_lps_marker_at_right_anterior_superior_ends_in_the_high_xyz_corner(tmp_path):
+  # LPS storage: index 0 of axis 0 is the patient's Right, index 0 of axis 1 is Anterior.
+  data = np.full((20, 24, 16), 40, np.int16)
+  data[0:3, 0:3, -3:] = 1000
+  affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+  source = preprocess.load_source(save(tmp_path / "lps.nii.gz", data, affine))
+  assert source.orientation == "LPS"
+  volume, _ = preprocess.preprocess(source, params(shape=(20, 24, 16)))
+  marker = np.argwhere(volume == volume.max())
+  assert marker.min(axis=0).tolist() == [17, 21, 13]
+  assert marker.max(axis=0).tolist() == [19, 23, 15]
+
+
+def test_ras_and_lps_files_of_the_same_anatomy_give_the_same_volume(tmp_path):
+  rng = np.random.default_rng(0)
+  canonical = rng.uniform(-900, 900, size=(30, 26, 14)).astype(np.float32)
+  p = params(shape=(24, 24, 16), spacing=(1.5, 1.5, 3.0))
+  ras = preprocess.load_source(save_scaled(tmp_path / "a.nii.gz", canonical, (1.0, 1.0, 2.5)))
+  lps = preprocess.load_source(save_scaled(tmp_path / "b.nii.gz", canonical, (1.0, 1.0, 2.5),
+                                           orientation="LPS"))
+  assert lps.orientation == "LPS" and ras.orientation == "RAS"
+  np.testing.assert_array_equal(preprocess.preprocess(ras, p)[0], preprocess.preprocess(lps, p)[0])
+
+
+def test_hu_window_maps_scaled_values_to_uint8_and_int16(tmp_path):
+  hu = np.full((12, 12, 12), 40.0, np.float32)
+  probes = {(5, 5, 5): -1200, (5, 6, 5): -1000, (5, 7, 5): 0, (6, 5, 5): 500, (6, 6, 5): 1500}
+  for where, value in probes.items():
+    hu[where] = value
+  source = preprocess.load_source(save_scaled(tmp_path / "w.nii.gz", hu, (1.0, 1.0, 1.0)))
+  assert (source.slope, source.inter) == (0.5, -1024.0)
+  as_uint8, _ = preprocess.preprocess(source, params(shape=(12, 12, 12)))
+  as_int16, _ = preprocess.preprocess(source, params(shape=(12, 12, 12), volume_dtype="int16"))
+  for where, value in probes.items():
+    clipped = min(max(value, -1000), 1000)
+    assert as_uint8[where] == int(np.floor((clipped + 1000) / 2000 * 255 + 0.5))
+    assert as_int16[where] == clipped
+  assert as_uint8[0, 0, 0] == 133 and as_int16[0, 0, 0] == 40
+
+
+def test_spacing_resample_samples_a_hu_ramp_at_the_new_voxel_centers(tmp_path):
+  x_index = np.arange(90, dtype=np.float32)
+  hu = np.broadcast_to((5.0 * x_index)[:, None, None], (90, 20, 20)).copy()   # 10 HU per mm
+  source = preprocess.load_source(save_scaled(tmp_path / "r.nii.gz", hu, (0.5, 1.5, 3.0),
+                                              slope=1.0, inter=0.0))
+  volume, volume_spacing = preprocess.preprocess(
+      source, params(shape=(40, 20, 20), spacing=(1.5, 1.5, 3.0), volume_dtype="int16"))
+  np.testing.assert_allclose(volume_spacing, (1.5, 1.5, 3.0), rtol=1e-6)
+  assert (volume[:5] == -1000).all() and (volume[35:] == -1000).all()   # 45 mm -> 30 voxels
+  centers = (np.arange(30) + 0.5) * 3.0 - 0.5                  # in source voxels
+  np.testing.assert_allclose(volume[5:35, 10, 10][1:-1], 5.0 * centers[1:-1], atol=1.0)
+
+
+def test_body_crop_centers_the_body_and_drops_the_air_around_it(tmp_path):
+  hu = np.full((60, 60, 30), -1000.0, np.float32)
+  hu[20:40, 10:30, 5:25] = 40.0
+  source = preprocess.load_source(save_scaled(tmp_path / "c.nii.gz", hu, (1.5, 1.5, 3.0)))
+  volume, _ = preprocess.preprocess(source, params(spacing=(1.5, 1.5, 3.0)))
+  body = np.argwhere(volume > 0)
+  assert body.min(axis=0).tolist() == [6, 6, 6] and body.max(axis=0).tolist() == [25, 25, 25]
+
+
+def test_a_body_larger_than_the_shape_shrinks_with_its_aspect_ratio(tmp_path):
+  hu = np.full((200, 100, 50), 40.0, np.float32)
+  source = preprocess.load_source(save_scaled(tmp_path / "s.nii.gz", hu, (1.5, 1.5, 3.0)))
+  volume, volume_spacing = preprocess.preprocess(
+      source, params(shape=(50, 50, 50), spacing=(1.5, 1.5, 3.0)))
+  body = np.argwhere(volume > 0)
+  extent = body.max(axis=0) - body.min(axis=0) + 1
+  assert extent.tolist() == [50, 25, 12]
+  assert volume_spacing[0] == pytest.approx(6.0) and volume_spacing[1] == pytest.approx(6.0)
+  assert volume_spacing[2] == pytest.approx(150.0 / 12)
+
+
+def test_empty_spacing_stretches_the_body_to_the_whole_shape(tmp_path):
+  hu = np.full((40, 30, 10), -1000.0, np.float32)
+  hu[5:35, 5:25, 2:8] = 40.0
+  source = preprocess.load_source(save_scaled(tmp_path / "p.nii.gz", hu, (1.0, 1.0, 1.0)))
+  volume, volume_spacing = preprocess.preprocess(source, params(shape=(16, 16, 16)))
+  assert (volume > 0).all()
+  np.testing.assert_allclose(volume_spacing, (30 / 16, 20 / 16, 6 / 16), rtol=1e-6)
+
+
+def test_seed_mode_matches_the_released_monai_transform():
+  monai = pytest.importorskip("monai")
+  torch = pytest.importorskip("torch")
+  from monai import transforms  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  x = np.full((40, 12, 6), -1000.0, np.float32)
+  x[4:33, 2:11, 1:5] = rng.uniform(-900, 1200, size=(29, 9, 4))
+  shape = (16, 16, 8)
+  eval_transform = transforms.Compose([    # main_ddp.get_transforms("val"), without LoadImaged
+      transforms.ScaleIntensityd(keys=["volume"]),
+      transforms.CropForegroundd(keys=["volume"], source_key="volume"),
+      transforms.SpatialPadd(keys=["volume"], spatial_size=shape),
+      transforms.Resized(keys=["volume"], spatial_size=shape)])
+  expected = eval_transform({"volume": torch.from_numpy(x)[None]})["volume"][0]
+  ours, _ = preprocess.seed_transform(x, shape)
+  assert monai.__version__ and ours.shape == shape
+  np.testing.assert_allclose(ours, np.asarray(expected), atol=2e-6)
+
+
+def test_seed_mode_applies_the_file_scaling_before_min_max(tmp_path):
+  hu = np.random.default_rng(4).uniform(-1000, 1000, size=(20, 20, 10)).astype(np.float32)
+  source = preprocess.load_source(save_scaled(tmp_path / "m.nii.gz", hu, (1.0, 1.0, 2.0)))
+  volume, _ = preprocess.preprocess(source, params(mode="seed", shape=(20, 20, 10)))
+  scaled = source.raw * source.slope + source.inter
+  expected = (scaled - scaled.min()) / (scaled.max() - scaled.min())
+  np.testing.assert_array_equal(volume, np.rint(expected * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("make,reason", [
+    ("truncated", "truncated or corrupt"),
+    ("not_gzip", "not a valid gzip file"),
+    ("not_nifti", "not a NIfTI file"),
+    ("2d", "expected a 3D volume, found a 2D array"),
+    ("4d", "expected a 3D volume, found a 4D array of shape (8, 8, 8, 3)"),
+    ("nan", "volume has 3 NaN and 1 infinite voxels"),
+    ("blank", "no body found"),
+])
+def test_bad_volumes_raise_with_a_clear_reason(tmp_path, make, reason):
+  path = tmp_path / "bad.nii.gz"
+  good = np.zeros((8, 8, 8), np.int16)
+  if make == "truncated":
+    noise = np.random.default_rng(5).integers(0, 3000, size=(8, 8, 8)).astype(np.int16)
+    save(path, noise, np.eye(4))
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  elif make == "not_gzip":
+    save(tmp_path / "plain.nii", good, np.eye(4))
+    path.write_bytes((tmp_path / "plain.nii").read_bytes())
+  elif make == "not_nifti":
+    path.write_bytes(gzip.compress(b"patient,report\n1,hello\n" * 40))
+  elif make == "2d":
+    save(path, np.zeros((8, 8), np.int16), np.eye(4))
+  elif make == "4d":
+    save(path, np.zeros((8, 8, 8, 3), np.int16), np.eye(4))
+  elif make == "nan":
+    data = np.zeros((8, 8, 8), np.float32)
+    data[1, 1, 1:4] = np.nan
+    data[2, 2, 2] = np.inf
+    save(path, data, np.eye(4))
+  else:
+    save(path, good - 1000, np.eye(4))
+  with pytest.raises(preprocess.BadVolume) as err:
+    preprocess.preprocess(preprocess.load_source(str(path)), params())
+  assert reason in str(err.value)
+
+
+def test_a_trailing_singleton_fourth_axis_is_a_3d_volume(tmp_path):
+  data = np.full((8, 8, 8, 1), 40, np.int16)
+  source = preprocess.load_source(save(tmp_path / "t.nii.gz", data, np.eye(4)))
+  assert source.raw.shape == (8, 8, 8)
+
+
+def test_params_from_config_rejects_contradictions():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  data = default.get_config().data
+  assert preprocess.params_from_config(data).shape == (224, 224, 96)
+  data.preprocess, data.volume_dtype = "seed", "int16"
+  with pytest.raises(ValueError, match="seed"):
+    preprocess.params_from_config(data)
