@@ -8,3 +8,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+_CONVERTED = {}
+
+
+def convert_phantom(root, n, shape, seed=0, folders=10, min_shards=4):
+  """Phantom corpus of n studies converted at `shape` under `root` (returns the TFRecord dir)."""
+  from data_prep import convert, phantom  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import config_utils  # pylint: disable=import-outside-toplevel
+  raw, out = os.path.join(root, "raw"), os.path.join(root, "tfrecords")
+  phantom.write_phantom_corpus(raw, n=n, seed=seed, folders=folders, size=64, slices=24)
+  config = config_utils.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+  config.data.data_root = raw
+  config.data.shape = tuple(shape)
+  config.data.spacing = ()
+  config.data.min_shards = min_shards
+  convert.convert_corpus(config.data, out, workers=0, progress=False, log=lambda *a: None)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+  """A converted phantom dataset shared by the tests: 40 studies at 16x16x8 (train 28/val 4/test 8)."""
+  key = ("tiny", 40, (16, 16, 8))
+  if key not in _CONVERTED:
+    _CONVERTED[key] = convert_phantom(str(tmp_path_factory.mktemp("tiny_dataset")), 40, (16, 16, 8))
+  return _CONVERTED[key]

@@ -1,0 +1,280 @@
+"""Converted TFRecords -> per-process tf.data -> host batches -> global jax.Arrays.
+
+Each process reads only its own shard files (file i goes to process i % process_count), so a
+split needs at least as many shard files as processes (`data.min_shards` at conversion).
+
+Training stream (`train_batches`): an endless sequence of epochs; epoch e visits this process's
+files in an order and through a shuffle buffer both seeded by (seed, process, e), so the stream is
+a pure function of the seed. A position is just the number of batches consumed: resuming at
+batch k rebuilds the stream and skips k * local_batch *serialized* records before anything is
+decoded, so the next batch is exactly the one an uninterrupted run would have seen (as long as the
+process count is the same). Reports get the seed's random 100-word window (its RNG seeded by
+(seed, process, batch)) and are tokenized per batch on the host.
+
+Evaluation (`eval_batches`): each process reads its files in order; every batch has the same size
+on every process, the last ones padded; `mask` marks real rows and `index` is each study's
+position in the split (dataset order), so gathered results can be put back in order with every
+study counted once.
+
+Host batches hold numpy arrays: `volume` (B, X, Y, Z) in the stored dtype (uint8 or int16: turned
+into [0, 1] floats on the device with `DatasetSpec.unit_scale/unit_offset`, which keeps the
+host->device copy small), `input_ids` and `attention_mask` (B, max_tokens) int32, and for
+evaluation `mask` (B,) bool and `index` (B,) int32 (-1 for padding).
+"""
+
+import dataclasses
+import os
+import queue
+import threading
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from data_prep import schema
+from medfinder_jax import sharding
+from medfinder_jax import text as text_lib
+
+# tf.data must never grab the accelerators, and keeps to the host threads.
+tf.config.set_visible_devices([], "GPU")
+
+_SEED_MIX = 0x5EED  # separates the data seed from other uses of config.seed
+
+
+class DatasetError(ValueError):
+  """A converted dataset that is missing, incomplete or unusable as asked; names the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the model and the train step need to know about a converted dataset."""
+  directory: str
+  shape: tuple          # stored volume (X, Y, Z)
+  volume_dtype: str     # "uint8" | "int16"
+  unit_scale: float     # volume * unit_scale + unit_offset = [0, 1] intensity
+  unit_offset: float
+  split_sizes: dict     # split -> number of studies
+  label_columns: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFiles:
+  """A split's shard files in dataset order, their study counts and first dataset index."""
+  paths: tuple
+  lengths: tuple
+
+  @property
+  def first_index(self):
+    return tuple(int(x) for x in np.cumsum((0,) + self.lengths[:-1]))
+
+  def for_process(self, process_index, process_count):
+    """The files process `process_index` reads (round robin), with their first indices."""
+    mine = range(process_index, len(self.paths), process_count)
+    return ([self.paths[i] for i in mine], [self.lengths[i] for i in mine],
+            [self.first_index[i] for i in mine])
+
+
+def open_dataset(directory):
+  """(tfds builder, DatasetSpec) of a dataset written by `launch.py convert`."""
+  if not os.path.isfile(os.path.join(directory, "dataset_info.json")):
+    raise DatasetError(f"{directory!r} is not a converted dataset (no dataset_info.json); "
+                       "create one with `launch.py convert --data_root R --output_dir "
+                       f"{directory}`")
+  builder = tfds.builder_from_directory(directory)
+  metadata = builder.info.metadata or {}
+  if "intensity" not in metadata:
+    raise DatasetError(f"{directory}/metadata.json lacks 'intensity'; it was not written by "
+                       "this version of `launch.py convert`: reconvert the corpus")
+  volume = builder.info.features[schema.VOLUME]
+  spec = DatasetSpec(
+      directory=directory,
+      shape=tuple(int(s) for s in volume.shape),
+      volume_dtype=str(np.dtype(volume.np_dtype)),
+      unit_scale=float(metadata["intensity"]["unit_scale"]),
+      unit_offset=float(metadata["intensity"]["unit_offset"]),
+      split_sizes={name: int(info.num_examples) for name, info in builder.info.splits.items()},
+      label_columns=schema.label_columns_of(builder.info.features.keys()))
+  return builder, spec
+
+
+def split_files(builder, split):
+  """SplitFiles of `split`, with a clear error when the dataset has no such split."""
+  splits = builder.info.splits
+  if split not in splits:
+    raise DatasetError(f"{builder.data_dir!r} has no split {split!r}; it has "
+                       f"{sorted(splits.keys())} (an empty split is left out at conversion)")
+  info = splits[split]
+  return SplitFiles(paths=tuple(os.fspath(p) for p in info.filepaths),
+                    lengths=tuple(int(n) for n in info.shard_lengths))
+
+
+def _check_enough_files(files, split, process_count):
+  if len(files.paths) < process_count:
+    raise DatasetError(
+        f"split {split!r} has {len(files.paths)} shard files but {process_count} processes read "
+        f"it; each process needs its own files: reconvert with "
+        f"--config.data.min_shards={process_count} (or more)")
+
+
+def _decoder(builder, names):
+  """Serialized record -> dict of the requested features (decoded)."""
+  features = builder.info.features
+
+  def decode(serialized):
+    example = features.deserialize_example(serialized)
+    return {name: example[name] for name in names}
+
+  return decode
+
+
+def _epoch_records(paths, seed, epoch, shuffle_buffer):
+  """Serialized records of one epoch: files in a seeded order, then a seeded shuffle buffer."""
+  files = tf.constant(paths)
+  order_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+  files = tf.random.experimental.stateless_shuffle(files, seed=order_seed)
+  records = tf.data.TFRecordDataset(files)
+  if shuffle_buffer > 1:
+    shuffle_seed = tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
+    records = records.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+  return records
+
+
+def train_records(builder, split, local_batch, *, seed, start_batch=0, shuffle_buffer=256,
+                  process_index=None, process_count=None):
+  """tf.data of decoded (volume, report) examples, batched, endless, resumable.
+
+  `start_batch`: batches this process already consumed (the resume position).
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  files = split_files(builder, split)
+  _check_enough_files(files, split, process_count)
+  paths, lengths, _ = files.for_process(process_index, process_count)
+  per_epoch = sum(lengths)
+  if per_epoch < local_batch:
+    raise DatasetError(f"split {split!r}: process {process_index} holds {per_epoch} studies, "
+                       f"fewer than one batch of {local_batch}; lower the batch size")
+  first_record = start_batch * local_batch
+  first_epoch, skip = divmod(first_record, per_epoch)
+  process_seed = (seed * 7919 + process_index * 104729 + _SEED_MIX) % (2**62)
+  epochs = tf.data.Dataset.range(first_epoch, 2**62)
+  records = epochs.flat_map(lambda e: _epoch_records(paths, process_seed, e, shuffle_buffer))
+  decode = _decoder(builder, (schema.VOLUME, schema.REPORT))
+  dataset = records.skip(skip).map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return dataset.batch(local_batch, drop_remainder=True).prefetch(2)
+
+
+def train_batches(builder, split, local_batch, tokenizer, *, seed, start_batch=0,
+                  shuffle_buffer=256, window_words=100, process_index=None, process_count=None):
+  """Host training batches (see module doc), from batch `start_batch` of the endless stream."""
+  process_index = jax.process_index() if process_index is None else process_index
+  dataset = train_records(builder, split, local_batch, seed=seed, start_batch=start_batch,
+                          shuffle_buffer=shuffle_buffer, process_index=process_index,
+                          process_count=process_count)
+  for batch_number, batch in enumerate(dataset.as_numpy_iterator(), start=start_batch):
+    rng = np.random.default_rng((seed, process_index, batch_number, _SEED_MIX))
+    reports = [r.decode("utf-8") for r in batch[schema.REPORT]]
+    ids, mask = text_lib.tokenize_reports(tokenizer, reports, rng, window_words)
+    yield {"volume": batch[schema.VOLUME], "input_ids": ids, "attention_mask": mask}
+
+
+def num_eval_batches(files, local_batch, process_count):
+  """Batches every process yields for a split: enough for the process holding the most studies."""
+  most = max(sum(files.for_process(p, process_count)[1]) for p in range(process_count))
+  return max(1, -(-most // local_batch))
+
+
+def eval_batches(builder, split, local_batch, tokenizer, *, process_index=None,
+                 process_count=None):
+  """Host evaluation batches: each study once, deterministic text, padded, with mask and index.
+
+  Every process yields `num_eval_batches(...)` batches (collectives need the same count).
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  files = split_files(builder, split)
+  _check_enough_files(files, split, process_count)
+  paths, lengths, firsts = files.for_process(process_index, process_count)
+  total = num_eval_batches(files, local_batch, process_count)
+  decode = _decoder(builder, (schema.VOLUME, schema.REPORT))
+
+  def with_index(path, first):
+    return tf.data.TFRecordDataset(path).enumerate(start=first)
+
+  pieces = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(firsts, np.int64)))
+  dataset = pieces.flat_map(with_index).map(
+      lambda i, record: {"index": tf.cast(i, tf.int32), **decode(record)},
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = dataset.batch(local_batch).prefetch(2)
+  shape = tuple(builder.info.features[schema.VOLUME].shape)
+  dtype = builder.info.features[schema.VOLUME].np_dtype
+  yielded = 0
+  for batch in dataset.as_numpy_iterator():
+    yield _padded_eval_batch(batch, local_batch, tokenizer)
+    yielded += 1
+  empty = {"index": np.zeros((0,), np.int32), schema.VOLUME: np.zeros((0,) + shape, dtype),
+           schema.REPORT: np.zeros((0,), object)}
+  for _ in range(total - yielded):
+    yield _padded_eval_batch(empty, local_batch, tokenizer)
+
+
+def _padded_eval_batch(batch, local_batch, tokenizer):
+  n = len(batch["index"])
+  pad = local_batch - n
+  reports = [r.decode("utf-8") for r in batch[schema.REPORT]] + [""] * pad
+  ids, attention = tokenizer(reports)
+  volume = batch[schema.VOLUME]
+  volume = np.concatenate([volume, np.zeros((pad,) + volume.shape[1:], volume.dtype)])
+  return {"volume": volume, "input_ids": ids, "attention_mask": attention,
+          "mask": np.arange(local_batch) < n,
+          "index": np.concatenate([batch["index"], np.full((pad,), -1, np.int32)])}
+
+
+def read_split_text(builder, split, columns=(schema.STUDY_ID, schema.REPORT, schema.SOURCE_PATH)):
+  """{column: list of str} for every study of `split` in dataset order (volumes not decoded)."""
+  files = split_files(builder, split)
+  decoders = {schema.VOLUME: tfds.decode.SkipDecoding()}
+  features = builder.info.features
+  columns = [c for c in columns if c in features]
+  out = {c: [] for c in columns}
+  records = tf.data.TFRecordDataset(list(files.paths)).map(
+      lambda r: {c: features.deserialize_example(r, decoders=decoders)[c] for c in columns})
+  for example in records.as_numpy_iterator():
+    for c in columns:
+      out[c].append(example[c].decode("utf-8"))
+  return out
+
+
+def prefetch_to_device(batches, mesh, size=2):
+  """Host batches -> global jax.Arrays on `mesh`, built `size` batches ahead on a thread.
+
+  Keeps tokenization and host->device copies off the training loop's critical path. Errors in
+  the producer are re-raised in the consumer.
+  """
+  buffer = queue.Queue(maxsize=size)
+  done = object()
+  stop = threading.Event()
+
+  def produce():
+    try:
+      for batch in batches:
+        if stop.is_set():
+          return
+        buffer.put(sharding.make_global_batch(batch, mesh))
+      buffer.put(done)
+    except BaseException as err:  # pylint: disable=broad-except
+      buffer.put(err)
+
+  thread = threading.Thread(target=produce, daemon=True, name="prefetch_to_device")
+  thread.start()
+  try:
+    while True:
+      item = buffer.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()

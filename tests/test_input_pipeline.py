@@ -1,0 +1,173 @@
+"""Input pipeline: per-process shards, deterministic resumable training stream, padded eval."""
+
+import hashlib
+import itertools
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from medfinder_jax import input_pipeline as ip
+from medfinder_jax import sharding
+from medfinder_jax import text as text_lib
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_dataset):
+  return ip.open_dataset(tiny_dataset)[0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return text_lib.ReportTokenizer(text_lib.resolve_text_model_path("minilm"), max_tokens=32)
+
+
+def digest(volume):
+  return hashlib.sha1(np.ascontiguousarray(volume).tobytes()).hexdigest()
+
+
+def split_digests(builder, split):
+  """Volume digests of a split in dataset order, read straight through tfds."""
+  dataset = builder.as_dataset(split=split, shuffle_files=False)
+  return [digest(ex["volume"]) for ex in tfds.as_numpy(dataset)]
+
+
+def rows(batches, count):
+  """Volume digests of the first `count` rows of a batch stream."""
+  out = []
+  for batch in batches:
+    out += [digest(v) for v in batch["volume"]]
+    if len(out) >= count:
+      return out[:count]
+  return out
+
+
+def train(builder, tokenizer, **kw):
+  kw = {"seed": 3, "shuffle_buffer": 8, "process_index": 0, "process_count": 1, **kw}
+  return ip.train_batches(builder, "train", 4, tokenizer, **kw)
+
+
+def test_spec_describes_the_stored_volumes(tiny_dataset):
+  _, spec = ip.open_dataset(tiny_dataset)
+  assert spec.shape == (16, 16, 8)
+  assert spec.volume_dtype == "uint8"
+  assert spec.unit_scale == pytest.approx(1 / 255)
+  assert sum(spec.split_sizes.values()) == 40
+  assert spec.label_columns == ("findings",)
+
+
+def test_train_batches_have_fixed_shapes_and_token_ids(builder, tokenizer):
+  batch = next(train(builder, tokenizer))
+  assert batch["volume"].shape == (4, 16, 16, 8) and batch["volume"].dtype == np.uint8
+  assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == np.int32
+  assert batch["attention_mask"].shape == (4, 32)
+  assert (batch["attention_mask"][:, 0] == 1).all()
+
+
+def test_each_epoch_visits_every_study_once_in_a_new_order(builder, tokenizer):
+  expected = sorted(split_digests(builder, "train"))
+  n = len(expected)
+  stream = rows(train(builder, tokenizer), 2 * n)
+  first, second = stream[:n], stream[n:]
+  assert sorted(first) == expected and sorted(second) == expected
+  assert first != second
+
+
+def test_stream_is_a_function_of_the_seed(builder, tokenizer):
+  a = rows(train(builder, tokenizer), 20)
+  assert a == rows(train(builder, tokenizer), 20)
+  assert a != rows(train(builder, tokenizer, seed=4), 20)
+
+
+@pytest.mark.parametrize("start", [1, 6, 9])  # 28 train studies / 4 = 7 batches per epoch
+def test_resumed_stream_continues_where_an_uninterrupted_one_is(builder, tokenizer, start):
+  straight = list(itertools.islice(train(builder, tokenizer), start + 4))[start:]
+  resumed = list(itertools.islice(train(builder, tokenizer, start_batch=start), 4))
+  assert len(straight) == len(resumed) == 4
+  for a, b in zip(straight, resumed):
+    np.testing.assert_array_equal(a["volume"], b["volume"])
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+
+
+def test_processes_read_disjoint_files_covering_the_split(builder, tokenizer):
+  files = ip.split_files(builder, "train")
+  per_process = [files.for_process(p, 2)[0] for p in range(2)]
+  assert not set(per_process[0]) & set(per_process[1])
+  assert sorted(per_process[0] + per_process[1]) == sorted(files.paths)
+  seen = []
+  for p in range(2):
+    n = sum(files.for_process(p, 2)[1])
+    seen += rows(train(builder, tokenizer, process_index=p, process_count=2), n)
+  assert sorted(seen) == sorted(split_digests(builder, "train"))
+
+
+@pytest.mark.parametrize("process_count,local_batch", [(1, 3), (2, 2), (4, 1), (2, 8)])
+def test_eval_counts_each_study_once_in_dataset_order(builder, tokenizer, process_count,
+                                                      local_batch):
+  expected = split_digests(builder, "test")
+  streams = [list(ip.eval_batches(builder, "test", local_batch, tokenizer, process_index=p,
+                                  process_count=process_count)) for p in range(process_count)]
+  assert len({len(s) for s in streams}) == 1  # same number of batches on every process
+  found = {}
+  for stream in streams:
+    for batch in stream:
+      assert batch["volume"].shape[0] == local_batch
+      assert (batch["index"][~batch["mask"]] == -1).all()
+      for index, volume in zip(batch["index"][batch["mask"]], batch["volume"][batch["mask"]]):
+        assert index not in found
+        found[int(index)] = digest(volume)
+  assert [found[i] for i in range(len(expected))] == expected
+
+
+def test_eval_text_is_deterministic_and_matches_the_reports(builder, tokenizer):
+  texts = ip.read_split_text(builder, "val")
+  batches = list(ip.eval_batches(builder, "val", 8, tokenizer, process_index=0, process_count=1))
+  (batch,) = batches
+  n = int(batch["mask"].sum())
+  assert n == len(texts["report"]) == len(texts["study_id"])
+  ids, _ = tokenizer(texts["report"])
+  np.testing.assert_array_equal(batch["input_ids"][:n], ids)
+
+
+def test_prefetch_to_device_builds_sharded_global_batches(builder, tokenizer):
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  stream = ip.train_batches(builder, "train", 8, tokenizer, seed=0, shuffle_buffer=1,
+                            process_index=0, process_count=1)
+  batch = next(ip.prefetch_to_device(stream, mesh))
+  assert isinstance(batch["volume"], jax.Array)
+  assert batch["volume"].shape == (8, 16, 16, 8)
+  assert batch["volume"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 4)
+
+
+def test_prefetch_reraises_producer_errors():
+  def broken():
+    yield {"x": np.zeros((8,), np.float32)}
+    raise RuntimeError("decode failed in shard 3")
+
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  stream = ip.prefetch_to_device(broken(), mesh)
+  next(stream)
+  with pytest.raises(RuntimeError, match="shard 3"):
+    next(stream)
+
+
+def test_not_a_dataset_is_a_clear_error(tmp_path):
+  with pytest.raises(ip.DatasetError, match="not a converted dataset"):
+    ip.open_dataset(str(tmp_path))
+
+
+def test_missing_split_names_the_available_ones(builder):
+  with pytest.raises(ip.DatasetError, match="no split 'validation'.*'train'"):
+    ip.split_files(builder, "validation")
+
+
+def test_more_processes_than_files_says_how_to_reconvert(builder, tokenizer):
+  with pytest.raises(ip.DatasetError, match="min_shards=8"):
+    next(ip.eval_batches(builder, "val", 2, tokenizer, process_index=0, process_count=8))
+
+
+def test_batch_larger_than_a_process_share_is_a_clear_error(builder, tokenizer):
+  with pytest.raises(ip.DatasetError, match="fewer than one batch"):
+    next(ip.train_batches(builder, "val", 64, tokenizer, seed=0, process_index=0,
+                          process_count=1))
