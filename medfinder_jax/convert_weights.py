@@ -141,8 +141,8 @@ def convert_tree(template, state, key_fn, source, fresh=()):
     used.add(key)
     value = layout(state[key])
     if value.shape != tuple(target.shape):
-      wrong_shape.append(f"{key}: got {tuple(state[key].shape)}, expected {tuple(target.shape)} "
-                         f"after layout (for {where})")
+      wrong_shape.append(f"{key}: {tuple(state[key].shape)}, i.e. {value.shape} in Flax layout; "
+                         f"the model's {where} is {tuple(target.shape)}")
       continue
     result[path] = value.astype(target.dtype)
   ignored = [k for k in state if k not in used and any(re.search(p, k) for p in IGNORED_KEYS)]
@@ -267,6 +267,6 @@ def create_model(model_config, text_config, image_shape, rng):
   folder = text_lib.resolve_text_model_path(text_config.model_path)
   bert_config, bert_params = load_hf_bert(folder)
   model = medfinder_lib.build_model(model_config, text_config, bert_config)
-  variables = medfinder_lib.init_variables(model, rng, image_shape, text_config.max_tokens)
-  params = dict(variables["params"], text_encoder=jax.tree.map(jnp.asarray, bert_params))
-  return model, {**variables, "params": params}
+  variables = medfinder_lib.init_variables(model, rng, image_shape, text_config.max_tokens,
+                                           text_params=bert_params)
+  return model, variables

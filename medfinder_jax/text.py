@@ -137,7 +137,7 @@ class ReportTokenizer:
 def load_tokenizer(text_config):
   """ReportTokenizer for the config's `text` section (model_path, max_tokens, lowercase)."""
   folder = resolve_text_model_path(text_config.model_path)
-  return ReportTokenizer(folder, text_config.max_tokens, text_config.get("lowercase", "auto"))
+  return ReportTokenizer(folder, text_config.max_tokens, text_config.lowercase)
 
 
 def tokenize_reports(tokenizer, reports, rng=None, n_words=100):

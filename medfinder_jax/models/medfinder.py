@@ -124,7 +124,7 @@ def build_image_encoder(model_config):
   if model_config.backbone == "vit":
     v = model_config.vit
     return vit3d.ViT3D(v.patch_size, v.hidden_size, v.mlp_dim, v.num_layers, v.num_heads,
-                       dropout_rate=v.get("dropout_rate", 0.0), dtype=dtype,
+                       dropout_rate=v.dropout_rate, dtype=dtype,
                        remat=model_config.remat)
   raise ValueError(f"model.backbone: got {model_config.backbone!r}, expected one of {BACKBONES}")
 
@@ -143,14 +143,25 @@ def build_model(model_config, text_config, bert_config):
       remat=model_config.remat)
 
 
-def init_variables(model, rng, image_shape, max_tokens):
-  """Fresh variables {"params", ["batch_stats"]} for volumes of `image_shape` (X, Y, Z).
+def init_variables(model, rng, image_shape, max_tokens, text_params=None):
+  """Fresh variables {"params", ["batch_stats"]} for volumes of `image_shape` (X, Y, Z) and
+  texts of `max_tokens` tokens. Only the initialisers run (flax lazy_init, jitted): no forward
+  pass, no volume in memory; the volume shape matters for the ViT position embedding only.
 
-  Jitted so the forward pass itself is dead code (only shapes and initialisers run); the volume
-  shape matters for the ViT position embedding only.
+  text_params: pretrained BertModel params to put in params["text_encoder"] (their random
+  initialisation is then dead code that XLA drops).
+  The initialisers draw from an "rbg" key derived from `rng` (same rng -> same params on one
+  backend): XLA compiles hundreds of threefry draws 2-3x slower on CPU.
   """
-  volume = jnp.zeros((1, *image_shape, 1), jnp.float32)
-  ids = jnp.zeros((1, max_tokens), jnp.int32)
-  init = jax.jit(lambda key: model.init({"params": key, "dropout": key}, volume, volume, ids,
-                                        jnp.ones_like(ids), train=False))
-  return init(rng)
+  volume = jax.ShapeDtypeStruct((1, *image_shape, 1), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, max_tokens), jnp.int32)
+
+  def init(key, text_params):
+    key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+    variables = model.lazy_init({"params": key, "dropout": key}, volume, volume, ids, ids,
+                                train=False)
+    if text_params is not None:
+      variables = {**variables, "params": {**variables["params"], "text_encoder": text_params}}
+    return variables
+
+  return jax.jit(init)(rng, text_params)

@@ -24,6 +24,9 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
     b, n, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"ViT3D: hidden_size {width} is not a multiple of num_heads "
+                       f"{self.num_heads}")
     head_dim = width // self.num_heads
     qkv = nn.Dense(3 * width, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=dense_init,
                    name="qkv")(x)
