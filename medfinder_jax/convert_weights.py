@@ -244,15 +244,19 @@ def seed_key_fn(backbone):
   })
 
 
-def import_seed_checkpoint(path, variables, backbone="resnet50"):
+def import_seed_checkpoint(path, variables, backbone=None):
   """The seed's `best_model.pt` (state dict) or `checkpoint_epoch_N.pt` (dict with
   model_state_dict) -> MedFinder variables (numpy).
 
-  `variables`: a freshly initialised MedFinder (init_variables) with the seed's shapes. The seed
-  has no fusion parameters: params["fusion"], present when fusion is enabled, keep their fresh
-  initialisation and are listed in report["fresh"].
+  `variables`: a freshly initialised MedFinder (init_variables, or its jax.eval_shape when fusion
+  is disabled) with the seed's shapes. backbone: "resnet50" | "vit"; None = read from
+  `variables`. The seed has no fusion parameters: params["fusion"], present when fusion is
+  enabled, keep their fresh initialisation and are listed in report["fresh"].
   Returns (variables, report {"loaded": n, "fresh": [...], "ignored": [...]}).
   """
+  if backbone is None:
+    image_params = variables["params"]["image_encoder"]
+    backbone = "vit" if "position_embeddings" in image_params else "resnet50"
   state = _rename_layer_norm(load_state_dict(path))
   return convert_tree(variables, state, seed_key_fn(backbone), path, fresh=("params/fusion",))
 

@@ -21,25 +21,40 @@ TINY = ((1, 1, 1, 1), (2, 2, 4, 4))
 IMAGE, TOKENS = (32, 32, 16), 12
 
 
-class VisualEncoder(torch.nn.Module):
-  """The seed's `visual_encoder`: MONAI ResNet (fc removed) + Linear(2048, 512)."""
+SMALL_VIT = dict(hidden_size=64, mlp_dim=96, num_layers=2, num_heads=4)
 
-  def __init__(self, layers, widths):
+
+class VisualEncoder(torch.nn.Module):
+  """The seed's `visual_encoder`: MONAI ResNet (fc removed) + Linear(2048, 512), or its ViT
+  branch (MONAI ViT, tokens mean-pooled) + Linear(hidden, 512)."""
+
+  def __init__(self, layers, widths, backbone="resnet50"):
     super().__init__()
-    self.encoder = monai_resnet.ResNet("bottleneck", list(layers), list(widths), spatial_dims=3,
-                                       n_input_channels=1, feed_forward=False)
-    self.projection = torch.nn.Linear(widths[-1] * 4, 512)
+    if backbone == "resnet50":
+      self.encoder = monai_resnet.ResNet("bottleneck", list(layers), list(widths), spatial_dims=3,
+                                         n_input_channels=1, feed_forward=False)
+      self.projection = torch.nn.Linear(widths[-1] * 4, 512)
+    else:
+      from monai.networks.nets import vit  # pylint: disable=import-outside-toplevel
+      self.encoder = vit.ViT(in_channels=1, img_size=IMAGE, patch_size=16, classification=False,
+                             spatial_dims=3, **SMALL_VIT)
+      self.projection = torch.nn.Linear(SMALL_VIT["hidden_size"], 512)
+    self.backbone = backbone
 
   def forward(self, x):
-    return self.projection(self.encoder(x))
+    features = self.encoder(x)
+    if self.backbone != "resnet50":
+      features = features[0].mean(dim=1)
+    return self.projection(features)
+
 
 
 class SeedMedFinder(torch.nn.Module):
   """The seed's module structure (visual_encoder, text_encoder, text_projection)."""
 
-  def __init__(self, layers, widths):
+  def __init__(self, layers, widths, backbone="resnet50"):
     super().__init__()
-    self.visual_encoder = VisualEncoder(layers, widths)
+    self.visual_encoder = VisualEncoder(layers, widths, backbone)
     self.text_encoder = transformers.BertModel(transformers.BertConfig(**TINY_BERT))
     self.text_projection = torch.nn.Linear(TINY_BERT["hidden_size"], 512)
 
@@ -48,9 +63,9 @@ class SeedMedFinder(torch.nn.Module):
     return self.text_projection(hidden[:, 0])
 
 
-def seed_model(layers, widths):
+def seed_model(layers, widths, backbone="resnet50"):
   torch.manual_seed(0)
-  model = SeedMedFinder(layers, widths)
+  model = SeedMedFinder(layers, widths, backbone)
   with torch.no_grad():
     for module in model.modules():
       if isinstance(module, torch.nn.BatchNorm3d):
@@ -59,9 +74,11 @@ def seed_model(layers, widths):
   return model.eval()
 
 
-def our_model(layers, widths, fusion):
+def our_model(layers, widths, fusion, backbone="resnet50"):
   config = default.get_config()
+  config.model.backbone = backbone
   config.model.resnet.layers, config.model.resnet.widths = layers, widths
+  config.model.vit.update(SMALL_VIT)
   config.model.fusion.enabled = fusion
   return medfinder.build_model(config.model, config.text, bert.BertConfig(**TINY_BERT))
 
@@ -115,6 +132,17 @@ def test_best_model_state_dict_gives_the_seed_embeddings(tmp_path):
   assert image.shape == (2, 512) and text.shape == (2, 512)
   assert_close(image, ref_image)
   assert_close(text, ref_text)
+
+
+def test_vit_seed_checkpoint_gives_the_seed_embeddings(tmp_path):
+  torch_model = seed_model(*TINY, backbone="vit")
+  path = tmp_path / "best_model.pt"
+  torch.save(torch_model.state_dict(), path)
+  model = our_model(*TINY, fusion=False, backbone="vit")
+  variables, _ = convert_weights.import_seed_checkpoint(str(path), template(model))
+  volume, ids, mask = inputs()
+  image, _ = our_embeddings(model, variables, volume, ids, mask)
+  assert_close(image, torch_embeddings(torch_model, volume, ids, mask)[0])
 
 
 def test_training_checkpoint_dict_is_read_and_fusion_starts_fresh(tmp_path):
