@@ -26,7 +26,8 @@ def hf_model(**config):
 
 def hf_forward(model, ids, mask):
   with torch.no_grad():
-    out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+    out = model(input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(mask).long())
   return out.last_hidden_state.numpy(), out.pooler_output.numpy()
 
 
@@ -117,7 +118,8 @@ def write_folder(folder, model, weights):
   state = model.state_dict()
   if weights == "safetensors":
     from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in state.items()}, os.fspath(folder / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()},
+              os.fspath(folder / "model.safetensors"))
   else:
     torch.save(state, folder / "pytorch_model.bin")
   return os.fspath(folder)
@@ -137,8 +139,9 @@ def test_loads_hf_folder_with_either_weight_file(tmp_path, weights):
 def test_pretraining_checkpoint_names_are_understood():
   """BioBERT-style: `bert.` prefix, TF-era LayerNorm gamma/beta, `cls.*` heads (ignored)."""
   reference_model = hf_model(**TINY)
-  state = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma")
-           .replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in state_of(reference_model).items()}
+  rename = lambda k: k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                            "LayerNorm.beta")
+  state = {"bert." + rename(k): v for k, v in state_of(reference_model).items()}
   state["cls.predictions.bias"] = np.zeros(99, np.float32)
   config = bert.BertConfig(**TINY)
   params = convert_weights.import_hf_bert(state, convert_weights.bert_template(config))["params"]
