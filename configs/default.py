@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.text.max_tokens = 100
   c.text.window_words = 100          # random contiguous window of this many words while training
   c.text.trainable = False           # the seed freezes BERT
+  c.text.lowercase = "auto"          # "auto" (tokenizer_config.json, else cased iff vocab.txt is) | "true" | "false"
 
   # --- Model ----------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -58,6 +59,7 @@ def get_config(arg=None):
   c.model.vit.mlp_dim = 3072
   c.model.vit.num_layers = 12
   c.model.vit.num_heads = 12
+  c.model.vit.dropout_rate = 0.0     # MONAI ViT default
   c.model.fusion = ml_collections.ConfigDict()
   c.model.fusion.enabled = True
   c.model.fusion.num_heads = 8

@@ -1,0 +1,218 @@
+"""Importing the seed's saved PyTorch MedFinder (best_model.pt / checkpoint_epoch_N.pt) and the
+safety and error behaviour of state dict loading."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from medfinder_jax import convert_weights
+from medfinder_jax.models import bert
+from medfinder_jax.models import medfinder
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+monai_resnet = pytest.importorskip("monai.networks.nets.resnet")
+
+TINY_BERT = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=48, max_position_embeddings=40)
+FULL = ((3, 4, 6, 3), (64, 128, 256, 512))
+TINY = ((1, 1, 1, 1), (2, 2, 4, 4))
+IMAGE, TOKENS = (32, 32, 16), 12
+
+
+SMALL_VIT = dict(hidden_size=64, mlp_dim=96, num_layers=2, num_heads=4)
+
+
+class VisualEncoder(torch.nn.Module):
+  """The seed's `visual_encoder`: MONAI ResNet (fc removed) + Linear(2048, 512), or its ViT
+  branch (MONAI ViT, tokens mean-pooled) + Linear(hidden, 512)."""
+
+  def __init__(self, layers, widths, backbone="resnet50"):
+    super().__init__()
+    if backbone == "resnet50":
+      self.encoder = monai_resnet.ResNet("bottleneck", list(layers), list(widths), spatial_dims=3,
+                                         n_input_channels=1, feed_forward=False)
+      self.projection = torch.nn.Linear(widths[-1] * 4, 512)
+    else:
+      from monai.networks.nets import vit  # pylint: disable=import-outside-toplevel
+      self.encoder = vit.ViT(in_channels=1, img_size=IMAGE, patch_size=16, classification=False,
+                             spatial_dims=3, **SMALL_VIT)
+      self.projection = torch.nn.Linear(SMALL_VIT["hidden_size"], 512)
+    self.backbone = backbone
+
+  def forward(self, x):
+    features = self.encoder(x)
+    if self.backbone != "resnet50":
+      features = features[0].mean(dim=1)
+    return self.projection(features)
+
+
+
+class SeedMedFinder(torch.nn.Module):
+  """The seed's module structure (visual_encoder, text_encoder, text_projection)."""
+
+  def __init__(self, layers, widths, backbone="resnet50"):
+    super().__init__()
+    self.visual_encoder = VisualEncoder(layers, widths, backbone)
+    self.text_encoder = transformers.BertModel(transformers.BertConfig(**TINY_BERT))
+    self.text_projection = torch.nn.Linear(TINY_BERT["hidden_size"], 512)
+
+  def encode_text(self, ids, mask):
+    hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    return self.text_projection(hidden[:, 0])
+
+
+def seed_model(layers, widths, backbone="resnet50"):
+  torch.manual_seed(0)
+  model = SeedMedFinder(layers, widths, backbone)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm3d):
+        module.running_mean.uniform_(-0.1, 0.1)
+        module.running_var.uniform_(0.5, 1.5)
+  return model.eval()
+
+
+def our_model(layers, widths, fusion, backbone="resnet50"):
+  config = default.get_config()
+  config.model.backbone = backbone
+  config.model.resnet.layers, config.model.resnet.widths = layers, widths
+  config.model.vit.update(SMALL_VIT)
+  config.model.fusion.enabled = fusion
+  return medfinder.build_model(config.model, config.text, bert.BertConfig(**TINY_BERT))
+
+
+def template(model):
+  volume = jax.ShapeDtypeStruct((1, *IMAGE, 1), np.float32)
+  ids = jax.ShapeDtypeStruct((1, TOKENS), np.int32)
+  return jax.eval_shape(lambda v, i: model.init(jax.random.key(0), v, v, i, i, train=False),
+                        volume, ids)
+
+
+def inputs():
+  rng = np.random.default_rng(0)
+  volume = rng.normal(size=(2, *IMAGE, 1)).astype(np.float32)
+  ids = rng.integers(1, 60, (2, TOKENS)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 5:] = 0
+  return volume, ids, mask
+
+
+def torch_embeddings(model, volume, ids, mask):
+  with torch.no_grad():
+    image = model.visual_encoder(torch.from_numpy(np.transpose(volume, (0, 4, 1, 2, 3))))
+    text = model.encode_text(torch.from_numpy(ids).long(), torch.from_numpy(mask).long())
+  return image.numpy(), text.numpy()
+
+
+def our_embeddings(model, variables, volume, ids, mask):
+  image = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))(variables, volume)
+  text = jax.jit(lambda v, i, m: model.apply(v, i, m, method=model.encode_text))(variables, ids,
+                                                                                 mask)
+  return np.asarray(image), np.asarray(text)
+
+
+def assert_close(ours, reference, rel=1e-4):
+  assert np.max(np.abs(ours - reference)) <= rel * np.max(np.abs(reference))
+
+
+def test_best_model_state_dict_gives_the_seed_embeddings(tmp_path):
+  """Seed reference setting (fusion off): MONAI ResNet50 + BERT + the two projections."""
+  torch_model = seed_model(*FULL)
+  path = tmp_path / "best_model.pt"
+  torch.save(torch_model.state_dict(), path)
+  model = our_model(*FULL, fusion=False)
+  variables, report = convert_weights.import_seed_checkpoint(str(path), template(model))
+  assert report["fresh"] == []
+  assert report["loaded"] + len(report["ignored"]) == len(torch_model.state_dict())
+  volume, ids, mask = inputs()
+  image, text = our_embeddings(model, variables, volume, ids, mask)
+  ref_image, ref_text = torch_embeddings(torch_model, volume, ids, mask)
+  assert image.shape == (2, 512) and text.shape == (2, 512)
+  assert_close(image, ref_image)
+  assert_close(text, ref_text)
+
+
+def test_vit_seed_checkpoint_gives_the_seed_embeddings(tmp_path):
+  torch_model = seed_model(*TINY, backbone="vit")
+  path = tmp_path / "best_model.pt"
+  torch.save(torch_model.state_dict(), path)
+  model = our_model(*TINY, fusion=False, backbone="vit")
+  variables, _ = convert_weights.import_seed_checkpoint(str(path), template(model))
+  volume, ids, mask = inputs()
+  image, _ = our_embeddings(model, variables, volume, ids, mask)
+  assert_close(image, torch_embeddings(torch_model, volume, ids, mask)[0])
+
+
+def test_training_checkpoint_dict_is_read_and_fusion_starts_fresh(tmp_path):
+  torch_model = seed_model(*TINY)
+  optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, weight_decay=0.01)
+  scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
+  path = tmp_path / "checkpoint_epoch_3.pt"
+  torch.save({"epoch": 3, "model_state_dict": torch_model.state_dict(),
+              "optimizer_state_dict": optimizer.state_dict(),
+              "scheduler_state_dict": scheduler.state_dict(), "best_recall": 12.5,
+              "scaler": {"scale": 65536.0, "growth_factor": 2.0}}, path)
+  model = our_model(*TINY, fusion=True)
+  fresh = medfinder.init_variables(model, jax.random.key(0), IMAGE, TOKENS)
+  variables, report = convert_weights.import_seed_checkpoint(str(path), fresh)
+  assert report["fresh"] and all(k.startswith("params/fusion/") for k in report["fresh"])
+  jax.tree.map(np.testing.assert_array_equal, variables["params"]["fusion"],
+               fresh["params"]["fusion"])
+  volume, ids, mask = inputs()
+  _, text = our_embeddings(model, variables, volume, ids, mask)
+  assert_close(text, torch_embeddings(torch_model, volume, ids, mask)[1])
+
+
+def test_ddp_module_prefix_is_removed(tmp_path):
+  torch_model = seed_model(*TINY)
+  path = tmp_path / "best_model.pt"
+  torch.save({"module." + k: v for k, v in torch_model.state_dict().items()}, path)
+  state = convert_weights.load_state_dict(str(path))
+  assert set(state) == set(torch_model.state_dict())
+
+
+class Payload:
+  pass
+
+
+def test_arbitrary_pickled_objects_are_refused(tmp_path):
+  path = tmp_path / "evil.pt"
+  torch.save({"model_state_dict": {}, "payload": Payload()}, path)
+  with pytest.raises(convert_weights.WeightImportError, match="weights_only"):
+    convert_weights.load_state_dict(str(path))
+
+
+def test_wrong_backbone_checkpoint_lists_the_mismatch(tmp_path):
+  torch_model = seed_model(*TINY)
+  path = tmp_path / "best_model.pt"
+  state = torch_model.state_dict()
+  state.pop("text_projection.bias")
+  torch.save(state, path)
+  model = our_model((1, 1, 1, 1), (2, 2, 4, 8), fusion=False)  # last stage wider than saved
+  with pytest.raises(convert_weights.WeightImportError) as err:
+    convert_weights.import_seed_checkpoint(str(path), template(model))
+  message = str(err.value)
+  assert str(path) in message
+  assert "missing keys" in message and "text_projection.bias" in message
+  assert "wrongly shaped keys" in message and "visual_encoder.projection.weight" in message
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+  with pytest.raises(convert_weights.WeightImportError, match="no such file"):
+    convert_weights.load_state_dict(str(tmp_path / "best_model.pt"))
+
+
+def test_create_model_puts_the_pretrained_bert_in_place():
+  config = default.get_config()
+  config.model.resnet.layers, config.model.resnet.widths = TINY
+  config.model.fusion.enabled = False
+  config.text.model_path = "minilm"
+  model, variables = convert_weights.create_model(config.model, config.text, (16, 16, 8),
+                                                  jax.random.key(0))
+  _, bert_params = convert_weights.load_hf_bert(
+      convert_weights.text_lib.resolve_text_model_path("minilm"))
+  jax.tree.map(np.testing.assert_array_equal, variables["params"]["text_encoder"], bert_params)
+  assert variables["params"]["text_projection"]["kernel"].shape == (384, 512)
+  assert model.text_config.hidden_size == 384
