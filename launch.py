@@ -44,6 +44,21 @@ def add_seed_args(parser):
   parser.add_argument("--use_wandb", action="store_true", help="log to wandb (mode online)")
 
 
+def add_distributed_args(parser):
+  """Multi-process flags (several hosts); SLURM / Open MPI / TPU environments are detected."""
+  parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
+
+
+def start_distributed(args):
+  """jax.distributed.initialize before any other JAX call, for commands that take the flags."""
+  if not hasattr(args, "coordinator_address"):
+    return
+  from medfinder_jax import sharding  # pylint: disable=import-outside-toplevel
+  sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+
 def build_config(args, overrides):
   """Config file -> seed-style flags -> --config.* overrides (later ones win)."""
   config = config_utils.load_config_file(args.config)
@@ -79,6 +94,7 @@ def main(argv=None):
   except config_utils.ConfigError as err:
     print(f"launch.py: error: {err}", file=sys.stderr)
     return 2
+  start_distributed(args)
   _, _, run = COMMANDS[args.command]
   return run(args, config) or 0
 

@@ -38,3 +38,35 @@ def tiny_dataset(tmp_path_factory):
   if key not in _CONVERTED:
     _CONVERTED[key] = convert_phantom(str(tmp_path_factory.mktemp("tiny_dataset")), 40, (16, 16, 8))
   return _CONVERTED[key]
+
+
+def make_tiny_config(**overrides):
+  """The default config shrunk for CPU tests: a 2-stage-width ResNet, MiniLM text, 32-d
+  embeddings, 16x16x8 volumes (the `tiny_dataset` shape). `overrides`: {"a.b": value}."""
+  from medfinder_jax import config_utils  # pylint: disable=import-outside-toplevel
+  config = config_utils.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+  config.data.shape = (16, 16, 8)
+  config.text.model_path = "minilm"
+  config.text.max_tokens = 32
+  config.model.embed_dim = 32
+  config.model.resnet.layers = (1, 1, 1, 1)
+  config.model.resnet.widths = (4, 8, 8, 16)
+  config.model.resnet.conv1_kernel = 3
+  config.model.fusion.num_heads = 2
+  config.train.batch_size_per_device = 1
+  config.eval.batch_size_per_device = 1
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    with node.ignore_type():
+      node[leaf] = value
+  return config
+
+
+@pytest.fixture
+def tiny_config():
+  """Factory: tiny_config(**{"model.backbone": "vit"}) -> a tiny ConfigDict."""
+  return make_tiny_config
