@@ -53,6 +53,7 @@ def get_config(arg=None):
   c.model.resnet.widths = (64, 128, 256, 512)
   c.model.resnet.conv1_kernel = 7
   c.model.resnet.conv1_stride = 1    # MONAI default, as in the seed
+  c.model.resnet.conv_impl = "auto"  # "native" 3D convs | "slices" (2D convs, fast on CPU) | "auto"
   c.model.vit = ml_collections.ConfigDict()
   c.model.vit.patch_size = 16
   c.model.vit.hidden_size = 768

@@ -120,7 +120,8 @@ def build_image_encoder(model_config):
   if model_config.backbone == "resnet50":
     r = model_config.resnet
     return resnet3d.ResNet3D(tuple(r.layers), tuple(r.widths), r.conv1_kernel, r.conv1_stride,
-                             dtype=dtype, remat=model_config.remat)
+                             dtype=dtype, remat=model_config.remat,
+                             conv_impl=r.get("conv_impl", "auto"))
   if model_config.backbone == "vit":
     v = model_config.vit
     return vit3d.ViT3D(v.patch_size, v.hidden_size, v.mlp_dim, v.num_layers, v.num_heads,

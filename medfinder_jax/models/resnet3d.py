@@ -10,6 +10,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 EXPANSION = 4  # bottleneck output channels = 4 * width
@@ -18,9 +19,75 @@ EXPANSION = 4  # bottleneck output channels = 4 * width
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+CONV_IMPLS = ("auto", "native", "slices")
+
+
 def torch_padding(kernel, ndim=3):
   """Symmetric padding k // 2 on each side, as PyTorch's `padding=k // 2` (not XLA 'SAME')."""
   return [(kernel // 2, kernel // 2)] * ndim
+
+
+def resolve_conv_impl(impl):
+  """"auto" -> "slices" on CPU (XLA:CPU runs 3D convolutions 5-9x slower than 2D ones: see
+  benchmarks/conv3d.py), "native" elsewhere (cuDNN / TPU convolutions are fast)."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"model.resnet.conv_impl: got {impl!r}, expected one of {CONV_IMPLS}")
+  if impl == "auto":
+    return "slices" if jax.default_backend() == "cpu" else "native"
+  return impl
+
+
+def conv3d(x, kernel, stride, padding, impl):
+  """Cubic 3D convolution, channels-last: x (B, X, Y, Z, Cin), kernel (k, k, k, Cin, Cout),
+  the same `stride` and symmetric `padding` on every axis (PyTorch semantics).
+
+  impl "native": one XLA 3D convolution. impl "slices": the same sum computed as k 2D
+  convolutions over (X, Y) of depth-shifted Z slices (batched as B * Zout images), and 1^3
+  kernels as a matmul; identical up to float rounding, and several times faster on XLA:CPU.
+  """
+  k = kernel.shape[0]
+  if impl == "native":
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride,) * 3, [(padding, padding)] * 3,
+        dimension_numbers=("NXYZC", "XYZIO", "NXYZC"))
+  if k == 1:
+    x = x[:, ::stride, ::stride, ::stride] if stride > 1 else x
+    return jnp.einsum("bxyzc,cd->bxyzd", x, kernel[0, 0, 0])
+  batch, _, _, depth, channels = x.shape
+  out_depth = (depth + 2 * padding - k) // stride + 1
+  xp = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (padding, padding), (0, 0)))
+  total = None
+  for dz in range(k):
+    xs = jax.lax.slice_in_dim(xp, dz, dz + stride * (out_depth - 1) + 1, stride, axis=3)
+    xs = jnp.moveaxis(xs, 3, 1).reshape(batch * out_depth, *xs.shape[1:3], channels)
+    y = jax.lax.conv_general_dilated(xs, kernel[:, :, dz], (stride, stride),
+                                     [(padding, padding)] * 2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    total = y if total is None else total + y
+  total = total.reshape(batch, out_depth, *total.shape[1:])
+  return jnp.moveaxis(total, 1, 3)
+
+
+class Conv3D(nn.Module):
+  """nn.Conv's parameters ("kernel" (k, k, k, Cin, Cout), optional "bias"), cubic kernel,
+  PyTorch padding k // 2, computed by `conv3d` with the chosen implementation."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  use_bias: bool = False
+  impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", conv_init, (k, k, k, x.shape[-1], self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = conv3d(x, kernel, self.stride, k // 2, resolve_conv_impl(self.impl))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(
+          self.dtype)
+    return y
 
 
 class Bottleneck(nn.Module):
@@ -28,24 +95,21 @@ class Bottleneck(nn.Module):
   width: int
   stride: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train=False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32, kernel_init=conv_init)
+    conv = functools.partial(Conv3D, dtype=self.dtype, impl=self.conv_impl)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
-    strides = (self.stride,) * 3
     out_features = self.width * EXPANSION
 
-    y = nn.relu(norm(name="bn1")(conv(self.width, (1, 1, 1), padding="VALID", name="conv1")(x)))
-    y = conv(self.width, (3, 3, 3), strides=strides, padding=torch_padding(3), name="conv2")(y)
-    y = nn.relu(norm(name="bn2")(y))
-    y = norm(name="bn3")(conv(out_features, (1, 1, 1), padding="VALID", name="conv3")(y))
+    y = nn.relu(norm(name="bn1")(conv(self.width, 1, name="conv1")(x)))
+    y = nn.relu(norm(name="bn2")(conv(self.width, 3, self.stride, name="conv2")(y)))
+    y = norm(name="bn3")(conv(out_features, 1, name="conv3")(y))
 
     if self.stride != 1 or x.shape[-1] != out_features:  # MONAI shortcut "B"
-      x = conv(out_features, (1, 1, 1), strides=strides, padding="VALID", use_bias=True,
-               name="downsample_conv")(x)
+      x = conv(out_features, 1, self.stride, use_bias=True, name="downsample_conv")(x)
       x = norm(name="downsample_bn")(x)
     return nn.relu(x + y)
 
@@ -56,12 +120,14 @@ class ResNetStage(nn.Module):
   width: int
   stride: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train=False):
     for i in range(self.num_blocks):
       stride = self.stride if i == 0 else 1
-      x = Bottleneck(self.width, stride, dtype=self.dtype, name=f"block{i}")(x, train)
+      x = Bottleneck(self.width, stride, dtype=self.dtype, conv_impl=self.conv_impl,
+                     name=f"block{i}")(x, train)
     return x
 
 
@@ -74,6 +140,7 @@ class ResNet3D(nn.Module):
     conv1_kernel, conv1_stride: first convolution (MONAI `conv1_t_size`, `conv1_t_stride`).
     dtype: compute dtype (params stay float32).
     remat: rematerialize each stage in the backward pass (saves activation memory).
+    conv_impl: "auto" | "native" | "slices" (see `conv3d`; same parameters and results).
   """
   layers: Sequence[int] = (3, 4, 6, 3)
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -81,6 +148,7 @@ class ResNet3D(nn.Module):
   conv1_stride: int = 1
   dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = "auto"
 
   @property
   def num_features(self):
@@ -94,9 +162,8 @@ class ResNet3D(nn.Module):
     "tokens" = last stage flattened to (B, x*y*z, C) in X-major order, "pooled".
     """
     k, s = self.conv1_kernel, self.conv1_stride
-    x = nn.Conv(self.widths[0], (k, k, k), strides=(s, s, s), padding=torch_padding(k),
-                use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
-                name="conv1")(x.astype(self.dtype))
+    x = Conv3D(self.widths[0], k, s, dtype=self.dtype, impl=self.conv_impl,
+               name="conv1")(x.astype(self.dtype))
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                      param_dtype=jnp.float32, name="bn1")(x)
     x = nn.relu(x)
@@ -106,7 +173,7 @@ class ResNet3D(nn.Module):
     stage = nn.remat(ResNetStage, static_argnums=(2,)) if self.remat else ResNetStage
     for i, (num_blocks, width) in enumerate(zip(self.layers, self.widths)):
       x = stage(num_blocks, width, stride=1 if i == 0 else 2, dtype=self.dtype,
-                name=f"layer{i + 1}")(x, train)
+                conv_impl=self.conv_impl, name=f"layer{i + 1}")(x, train)
       out[f"stage{i + 1}"] = x
 
     out["tokens"] = x.reshape(x.shape[0], -1, x.shape[-1])
