@@ -115,6 +115,8 @@ def get_config(arg=None):
   c.eval.bootstrap_samples = 1000    # resamples for confidence intervals; 0 = no CIs
   c.eval.ci_level = 0.95
   c.eval.ties = "best"               # rank of a paired item tied with others: "best" | "worst"
+  c.eval.search_top_k = 10           # launch.py search: results shown (--top_k)
+  c.eval.excerpt_chars = 200         # launch.py search: report excerpt length per result
 
   # --- Logging --------------------------------------------------------------------------------
   c.wandb = ml_collections.ConfigDict()
