@@ -62,7 +62,8 @@ def make_manager(directory, keep=3, read_only=False, enable_async=True):
       best_fn=_best_metric, best_mode="max", create=not read_only, read_only=read_only,
       preservation_policy=None if read_only else checkpoint_managers.AnyPreservationPolicy(
           [latest, best]),
-      enable_async_checkpointing=enable_async)
+      enable_async_checkpointing=enable_async,
+      cleanup_tmp_directories=not read_only)  # half-written steps of a killed run
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
