@@ -122,11 +122,12 @@ def make_identity(kind, path, config, variables, tokenizer, params, step=None):
       preprocess=params.to_dict())
 
 
-def load_model(model_path, config, recorded=None):
+def load_model(model_path, config, recorded=None, mesh=None):
   """LoadedModel from our checkpoint or a seed PyTorch file (module docstring).
 
   recorded: the "model" record of an index (search): a seed file is then rebuilt with the
   recorded model/text settings and preprocessing instead of the config's.
+  mesh: the mesh the model will run on (all processes must call this together with it).
   """
   if not model_path:
     raise InferenceError("no model: pass --model_path (a run directory of launch.py train, one "
@@ -137,7 +138,7 @@ def load_model(model_path, config, recorded=None):
                          f"checkpoint_epoch_N.pt)")
   with user_errors():
     if os.path.isdir(model_path):
-      return _load_ours(model_path, config)
+      return _load_ours(model_path, config, mesh)
     if not model_path.endswith(SEED_SUFFIXES):
       raise InferenceError(f"{model_path}: not a checkpoint: expected a directory (ours) or a "
                            f"PyTorch state dict file ({', '.join(SEED_SUFFIXES)})")
@@ -177,32 +178,45 @@ def _with_recorded_sections(config, recorded):
   return config
 
 
-def _load_ours(path, config):
-  """A checkpoint of launch.py train (medfinder_jax/checkpoint.py)."""
-  del config   # the checkpoint carries its own config
-  try:
-    from medfinder_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise InferenceError(f"{path}: a directory, i.e. a training checkpoint, but this build has "
-                         f"no medfinder_jax/checkpoint.py to read it") from None
-  ckpt_config, model, variables, info = checkpoint.load_for_inference(path)
-  variables = jax.device_get(variables)
+def _load_ours(path, config, mesh=None):
+  """A checkpoint of launch.py train: its own config, weights and training dataset.
+
+  The checkpoint's text.model_path is used for the tokenizer; when that folder is not on this
+  machine, config text.model_path (e.g. --config.text.model_path) stands in for it.
+  """
+  from medfinder_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  with user_errors(checkpoint.CheckpointError):
+    try:
+      ckpt_config, model, variables, info = checkpoint.load_for_inference(path, mesh=mesh)
+    except checkpoint.CheckpointError as err:
+      if "text.model_path" not in str(err) or not config.text.model_path:
+        raise
+      ckpt_config, model, variables, info = checkpoint.load_for_inference(
+          path, mesh=mesh, text_model_path=config.text.model_path)
+  variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
   params = checkpoint_preprocessing(info, ckpt_config)
   tokenizer = text_lib.load_tokenizer(ckpt_config.text)
-  identity = make_identity("checkpoint", info.get("path", path), ckpt_config, variables,
-                           tokenizer, params, step=info.get("step"))
-  return LoadedModel(model, variables, ckpt_config, tokenizer, params, identity, [], dict(info))
+  identity = make_identity("checkpoint", info["checkpoint_path"], ckpt_config, variables,
+                           tokenizer, params, step=info["step"])
+  notes = [checkpoint.describe(info)]
+  return LoadedModel(model, variables, ckpt_config, tokenizer, params, identity, notes, info)
 
 
 def checkpoint_preprocessing(info, config):
-  """PreprocessParams recorded with our checkpoint (the training dataset's), else the config's."""
-  for key in ("preprocess", "dataset"):
-    value = info.get(key)
-    if isinstance(value, dict) and "preprocess" in value:
-      value = value["preprocess"]
-    if isinstance(value, dict) and "mode" in value:
-      return params_from_dict(value)
-  return volume_preprocessing(config)
+  """PreprocessParams of the dataset our checkpoint was trained on: its metadata.json when the
+  dataset is still there, else the checkpoint's data config with the dataset's shape/dtype."""
+  dataset = info.get("dataset") or {}
+  directory = dataset.get("directory", "")
+  if directory and os.path.isfile(os.path.join(directory, "metadata.json")):
+    return dataset_preprocessing(directory)
+  try:
+    params = preprocess_lib.params_from_config(config.data)
+    return dataclasses.replace(
+        params, shape=tuple(dataset.get("shape") or params.shape),
+        volume_dtype=dataset.get("volume_dtype") or params.volume_dtype)
+  except ValueError as err:
+    raise InferenceError(f"{info['checkpoint_path']}: its data config cannot preprocess "
+                         f"volumes ({err})") from None
 
 
 def params_from_dict(values):
@@ -313,12 +327,12 @@ def run_eval(config, model_path, *, split=None, plots=False, bootstrap_samples=N
                          f"{bootstrap_samples}")
   with user_errors(input_pipeline.DatasetError):
     directory = dataset_directory(config, required=not os.path.isdir(model_path or ""))
-    loaded = load_model(model_path, _with_dataset(config, directory))
+    mesh = sharding.make_mesh(config.mesh)
+    loaded = load_model(model_path, _with_dataset(config, directory), mesh=mesh)
     directory = directory or _checkpoint_dataset(loaded)
     builder, spec = input_pipeline.open_dataset(directory)
     input_pipeline.split_files(builder, split)
   _log_notes(loaded, log)
-  mesh = sharding.make_mesh(config.mesh)
   variables = replicate(loaded.variables, mesh)
   embeddings = _extract(loaded, variables, builder, spec, split, mesh, config, log)
   keywords = tuple(config.eval.keywords)
@@ -343,11 +357,7 @@ def _with_dataset(config, directory):
 
 def _checkpoint_dataset(loaded):
   """The dataset our checkpoint was trained on (fallback when none is given)."""
-  directory = ""
-  for key in ("dataset", "spec"):
-    value = loaded.info.get(key)
-    directory = directory or (value.get("directory", "") if isinstance(value, dict)
-                              else getattr(value, "directory", ""))
+  directory = (loaded.info.get("dataset") or {}).get("directory", "")
   directory = directory or loaded.config.data.get("tfrecord_dir", "")
   if not directory:
     raise InferenceError(f"{loaded.identity['checkpoint']}: records no dataset; pass "
@@ -427,12 +437,12 @@ def _embed_split(config, model_path, split, log):
   from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   with user_errors(input_pipeline.DatasetError):
     directory = dataset_directory(config, required=not os.path.isdir(model_path or ""))
-    loaded = load_model(model_path, _with_dataset(config, directory))
+    mesh = sharding.make_mesh(config.mesh)
+    loaded = load_model(model_path, _with_dataset(config, directory), mesh=mesh)
     directory = directory or _checkpoint_dataset(loaded)
     builder, spec = input_pipeline.open_dataset(directory)
     input_pipeline.split_files(builder, split)
   _log_notes(loaded, log)
-  mesh = sharding.make_mesh(config.mesh)
   variables = replicate(loaded.variables, mesh)
   embeddings = _extract(loaded, variables, builder, spec, split, mesh, config, log)
   # Volume queries must be preprocessed like this gallery: record the dataset's parameters.
@@ -481,9 +491,10 @@ def read_report_beside(path):
 
 def _embed_volume_folder(config, model_path, directory, log):
   files = list_volume_files(directory)
-  loaded = load_model(model_path, config)
+  with user_errors():
+    mesh = sharding.make_mesh(config.mesh)
+  loaded = load_model(model_path, config, mesh=mesh)
   _log_notes(loaded, log)
-  mesh = sharding.make_mesh(config.mesh)
   variables = replicate(loaded.variables, mesh)
   paths = [os.path.join(directory, f) for f in files]
   image, ok, reasons = _embed_files(loaded, variables, paths, mesh,
@@ -599,7 +610,8 @@ def load_index_model(index, config, model_path=None):
   if not model_path and path and not os.path.exists(path):
     raise InferenceError(f"{index.directory}: built by the model at {path}, which no longer "
                          f"exists; pass --model_path with the same model's new location")
-  loaded = load_model(path, config, recorded=recorded if recorded.get("kind") == "seed" else None)
+  loaded = load_model(path, config, recorded=recorded,
+                      mesh=single_device_mesh())
   with user_errors():
     retrieval.check_model(index, loaded.identity)
   return loaded
