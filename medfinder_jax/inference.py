@@ -582,7 +582,7 @@ def run_search(config, index_dir, *, text=None, keyword=None, volume=None, top_k
   fingerprint must match the index's. Returns a plain dict (see format_search / --json).
   """
   kind, value = _query_kind(text, keyword, volume)
-  top_k = int(top_k or config.eval.search_top_k)
+  top_k = int(config.eval.search_top_k if top_k is None else top_k)
   if top_k < 1:
     raise InferenceError(f"--top_k must be at least 1, got {top_k}")
   if kind == "keyword":
