@@ -234,7 +234,8 @@ def report(r):
     v = r["volume_query"]
     print(f"volume query at {v['shape']} ({v['queries']} queries): read + preprocess "
           f"{v['read_preprocess_ms']:.0f} ms + encode {v['encode_ms']:.0f} ms + search "
-          f"{v['search_ms']:.2f} ms = {v['total_ms']:.0f} ms median (first {v['first_query_s']:.1f} s)")
+          f"{v['search_ms']:.2f} ms = {v['total_ms']:.0f} ms median "
+          f"(first {v['first_query_s']:.1f} s)")
   if "cli" in r:
     print(f"`launch.py search --text ...` whole command: {r['cli']['median_s']:.1f} s median of "
           f"{r['cli']['runs']} runs (min {r['cli']['min_s']:.1f} s)")

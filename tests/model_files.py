@@ -20,7 +20,7 @@ def export_seed_state_dict(variables, backbone="resnet50"):
   for path, value in flax.traverse_util.flatten_dict(jax.device_get(variables)).items():
     value = np.asarray(value)
     name, _ = convert_weights._leaf_to_torch(path[-1], value)  # pylint: disable=protected-access
-    if path[-1] == "kernel":   # Flax (D, H, W, I, O) / (in, out) -> torch (O, I, D, H, W) / (out, in)
+    if path[-1] == "kernel":   # Flax conv DHWIO / dense (in, out) -> torch OIDHW / (out, in)
       value = value.transpose(4, 3, 0, 1, 2) if value.ndim == 5 else value.T
     state[key_fn((*path[1:-1], name))] = np.ascontiguousarray(value)
   return state
@@ -29,7 +29,8 @@ def export_seed_state_dict(variables, backbone="resnet50"):
 def write_seed_checkpoint(path, variables, backbone="resnet50", training_dict=False):
   """Saves variables as the seed's best_model.pt (or checkpoint_epoch_N.pt with training_dict)."""
   import torch  # pylint: disable=import-outside-toplevel
-  state = {k: torch.from_numpy(v.copy()) for k, v in export_seed_state_dict(variables, backbone).items()}
+  state = {k: torch.from_numpy(v.copy())
+           for k, v in export_seed_state_dict(variables, backbone).items()}
   torch.save({"epoch": 1, "model_state_dict": state} if training_dict else state, str(path))
   return str(path)
 

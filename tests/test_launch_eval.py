@@ -127,10 +127,15 @@ def test_user_mistakes_exit_2_with_a_message_not_a_traceback(aligned, tmp_path, 
 
 
 @pytest.mark.slow
-def test_two_processes_count_every_study_once_with_a_ragged_last_batch(aligned, tmp_path):
+@pytest.mark.parametrize("kind", ["seed", "ours"])
+def test_two_processes_count_every_study_once_with_a_ragged_last_batch(aligned, tmp_path, kind):
   # 8 test studies, 2 processes x 4 devices x 3 per device = a global batch of 24.
-  argv = eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "0",
-                   "--config.eval.batch_size_per_device=3", dataset=aligned.dataset_dir)
+  if kind == "seed":
+    argv = eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "0",
+                     "--config.eval.batch_size_per_device=3", dataset=aligned.dataset_dir)
+  else:
+    argv = ["eval", "--model_path", aligned.run_dir, "--split", "test", "--output_dir",
+            str(tmp_path), "--bootstrap", "0", "--config.eval.batch_size_per_device=3"]
   results = launch_processes(argv, num_processes=2, devices_per_process=4, timeout=300)
   for code, _, err in results:
     assert code == 0, err[-3000:]

@@ -16,6 +16,7 @@ import launch
 import model_files
 import tiny_config
 from medfinder_jax import findings
+from multiprocess import launch_processes
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +140,32 @@ def test_embed_of_a_nifti_folder_matches_the_converted_split(aligned, split_inde
   assert [r for r in got["reports"] if r] == [aligned.reports[0]]     # only one .txt
   result = search(index, capsys, "--volume", volume_path(aligned, 3))  # only one report to rank
   assert [r["study_id"] for r in result["results"]] == [aligned.study_ids[0]]
+
+
+@pytest.mark.slow
+def test_two_processes_embed_a_nifti_folder_like_one(aligned, tmp_path, capsys):
+  folder = tmp_path / "volumes"
+  folder.mkdir()
+  write_volume_folder(aligned, folder)
+  (folder / "nested" / "zz.nii.gz").write_bytes(b"")    # row 6 of 11: read by process 1
+  argv = ["embed", "--model_path", aligned.seed_path, "--volumes", str(folder),
+          f"--config.data.tfrecord_dir={aligned.dataset_dir}", *CONFIG]
+  assert run(argv + ["--index", str(tmp_path / "one")], capsys)[0] == 0
+  # 11 files, 2 processes x 4 devices x 1 per device: each process reads 4 rows of 8 per batch.
+  results = launch_processes(argv + ["--index", str(tmp_path / "two")], num_processes=2,
+                             devices_per_process=4, timeout=300)
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  report = results[0][2]                                # process 0 reports every skipped file
+  assert "skipped broken.nii.gz: not a valid gzip file" in report
+  assert "skipped flat.nii.gz: expected a 3D volume" in report
+  assert "skipped nested/zz.nii.gz: " in report and "3 unreadable files" in results[0][1]
+  one = np.load(tmp_path / "one" / "embeddings.npz")
+  two = np.load(tmp_path / "two" / "embeddings.npz")
+  assert list(two["study_ids"]) == list(one["study_ids"])
+  np.testing.assert_allclose(two["image_embeddings"], one["image_embeddings"], rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(two["text_embeddings"], one["text_embeddings"], rtol=1e-4, atol=1e-5)
 
 
 def test_index_of_our_checkpoint_searches_with_it(aligned, tmp_path, capsys):
