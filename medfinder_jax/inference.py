@@ -20,10 +20,11 @@ Model identity (kept in indexes and metrics.json): retrieval.model_identity with
   preprocess    data_prep.preprocess.PreprocessParams (dict) turning a NIfTI file into model input
 so `search` can load the same model again and check it is the one that built the index.
 
-Volume preprocessing for raw NIfTI files (embed --volumes, search --volume) is exactly the
-conversion's (data_prep.preprocess) with the parameters the model was trained with: those recorded
-in our checkpoint, else those of the converted dataset named by data.tfrecord_dir, else the
-config's `data` section.
+Raw NIfTI files (embed --volumes, search --volume) are preprocessed exactly as at conversion
+(data_prep.preprocess). The parameters: for `embed --volumes`, those the model was trained with
+(our checkpoint: its training dataset's metadata.json, else its data config; a seed file: the
+converted dataset named by data.tfrecord_dir, else the config's `data` section); for a volume
+query, those of the index's gallery, recorded in the index.
 """
 
 import contextlib
@@ -151,6 +152,7 @@ def _load_seed(path, config, recorded=None):
   notes = []
   if recorded:
     config = _with_recorded_sections(config, recorded)
+  if recorded and isinstance(recorded.get("preprocess"), dict):
     params = params_from_dict(recorded["preprocess"])
   else:
     params = volume_preprocessing(config)
@@ -319,12 +321,31 @@ def run_eval(config, model_path, *, split=None, plots=False, bootstrap_samples=N
   `launch.py metrics` on the npz gives the same numbers. Runs on every process (the mesh spans
   all devices); only process 0 writes. Returns (metrics, written paths) on process 0, else None.
   """
-  from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   log = log or _stderr_log
   split = split or config.eval.split
   if bootstrap_samples is not None and bootstrap_samples < 0:
     raise InferenceError(f"--bootstrap must be 0 (off) or a positive count, got "
                          f"{bootstrap_samples}")
+  loaded, variables, mesh, directory, embeddings = embed_split(config, model_path, split, log)
+  keywords = tuple(config.eval.keywords)
+  if keywords:
+    embeddings.keywords = np.asarray(keywords, dtype=str)
+    embeddings.keyword_embeddings = evaluate.encode_texts(
+        loaded.model, variables, loaded.tokenizer, keywords, mesh,
+        config.eval.batch_size_per_device)
+  if not is_main_process():
+    return None
+  return _write_eval(config, embeddings, loaded, split, directory, plots, bootstrap_samples)
+
+
+def embed_split(config, model_path, split, log=None):
+  """Loads the model and embeds a converted split on a mesh of every device (all processes).
+
+  The dataset: data.tfrecord_dir, a converted data.data_root, else our checkpoint's own.
+  Returns (LoadedModel, replicated variables, mesh, dataset directory, EmbeddingSet).
+  """
+  from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  log = log or _stderr_log
   with user_errors(input_pipeline.DatasetError):
     directory = dataset_directory(config, required=not os.path.isdir(model_path or ""))
     mesh = sharding.make_mesh(config.mesh)
@@ -335,15 +356,7 @@ def run_eval(config, model_path, *, split=None, plots=False, bootstrap_samples=N
   _log_notes(loaded, log)
   variables = replicate(loaded.variables, mesh)
   embeddings = _extract(loaded, variables, builder, spec, split, mesh, config, log)
-  keywords = tuple(config.eval.keywords)
-  if keywords:
-    embeddings.keywords = np.asarray(keywords, dtype=str)
-    embeddings.keyword_embeddings = evaluate.encode_texts(
-        loaded.model, variables, loaded.tokenizer, keywords, mesh,
-        config.eval.batch_size_per_device)
-  if not is_main_process():
-    return None
-  return _write_eval(config, embeddings, loaded, split, directory, plots, bootstrap_samples)
+  return loaded, variables, mesh, directory, embeddings
 
 
 def _with_dataset(config, directory):
@@ -428,23 +441,16 @@ def run_embed(config, model_path, index_dir, *, split=None, volumes_dir=None, ov
   if not is_main_process():
     return None
   with user_errors():
-    retrieval.build_index(index_dir, embeddings, {**loaded.identity, "embedded_from": source},
-                          overwrite=overwrite)
+    try:
+      retrieval.build_index(index_dir, embeddings, {**loaded.identity, "embedded_from": source},
+                            overwrite=overwrite)
+    except OSError as err:
+      raise InferenceError(f"{index_dir}: cannot write the index ({err.strerror or err})") from None
   return {"index": index_dir, "n": embeddings.n, "skipped": skipped}
 
 
 def _embed_split(config, model_path, split, log):
-  from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  with user_errors(input_pipeline.DatasetError):
-    directory = dataset_directory(config, required=not os.path.isdir(model_path or ""))
-    mesh = sharding.make_mesh(config.mesh)
-    loaded = load_model(model_path, _with_dataset(config, directory), mesh=mesh)
-    directory = directory or _checkpoint_dataset(loaded)
-    builder, spec = input_pipeline.open_dataset(directory)
-    input_pipeline.split_files(builder, split)
-  _log_notes(loaded, log)
-  variables = replicate(loaded.variables, mesh)
-  embeddings = _extract(loaded, variables, builder, spec, split, mesh, config, log)
+  loaded, _, _, directory, embeddings = embed_split(config, model_path, split, log)
   # Volume queries must be preprocessed like this gallery: record the dataset's parameters.
   loaded.identity["preprocess"] = dataset_preprocessing(directory).to_dict()
   source = {"dataset": os.path.abspath(directory), "split": split}
