@@ -194,8 +194,8 @@ def run_metrics(args, config):
   return 0
 
 
-def _add_model_path_arg(parser, required=True):
-  parser.add_argument("--model_path", required=required, metavar="CKPT",
+def _add_model_path_arg(parser):
+  parser.add_argument("--model_path", required=True, metavar="CKPT",
                       help="a run directory of launch.py train (or one of its step directories), "
                            "or the released code's best_model.pt / checkpoint_epoch_N.pt (then "
                            "the architecture comes from the config: --backbone, "
@@ -279,10 +279,12 @@ def add_search_args(parser):
   query.add_argument("--keyword", help="a finding, e.g. atelectasis: finds studies, and marks "
                                        "those whose report states it (negations excluded)")
   query.add_argument("--volume", metavar="FILE.nii.gz", help="a CT volume: finds reports")
-  parser.add_argument("--top_k", type=int, default=None,
+  parser.add_argument("--top_k", type=int, default=None, metavar="K",
                       help="results to show (default: config eval.search_top_k)")
   parser.add_argument("--json", action="store_true", help="print the results as JSON")
-  _add_model_path_arg(parser, required=False)
+  parser.add_argument("--model_path", default=None, metavar="CKPT",
+                      help="the model that built the index, at another place (default: the "
+                           "checkpoint recorded in the index); checked against its fingerprint")
   add_config_args(parser)
 
 
