@@ -1,8 +1,10 @@
 """Config files (`get_config()` in a Python file) and `--config.key=value` overrides."""
 
 import ast
+import contextlib
 import importlib.util
 import os
+import sys
 
 import ml_collections
 
@@ -19,10 +21,21 @@ def load_config_file(spec):
   module_name = "_medfinder_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  with _importable_siblings(os.path.dirname(os.path.abspath(path))):
+    module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config() function")
   return module.get_config(arg or None)
+
+
+@contextlib.contextmanager
+def _importable_siblings(directory):
+  """Lets a config file `import default` (a config beside it) while it is loaded."""
+  sys.path.insert(0, directory)
+  try:
+    yield
+  finally:
+    sys.path.remove(directory)
 
 
 def parse_value(text, current):
