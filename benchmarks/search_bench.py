@@ -2,7 +2,8 @@
 """End-to-end search latency: query encoding + ranking over an index of --n studies (CPU).
 
 In process (what a search service would pay per query, after start-up), per query kind:
-  text / keyword   inference.encode_text_queries (tokenize + text tower + projection, batch 1)
+  text / keyword   inference.encode_text_queries (tokenize + text tower + projection, batch 1,
+                   padded to 16 tokens for these short queries instead of text.max_tokens = 100)
                    + inference.search_embedding over the image embeddings (top --top_k)
   volume           (--volume) inference.load_volume (NIfTI read + conversion preprocessing)
                    + image tower + ranking of the reports

@@ -55,6 +55,7 @@ SEED_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 REPORT_SUFFIX = ".txt"          # optional report beside a volume: <name>.txt for <name>.nii.gz
 QUERY_KINDS = ("text", "keyword", "volume")
+QUERY_LENGTHS = (16, 32, 64)    # token lengths text queries are padded to (else text.max_tokens)
 _REASON_BYTES = 240             # skip reasons travel between processes as fixed-width UTF-8
 
 
@@ -285,9 +286,29 @@ def single_device_mesh():
 
 
 def encode_text_queries(loaded, variables, texts, mesh):
-  """(Q, D) float32 embeddings of free texts or keywords (the projected text embedding)."""
-  return evaluate.encode_texts(loaded.model, variables, loaded.tokenizer, list(texts), mesh,
-                               batch_size_per_device=1)
+  """(Q, D) float32 embeddings of free texts or keywords (the projected text embedding).
+
+  Queries are padded only to the shortest of QUERY_LENGTHS (else text.max_tokens) that holds the
+  longest one: padding is masked out of attention, so the embedding is the full-length one up to
+  float rounding, at a fraction of the cost for short queries (one compile per length).
+  """
+  texts = list(texts)
+  _, mask = loaded.tokenizer(texts)
+  longest = int(mask.sum(axis=1).max()) if len(texts) else 1
+  length = next((n for n in QUERY_LENGTHS if longest <= n < mask.shape[1]), mask.shape[1])
+  return evaluate.encode_texts(loaded.model, variables, _Trimmed(loaded.tokenizer, length), texts,
+                               mesh, batch_size_per_device=1)
+
+
+class _Trimmed:
+  """A tokenizer whose (ids, mask) are cut to `length` tokens (all real tokens must fit)."""
+
+  def __init__(self, tokenizer, length):
+    self.tokenizer, self.length = tokenizer, length
+
+  def __call__(self, texts):
+    ids, mask = self.tokenizer(texts)
+    return ids[:, :self.length], mask[:, :self.length]
 
 
 def load_volume(path, params):

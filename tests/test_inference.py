@@ -92,6 +92,17 @@ def test_a_seed_file_of_another_architecture_lists_the_mismatch(aligned):
     inference.load_model(aligned.seed_path, config)
 
 
+@pytest.mark.parametrize("query", ["atelectasis", "CT chest. " * 20])   # short / truncated
+def test_queries_padded_to_a_short_length_embed_as_at_full_length(aligned, query):
+  loaded = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
+  mesh = inference.single_device_mesh()
+  got = inference.encode_text_queries(loaded, inference.replicate(loaded.variables, mesh),
+                                      [query], mesh)
+  ids, mask = loaded.tokenizer([query])                   # text.max_tokens (32) long
+  want = aligned.model.apply(aligned.variables, ids, mask, method=aligned.model.encode_text)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_nifti_volumes_are_preprocessed_exactly_as_at_conversion(aligned):
   params = inference.dataset_preprocessing(aligned.dataset_dir)
   builder, _ = input_pipeline.open_dataset(aligned.dataset_dir)
