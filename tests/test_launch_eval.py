@@ -139,9 +139,9 @@ def test_two_processes_count_every_study_once_with_a_ragged_last_batch(aligned, 
   results = launch_processes(argv, num_processes=2, devices_per_process=4, timeout=300)
   for code, _, err in results:
     assert code == 0, err[-3000:]
-  printed = [[line for line in out.splitlines() if not line.startswith("[Gloo]")]
-             for _, out, _ in results]                        # gloo's own lines go to stdout
-  assert printed[0][0].startswith("N=8") and printed[1] == []  # only process 0 prints
+  # Only process 0 prints (gloo's own connection messages also go to stdout, interleaved).
+  assert "N=8" in results[0][1] and "wrote " in results[0][1]
+  assert not any(word in results[1][1] for word in ("N=8", "t2i", "wrote "))
   embeddings = np.load(tmp_path / "embeddings.npz")
   assert list(embeddings["study_ids"]) == aligned.study_ids   # each once, dataset order
   np.testing.assert_allclose(embeddings["image_embeddings"], aligned.image, rtol=1e-4, atol=1e-5)
