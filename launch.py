@@ -194,6 +194,113 @@ def run_metrics(args, config):
   return 0
 
 
+def _add_model_path_arg(parser):
+  parser.add_argument("--model_path", required=True, metavar="CKPT",
+                      help="a run directory of launch.py train (or one of its step directories), "
+                           "or the released code's best_model.pt / checkpoint_epoch_N.pt (then "
+                           "the architecture comes from the config: --backbone, "
+                           "--config.text.model_path, ...)")
+
+
+def add_eval_args(parser):
+  _add_model_path_arg(parser)
+  parser.add_argument("--split", choices=("train", "val", "test"), default=None,
+                      help="split of the converted dataset (default: config eval.split)")
+  parser.add_argument("--plots", action="store_true",
+                      help="also write rank_histogram.png and recall_at_k.png")
+  parser.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                      help="bootstrap resamples for confidence intervals (default: config "
+                           "eval.bootstrap_samples; 0 = none)")
+  add_config_args(parser)
+  add_seed_args(parser)
+  add_distributed_args(parser)
+
+
+def run_eval(args, config):
+  """Writes embeddings.npz + metrics.json into --output_dir and prints the table (process 0)."""
+  from medfinder_jax import inference
+  if args.batch_size is not None:   # the released code evaluates with its --batch_size
+    config.eval.batch_size_per_device = args.batch_size
+  try:
+    done = inference.run_eval(config, args.model_path, split=args.split, plots=args.plots,
+                              bootstrap_samples=args.bootstrap)
+  except inference.InferenceError as err:
+    print(f"launch.py eval: error: {err}", file=sys.stderr)
+    return 2
+  if done is not None:
+    from medfinder_jax import metrics
+    result, written = done
+    print(metrics.format_metrics_table(result, show_chance=True))
+    print("wrote " + ", ".join(written))
+  return 0
+
+
+def add_embed_args(parser):
+  _add_model_path_arg(parser)
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--split", choices=("train", "val", "test"),
+                      help="embed this split of the converted dataset (--tfrecord_dir)")
+  source.add_argument("--volumes", metavar="DIR",
+                      help="embed the .nii/.nii.gz files under DIR (report: <name>.txt beside "
+                           "<name>.nii.gz, optional), preprocessed as at conversion")
+  parser.add_argument("--tfrecord_dir", default=None,
+                      help="converted dataset (sets data.tfrecord_dir)")
+  parser.add_argument("--data_root", default=None,
+                      help="a converted dataset, like --tfrecord_dir (released code's flag)")
+  parser.add_argument("--backbone", default=None, help="model.backbone of a seed .pt file")
+  parser.add_argument("--index", required=True, metavar="OUT", help="index directory to write")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing index")
+  add_config_args(parser)
+  add_distributed_args(parser)
+
+
+def run_embed(args, config):
+  from medfinder_jax import inference
+  if args.tfrecord_dir:
+    config.data.tfrecord_dir = args.tfrecord_dir
+  try:
+    done = inference.run_embed(config, args.model_path, args.index, split=args.split,
+                               volumes_dir=args.volumes, overwrite=args.overwrite)
+  except inference.InferenceError as err:
+    print(f"launch.py embed: error: {err}", file=sys.stderr)
+    return 2
+  if done is not None:
+    for path, reason in done["skipped"]:
+      print(f"skipped {path}: {reason}", file=sys.stderr)
+    skipped = f" ({len(done['skipped'])} unreadable files skipped)" if done["skipped"] else ""
+    print(f"wrote index {done['index']}: {done['n']} studies{skipped}")
+  return 0
+
+
+def add_search_args(parser):
+  parser.add_argument("--index", required=True, help="index directory (launch.py embed)")
+  query = parser.add_mutually_exclusive_group(required=True)
+  query.add_argument("--text", help="free-text query: finds studies")
+  query.add_argument("--keyword", help="a finding, e.g. atelectasis: finds studies, and marks "
+                                       "those whose report states it (negations excluded)")
+  query.add_argument("--volume", metavar="FILE.nii.gz", help="a CT volume: finds reports")
+  parser.add_argument("--top_k", type=int, default=None, metavar="K",
+                      help="results to show (default: config eval.search_top_k)")
+  parser.add_argument("--json", action="store_true", help="print the results as JSON")
+  parser.add_argument("--model_path", default=None, metavar="CKPT",
+                      help="the model that built the index, at another place (default: the "
+                           "checkpoint recorded in the index); checked against its fingerprint")
+  add_config_args(parser)
+
+
+def run_search(args, config):
+  from medfinder_jax import inference
+  try:
+    result = inference.run_search(config, args.index, text=args.text, keyword=args.keyword,
+                                  volume=args.volume, top_k=args.top_k,
+                                  model_path=args.model_path)
+  except inference.InferenceError as err:
+    print(f"launch.py search: error: {err}", file=sys.stderr)
+    return 2
+  print(json.dumps(result, indent=2) if args.json else inference.format_search(result))
+  return 0
+
+
 COMMANDS = {
     "phantom": ("write a synthetic chest-CT corpus in the BIMCV-R layout",
                 _add_phantom_args, _run_phantom),
@@ -201,6 +308,11 @@ COMMANDS = {
                 _add_convert_args, _run_convert),
     "metrics": ("retrieval metrics of an embeddings .npz (offline, CPU)", add_metrics_args,
                 run_metrics),
+    "eval": ("embeddings + retrieval metrics of a checkpoint on a split", add_eval_args,
+             run_eval),
+    "embed": ("build a search index from a converted split or a folder of NIfTI files",
+              add_embed_args, run_embed),
+    "search": ("search an index by text, keyword or CT volume", add_search_args, run_search),
 }
 
 

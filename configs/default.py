@@ -94,17 +94,19 @@ def get_config(arg=None):
 
   # --- Training -------------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size_per_device = 4
+  c.train.batch_size_per_device = 4  # per device and per micro-batch (seed: 4 per GPU)
   c.train.epochs = 20
   c.train.lr = 1e-4
   c.train.weight_decay = 0.01
-  c.train.warmup_steps = 0
-  c.train.grad_accum_steps = 1
+  c.train.warmup_steps = 0           # linear warmup, then cosine decay to 0 over all steps
+  c.train.grad_accum_steps = 1       # micro-batches per optimizer step (global batch x this)
   c.train.shuffle_buffer = 256
-  c.train.log_every_steps = 10
+  c.train.log_every_steps = 10       # metrics reach the host (and the JSONL) this often
   c.train.eval_every_steps = 0       # 0 = once per epoch
   c.train.checkpoint_every_steps = 0  # 0 = once per epoch
-  c.train.keep_checkpoints = 3
+  c.train.keep_checkpoints = 3       # latest k kept (plus the best by val t2i R@10)
+  c.train.max_steps = 0              # >0: stop after this many optimizer steps (else epochs)
+  c.train.val_split = "val"          # split validated in the loop (best checkpoint selection)
 
   # --- Evaluation -----------------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
@@ -116,6 +118,8 @@ def get_config(arg=None):
   c.eval.bootstrap_samples = 1000    # resamples for confidence intervals; 0 = no CIs
   c.eval.ci_level = 0.95
   c.eval.ties = "best"               # rank of a paired item tied with others: "best" | "worst"
+  c.eval.search_top_k = 10           # launch.py search: results shown (--top_k)
+  c.eval.excerpt_chars = 200         # launch.py search: report excerpt length per result
 
   # --- Logging --------------------------------------------------------------------------------
   c.wandb = ml_collections.ConfigDict()

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from medfinder_jax import input_pipeline
 from medfinder_jax import interchange
 from medfinder_jax import sharding
 
@@ -64,6 +63,8 @@ def extract_split(model, variables, builder, spec, split, tokenizer, mesh, batch
   Returns an interchange.EmbeddingSet (image/text embeddings (N, D) float32, study_ids, reports,
   source_paths). `progress` (optional) is called with the number of batches done.
   """
+  # TensorFlow (6 s to import) only when a converted split is read: query encoding stays light.
+  from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   local_batch = batch_size_per_device * mesh.local_mesh.size
   batches = input_pipeline.eval_batches(builder, split, local_batch, tokenizer)
   pieces = {"image": [], "text": [], "index": []}

@@ -273,11 +273,12 @@ def evaluate_embedding_set(embeddings, *, ks=metrics_lib.RECALL_KS,
 
 
 def evaluate_embeddings_file(embeddings_path, eval_config, *, seed=0, output_path=None,
-                             plots_dir=None, bootstrap_samples=None, mesh=None):
+                             plots_dir=None, bootstrap_samples=None, mesh=None, extra=None):
   """`launch.py metrics`: metrics of an embeddings.npz -> metrics.json (+ PNG plots).
 
   eval_config: the config's `eval` section (recall_ks, keyword_topk, bootstrap_samples, ci_level,
-  ties). output_path defaults to metrics.json next to the npz. Returns (metrics, written paths).
+  ties). output_path defaults to metrics.json next to the npz. extra: fields added to the metrics
+  (e.g. `launch.py eval` records the split and the model). Returns (metrics, written paths).
   InterchangeError for unusable input or unwritable outputs.
   """
   samples = eval_config.bootstrap_samples if bootstrap_samples is None else bootstrap_samples
@@ -292,6 +293,7 @@ def evaluate_embeddings_file(embeddings_path, eval_config, *, seed=0, output_pat
       bootstrap_samples=samples, seed=seed, level=eval_config.ci_level, ties=eval_config.ties,
       mesh=mesh)
   result["embeddings"] = os.path.abspath(embeddings_path)
+  result.update(extra or {})
   output_path = output_path or os.path.join(os.path.dirname(os.path.abspath(embeddings_path)),
                                             "metrics.json")
   written = [_write_output(output_path, lambda: write_metrics_json(output_path, result))]

@@ -1,0 +1,314 @@
+"""Training checkpoints (orbax): save, resume, and load a trained model for inference.
+
+Layout (one orbax CheckpointManager at `<output_dir>/checkpoints`; saves are async and atomic:
+a step directory appears under its final name only once every process has finished writing):
+
+  <output_dir>/checkpoints/
+    <step>/                      step = optimizer updates done (an int, e.g. 120)
+      variables/                 {"params": model params (+ "loss": learnable loss scalars),
+                                  "batch_stats": ResNet BatchNorm statistics} (orbax PyTree)
+      opt_state/                 optax state (frozen text tower: none stored) (orbax PyTree)
+      meta/                      JSON, see `build_meta`
+      metrics/                   JSON {"val_t2i_R@10": ...} when the step was validated
+      _CHECKPOINT_METADATA       orbax's own bookkeeping
+
+Kept: the latest `train.keep_checkpoints` steps plus the best one by validation text->image
+R@10 (the seed's model selection); every other step is deleted by orbax after a save.
+"""
+
+import dataclasses
+import os
+import re
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from orbax.checkpoint import checkpoint_managers
+
+from medfinder_jax import config_utils
+
+CHECKPOINT_DIR = "checkpoints"
+ITEMS = ("variables", "opt_state", "meta")
+BEST_METRIC = "val_t2i_R@10"   # key of the metrics dict saved with a validated step
+META_VERSION = 1
+
+
+class CheckpointError(ValueError):
+  """A path that holds no usable checkpoint, or a checkpoint that cannot be used as asked."""
+
+
+# --- Manager --------------------------------------------------------------------------------------
+
+def checkpoint_dir(output_dir):
+  """Absolute `<output_dir>/checkpoints` (orbax wants absolute paths)."""
+  return os.path.join(os.path.abspath(output_dir), CHECKPOINT_DIR)
+
+
+def _best_metric(metrics):
+  return float(metrics[BEST_METRIC])
+
+
+def make_manager(directory, keep=3, read_only=False, enable_async=True):
+  """CheckpointManager over `directory` keeping the latest `keep` steps and the best one.
+
+  All processes must create it (and call save) together; only process 0 writes the JSON items.
+  """
+  latest = checkpoint_managers.LatestN(n=max(1, int(keep)))
+  best = checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
+                                   keep_checkpoints_without_metrics=False)
+  options = ocp.CheckpointManagerOptions(
+      best_fn=_best_metric, best_mode="max", create=not read_only, read_only=read_only,
+      preservation_policy=None if read_only else checkpoint_managers.AnyPreservationPolicy(
+          [latest, best]),
+      enable_async_checkpointing=enable_async,
+      cleanup_tmp_directories=not read_only)  # half-written steps of a killed run
+  return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+
+
+def save(manager, step, variables, opt_state, meta, val_metrics=None):
+  """Starts an (async) save of one step; `val_metrics` = {"val_t2i_R@10": float, ...} or None.
+
+  The arrays are copied off the device before this returns, so the caller may donate them to
+  the next train step. Returns False when the step already exists.
+  """
+  if step in manager.all_steps():
+    return False
+  args = ocp.args.Composite(variables=ocp.args.StandardSave(variables),
+                            opt_state=ocp.args.StandardSave(opt_state),
+                            meta=ocp.args.JsonSave(meta))
+  metrics = None
+  if val_metrics and BEST_METRIC in val_metrics:
+    metrics = {k: float(v) for k, v in val_metrics.items()}
+  return manager.save(step, args=args, metrics=metrics, force=True)
+
+
+def restore_train(manager, step, abstract_variables, abstract_opt_state):
+  """(variables, opt_state, meta) of `step`, placed by the shardings of the abstract targets
+  (jax.ShapeDtypeStructs with .sharding, e.g. from sharding.sharded_abstract)."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardRestore(abstract_variables),
+      opt_state=ocp.args.StandardRestore(abstract_opt_state),
+      meta=ocp.args.JsonRestore()))
+  return restored["variables"], restored["opt_state"], restored["meta"]
+
+
+# --- Meta -----------------------------------------------------------------------------------------
+
+def build_meta(*, step, epoch, batches_consumed, seed, rng_key_data, config, dataset_spec,
+               process_count, global_batch, val_metrics=None, bert_config=None):
+  """The JSON "meta" item of a checkpoint.
+
+  step: optimizer updates done; epoch: 0-based epoch the next step belongs to;
+  batches_consumed: host batches each process has read (the data position to resume at);
+  seed / rng_key_data: the run's seed and the raw uint32 data of its base PRNG key (per-step
+  keys are fold_in(key, step)); config: the full ConfigDict; dataset_spec: the
+  input_pipeline.DatasetSpec trained on (shape, intensity scaling, split sizes); val_metrics:
+  the last validation metrics dict (or None); bert_config: the text tower's BertConfig.
+  """
+  return {
+      "version": META_VERSION,
+      "step": int(step),
+      "epoch": int(epoch),
+      "batches_consumed": int(batches_consumed),
+      "seed": int(seed),
+      "rng_key_data": [int(x) for x in np.asarray(rng_key_data).reshape(-1)],
+      "process_count": int(process_count),
+      "global_batch": int(global_batch),
+      "config": config_utils.to_dict(config),
+      "dataset": _plain(dataclasses.asdict(dataset_spec)) if dataset_spec is not None else None,
+      "val_metrics": _plain(val_metrics) if val_metrics is not None else None,
+      "bert_config": dataclasses.asdict(bert_config) if bert_config is not None else None,
+  }
+
+
+def _plain(value):
+  """JSON-safe copy: tuples -> lists, numpy scalars -> python, non-finite floats -> None."""
+  if isinstance(value, dict):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not np.isfinite(value):
+    return None
+  return value
+
+
+def config_from_meta(meta):
+  """The ConfigDict saved in a checkpoint's meta (JSON lists back to tuples)."""
+  def tuples(value):
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return tuple(tuples(v) for v in value)
+    return value
+  return ml_collections.ConfigDict(tuples(meta["config"]))
+
+
+# --- Finding checkpoints --------------------------------------------------------------------------
+
+def _is_step_dir(path):
+  return (re.fullmatch(r"\d+", os.path.basename(os.path.normpath(path))) is not None
+          and os.path.isdir(os.path.join(path, "meta")))
+
+
+def resolve(path):
+  """(checkpoints directory, step or None) for a run's output_dir, its checkpoints dir or one
+  step dir; CheckpointError (naming `path`) when it is none of these."""
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint path {path!r} does not exist")
+  path = os.path.abspath(path)
+  if _is_step_dir(path):
+    return os.path.dirname(path), int(os.path.basename(path))
+  for candidate in (os.path.join(path, CHECKPOINT_DIR), path):
+    if os.path.isdir(candidate) and any(_is_step_dir(os.path.join(candidate, name))
+                                        for name in os.listdir(candidate)):
+      return candidate, None
+  raise CheckpointError(
+      f"{path!r} holds no checkpoint: expected a training output_dir (with "
+      f"{CHECKPOINT_DIR}/<step>/), its {CHECKPOINT_DIR}/ folder, or one <step>/ folder "
+      "written by `launch.py train`")
+
+
+def steps_with_metrics(manager):
+  """{step: metrics dict or None} of every finished step, in ascending order."""
+  infos = manager._checkpoints  # pylint: disable=protected-access
+  return {info.step: info.metrics for info in sorted(infos, key=lambda i: i.step)}
+
+
+def best_step(manager):
+  """The step with the highest val t2i R@10, or None when no saved step was validated."""
+  scored = {s: m[BEST_METRIC] for s, m in steps_with_metrics(manager).items()
+            if m and m.get(BEST_METRIC) is not None}
+  if not scored:
+    return None
+  return max(scored, key=lambda s: (scored[s], s))
+
+
+def _open(path, step):
+  """(read-only manager, chosen step): `step`, else the path's step, else best, else latest."""
+  directory, path_step = resolve(path)
+  manager = make_manager(directory, read_only=True, enable_async=False)
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f"{directory!r} holds no finished checkpoint")
+  chosen = step if step is not None else path_step
+  if chosen is None:
+    chosen = best_step(manager)
+  if chosen is None:
+    chosen = manager.latest_step()
+  if chosen not in steps:
+    raise CheckpointError(f"{directory!r} has no step {chosen}; it has steps {sorted(steps)}")
+  return manager, int(chosen)
+
+
+def read_meta(path, step=None):
+  """The meta dict of a checkpoint (see `build_meta`) plus "checkpoint_path" (the step dir).
+
+  path: output_dir, its checkpoints dir or a step dir; step: None = the path's own step, else
+  the best validated step, else the latest.
+  """
+  manager, step = _open(path, step)
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    manager.close()
+  meta = dict(meta)
+  meta["checkpoint_path"] = os.path.join(str(manager.directory), str(step))
+  return meta
+
+
+# --- Inference ------------------------------------------------------------------------------------
+
+def load_for_inference(path, mesh=None, step=None, text_model_path=None):
+  """A trained model and its variables from a checkpoint, ready for `model.apply`.
+
+  path: a run's output_dir, its checkpoints dir, or one step dir. step: None = the path's own
+  step, else the best validated step (val t2i R@10), else the latest.
+  mesh: when given, every array is replicated on it (all processes must call this together);
+  else the arrays are on this process's first device.
+  text_model_path: overrides the saved config's text.model_path (the folder only provides the
+  tokenizer; the BERT weights come from the checkpoint).
+
+  Returns (config, model, variables, info): config = the saved ConfigDict (text.model_path
+  possibly overridden); variables = {"params", ["batch_stats"]} without the loss scalars;
+  info = {"step", "epoch", "checkpoint_path", "val_metrics", "config" (plain dict), "dataset"
+  (the DatasetSpec fields: shape, volume_dtype, unit_scale, unit_offset, ...), "loss_params"}.
+  """
+  from medfinder_jax import convert_weights  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import text as text_lib  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.models import bert as bert_lib  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=import-outside-toplevel
+
+  meta = read_meta(path, step)
+  config = config_from_meta(meta)
+  if text_model_path is not None:
+    config.text.model_path = text_model_path
+  try:
+    folder = text_lib.resolve_text_model_path(config.text.model_path)
+  except text_lib.TextModelError as err:
+    raise CheckpointError(
+        f"checkpoint {meta['checkpoint_path']!r} was trained with text.model_path "
+        f"{config.text.model_path!r}, which cannot be used here ({err}); pass the folder of the "
+        "same text model (its tokenizer is needed) as text_model_path / "
+        "--config.text.model_path") from None
+  if meta.get("bert_config"):
+    bert_config = bert_lib.BertConfig.from_dict(meta["bert_config"])
+  else:
+    bert_config = convert_weights.load_bert_config(folder)
+  model = medfinder_lib.build_model(config.model, config.text, bert_config)
+  abstract = abstract_variables(model, config, meta, _placement(mesh))
+  variables = _restore_variables(path, meta, abstract)
+  loss_params = variables["params"].pop("loss", {})
+  info = {"step": meta["step"], "epoch": meta["epoch"],
+          "checkpoint_path": meta["checkpoint_path"], "val_metrics": meta.get("val_metrics"),
+          "config": meta["config"], "dataset": meta.get("dataset"),
+          "text_model_path": folder, "loss_params": jax.tree.map(np.asarray, loss_params)}
+  return config, model, variables, info
+
+
+def _placement(mesh):
+  if mesh is not None:
+    return NamedSharding(mesh, PartitionSpec())
+  return SingleDeviceSharding(jax.local_devices()[0])
+
+
+def abstract_variables(model, config, meta, placement):
+  """ShapeDtypeStructs (with `placement`) of the saved "variables" item, without computing it."""
+  from medfinder_jax import losses  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=import-outside-toplevel
+  shape = tuple((meta.get("dataset") or {}).get("shape") or config.data.shape)
+
+  def init(key):
+    variables = medfinder_lib.init_variables(model, key, shape, config.text.max_tokens)
+    loss_params = losses.init_loss_params(config.loss)
+    if loss_params:
+      variables = {**variables, "params": {**variables["params"], "loss": loss_params}}
+    return variables
+
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement),
+                      shapes)
+
+
+def _restore_variables(path, meta, abstract):
+  manager, step = _open(path, meta["step"])
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(abstract)))
+  finally:
+    manager.close()
+  variables = restored["variables"]
+  return {k: dict(v) for k, v in variables.items()}
+
+
+def describe(info):
+  """One line for logs: which checkpoint was loaded and how it scored at validation."""
+  metrics = info.get("val_metrics") or {}
+  score = metrics.get("t2i", {}).get("R@10") if isinstance(metrics.get("t2i"), dict) else None
+  scored = f", val t2i R@10 {score:.2f}" if score is not None else ""
+  return f"checkpoint step {info['step']} (epoch {info['epoch']}){scored}: " \
+         f"{info['checkpoint_path']}"
+

@@ -1,0 +1,146 @@
+"""Checkpoints: what is kept, exact round trips, inference loading, clear errors."""
+
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from medfinder_jax import checkpoint
+from medfinder_jax import convert_weights
+from medfinder_jax import input_pipeline as ip
+from medfinder_jax import losses
+from medfinder_jax import sharding
+
+SPEC = ip.DatasetSpec(directory="/data/tiny", shape=(16, 16, 8), volume_dtype="uint8",
+                      unit_scale=1 / 255, unit_offset=0.0,
+                      split_sizes={"train": 28, "val": 4, "test": 8}, label_columns=("findings",))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A tiny model's variables (with loss params), an AdamW state with a frozen text tower
+  after one update, and the config."""
+  from conftest import make_tiny_config  # pylint: disable=import-outside-toplevel
+  config = make_tiny_config()
+  model, variables = convert_weights.create_model(config.model, config.text, config.data.shape,
+                                                  jax.random.key(0))
+  params = {**variables["params"], "loss": losses.init_loss_params(config.loss)}
+  labels = {k: ("frozen" if k == "text_encoder" else "train") for k in params}
+  tx = optax.multi_transform({"train": optax.adamw(1e-3), "frozen": optax.set_to_zero()}, labels)
+  opt_state = tx.init(params)
+  grads = jax.tree.map(np.ones_like, params)
+  _, opt_state = tx.update(grads, opt_state, params)
+  return config, model, {**variables, "params": params}, opt_state
+
+
+def meta_for(config, step, r10=None):
+  val = None if r10 is None else {"t2i": {"R@10": r10}}
+  return checkpoint.build_meta(step=step, epoch=step // 3, batches_consumed=step, seed=42,
+                               rng_key_data=jax.random.key_data(jax.random.key(42)),
+                               config=config, dataset_spec=SPEC, process_count=1, global_batch=8,
+                               val_metrics=val)
+
+
+def write_steps(directory, trained, scores, keep=2):
+  """Saves one checkpoint per (step, val R@10 or None) and returns the manager's steps."""
+  config, _, variables, opt_state = trained
+  manager = checkpoint.make_manager(directory, keep=keep)
+  for step, r10 in scores:
+    metrics = None if r10 is None else {checkpoint.BEST_METRIC: r10}
+    checkpoint.save(manager, step, variables, opt_state, meta_for(config, step, r10), metrics)
+  manager.wait_until_finished()
+  steps = manager.all_steps()
+  manager.close()
+  return sorted(steps)
+
+
+def test_keeps_the_latest_k_and_the_best_validated_step(tmp_path, trained):
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  steps = write_steps(directory, trained, [(1, 50.0), (2, 25.0), (3, None), (4, 30.0)], keep=2)
+  assert steps == [1, 3, 4]          # 3, 4 latest; 1 best; 2 neither
+  assert sorted(os.listdir(directory)) == ["1", "3", "4"]
+
+
+def test_inference_loads_the_best_step_by_default_and_any_step_on_request(tmp_path, trained):
+  config, _, variables, _ = trained
+  write_steps(checkpoint.checkpoint_dir(str(tmp_path)), trained,
+              [(1, 10.0), (2, 75.0), (3, 5.0)], keep=3)
+  loaded_config, model, restored, info = checkpoint.load_for_inference(str(tmp_path))
+  assert info["step"] == 2 and info["val_metrics"]["t2i"]["R@10"] == 75.0
+  assert info["checkpoint_path"] == os.path.join(checkpoint.checkpoint_dir(str(tmp_path)), "2")
+  assert info["dataset"]["shape"] == [16, 16, 8] and info["dataset"]["unit_scale"] == 1 / 255
+  assert info["config"]["model"]["embed_dim"] == 32
+  assert loaded_config.data.shape == (16, 16, 8)
+  assert set(restored["params"]) == set(variables["params"]) - {"loss"}
+  np.testing.assert_allclose(info["loss_params"]["logit_scale"], np.log(1 / 0.07), rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(
+      {**variables, "params": {k: v for k, v in variables["params"].items() if k != "loss"}})):
+    np.testing.assert_array_equal(got, want)
+  volume = np.zeros((1, 16, 16, 8, 1), np.float32)
+  assert model.apply(restored, volume, method=model.encode_image).shape == (1, 32)
+  assert checkpoint.load_for_inference(str(tmp_path), step=3)[3]["step"] == 3
+  step_dir = os.path.join(checkpoint.checkpoint_dir(str(tmp_path)), "1")
+  assert checkpoint.load_for_inference(step_dir)[3]["step"] == 1
+
+
+def test_without_validated_steps_the_latest_is_loaded(tmp_path, trained):
+  write_steps(checkpoint.checkpoint_dir(str(tmp_path)), trained, [(1, None), (2, None)])
+  assert checkpoint.read_meta(str(tmp_path))["step"] == 2
+
+
+def test_inference_variables_can_be_replicated_on_a_mesh(tmp_path, trained):
+  write_steps(checkpoint.checkpoint_dir(str(tmp_path)), trained, [(5, 1.0)])
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  _, _, variables, _ = checkpoint.load_for_inference(str(tmp_path), mesh=mesh)
+  kernel = variables["params"]["image_projection"]["kernel"]
+  assert kernel.sharding.is_fully_replicated and len(kernel.sharding.device_set) == 8
+
+
+def test_train_state_round_trips_exactly_including_the_optimizer(tmp_path, trained):
+  config, _, variables, opt_state = trained
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  write_steps(directory, trained, [(7, None)])
+  manager = checkpoint.make_manager(directory)
+  abstract = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+      tree)
+  got_vars, got_opt, meta = checkpoint.restore_train(manager, 7, abstract(variables),
+                                                     abstract(opt_state))
+  manager.close()
+  assert jax.tree.structure(got_opt) == jax.tree.structure(opt_state)
+  for got, want in zip(jax.tree.leaves((got_vars, got_opt)),
+                       jax.tree.leaves((variables, opt_state))):
+    np.testing.assert_array_equal(got, want)
+  assert meta["step"] == 7 and meta["batches_consumed"] == 7 and meta["seed"] == 42
+  assert meta["rng_key_data"] == [int(x) for x in jax.random.key_data(jax.random.key(42))]
+  assert checkpoint.config_from_meta(meta).train.lr == config.train.lr
+
+
+def test_a_path_without_checkpoints_is_a_clear_error(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint"):
+    checkpoint.load_for_inference(str(tmp_path))
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    checkpoint.read_meta(str(tmp_path / "nowhere"))
+
+
+def test_a_missing_step_names_the_steps_there(tmp_path, trained):
+  write_steps(checkpoint.checkpoint_dir(str(tmp_path)), trained, [(1, None)])
+  with pytest.raises(checkpoint.CheckpointError, match=r"no step 9; it has steps \[1\]"):
+    checkpoint.read_meta(str(tmp_path), step=9)
+
+
+def test_a_missing_text_model_folder_is_a_clear_error(tmp_path, trained):
+  config = trained[0].copy_and_resolve_references()
+  config.text.model_path = str(tmp_path / "biobert")
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  manager = checkpoint.make_manager(directory)
+  checkpoint.save(manager, 1, trained[2], trained[3], meta_for(config, 1))
+  manager.wait_until_finished()
+  manager.close()
+  with pytest.raises(checkpoint.CheckpointError, match="biobert.*text_model_path"):
+    checkpoint.load_for_inference(str(tmp_path))
+  _, _, _, info = checkpoint.load_for_inference(str(tmp_path), text_model_path="minilm")
+  assert os.path.isdir(info["text_model_path"])

@@ -1,0 +1,172 @@
+"""Inference building blocks: model loading (seed .pt and our checkpoints), model identity,
+NIfTI volumes preprocessed exactly as at conversion, volume folders, volume-query ranking."""
+
+import os
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import model_files
+import tiny_config
+from medfinder_jax import inference
+from medfinder_jax import input_pipeline
+from medfinder_jax import retrieval
+
+
+@pytest.fixture(scope="module")
+def aligned(tiny_dataset, tmp_path_factory):
+  return model_files.aligned_model(tiny_dataset, tmp_path_factory)
+
+
+def assert_same_tree(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_exported_seed_file_round_trips_through_the_importer(aligned):
+  loaded = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
+  assert_same_tree(loaded.variables, jax.device_get(aligned.variables))
+  assert loaded.identity["kind"] == "seed" and loaded.notes == []
+  assert loaded.identity["checkpoint"] == os.path.abspath(aligned.seed_path)
+
+
+def test_seed_file_runs_without_fusion_and_says_why(aligned):
+  loaded = inference.load_model(aligned.seed_path, tiny_config.get_config())   # fusion enabled
+  assert not loaded.model.use_fusion and not loaded.config.model.fusion.enabled
+  assert "fusion" not in loaded.variables["params"]
+  assert any("no fusion weights" in note for note in loaded.notes)
+
+
+def test_our_checkpoint_and_the_seed_file_of_the_same_weights_are_the_same_model(aligned):
+  ours = inference.load_model(aligned.run_dir, tiny_config.get_config())
+  seed = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
+  assert ours.identity["fingerprint"] == seed.identity["fingerprint"]
+  assert ours.identity["kind"] == "checkpoint" and ours.identity["step"] == 7
+  assert ours.identity["checkpoint"].endswith(os.path.join("checkpoints", "7"))
+  assert_same_tree(ours.variables, seed.variables)
+  # Preprocessing of raw volumes: the training dataset's, read from its metadata.
+  assert ours.preprocess == inference.dataset_preprocessing(aligned.dataset_dir)
+
+
+def test_fingerprint_follows_weights_and_embedding_settings_only(aligned):
+  loaded = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
+
+  def fingerprint(config=loaded.config, variables=loaded.variables):
+    return inference.make_identity("seed", "x.pt", config, variables, loaded.tokenizer,
+                                   loaded.preprocess)["fingerprint"]
+
+  base = fingerprint()
+  for field, value, same in (("remat", True, True), ("dtype", "bfloat16", True),
+                             ("embed_dim", 16, False)):
+    config = loaded.config.copy_and_resolve_references()
+    config.model[field] = value
+    assert (fingerprint(config) == base) == same, field
+  config = loaded.config.copy_and_resolve_references()
+  config.text.max_tokens = 16
+  assert fingerprint(config) != base
+  params = jax.tree.map(np.array, loaded.variables)
+  params["params"]["image_projection"]["bias"][0] += 1e-3
+  assert fingerprint(variables=params) != base
+
+
+@pytest.mark.parametrize("name,message", [
+    ("absent.pt", "no such checkpoint"),
+    ("notes.txt", "not a checkpoint"),
+    ("empty_dir", "holds no checkpoint"),
+])
+def test_unusable_model_paths_are_inference_errors(tmp_path, name, message):
+  (tmp_path / "notes.txt").write_text("hello")
+  (tmp_path / "empty_dir").mkdir()
+  with pytest.raises(inference.InferenceError, match=message):
+    inference.load_model(str(tmp_path / name), tiny_config.get_config())
+
+
+def test_a_seed_file_of_another_architecture_lists_the_mismatch(aligned):
+  config = tiny_config.get_config("nofusion")
+  config.model.embed_dim = 16
+  with pytest.raises(inference.InferenceError, match="wrongly shaped keys"):
+    inference.load_model(aligned.seed_path, config)
+
+
+@pytest.mark.parametrize("query", ["atelectasis", "CT chest. " * 20])   # short / truncated
+def test_queries_padded_to_a_short_length_embed_as_at_full_length(aligned, query):
+  loaded = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
+  mesh = inference.single_device_mesh()
+  got = inference.encode_text_queries(loaded, inference.replicate(loaded.variables, mesh),
+                                      [query], mesh)
+  ids, mask = loaded.tokenizer([query])                   # text.max_tokens (32) long
+  want = aligned.model.apply(aligned.variables, ids, mask, method=aligned.model.encode_text)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_nifti_volumes_are_preprocessed_exactly_as_at_conversion(aligned):
+  params = inference.dataset_preprocessing(aligned.dataset_dir)
+  builder, _ = input_pipeline.open_dataset(aligned.dataset_dir)
+  records = tfds.as_numpy(builder.as_dataset(split="test", shuffle_files=False))
+  for source, record in zip(aligned.source_paths, records):
+    volume = inference.load_volume(os.path.join(aligned.raw_dir, source), params)
+    assert volume.dtype == record["volume"].dtype
+    np.testing.assert_array_equal(volume, record["volume"])
+
+
+def test_a_2d_image_is_not_a_query_volume(tmp_path, aligned):
+  path = tmp_path / "slice.nii.gz"
+  nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), str(path))
+  with pytest.raises(inference.InferenceError, match=r"slice.nii.gz: expected a 3D volume"):
+    inference.load_volume(str(path), inference.dataset_preprocessing(aligned.dataset_dir))
+
+
+def test_preprocessing_comes_from_the_named_dataset_else_the_config(aligned, tmp_path):
+  config = tiny_config.get_config()
+  config.data.spacing = (2.0, 2.0, 4.0)
+  assert inference.volume_preprocessing(config).spacing == (2.0, 2.0, 4.0)
+  config.data.tfrecord_dir = aligned.dataset_dir
+  assert inference.volume_preprocessing(config).spacing == ()        # what conversion used
+  config.data.tfrecord_dir = ""
+  config.data.data_root = aligned.raw_dir                             # raw corpus: convert first
+  with pytest.raises(inference.InferenceError, match="not a converted dataset"):
+    inference.volume_preprocessing(config)
+
+
+def test_volume_folders_list_nifti_files_naturally_with_ids_and_reports(tmp_path):
+  for name in ("a10.nii.gz", "a2.nii.gz", "sub/b.nii", "a2.txt", "notes.md"):
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text("Small left effusion.\n" if name.endswith(".txt") else "x")
+  files = inference.list_volume_files(str(tmp_path))
+  assert files == ["a2.nii.gz", "a10.nii.gz", "sub/b.nii"]
+  assert [inference.study_id_of(f) for f in files] == ["a2", "a10", "sub/b"]
+  assert inference.read_report_beside(str(tmp_path / "a2.nii.gz")) == "Small left effusion."
+  assert inference.read_report_beside(str(tmp_path / "a10.nii.gz")) == ""
+
+
+def small_index(tmp_path, reports):
+  rng = np.random.default_rng(0)
+  n = len(reports)
+  embeddings = {"image_embeddings": rng.normal(size=(n, 4)).astype(np.float32),
+                "text_embeddings": rng.normal(size=(n, 4)).astype(np.float32),
+                "study_ids": np.array([f"s{i}" for i in range(n)]),
+                "reports": np.array(reports)}
+  retrieval.build_index(str(tmp_path / "index"), embeddings, {"fingerprint": "f"})
+  return retrieval.load_index(str(tmp_path / "index")), embeddings
+
+
+def test_volume_queries_rank_only_studies_that_have_a_report(tmp_path):
+  index, embeddings = small_index(tmp_path, ["r0", "", "r2", "", "r4", "r5"])
+  query = embeddings["text_embeddings"][1]          # best match: s1, which has no report
+  results = inference.search_embedding(index, query, "volume", top_k=3)
+  assert [r.rank for r in results] == [1, 2, 3]
+  assert all(index.reports[r.row] for r in results)
+  text = index.text_embeddings / np.linalg.norm(index.text_embeddings, axis=1, keepdims=True)
+  scores = text @ (query / np.linalg.norm(query))
+  expected = [i for i in np.argsort(-scores) if index.reports[i]][:3]
+  assert [r.row for r in results] == expected
+
+
+def test_volume_queries_need_reports(tmp_path):
+  index, embeddings = small_index(tmp_path, ["", ""])
+  with pytest.raises(inference.InferenceError, match="no reports to rank"):
+    inference.search_embedding(index, embeddings["image_embeddings"][0], "volume", top_k=1)

@@ -1,0 +1,149 @@
+"""`launch.py eval`: embeddings + metrics of a checkpoint (seed .pt or ours) on a split, any
+number of processes; clear errors for user mistakes.
+
+The model is constructed, not trained: its image projection is fitted so that each test-split
+volume lands on its report's embedding (model_files.align_image_projection), so the expected
+retrieval is known (perfect) and the embeddings have an independent reference (model.apply).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import launch
+import model_files
+import tiny_config
+from multiprocess import launch_processes
+
+
+@pytest.fixture(scope="module")
+def aligned(tiny_dataset, tmp_path_factory):
+  return model_files.aligned_model(tiny_dataset, tmp_path_factory)
+
+
+def run(argv, capsys):
+  code = launch.main(argv)
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def eval_argv(model_path, output_dir, *more, dataset=None):
+  argv = ["eval", "--model_path", model_path, "--split", "test", "--output_dir", str(output_dir),
+          "--config", tiny_config.PATH + ":nofusion", *more]
+  return argv + ([f"--config.data.tfrecord_dir={dataset}"] if dataset else [])
+
+
+def test_eval_of_a_seed_checkpoint_writes_embeddings_metrics_and_the_table(aligned, tmp_path,
+                                                                          capsys):
+  code, out, err = run(eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "20", "--plots",
+                                 dataset=aligned.dataset_dir), capsys)
+  assert code == 0, err
+  assert "fusion disabled" not in err          # the config already had no fusion
+  lines = out.splitlines()
+  assert lines[0].split() == ["N=8", "R@1", "R@5", "R@10", "MdR", "MnR"]
+  assert [line.split()[0] for line in lines[1:4]] == ["t2i", "i2t", "chance"]
+  assert [line.split()[0] for line in lines[6:9]] == ["atelectasis", "consolidation",
+                                                      "adenopathy"]
+  embeddings = np.load(tmp_path / "embeddings.npz")
+  assert list(embeddings["study_ids"]) == aligned.study_ids
+  np.testing.assert_allclose(embeddings["image_embeddings"], aligned.image, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(embeddings["text_embeddings"], aligned.text, rtol=1e-4, atol=1e-5)
+  assert list(embeddings["keywords"]) == ["atelectasis", "consolidation", "adenopathy"]
+  metrics = json.load(open(tmp_path / "metrics.json"))
+  assert metrics["t2i"]["R@1"] == metrics["i2t"]["R@1"] == 100.0   # aligned by construction
+  assert metrics["split"] == "test" and metrics["n"] == 8 and metrics["ci"]["samples"] == 20
+  assert metrics["model"]["kind"] == "seed"
+  assert metrics["model"]["checkpoint"] == os.path.abspath(aligned.seed_path)
+  for name in ("rank_histogram.png", "recall_at_k.png"):
+    assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_metrics_command_on_the_written_npz_gives_the_same_numbers(aligned, tmp_path, capsys):
+  assert run(eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "0",
+                       dataset=aligned.dataset_dir), capsys)[0] == 0
+  written = json.load(open(tmp_path / "metrics.json"))
+  code, _, _ = run(["metrics", "--embeddings", str(tmp_path / "embeddings.npz"), "--bootstrap",
+                    "0", "--output", str(tmp_path / "again.json")], capsys)
+  again = json.load(open(tmp_path / "again.json"))
+  assert code == 0
+  for field in ("t2i", "i2t", "keywords"):
+    assert again[field] == written[field]
+
+
+def test_seed_checkpoint_with_fusion_configured_runs_unfused_and_says_so(aligned, tmp_path,
+                                                                         capsys):
+  argv = eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "0", dataset=aligned.dataset_dir)
+  argv[argv.index(tiny_config.PATH + ":nofusion")] = tiny_config.PATH    # fusion enabled
+  code, _, err = run(argv, capsys)
+  assert code == 0 and "no fusion weights" in err and "fusion disabled" in err
+  embeddings = np.load(tmp_path / "embeddings.npz")
+  np.testing.assert_allclose(embeddings["image_embeddings"], aligned.image, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_of_our_checkpoint_uses_its_config_and_its_training_dataset(aligned, tmp_path,
+                                                                        capsys):
+  argv = ["eval", "--model_path", aligned.run_dir, "--split", "test", "--output_dir",
+          str(tmp_path), "--bootstrap", "0"]                 # default config, no dataset given
+  code, out, err = run(argv, capsys)
+  assert code == 0, err
+  assert "checkpoint step 7" in err and out.splitlines()[0].startswith("N=8")
+  metrics = json.load(open(tmp_path / "metrics.json"))
+  assert metrics["model"]["kind"] == "checkpoint" and metrics["model"]["step"] == 7
+  assert metrics["dataset"] == os.path.abspath(aligned.dataset_dir)
+  assert metrics["t2i"]["R@1"] == 100.0
+  np.testing.assert_allclose(np.load(tmp_path / "embeddings.npz")["image_embeddings"],
+                             aligned.image, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing_checkpoint", "no such checkpoint"),
+    ("empty_run_dir", "holds no checkpoint"),
+    ("no_dataset", "no dataset: pass --config.data.tfrecord_dir"),
+    ("raw_data_root", "not a converted dataset"),
+    ("wrong_backbone", "does not match the model"),
+    ("negative_bootstrap", "--bootstrap must be 0"),
+])
+def test_user_mistakes_exit_2_with_a_message_not_a_traceback(aligned, tmp_path, capsys, case,
+                                                            message):
+  (tmp_path / "empty_run").mkdir()
+  argv = {
+      "missing_checkpoint": eval_argv(str(tmp_path / "best_model.pt"), tmp_path,
+                                      dataset=aligned.dataset_dir),
+      "empty_run_dir": eval_argv(str(tmp_path / "empty_run"), tmp_path,
+                                 dataset=aligned.dataset_dir),
+      "no_dataset": eval_argv(aligned.seed_path, tmp_path),
+      "raw_data_root": eval_argv(aligned.seed_path, tmp_path, "--data_root", aligned.raw_dir),
+      "wrong_backbone": eval_argv(aligned.seed_path, tmp_path, "--backbone", "vit",
+                                  dataset=aligned.dataset_dir),
+      "negative_bootstrap": eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "-1",
+                                      dataset=aligned.dataset_dir),
+  }[case]
+  code, out, err = run(argv, capsys)
+  assert code == 2 and out == ""
+  assert "launch.py eval: error: " in err and message in err and "Traceback" not in err
+  assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["seed", "ours"])
+def test_two_processes_count_every_study_once_with_a_ragged_last_batch(aligned, tmp_path, kind):
+  # 8 test studies, 2 processes x 4 devices x 3 per device = a global batch of 24.
+  if kind == "seed":
+    argv = eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "0",
+                     "--config.eval.batch_size_per_device=3", dataset=aligned.dataset_dir)
+  else:
+    argv = ["eval", "--model_path", aligned.run_dir, "--split", "test", "--output_dir",
+            str(tmp_path), "--bootstrap", "0", "--config.eval.batch_size_per_device=3"]
+  results = launch_processes(argv, num_processes=2, devices_per_process=4, timeout=300)
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  # Only process 0 prints (gloo's own connection messages also go to stdout, interleaved).
+  assert "N=8" in results[0][1] and "wrote " in results[0][1]
+  assert not any(word in results[1][1] for word in ("N=8", "t2i", "wrote "))
+  embeddings = np.load(tmp_path / "embeddings.npz")
+  assert list(embeddings["study_ids"]) == aligned.study_ids   # each once, dataset order
+  np.testing.assert_allclose(embeddings["image_embeddings"], aligned.image, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(embeddings["text_embeddings"], aligned.text, rtol=1e-4, atol=1e-5)
+  assert json.load(open(tmp_path / "metrics.json"))["t2i"]["R@1"] == 100.0
