@@ -17,6 +17,7 @@ R@10 (the seed's model selection); every other step is deleted by orbax after a 
 """
 
 import dataclasses
+import logging
 import os
 import re
 
@@ -33,6 +34,17 @@ CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("variables", "opt_state", "meta")
 BEST_METRIC = "val_t2i_R@10"   # key of the metrics dict saved with a validated step
 META_VERSION = 1
+
+
+class _NoMetricsNotice(logging.Filter):
+  """Drops orbax's warning for steps saved without validation metrics (expected here: e.g. a
+  checkpoint at SIGTERM between validations)."""
+
+  def filter(self, record):
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMetricsNotice())
 
 
 class CheckpointError(ValueError):

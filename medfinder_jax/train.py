@@ -332,7 +332,8 @@ def setup_run(config, workdir=None):
     bert_config = convert_weights.load_bert_config(
         text_lib.resolve_text_model_path(config.text.model_path))
   except text_lib.TextModelError as err:
-    raise TrainingError(str(err)) from None
+    raise TrainingError(f"{err}\n(text model: --config.text.model_path DIR, a local HF BERT "
+                        "folder such as BioBERT v1.1, or --config.text.model_path minilm)") from None
   model = medfinder_lib.build_model(config.model, config.text, bert_config)
   tx, schedule = make_optimizer(config.train, config.text.trainable, total_steps)
   return Run(config=config, workdir=workdir, builder=builder, spec=spec, mesh=mesh,
