@@ -36,15 +36,19 @@ BEST_METRIC = "val_t2i_R@10"   # key of the metrics dict saved with a validated 
 META_VERSION = 1
 
 
-class _NoMetricsNotice(logging.Filter):
-  """Drops orbax's warning for steps saved without validation metrics (expected here: e.g. a
-  checkpoint at SIGTERM between validations)."""
+class _ExpectedOrbaxNotices(logging.Filter):
+  """Drops orbax warnings about what this module does on purpose: steps saved without
+  validation metrics (e.g. at SIGTERM between validations), read-only managers for loading."""
+
+  EXPECTED = ("did not provide metrics", "Given directory is read only",
+              "read_only=True, setting", 'overriding jax.Array')
 
   def filter(self, record):
-    return "did not provide metrics" not in record.getMessage()
+    message = record.getMessage()
+    return not any(text in message for text in self.EXPECTED)
 
 
-logging.getLogger("absl").addFilter(_NoMetricsNotice())
+logging.getLogger("absl").addFilter(_ExpectedOrbaxNotices())
 
 
 class CheckpointError(ValueError):
@@ -80,11 +84,16 @@ def make_manager(directory, keep=3, read_only=False, enable_async=True):
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
+_PLAIN_ARRAY_SAVING = False
+
+
 def _plain_array_saving_on_cpu():
   """On CPU, orbax's replica-parallel saving (its default off GPU) slices every replicated
   array with a newly compiled op per shape: ~10 s of compiles at the first save of a small
   model and nothing gained on one host's memory. Saving whole replicas is what GPUs do."""
-  if jax.default_backend() == "cpu":
+  global _PLAIN_ARRAY_SAVING
+  if jax.default_backend() == "cpu" and not _PLAIN_ARRAY_SAVING:
+    _PLAIN_ARRAY_SAVING = True
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
