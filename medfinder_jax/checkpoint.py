@@ -235,6 +235,19 @@ def _open(path, step):
   return manager, int(chosen)
 
 
+def steps(path):
+  """{"directory", "steps": sorted finished steps, "latest", "best" (None without validated
+  steps), "metrics": {step: saved validation metrics or None}} of a run's checkpoints."""
+  directory, _ = resolve(path)
+  manager = make_manager(directory, read_only=True, enable_async=False)
+  try:
+    metrics = steps_with_metrics(manager)
+    return {"directory": directory, "steps": sorted(metrics), "latest": manager.latest_step(),
+            "best": best_step(manager), "metrics": metrics}
+  finally:
+    manager.close()
+
+
 def read_meta(path, step=None):
   """The meta dict of a checkpoint (see `build_meta`) plus "checkpoint_path" (the step dir).
 

@@ -21,7 +21,7 @@ import pytest
 
 import launch
 from medfinder_jax import checkpoint
-from multiprocess import ROOT, launch_processes
+from multiprocess import ROOT, free_port, launch_processes
 
 # The flags that give conftest.make_tiny_config's model (tiny ResNet, MiniLM, 32-d embeddings).
 TINY = ["--config.data.shape=16,16,8", "--config.text.model_path=minilm",
@@ -185,3 +185,33 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_code_0(tiny_dataset, tmp_pat
   step = int(stopped.group(1))
   assert step >= 2 and checkpoint.read_meta(str(out), step=step)["batches_consumed"] == step
   assert "rerun the same command to resume" in stdout
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_host_stops_all_at_one_agreed_step(tiny_dataset, tmp_path):
+  """As SLURM preempts a job: SIGTERM to both processes; jax's preemption service makes them
+  agree on a step, both save it together and exit with code 0."""
+  out, port = tmp_path / "run", free_port()
+  argv = train_argv(tiny_dataset, out, "--config.train.max_steps=100000",
+                    "--config.train.log_every_steps=1")
+  env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *argv,
+                             "--coordinator_address", f"127.0.0.1:{port}", "--num_processes",
+                             "2", "--process_id", str(pid)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for pid in range(2)]
+  metrics_file = out / "metrics.jsonl"
+  deadline = time.time() + 600
+  while all(p.poll() is None for p in procs) and time.time() < deadline:
+    if metrics_file.exists() and len(read_jsonl(metrics_file)) >= 2:
+      break
+    time.sleep(0.05)
+  for proc in procs:
+    proc.send_signal(signal.SIGTERM)
+  outputs = [proc.communicate(timeout=300) for proc in procs]
+  for proc, (_, stderr) in zip(procs, outputs):
+    assert proc.returncode == 0, stderr[-4000:]
+  stopped = re.search(r"stopped at step (\d+) \(preempted\); checkpoint saved", outputs[0][0])
+  assert stopped, outputs[0][0][-2000:]
+  step = int(stopped.group(1))
+  assert checkpoint.read_meta(str(out), step=step)["process_count"] == 2
