@@ -12,11 +12,12 @@ data, for any config / backbone / volume shape / batch / precision / remat / mes
 --devices N on a CPU host creates N fake devices (XLA_FLAGS) before jax starts. On GPUs it takes
 the first N devices. Numbers: ms/step = wall time of --steps steps dispatched back to back (as
 the train loop does, waiting once at the end; after --warmup untimed steps) / --steps,
-volumes/s = global batch / ms/step (a volume = one study; each is augmented into two views), compile = lower + compile of the step, FLOPs = XLA's cost analysis
-of the compiled SPMD program (one device's share; x devices = per step), peak RSS = this
-process's maximum resident memory (host).
-The text tower gets random weights of the named architecture (weights do not change the cost).
-Prints a table and, with --json, one JSON object per run.
+volumes/s = global batch / ms/step (a volume = one study; each is augmented into two views),
+compile = lower + compile of the step, FLOPs = XLA's cost analysis of the compiled SPMD program
+(one device's share; x devices = per step), device args/temp = XLA's buffer plan for one device
+(on CPU remat and bf16 do not lower it: check on GPU), peak RSS = this process's maximum
+resident memory (host). The text tower gets random weights of the named architecture (weights
+do not change the cost). Prints a table and, with --json, one JSON object per run.
 """
 
 import argparse

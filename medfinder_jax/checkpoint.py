@@ -284,7 +284,7 @@ def load_for_inference(path, mesh=None, step=None, text_model_path=None):
   from medfinder_jax import convert_weights  # pylint: disable=import-outside-toplevel
   from medfinder_jax import text as text_lib  # pylint: disable=import-outside-toplevel
   from medfinder_jax.models import bert as bert_lib  # pylint: disable=import-outside-toplevel
-  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=g-import-not-at-top
 
   meta = read_meta(path, step)
   config = config_from_meta(meta)
@@ -322,7 +322,7 @@ def _placement(mesh):
 def abstract_variables(model, config, meta, placement):
   """ShapeDtypeStructs (with `placement`) of the saved "variables" item, without computing it."""
   from medfinder_jax import losses  # pylint: disable=import-outside-toplevel
-  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=g-import-not-at-top
   shape = tuple((meta.get("dataset") or {}).get("shape") or config.data.shape)
 
   def init(key):

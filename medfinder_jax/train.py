@@ -336,7 +336,8 @@ def setup_run(config, workdir=None):
         text_lib.resolve_text_model_path(config.text.model_path))
   except text_lib.TextModelError as err:
     raise TrainingError(f"{err}\n(text model: --config.text.model_path DIR, a local HF BERT "
-                        "folder such as BioBERT v1.1, or --config.text.model_path minilm)") from None
+                        "folder such as BioBERT v1.1, or --config.text.model_path minilm)"
+                        ) from None
   model = medfinder_lib.build_model(config.model, config.text, bert_config)
   tx, schedule = make_optimizer(config.train, config.text.trainable, total_steps)
   return Run(config=config, workdir=workdir, builder=builder, spec=spec, mesh=mesh,
@@ -652,9 +653,12 @@ class _Loop:
              f"{os.path.join(str(self.manager.directory), str(last))}" if last is not None
              else "no checkpoint was written before it")
     loss = values["loss"][bad - first]
+    advice = "lower train.lr or add train.warmup_steps"
+    if self.run.config.model.dtype != "float32":
+      advice += ", or train with model.dtype float32"
     raise Diverged(f"training diverged: the loss became {loss} (gradient norm "
                    f"{values['grad_norm'][bad - first]}) at step {bad}; stopped, {where}. "
-                   "Lower train.lr, add train.warmup_steps, or use model.dtype float32.",
+                   f"To resume from there: {advice}, and rerun with the same output_dir.",
                    bad, last)
 
   def validate(self):

@@ -73,7 +73,8 @@ def test_frozen_text_tower_holds_no_optimizer_state_and_never_moves(tiny_config)
   grads = jax.tree.map(np.ones_like, params)
   updates, _ = tx.update(grads, state, params)
   new = optax.apply_updates(params, updates)
-  for leaf, old in zip(jax.tree.leaves(new["text_encoder"]), jax.tree.leaves(params["text_encoder"])):
+  for leaf, old in zip(jax.tree.leaves(new["text_encoder"]),
+                       jax.tree.leaves(params["text_encoder"])):
     np.testing.assert_array_equal(leaf, old)
   assert not np.allclose(new["image_encoder"]["conv"]["kernel"], 1.0)
 
