@@ -162,6 +162,35 @@ def _run_convert(args, config):
     return 130
   return 0 if report["num_converted"] else 1
 
+def _add_train_args(parser):
+  add_config_args(parser)
+  add_seed_args(parser)
+  add_distributed_args(parser)
+
+
+def _run_train(args, config):
+  """Trains (or resumes, when output_dir holds checkpoints) the model of the config."""
+  del args
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from medfinder_jax import train  # pylint: disable=import-outside-toplevel
+  try:
+    summary = train.train_and_evaluate(config)
+  except train.Diverged as err:
+    print(f"launch.py train: {err}", file=sys.stderr)
+    return train.EXIT_DIVERGED
+  except (train.TrainingError, config_utils.ConfigError) as err:
+    print(f"launch.py train: error: {err}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("\nlaunch.py train: interrupted twice; stopped without a final checkpoint (the last "
+          "saved one is kept); rerun the same command to resume", file=sys.stderr)
+    return 130
+  if summary["stopped"] == "finished":
+    print(f"done: step {summary['step']}; checkpoints in {summary['checkpoint_dir']}, metrics "
+          f"in {summary['metrics_file']}")
+  return 0
+
+
 def add_metrics_args(parser):
   parser.add_argument("--embeddings", required=True, metavar="FILE.npz",
                       help="paired embeddings in the interchange format (see README)")
@@ -306,6 +335,8 @@ COMMANDS = {
                 _add_phantom_args, _run_phantom),
     "convert": ("convert a CT + report corpus into TFRecord shards (TFDS-readable)",
                 _add_convert_args, _run_convert),
+    "train": ("train (or resume) MedFinder on converted TFRecords, 1 to many devices/hosts",
+              _add_train_args, _run_train),
     "metrics": ("retrieval metrics of an embeddings .npz (offline, CPU)", add_metrics_args,
                 run_metrics),
     "eval": ("embeddings + retrieval metrics of a checkpoint on a split", add_eval_args,

@@ -17,6 +17,7 @@ R@10 (the seed's model selection); every other step is deleted by orbax after a 
 """
 
 import dataclasses
+import logging
 import os
 import re
 
@@ -33,6 +34,21 @@ CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("variables", "opt_state", "meta")
 BEST_METRIC = "val_t2i_R@10"   # key of the metrics dict saved with a validated step
 META_VERSION = 1
+
+
+class _ExpectedOrbaxNotices(logging.Filter):
+  """Drops orbax warnings about what this module does on purpose: steps saved without
+  validation metrics (e.g. at SIGTERM between validations), read-only managers for loading."""
+
+  EXPECTED = ("did not provide metrics", "Given directory is read only",
+              "read_only=True, setting", 'overriding jax.Array')
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not any(text in message for text in self.EXPECTED)
+
+
+logging.getLogger("absl").addFilter(_ExpectedOrbaxNotices())
 
 
 class CheckpointError(ValueError):
@@ -55,6 +71,7 @@ def make_manager(directory, keep=3, read_only=False, enable_async=True):
 
   All processes must create it (and call save) together; only process 0 writes the JSON items.
   """
+  _plain_array_saving_on_cpu()
   latest = checkpoint_managers.LatestN(n=max(1, int(keep)))
   best = checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
                                    keep_checkpoints_without_metrics=False)
@@ -65,6 +82,20 @@ def make_manager(directory, keep=3, read_only=False, enable_async=True):
       enable_async_checkpointing=enable_async,
       cleanup_tmp_directories=not read_only)  # half-written steps of a killed run
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+
+
+_PLAIN_ARRAY_SAVING = False
+
+
+def _plain_array_saving_on_cpu():
+  """On CPU, orbax's replica-parallel saving (its default off GPU) slices every replicated
+  array with a newly compiled op per shape: ~10 s of compiles at the first save of a small
+  model and nothing gained on one host's memory. Saving whole replicas is what GPUs do."""
+  global _PLAIN_ARRAY_SAVING
+  if jax.default_backend() == "cpu" and not _PLAIN_ARRAY_SAVING:
+    _PLAIN_ARRAY_SAVING = True
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
 def save(manager, step, variables, opt_state, meta, val_metrics=None):
@@ -204,6 +235,19 @@ def _open(path, step):
   return manager, int(chosen)
 
 
+def steps(path):
+  """{"directory", "steps": sorted finished steps, "latest", "best" (None without validated
+  steps), "metrics": {step: saved validation metrics or None}} of a run's checkpoints."""
+  directory, _ = resolve(path)
+  manager = make_manager(directory, read_only=True, enable_async=False)
+  try:
+    metrics = steps_with_metrics(manager)
+    return {"directory": directory, "steps": sorted(metrics), "latest": manager.latest_step(),
+            "best": best_step(manager), "metrics": metrics}
+  finally:
+    manager.close()
+
+
 def read_meta(path, step=None):
   """The meta dict of a checkpoint (see `build_meta`) plus "checkpoint_path" (the step dir).
 
@@ -240,7 +284,7 @@ def load_for_inference(path, mesh=None, step=None, text_model_path=None):
   from medfinder_jax import convert_weights  # pylint: disable=import-outside-toplevel
   from medfinder_jax import text as text_lib  # pylint: disable=import-outside-toplevel
   from medfinder_jax.models import bert as bert_lib  # pylint: disable=import-outside-toplevel
-  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=g-import-not-at-top
 
   meta = read_meta(path, step)
   config = config_from_meta(meta)
@@ -278,7 +322,7 @@ def _placement(mesh):
 def abstract_variables(model, config, meta, placement):
   """ShapeDtypeStructs (with `placement`) of the saved "variables" item, without computing it."""
   from medfinder_jax import losses  # pylint: disable=import-outside-toplevel
-  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=g-import-not-at-top
   shape = tuple((meta.get("dataset") or {}).get("shape") or config.data.shape)
 
   def init(key):

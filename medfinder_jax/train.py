@@ -202,7 +202,8 @@ def train_step_fn(model, tx, schedule, config, spec, mesh):
 
   batch: global {"volume" (G, X, Y, Z) stored dtype, "input_ids", "attention_mask" (G, L)},
   G = train.batch_size_per_device * devices * train.grad_accum_steps. base_key: the run's PRNG
-  key; step s uses fold_in(base_key, s) (augmentation, dropout), so a resumed run draws the same.
+  key (typed, or its raw uint32 key data); step s uses fold_in(base_key, s) (augmentation,
+  dropout), so a resumed run draws the same.
   """
   accum = int(config.train.grad_accum_steps)
 
@@ -214,6 +215,8 @@ def train_step_fn(model, tx, schedule, config, spec, mesh):
     micro_rows = batch["volume"].shape[0] // accum
     loss_fn = make_loss_fn(model, config, spec, num_blocks=sharding.num_batch_shards(mesh))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if not jnp.issubdtype(base_key.dtype, jax.dtypes.prng_key):
+      base_key = jax.random.wrap_key_data(base_key)
     key = jax.random.fold_in(base_key, state.step)
 
     def accumulate(carry, inputs):
@@ -332,7 +335,9 @@ def setup_run(config, workdir=None):
     bert_config = convert_weights.load_bert_config(
         text_lib.resolve_text_model_path(config.text.model_path))
   except text_lib.TextModelError as err:
-    raise TrainingError(str(err)) from None
+    raise TrainingError(f"{err}\n(text model: --config.text.model_path DIR, a local HF BERT "
+                        "folder such as BioBERT v1.1, or --config.text.model_path minilm)"
+                        ) from None
   model = medfinder_lib.build_model(config.model, config.text, bert_config)
   tx, schedule = make_optimizer(config.train, config.text.trainable, total_steps)
   return Run(config=config, workdir=workdir, builder=builder, spec=spec, mesh=mesh,
@@ -355,13 +360,20 @@ def initial_state(run, manager):
   check_resume_compatible(meta, run)
   abstract = abstract_train_state(run.model, run.tx, run.config, run.spec.shape, run.mesh,
                                   run.rules)
-  variables, opt_state, meta = checkpoint.restore_train(
+  variables, opt_state, _ = checkpoint.restore_train(
       manager, latest, _variables_item(abstract), abstract.opt_state)
   state = abstract.replace(
-      step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), abstract.step.sharding),
+      step=replicated_array(np.int32(meta["step"]), abstract.step.sharding),
       params=variables["params"], batch_stats=variables.get("batch_stats", {}),
       opt_state=opt_state)
   return state, meta
+
+
+def replicated_array(value, replicated_sharding):
+  """A global array every device holds in full, from host `value` (the same on every process;
+  works where device_put cannot reach other processes' devices)."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, replicated_sharding, lambda index: value[index])
 
 
 def _variables_item(state):
@@ -539,8 +551,7 @@ def _train(run, manager, ckpt_dir):
   start = int(meta["step"]) if meta else 0
   base_key_data = (np.asarray(meta["rng_key_data"], np.uint32) if meta
                    else np.asarray(jax.random.key_data(jax.random.key(config.seed))))
-  base_key = jax.device_put(jax.random.wrap_key_data(base_key_data),
-                            sharding.replicated(run.mesh))
+  base_key = replicated_array(base_key_data, sharding.replicated(run.mesh))
   metrics_file = os.path.join(run.workdir, logging_lib.METRICS_FILE)
   _say(f"training {config.model.backbone} on {run.spec.directory}: {run.total_steps} steps "
        f"({run.steps_per_epoch} per epoch, global batch {run.global_batch}, "
@@ -642,9 +653,12 @@ class _Loop:
              f"{os.path.join(str(self.manager.directory), str(last))}" if last is not None
              else "no checkpoint was written before it")
     loss = values["loss"][bad - first]
+    advice = "lower train.lr or add train.warmup_steps"
+    if self.run.config.model.dtype != "float32":
+      advice += ", or train with model.dtype float32"
     raise Diverged(f"training diverged: the loss became {loss} (gradient norm "
                    f"{values['grad_norm'][bad - first]}) at step {bad}; stopped, {where}. "
-                   "Lower train.lr, add train.warmup_steps, or use model.dtype float32.",
+                   f"To resume from there: {advice}, and rerun with the same output_dir.",
                    bad, last)
 
   def validate(self):

@@ -61,6 +61,9 @@ def test_keeps_the_latest_k_and_the_best_validated_step(tmp_path, trained):
   steps = write_steps(directory, trained, [(1, 50.0), (2, 25.0), (3, None), (4, 30.0)], keep=2)
   assert steps == [1, 3, 4]          # 3, 4 latest; 1 best; 2 neither
   assert sorted(os.listdir(directory)) == ["1", "3", "4"]
+  listing = checkpoint.steps(str(tmp_path))
+  assert listing["steps"] == [1, 3, 4] and listing["latest"] == 4 and listing["best"] == 1
+  assert listing["metrics"][3] is None and listing["metrics"][4] == {checkpoint.BEST_METRIC: 30.0}
 
 
 def test_inference_loads_the_best_step_by_default_and_any_step_on_request(tmp_path, trained):

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Train-step throughput, compile time, XLA FLOPs and host memory of MedFinder's full train step
+(augmentation, two views, encoders, fusion, losses, AdamW; train.make_train_step) on synthetic
+data, for any config / backbone / volume shape / batch / precision / remat / mesh.
+
+  # tiny model on CPU, 1 vs 8 (fake) devices, same global batch of 8
+  python benchmarks/train_step.py --config tiny --devices 1 --batch 8
+  python benchmarks/train_step.py --config tiny --devices 8 --batch 1
+  # compile only (abstract: nothing materialized) of the paper's model at full size
+  python benchmarks/train_step.py --backbone resnet50 --shape 224,224,96 --batch 1 --compile_only
+
+--devices N on a CPU host creates N fake devices (XLA_FLAGS) before jax starts. On GPUs it takes
+the first N devices. Numbers: ms/step = wall time of --steps steps dispatched back to back (as
+the train loop does, waiting once at the end; after --warmup untimed steps) / --steps,
+volumes/s = global batch / ms/step (a volume = one study; each is augmented into two views),
+compile = lower + compile of the step, FLOPs = XLA's cost analysis of the compiled SPMD program
+(one device's share; x devices = per step), device args/temp = XLA's buffer plan for one device
+(on CPU remat and bf16 do not lower it: check on GPU), peak RSS = this process's maximum
+resident memory (host). The text tower gets random weights of the named architecture (weights
+do not change the cost). Prints a table and, with --json, one JSON object per run.
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# What tests/conftest.py's make_tiny_config sets (a 4-to-16-channel ResNet, 32-d embeddings).
+TINY = {"data.shape": "16,16,8", "text.max_tokens": "32", "model.embed_dim": "32",
+        "model.resnet.layers": "1,1,1,1", "model.resnet.widths": "4,8,8,16",
+        "model.resnet.conv1_kernel": "3", "model.fusion.num_heads": "2"}
+TEXT_MODELS = ("minilm", "bert-base")   # all-MiniLM-L6-v2 | BioBERT v1.1's shape (BERT-base cased)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="default",
+                      help="'default' (configs/default.py), 'tiny' (the tests' tiny model) or a "
+                           "config file path")
+  parser.add_argument("--backbone", choices=("resnet50", "vit"), default=None)
+  parser.add_argument("--shape", default=None, help="X,Y,Z voxels (default: the config's)")
+  parser.add_argument("--batch", type=int, default=None, help="per device and micro-batch")
+  parser.add_argument("--accum", type=int, default=1, help="micro-batches per step")
+  parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--devices", type=int, default=None, help="default: all")
+  parser.add_argument("--mesh", default="-1,1", help="data,fsdp sizes (-1 = the rest)")
+  parser.add_argument("--text", choices=TEXT_MODELS, default=None,
+                      help="text tower architecture (default: minilm for tiny, else bert-base)")
+  parser.add_argument("--loss", default=None, help="clip | siglip | seed_code")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--compile_only", action="store_true",
+                      help="lower + compile from abstract shapes; run nothing")
+  parser.add_argument("--json", action="store_true", help="also print the result as JSON")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="any other config override, e.g. --set model.fusion.enabled=false")
+  return parser.parse_args(argv)
+
+
+def set_host_devices(count):
+  """Fake CPU devices for --devices N; must run before jax is imported."""
+  if count and count > 1 and "xla_force_host_platform_device_count" not in os.environ.get(
+      "XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={count}").strip()
+
+
+def build_config(args):
+  from medfinder_jax import config_utils  # pylint: disable=import-outside-toplevel
+  path = args.config if args.config not in ("default", "tiny") else os.path.join(
+      ROOT, "configs", "default.py")
+  config = config_utils.load_config_file(path)
+  overrides = dict(TINY) if args.config == "tiny" else {}
+  chosen = {"model.backbone": args.backbone, "data.shape": args.shape,
+            "train.batch_size_per_device": args.batch, "train.grad_accum_steps": args.accum,
+            "model.dtype": args.precision, "model.remat": args.remat, "loss.contrastive": args.loss}
+  overrides.update({k: str(v) for k, v in chosen.items() if v is not None})
+  overrides.update(dict(item.split("=", 1) for item in args.set))
+  config_utils.apply_overrides(config, overrides)
+  return config
+
+
+def text_config(name):
+  from medfinder_jax import convert_weights  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import text as text_lib  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.models import bert  # pylint: disable=import-outside-toplevel
+  if name == "minilm":
+    return convert_weights.load_bert_config(text_lib.resolve_text_model_path("minilm"))
+  return bert.BertConfig(vocab_size=28996)
+
+
+def synthetic_batch(config, shape, rows, vocab, seed=0):
+  """A host batch like input_pipeline's: uint8 volumes, token ids with a realistic length."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  tokens = config.text.max_tokens
+  ids = rng.integers(1000, vocab, size=(rows, tokens), dtype=np.int32)
+  mask = np.zeros((rows, tokens), np.int32)
+  mask[:, :min(tokens, 80)] = 1
+  return {"volume": rng.integers(0, 256, size=(rows, *shape), dtype=np.uint8),
+          "input_ids": ids * mask, "attention_mask": mask}
+
+
+def peak_rss_gib():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+
+
+def flops_of(compiled):
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", float("nan")))
+
+
+def device_memory(compiled):
+  """XLA's buffer plan for one device: state/batch arguments, outputs, temporaries (GiB).
+  With the state donated, arguments and outputs share buffers: peak ~ arguments + temporaries."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    return {}
+  if stats is None:
+    return {}
+  gib = lambda n: round(n / 2**30, 3)  # noqa: E731
+  return {"device_args_gib": gib(stats.argument_size_in_bytes),
+          "device_temp_gib": gib(stats.temp_size_in_bytes),
+          "device_out_gib": gib(stats.output_size_in_bytes)}
+
+
+def measure(args):
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import sharding  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import train  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.models import medfinder  # pylint: disable=import-outside-toplevel
+
+  config = build_config(args)
+  shape = tuple(config.data.shape)
+  devices = jax.devices()[:args.devices] if args.devices else jax.devices()
+  data, fsdp = (int(x) for x in args.mesh.split(","))
+  config.mesh.data, config.mesh.fsdp = data, fsdp
+  mesh = sharding.make_mesh(config.mesh, devices)
+  bert_config = text_config(args.text or ("minilm" if args.config == "tiny" else "bert-base"))
+  model = medfinder.build_model(config.model, config.text, bert_config)
+  tx, schedule = train.make_optimizer(config.train, config.text.trainable, total_steps=10_000)
+  rules = sharding.PartitionRules.from_config(config.mesh)
+  spec = input_pipeline.DatasetSpec(directory="<synthetic>", shape=shape, volume_dtype="uint8",
+                                    unit_scale=1 / 255, unit_offset=0.0, split_sizes={},
+                                    label_columns=())
+  abstract = train.abstract_train_state(model, tx, config, shape, mesh, rules)
+  step = train.make_train_step(model, tx, schedule, config, spec, mesh,
+                               jax.tree.map(lambda x: x.sharding, abstract))
+  key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(mesh))
+  start = time.perf_counter()
+  lowered = step.lower(abstract, train.abstract_batch(config, spec, mesh), key)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  global_batch = int(config.train.batch_size_per_device) * mesh.size * args.accum
+  result = {"backbone": config.model.backbone, "shape": list(shape), "devices": mesh.size,
+            "mesh": dict(mesh.shape), "batch_per_device": int(config.train.batch_size_per_device),
+            "accum": args.accum, "global_batch": global_batch, "precision": args.precision,
+            "remat": bool(args.remat), "text": args.text or ("minilm" if args.config == "tiny"
+                                                             else "bert-base"),
+            "loss": config.loss.contrastive, "platform": devices[0].platform,
+            "compile_s": round(compile_s, 2),
+            "gflops_per_step_per_device": round(flops_of(compiled) / 1e9, 3),
+            "gflops_per_step": round(flops_of(compiled) * mesh.size / 1e9, 3)}
+  result.update(device_memory(compiled))
+  if not args.compile_only:
+    result.update(run_steps(args, config, model, tx, rules, mesh, shape, compiled, global_batch,
+                            bert_config.vocab_size))
+  result["peak_rss_gib"] = round(peak_rss_gib(), 3)
+  return result
+
+
+def run_steps(args, config, model, tx, rules, mesh, shape, compiled, global_batch, vocab):
+  """Times `args.steps` steps of the compiled train step on one synthetic batch."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import sharding  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import train  # pylint: disable=import-outside-toplevel
+  state = train.create_train_state(model, tx, config, shape, jax.random.key(0), mesh, rules)
+  rows = global_batch // jax.process_count()
+  batch = sharding.make_global_batch(synthetic_batch(config, shape, rows, vocab), mesh)
+  key = train.replicated_array(np.asarray(jax.random.key_data(jax.random.key(0))),
+                               sharding.replicated(mesh))
+  for _ in range(args.warmup):
+    state, metrics = compiled(state, batch, key)
+  jax.block_until_ready((state, metrics))
+  start = time.perf_counter()
+  for _ in range(args.steps):   # dispatched back to back, as the train loop does
+    state, metrics = compiled(state, batch, key)
+  jax.block_until_ready((state, metrics))
+  per_step = (time.perf_counter() - start) / args.steps
+  return {"ms_per_step": round(1000 * per_step, 2), "steps_per_s": round(1 / per_step, 3),
+          "volumes_per_s": round(global_batch / per_step, 2),
+          "last_loss": float(jax.device_get(metrics["loss"]))}
+
+
+def print_row(r):
+  timing = ("" if "ms_per_step" not in r else
+            f"  {r['ms_per_step']:9.1f} ms/step  {r['steps_per_s']:7.3f} steps/s  "
+            f"{r['volumes_per_s']:8.2f} vol/s")
+  print(f"{r['backbone']} {'x'.join(map(str, r['shape']))} {r['precision']}"
+        f"{' remat' if r['remat'] else ''}  {r['platform']} x{r['devices']} {r['mesh']}  "
+        f"batch {r['batch_per_device']}/dev x{r['accum']} = {r['global_batch']}  "
+        f"compile {r['compile_s']:.1f} s  {r['gflops_per_step']:.2f} GFLOP/step{timing}  "
+        f"device: args {r.get('device_args_gib', float('nan')):.2f} + temp "
+        f"{r.get('device_temp_gib', float('nan')):.2f} GiB  "
+        f"peak RSS {r['peak_rss_gib']:.2f} GiB")
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  set_host_devices(args.devices)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  result = measure(args)
+  print_row(result)
+  if args.json:
+    print(json.dumps(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

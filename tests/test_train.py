@@ -1,0 +1,318 @@
+"""Training: optimizer, sharded train step equivalence, gradient accumulation, the loop's stops.
+
+Equivalence tolerance (one step of the tiny model, same global batch of 8 studies and key):
+- loss and logged metrics: rtol 1e-5;
+- gradients, read from AdamW's first moment after one step (mu = 0.1 * grad): rtol 1e-4 with
+  atol 1e-4 x the leaf's largest |mu| (float32 reductions run in another order); biases that
+  feed a BatchNorm (below) have a true gradient of 0: there both sides must be float noise
+  (|mu| < 1e-6);
+- updated params: AdamW's first update is lr * g / (|g| + eps), about lr * sign(g), so where a
+  gradient is at the float-noise level the two runs may move by +-lr. Params whose gradient is
+  clearly non-zero (|mu| > 1e-3 x the leaf's largest) match to rtol 1e-5 / atol 1e-6; every
+  param, including biases that feed a BatchNorm (MONAI shortcut B, `downsample_conv/bias`,
+  true gradient 0), is within 2 lr; frozen params match exactly;
+- BatchNorm statistics: rtol 1e-4 / atol 1e-6.
+"""
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from medfinder_jax import checkpoint
+from medfinder_jax import convert_weights
+from medfinder_jax import input_pipeline as ip
+from medfinder_jax import sharding
+from medfinder_jax import text as text_lib
+from medfinder_jax import train
+from medfinder_jax.models import medfinder as medfinder_lib
+
+BN_FED_BIAS = r"downsample_conv/bias$"
+
+
+def _tree_paths(tree):
+  return {sharding.path_string(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# --- Optimizer ------------------------------------------------------------------------------------
+
+def _toy_params():
+  return {"text_encoder": {"dense": {"kernel": np.ones((4, 4), np.float32),
+                                     "bias": np.ones((4,), np.float32)}},
+          "image_encoder": {"conv": {"kernel": np.ones((3, 4), np.float32),
+                                     "bias": np.ones((4,), np.float32)},
+                            "norm": {"scale": np.ones((4,), np.float32)}},
+          "loss": {"logit_scale": np.float32(2.0)}}
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero_by_cosine(tiny_config):
+  config = tiny_config(**{"train.lr": 1e-3, "train.warmup_steps": 10})
+  schedule = train.learning_rate_schedule(config.train, 110)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(5)) == pytest.approx(5e-4)
+  assert float(schedule(10)) == pytest.approx(1e-3)
+  assert float(schedule(60)) == pytest.approx(5e-4, rel=1e-4)   # half way down the cosine
+  assert float(schedule(110)) == pytest.approx(0.0, abs=1e-9)
+  no_warmup = train.learning_rate_schedule(tiny_config(**{"train.lr": 1e-3}).train, 100)
+  assert float(no_warmup(0)) == pytest.approx(1e-3) and float(no_warmup(50)) == pytest.approx(5e-4)
+
+
+def test_frozen_text_tower_holds_no_optimizer_state_and_never_moves(tiny_config):
+  tx, _ = train.make_optimizer(tiny_config().train, text_trainable=False, total_steps=10)
+  params = _toy_params()
+  state = tx.init(params)
+  assert not any("text_encoder" in path for path in _tree_paths(state))
+  assert any("image_encoder/conv/kernel" in path for path in _tree_paths(state))
+  grads = jax.tree.map(np.ones_like, params)
+  updates, _ = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  for leaf, old in zip(jax.tree.leaves(new["text_encoder"]),
+                       jax.tree.leaves(params["text_encoder"])):
+    np.testing.assert_array_equal(leaf, old)
+  assert not np.allclose(new["image_encoder"]["conv"]["kernel"], 1.0)
+
+
+def test_trainable_text_tower_gets_optimizer_state(tiny_config):
+  tx, _ = train.make_optimizer(tiny_config().train, text_trainable=True, total_steps=10)
+  assert any("text_encoder/dense/kernel" in path for path in _tree_paths(tx.init(_toy_params())))
+
+
+def test_weight_decay_spares_loss_scalars_biases_and_norm_scales(tiny_config):
+  config = tiny_config(**{"train.lr": 0.1, "train.weight_decay": 0.5})
+  tx, _ = train.make_optimizer(config.train, text_trainable=False, total_steps=1000)
+  params = _toy_params()
+  zeros = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)    # zero gradient: only decay moves
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["image_encoder"]["conv"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)
+  np.testing.assert_array_equal(new["image_encoder"]["conv"]["bias"], 1.0)
+  np.testing.assert_array_equal(new["image_encoder"]["norm"]["scale"], 1.0)
+  np.testing.assert_array_equal(new["loss"]["logit_scale"], 2.0)
+
+
+# --- One train step on different meshes -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def parts(tiny_dataset):
+  """Tiny config, model, pretrained MiniLM params, dataset spec and one host batch of 8."""
+  from conftest import make_tiny_config  # pylint: disable=import-outside-toplevel
+  config = make_tiny_config(**{"train.lr": 1e-3})
+  folder = text_lib.resolve_text_model_path(config.text.model_path)
+  bert_config, text_params = convert_weights.load_hf_bert(folder)
+  model = medfinder_lib.build_model(config.model, config.text, bert_config)
+  builder, spec = ip.open_dataset(tiny_dataset)
+  tokenizer = text_lib.load_tokenizer(config.text)
+  batch = next(iter(ip.train_batches(builder, "train", 8, tokenizer, seed=0, shuffle_buffer=8,
+                                     process_index=0, process_count=1)))
+  return config, model, text_params, spec, batch
+
+
+def one_step(parts, devices, data, fsdp, accum=1):
+  """(state before, state after, metrics) of one step over a global batch of 8 studies."""
+  config, model, text_params, spec, batch = parts
+  config = config.copy_and_resolve_references()
+  mesh = sharding.make_mesh({"data": data, "fsdp": fsdp}, jax.devices()[:devices])
+  config.train.batch_size_per_device = 8 // devices // accum
+  config.train.grad_accum_steps = accum
+  rules = sharding.PartitionRules(min_size=2**10)   # small enough that fsdp shards tiny kernels
+  tx, schedule = train.make_optimizer(config.train, False, total_steps=100)
+  state = train.create_train_state(model, tx, config, spec.shape, jax.random.key(1), mesh, rules,
+                                   text_params)
+  before = jax.device_get(state)
+  step = train.make_train_step(model, tx, schedule, config, spec, mesh,
+                               jax.tree.map(lambda x: x.sharding, state))
+  key = jax.device_put(jax.random.key(7), sharding.replicated(mesh))
+  after, metrics = step(state, sharding.make_global_batch(batch, mesh), key)
+  return before, jax.device_get(after), jax.device_get(metrics), state_specs(after)
+
+
+def state_specs(state):
+  return {path: leaf.sharding.spec for path, leaf in _tree_paths(state.params).items()}
+
+
+def adam_mu(opt_state):
+  """AdamW's first moment (the trainable partition) as {path: array}."""
+  inner = opt_state.inner_states[train.TRAINABLE].inner_state
+  return _tree_paths(inner[0].mu)
+
+
+@pytest.fixture(scope="module")
+def single_device_step(parts):
+  return one_step(parts, devices=1, data=1, fsdp=1)
+
+
+@pytest.mark.parametrize("data, fsdp", [(8, 1), (2, 4)])
+def test_one_step_on_8_devices_matches_1_device(parts, single_device_step, data, fsdp):
+  before, ref, ref_metrics, _ = single_device_step
+  _, got, metrics, specs = one_step(parts, devices=8, data=data, fsdp=fsdp)
+  if fsdp > 1:
+    assert any("fsdp" in str(spec) for spec in specs.values())
+  for name in ("loss", "contrastive", "mse", "grad_norm"):
+    np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-5, err_msg=name)
+  mu, ref_mu = adam_mu(got.opt_state), adam_mu(ref.opt_state)
+  for path, value in ref_mu.items():
+    if re.search(BN_FED_BIAS, path):   # true gradient 0: float noise on both sides
+      assert np.max(np.abs(mu[path])) < 1e-6 and np.max(np.abs(value)) < 1e-6, path
+      continue
+    scale = float(np.max(np.abs(value))) or 1.0
+    np.testing.assert_allclose(mu[path], value, rtol=1e-4, atol=1e-4 * scale, err_msg=path)
+  lr = float(ref_metrics["lr"])
+  got_params, ref_params = _tree_paths(got.params), _tree_paths(ref.params)
+  for path, value in ref_params.items():
+    clear = np.ones(value.shape, bool)   # frozen leaves (no mu) must match everywhere
+    if path in ref_mu:
+      clear = np.abs(ref_mu[path]) > 1e-3 * np.max(np.abs(ref_mu[path]))
+      if re.search(BN_FED_BIAS, path):
+        clear[...] = False
+    np.testing.assert_allclose(got_params[path][clear], value[clear], rtol=1e-5, atol=1e-6,
+                               err_msg=path)
+    assert np.all(np.abs(got_params[path] - value) <= 2 * lr + 1e-6), path
+  for (path, a), b in zip(_tree_paths(got.batch_stats).items(), jax.tree.leaves(ref.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
+  assert int(got.step) == int(ref.step) == 1
+
+
+def test_step_moves_the_image_tower_but_not_the_frozen_text_tower(single_device_step):
+  before, after, metrics, _ = single_device_step
+  for a, b in zip(jax.tree.leaves(after.params["text_encoder"]),
+                  jax.tree.leaves(before.params["text_encoder"])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(after.params["image_projection"]["kernel"],
+                         before.params["image_projection"]["kernel"])
+  assert after.params["loss"]["logit_scale"] != before.params["loss"]["logit_scale"]
+  assert np.isfinite(metrics["loss"]) and metrics["lr"] == pytest.approx(1e-3)
+
+
+@pytest.mark.slow
+def test_accumulated_gradient_is_the_mean_over_micro_batches(parts):
+  """accum=2: AdamW's mu equals 0.1 x the mean of the two micro-batch gradients, computed
+  separately with the step's own loss function (micro-batch a = rows a, a+2, a+4, ...)."""
+  config, model, _, spec, batch = parts
+  before, after, _, _ = one_step(parts, devices=2, data=2, fsdp=1, accum=2)
+  config = config.copy_and_resolve_references()
+  config.train.batch_size_per_device, config.train.grad_accum_steps = 2, 2
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1}, jax.devices()[:2])
+  loss_fn = train.make_loss_fn(model, config, spec, num_blocks=2)
+  trainable = {k: v for k, v in before.params.items() if k != "text_encoder"}
+  frozen = {"text_encoder": before.params["text_encoder"]}
+  step_key = jax.random.fold_in(jax.random.key(7), 0)
+  grads, stats = [], before.batch_stats
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  for a in range(2):
+    micro = jax.tree.map(lambda x, a=a: x[a::2], batch)
+    micro = sharding.make_global_batch(micro, mesh)
+    (_, (_, stats)), grad = grad_fn(trainable, frozen, stats, micro,
+                                    jax.random.fold_in(step_key, a), a * 4)
+    grads.append(grad)
+  expected = _tree_paths(jax.tree.map(lambda g0, g1: 0.1 * (g0 + g1) / 2, *grads))
+  mu = adam_mu(after.opt_state)
+  for path, value in expected.items():
+    if re.search(BN_FED_BIAS, path):   # true gradient 0: float noise on both sides
+      assert np.max(np.abs(mu[path])) < 1e-6 and np.max(np.abs(value)) < 1e-6, path
+      continue
+    scale = float(np.max(np.abs(value))) or 1.0
+    np.testing.assert_allclose(mu[path], value, rtol=1e-4, atol=1e-4 * scale, err_msg=path)
+  for a, b in zip(jax.tree.leaves(after.batch_stats), jax.tree.leaves(stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --- The loop -------------------------------------------------------------------------------------
+
+def loop_config(tiny_config, tiny_dataset, tmp_path, **overrides):
+  return tiny_config(**{"data.tfrecord_dir": tiny_dataset, "output_dir": str(tmp_path / "run"),
+                        "train.log_every_steps": 1, "train.eval_every_steps": 1000,
+                        **overrides})
+
+
+def read_jsonl(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tiny_config, tiny_dataset, tmp_path):
+  """lr 1e30: step 1 is finite but its update blows the weights up, so step 2's loss is NaN."""
+  config = loop_config(tiny_config, tiny_dataset, tmp_path, **{
+      "train.lr": 1e30, "train.checkpoint_every_steps": 1, "train.max_steps": 6})
+  with pytest.raises(train.Diverged, match=r"at step 2; stopped, the last good checkpoint is "
+                                           r"step 1") as err:
+    train.train_and_evaluate(config)
+  assert err.value.step == 2 and err.value.last_checkpoint == 1
+  assert os.listdir(checkpoint.checkpoint_dir(config.output_dir)) == ["1"]
+  records = read_jsonl(os.path.join(config.output_dir, "metrics.jsonl"))
+  assert [r["step"] for r in records] == [1] and np.isfinite(records[0]["loss"])
+
+
+def test_sigterm_saves_a_checkpoint_and_returns_cleanly(tiny_config, tiny_dataset, tmp_path):
+  config = loop_config(tiny_config, tiny_dataset, tmp_path, **{"train.max_steps": 10_000})
+  metrics_file = os.path.join(config.output_dir, "metrics.jsonl")
+
+  def terminate_after_first_steps():
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      if os.path.exists(metrics_file) and len(read_jsonl(metrics_file)) >= 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.05)
+
+  killer = threading.Thread(target=terminate_after_first_steps, daemon=True)
+  killer.start()
+  summary = train.train_and_evaluate(config)
+  killer.join()
+  assert summary["stopped"] == "SIGTERM"
+  assert 2 <= summary["step"] < 10_000
+  meta = checkpoint.read_meta(config.output_dir, step=summary["step"])
+  assert meta["step"] == summary["step"] == meta["batches_consumed"]
+  assert summary["last_checkpoint"] == meta["checkpoint_path"]
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handler restored
+
+
+def test_raw_corpus_as_data_root_is_an_error_with_the_convert_command(tiny_config, tmp_path):
+  (tmp_path / "meta").mkdir()
+  config = tiny_config(**{"data.data_root": str(tmp_path), "data.tfrecord_dir": ""})
+  with pytest.raises(train.TrainingError, match=r"launch.py convert --data_root .* --output_dir"):
+    train.train_and_evaluate(config)
+
+
+def test_empty_text_model_path_says_what_to_pass(tiny_config, tiny_dataset):
+  config = tiny_config(**{"data.tfrecord_dir": tiny_dataset, "text.model_path": ""})
+  with pytest.raises(train.TrainingError, match="BioBERT.*minilm"):
+    train.setup_run(config)
+
+
+def test_batch_larger_than_the_train_split_is_a_clear_error(tiny_config, tiny_dataset):
+  config = tiny_config(**{"data.tfrecord_dir": tiny_dataset, "train.batch_size_per_device": 4})
+  with pytest.raises(train.TrainingError, match="28 studies, fewer than one global batch of 32"):
+    train.setup_run(config)
+
+
+@pytest.mark.slow
+def test_loss_falls_and_recall_rises_above_chance(tiny_config, tmp_path_factory, tmp_path):
+  """60 phantom studies at 32x32x16 (train 42), 100 steps of batch 8 at lr 1e-3 (~1-2 min).
+  Recall is measured in the loop on the training studies (train.val_split = "train"): the
+  question is whether the model learns the pairing at all, not whether 6 val studies generalize.
+  Measured: mean rank t2i 21 -> ~12, i2t -> ~9 (chance 21.5), t2i R@10 19% -> ~55% (chance 24%).
+  """
+  from conftest import convert_phantom  # pylint: disable=import-outside-toplevel
+  dataset = convert_phantom(str(tmp_path_factory.mktemp("learn")), 60, (32, 32, 16))
+  config = tiny_config(**{"data.tfrecord_dir": dataset, "data.shape": (32, 32, 16),
+                          "output_dir": str(tmp_path / "run"), "train.lr": 1e-3,
+                          "train.epochs": 20, "train.val_split": "train",
+                          "train.log_every_steps": 10, "train.eval_every_steps": 100})
+  summary = train.train_and_evaluate(config)
+  records = read_jsonl(os.path.join(config.output_dir, "metrics.jsonl"))
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert summary["step"] == 100 and len(losses) >= 10
+  assert np.mean(losses[-3:]) < losses[0] - 0.2
+  val = summary["val_metrics"]
+  chance_mean_rank = (val["n"] + 1) / 2
+  assert val["n"] == 42
+  assert val["t2i"]["MnR"] < 0.8 * chance_mean_rank and val["i2t"]["MnR"] < 0.8 * chance_mean_rank
+  assert val["t2i"]["R@10"] > 100 * 10 / 42 + 10
