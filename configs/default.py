@@ -105,6 +105,7 @@ def get_config(arg=None):
   c.train.eval_every_steps = 0       # 0 = once per epoch
   c.train.checkpoint_every_steps = 0  # 0 = once per epoch
   c.train.keep_checkpoints = 3       # latest k kept (plus the best by val t2i R@10)
+  c.train.max_minutes = 0.0          # > 0: stop (checkpoint saved) after this much training time
   c.train.max_steps = 0              # >0: stop after this many optimizer steps (else epochs)
   c.train.val_split = "val"          # split validated in the loop (best checkpoint selection)
 

@@ -423,10 +423,13 @@ class StopRequest:
   """Records SIGTERM / SIGINT (and jax's multi-host preemption notice) so the loop can save a
   checkpoint and exit cleanly. Single process: Python handlers for both signals. Several
   processes: SIGTERM is left to jax's preemption service (all processes agree on the step via
-  reached_preemption_sync_point); SIGINT is recorded locally and agreed on at log points."""
+  reached_preemption_sync_point); SIGINT is recorded locally and agreed on at log points.
+  `deadline` (time.time() seconds, optional): past it, a stop is requested the same way
+  (config train.max_minutes)."""
 
-  def __init__(self):
+  def __init__(self, deadline=None):
     self.reason = None
+    self.deadline = deadline
     self._previous = {}
     self.multiprocess = jax.process_count() > 1
 
@@ -459,6 +462,8 @@ class StopRequest:
 
   def agreed(self):
     """Whether any process asked to stop (a collective in multi-process runs)."""
+    if self.reason is None and self.deadline is not None and time.time() >= self.deadline:
+      self.reason = "time budget"
     if not self.multiprocess:
       return self.reason is not None
     flags = multihost_utils.process_allgather(np.int32(self.reason is not None))
@@ -581,7 +586,9 @@ def _train(run, manager, ckpt_dir):
       wandb_project=config.wandb.project, wandb_name=config.wandb.name,
       run_config=config_utils.to_dict(config))
   loop = _Loop(run, manager, logger, state, start, base_key, base_key_data, summary)
-  with logger, StopRequest() as stop, logging_lib.progress_bar(
+  minutes = float(config.train.get("max_minutes", 0) or 0)
+  deadline = time.time() + 60 * minutes if minutes > 0 else None
+  with logger, StopRequest(deadline) as stop, logging_lib.progress_bar(
       run.total_steps, initial=start, desc="train") as bar:
     loop.bar = bar
     try:

@@ -274,6 +274,15 @@ def test_sigterm_saves_a_checkpoint_and_returns_cleanly(tiny_config, tiny_datase
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handler restored
 
 
+def test_time_budget_stops_training_with_a_checkpoint(tiny_config, tiny_dataset, tmp_path):
+  config = loop_config(tiny_config, tiny_dataset, tmp_path,
+                       **{"train.max_steps": 10_000, "train.max_minutes": 1e-9})
+  summary = train.train_and_evaluate(config)
+  assert summary["stopped"] == "time budget"
+  assert 1 <= summary["step"] < 10_000
+  assert checkpoint.read_meta(config.output_dir, step=summary["step"])["step"] == summary["step"]
+
+
 def test_raw_corpus_as_data_root_is_an_error_with_the_convert_command(tiny_config, tmp_path):
   (tmp_path / "meta").mkdir()
   config = tiny_config(**{"data.data_root": str(tmp_path), "data.tfrecord_dir": ""})
