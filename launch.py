@@ -102,7 +102,7 @@ def main(argv=None):
 # --- Commands ------------------------------------------------------------------------------------
 # Each entry: name -> (help, add_arguments(parser), run(args, config) -> exit code).
 
-def _add_phantom_args(parser):
+def add_phantom_args(parser):
   parser.add_argument("--out", required=True, help="output folder (BIMCV-R layout)")
   parser.add_argument("--n", type=int, required=True, help="number of studies")
   parser.add_argument("--seed", type=int, default=0, help="corpus seed (deterministic output)")
@@ -114,7 +114,7 @@ def _add_phantom_args(parser):
                       help="nominal slice count (varies 0.75-1.3x per study)")
 
 
-def _run_phantom(args, config):
+def run_phantom(args, config):
   del config
   from data_prep import phantom  # pylint: disable=g-import-not-at-top
   try:
@@ -128,7 +128,7 @@ def _run_phantom(args, config):
   return 0
 
 
-def _add_convert_args(parser):
+def add_convert_args(parser):
   add_config_args(parser)
   parser.add_argument("--data_root", default=None, help="corpus root: CT*/ct/*.nii.gz, meta/*.csv")
   parser.add_argument("--output_dir", default=None,
@@ -140,7 +140,7 @@ def _add_convert_args(parser):
                       help="worker processes (data.workers; 0 = in this process)")
 
 
-def _run_convert(args, config):
+def run_convert(args, config):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from data_prep import convert  # pylint: disable=g-import-not-at-top
   from data_prep import corpus  # pylint: disable=g-import-not-at-top
@@ -162,15 +162,25 @@ def _run_convert(args, config):
     return 130
   return 0 if report["num_converted"] else 1
 
-def _add_train_args(parser):
+def add_train_args(parser):
   add_config_args(parser)
   add_seed_args(parser)
   add_distributed_args(parser)
+  parser.add_argument("--eval_only", action="store_true",
+                      help="the released code's evaluation mode: same as `launch.py eval "
+                           "--model_path CKPT --split val` (needs --model_path)")
+  parser.add_argument("--model_path", default=None, metavar="CKPT",
+                      help="with --eval_only: the checkpoint to evaluate (see `eval --help`)")
 
 
-def _run_train(args, config):
+def run_train(args, config):
   """Trains (or resumes, when output_dir holds checkpoints) the model of the config."""
-  del args
+  if args.eval_only:
+    if not args.model_path:
+      print("launch.py train: error: --eval_only needs --model_path CKPT", file=sys.stderr)
+      return 2
+    args.split, args.plots, args.bootstrap = "val", False, None
+    return run_eval(args, config)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from medfinder_jax import train  # pylint: disable=import-outside-toplevel
   try:
@@ -330,13 +340,45 @@ def run_search(args, config):
   return 0
 
 
+def add_demo_args(parser):
+  parser.add_argument("--output_dir", default="demo_output",
+                      help="where the corpus, dataset, run, evaluation and plots go; a rerun "
+                           "resumes (default: demo_output)")
+  parser.add_argument("--n", type=int, default=None,
+                      help="phantom studies (default: config demo.n)")
+  parser.add_argument("--minutes", type=float, default=None,
+                      help="training time budget in minutes (default: config demo.minutes)")
+  parser.add_argument("--workers", type=int, default=2, help="conversion worker processes")
+  parser.add_argument("--config", default=os.path.join(HERE, "configs", "demo.py"),
+                      help="config file (default: configs/demo.py); --config.key=value overrides")
+
+
+def run_demo(args, config):
+  """phantom -> convert -> train -> test-split evaluation, with the table against chance."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from medfinder_jax import demo  # pylint: disable=import-outside-toplevel
+  defaults = config.get("demo") or {"n": 400, "minutes": 10.0}
+  n = args.n if args.n is not None else defaults["n"]
+  minutes = args.minutes if args.minutes is not None else defaults["minutes"]
+  if n < 20 or minutes <= 0:
+    print("launch.py demo: error: --n must be at least 20 (10 CT folders, 7/1/2 split) and "
+          "--minutes positive", file=sys.stderr)
+    return 2
+  try:
+    demo.run_demo(config, args.output_dir, n, minutes, workers=args.workers)
+  except KeyboardInterrupt:
+    print("\nlaunch.py demo: interrupted; rerun the same command to resume", file=sys.stderr)
+    return 130
+  return 0
+
+
 COMMANDS = {
     "phantom": ("write a synthetic chest-CT corpus in the BIMCV-R layout",
-                _add_phantom_args, _run_phantom),
+                add_phantom_args, run_phantom),
     "convert": ("convert a CT + report corpus into TFRecord shards (TFDS-readable)",
-                _add_convert_args, _run_convert),
+                add_convert_args, run_convert),
     "train": ("train (or resume) MedFinder on converted TFRecords, 1 to many devices/hosts",
-              _add_train_args, _run_train),
+              add_train_args, run_train),
     "metrics": ("retrieval metrics of an embeddings .npz (offline, CPU)", add_metrics_args,
                 run_metrics),
     "eval": ("embeddings + retrieval metrics of a checkpoint on a split", add_eval_args,
@@ -344,6 +386,8 @@ COMMANDS = {
     "embed": ("build a search index from a converted split or a folder of NIfTI files",
               add_embed_args, run_embed),
     "search": ("search an index by text, keyword or CT volume", add_search_args, run_search),
+    "demo": ("the whole chain on a phantom corpus, on CPU in minutes: phantom -> convert -> "
+             "train -> test metrics", add_demo_args, run_demo),
 }
 
 

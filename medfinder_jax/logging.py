@@ -149,6 +149,20 @@ def drop_records_after(path, step):
     _log.info("%s: dropped %d record(s) after step %d (resuming there)", path, dropped, step)
 
 
+def read_metrics(path):
+  """The records of a metrics JSONL (a list of dicts), skipping a line torn by a kill."""
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+  return records
+
+
 def json_value(value):
   """A JSON-safe python value for a scalar metric (python, numpy or replicated jax scalar)."""
   if isinstance(value, jax.Array):

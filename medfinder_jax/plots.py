@@ -69,3 +69,29 @@ def save_retrieval_plots(ranks_by_direction, directory):
   """Writes rank_histogram.png and recall_at_k.png into `directory`; returns their paths."""
   return [plot_rank_histogram(ranks_by_direction, os.path.join(directory, "rank_histogram.png")),
           plot_recall_curve(ranks_by_direction, os.path.join(directory, "recall_at_k.png"))]
+
+
+def plot_training_curves(records, path):
+  """Training loss and validation R@10 (both directions) against the step.
+
+  records: the dicts of a run's metrics.jsonl (training lines carry "loss", validation lines
+  "val_t2i_R@10" / "val_i2t_R@10").
+  """
+  figure = Figure(figsize=(10, 4))
+  loss_axes, recall_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+  steps = [r["step"] for r in records if "loss" in r]
+  loss_axes.plot(steps, [r["loss"] for r in records if "loss" in r])
+  loss_axes.set_xlabel("step")
+  loss_axes.set_ylabel("training loss")
+  loss_axes.set_title("Loss")
+  for direction, label in LABELS.items():
+    key = f"val_{direction}_R@10"
+    points = [(r["step"], r[key]) for r in records if key in r]
+    if points:
+      recall_axes.plot(*zip(*points), marker="o", markersize=3, label=label)
+  recall_axes.set_xlabel("step")
+  recall_axes.set_ylabel("validation R@10 (%)")
+  recall_axes.set_ylim(0, 100)
+  recall_axes.set_title("Validation recall")
+  recall_axes.legend()
+  return _save(figure, path)

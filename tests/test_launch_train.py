@@ -7,7 +7,6 @@ losses and final params must match the straight run to float32 rounding (rtol 1e
 in practice they are bitwise equal).
 """
 
-import json
 import os
 import re
 import signal
@@ -21,6 +20,7 @@ import pytest
 
 import launch
 from medfinder_jax import checkpoint
+from medfinder_jax import logging as logging_lib
 from multiprocess import ROOT, free_port, launch_processes
 
 # The flags that give conftest.make_tiny_config's model (tiny ResNet, MiniLM, 32-d embeddings).
@@ -34,11 +34,6 @@ TINY = ["--config.data.shape=16,16,8", "--config.text.model_path=minilm",
 def train_argv(dataset, output_dir, *extra):
   return ["train", "--config.data.tfrecord_dir", dataset, "--output_dir", str(output_dir),
           *TINY, *extra]
-
-
-def read_jsonl(path):
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f]
 
 
 # --- User errors (no training) --------------------------------------------------------------------
@@ -110,7 +105,7 @@ def test_two_hosts_train_and_one_process_restores_the_checkpoint(tiny_dataset, t
   for code, stdout, stderr in results:
     assert code == 0, stderr[-4000:]
   assert "checkpoints:" in results[0][1]
-  records = read_jsonl(out / "metrics.jsonl")          # written by process 0 only, once
+  records = logging_lib.read_metrics(out / "metrics.jsonl")  # written by process 0 only, once
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
   config, model, variables, info = checkpoint.load_for_inference(str(out))
   assert info["step"] in (2, 4) and info["val_metrics"]["n"] == 4
@@ -150,8 +145,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_dataset, tmp_path
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   assert f"resuming from step {resumed_from}" in resumed.stdout
 
-  want = {r["step"]: r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r}
-  got = {r["step"]: r for r in read_jsonl(killed_dir / "metrics.jsonl") if "loss" in r}
+  losses_of = lambda run: {r["step"]: r for r in logging_lib.read_metrics(run / "metrics.jsonl")
+                           if "loss" in r}
+  want, got = losses_of(tmp_path / "straight"), losses_of(killed_dir)
   assert sorted(got) == sorted(want) == list(range(1, 9))   # log reads like one run
   for step in range(1, 9):       # same batches and same augmentation/dropout draws
     np.testing.assert_allclose(got[step]["loss"], want[step]["loss"], rtol=1e-6, err_msg=step)
@@ -174,7 +170,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_code_0(tiny_dataset, tmp_pat
   metrics_file = out / "metrics.jsonl"
   deadline = time.time() + 600
   while proc.poll() is None and time.time() < deadline:
-    if metrics_file.exists() and len(read_jsonl(metrics_file)) >= 2:
+    if metrics_file.exists() and len(logging_lib.read_metrics(metrics_file)) >= 2:
       break
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
@@ -203,7 +199,7 @@ def test_sigterm_to_every_host_stops_all_at_one_agreed_step(tiny_dataset, tmp_pa
   metrics_file = out / "metrics.jsonl"
   deadline = time.time() + 600
   while all(p.poll() is None for p in procs) and time.time() < deadline:
-    if metrics_file.exists() and len(read_jsonl(metrics_file)) >= 2:
+    if metrics_file.exists() and len(logging_lib.read_metrics(metrics_file)) >= 2:
       break
     time.sleep(0.05)
   for proc in procs:

@@ -14,7 +14,6 @@ Equivalence tolerance (one step of the tiny model, same global batch of 8 studie
 - BatchNorm statistics: rtol 1e-4 / atol 1e-6.
 """
 
-import json
 import os
 import re
 import signal
@@ -27,6 +26,7 @@ import optax
 import pytest
 
 from medfinder_jax import checkpoint
+from medfinder_jax import logging as logging_lib
 from medfinder_jax import convert_weights
 from medfinder_jax import input_pipeline as ip
 from medfinder_jax import sharding
@@ -231,11 +231,6 @@ def loop_config(tiny_config, tiny_dataset, tmp_path, **overrides):
                         **overrides})
 
 
-def read_jsonl(path):
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f]
-
-
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     tiny_config, tiny_dataset, tmp_path):
   """lr 1e30: step 1 is finite but its update blows the weights up, so step 2's loss is NaN."""
@@ -246,7 +241,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     train.train_and_evaluate(config)
   assert err.value.step == 2 and err.value.last_checkpoint == 1
   assert os.listdir(checkpoint.checkpoint_dir(config.output_dir)) == ["1"]
-  records = read_jsonl(os.path.join(config.output_dir, "metrics.jsonl"))
+  records = logging_lib.read_metrics(os.path.join(config.output_dir, "metrics.jsonl"))
   assert [r["step"] for r in records] == [1] and np.isfinite(records[0]["loss"])
 
 
@@ -257,7 +252,7 @@ def test_sigterm_saves_a_checkpoint_and_returns_cleanly(tiny_config, tiny_datase
   def terminate_after_first_steps():
     deadline = time.time() + 300
     while time.time() < deadline:
-      if os.path.exists(metrics_file) and len(read_jsonl(metrics_file)) >= 2:
+      if os.path.exists(metrics_file) and len(logging_lib.read_metrics(metrics_file)) >= 2:
         os.kill(os.getpid(), signal.SIGTERM)
         return
       time.sleep(0.05)
@@ -316,7 +311,7 @@ def test_loss_falls_and_recall_rises_above_chance(tiny_config, tmp_path_factory,
                           "train.epochs": 20, "train.val_split": "train",
                           "train.log_every_steps": 10, "train.eval_every_steps": 100})
   summary = train.train_and_evaluate(config)
-  records = read_jsonl(os.path.join(config.output_dir, "metrics.jsonl"))
+  records = logging_lib.read_metrics(os.path.join(config.output_dir, "metrics.jsonl"))
   losses = [r["loss"] for r in records if "loss" in r]
   assert summary["step"] == 100 and len(losses) >= 10
   assert np.mean(losses[-3:]) < losses[0] - 0.2
