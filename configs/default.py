@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.text.max_tokens = 100
   c.text.window_words = 100          # random contiguous window of this many words while training
   c.text.trainable = False           # the seed freezes BERT
+  c.text.pooling = "cls"             # "cls" (the seed) | "mean" (sentence-transformers models)
   c.text.lowercase = "auto"          # "auto" (tokenizer_config.json, else cased iff vocab.txt is) | "true" | "false"
 
   # --- Model ----------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def embedding_settings(config, tokenizer):
   for field in ("remat", "dtype"):      # same embeddings (up to bf16 rounding) either way
     model.pop(field, None)
   return {"model": model, "text": {"max_tokens": int(config.text.max_tokens),
-                                   "lowercase": bool(tokenizer.lowercase)}}
+                                   "lowercase": bool(tokenizer.lowercase),
+                                   "pooling": config.text.get("pooling", "cls")}}
 
 
 def make_identity(kind, path, config, variables, tokenizer, params, step=None):

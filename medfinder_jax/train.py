@@ -54,7 +54,8 @@ TEXT_KEY = "text_encoder"    # params[TEXT_KEY]: the BERT tower, frozen unless t
 # must keep them (anything else, e.g. epochs, lr, log cadence, may change).
 RESUME_KEYS = ("model.backbone", "model.embed_dim", "model.resnet", "model.vit", "model.fusion",
                "loss.contrastive", "text.trainable", "train.batch_size_per_device",
-               "train.grad_accum_steps", "train.shuffle_buffer", "text.max_tokens")
+               "train.grad_accum_steps", "train.shuffle_buffer", "text.max_tokens",
+               "text.pooling")
 
 EXIT_DIVERGED = 3  # launch.py's exit code when the loss became NaN/Inf
 

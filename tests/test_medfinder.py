@@ -154,6 +154,19 @@ def test_encode_text_is_projected_cls_state(fused):
                              atol=1e-5)
 
 
+def test_mean_pooling_averages_the_unmasked_token_states(fused):
+  model, variables = fused
+  _, _, ids, mask = batch()  # row 0 has 3 of 6 tokens
+  mean_model = model.clone(text_pooling="mean")
+  text = jax.jit(lambda v: mean_model.apply(v, ids, mask, method=mean_model.encode_text))(variables)
+  hidden, _ = bert.BertModel(TINY_BERT).apply({"params": variables["params"]["text_encoder"]},
+                                              ids, mask)
+  m = np.asarray(mask, np.float32)[..., None]
+  pooled = (np.asarray(hidden) * m).sum(1) / m.sum(1)
+  projection = variables["params"]["text_projection"]
+  np.testing.assert_allclose(text, pooled @ projection["kernel"] + projection["bias"], atol=1e-5)
+
+
 def text_encoder_gradient(model, variables):
   _, _, ids, mask = batch()
 
@@ -190,3 +203,5 @@ def test_bad_config_values_are_named():
   config.model.dtype = "fp8"
   with pytest.raises(ValueError, match="model.dtype"):
     medfinder.build_model(config.model, config.text, TINY_BERT)
+  with pytest.raises(ValueError, match="text.pooling"):
+    medfinder.pool_text(jnp.zeros((1, 2, 3)), jnp.ones((1, 2)), "max")

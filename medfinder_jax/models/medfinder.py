@@ -33,6 +33,9 @@ class MedFinder(nn.Module):
     embed_dim: joint embedding width (512).
     use_fusion: cross-attention fusion of views (False = seed_code: unfused single view).
     fusion_heads: attention heads of the fusion.
+    text_pooling: "cls" (the seed: the [CLS] hidden state) or "mean" (mean of the token hidden
+      states under the attention mask: how sentence-transformers models such as all-MiniLM-L6-v2
+      were trained to embed a sentence).
     text_trainable: False stops gradients at the BERT output (the seed freezes BERT; dropout
       stays active in training, as in the seed). The optimizer must still exclude
       params["text_encoder"] (weight decay would change it otherwise).
@@ -44,6 +47,7 @@ class MedFinder(nn.Module):
   use_fusion: bool = True
   fusion_heads: int = 8
   text_trainable: bool = False
+  text_pooling: str = "cls"
   dtype: Any = jnp.float32
   remat: bool = False
 
@@ -74,10 +78,10 @@ class MedFinder(nn.Module):
   def encode_text(self, input_ids, attention_mask, train=False):
     """input_ids, attention_mask (B, L) int (mask 1 = token) -> (B, embed_dim) float32."""
     hidden, _ = self.text_encoder(input_ids, attention_mask, train=train)
-    cls = hidden[:, 0]
+    pooled = pool_text(hidden, attention_mask, self.text_pooling)
     if not self.text_trainable:
-      cls = jax.lax.stop_gradient(cls)
-    return self.text_projection(cls).astype(jnp.float32)
+      pooled = jax.lax.stop_gradient(pooled)
+    return self.text_projection(pooled).astype(jnp.float32)
 
   def __call__(self, view_a, view_b, input_ids, attention_mask, train=True):
     """Training forward. view_a, view_b: (B, X, Y, Z, 1) augmented views (view_b None = one view).
@@ -105,6 +109,19 @@ class MedFinder(nn.Module):
       fused_b, _ = self.fusion(tokens[:, 1], tokens[:, 0], train=train)
       result["image"] = 0.5 * (fused_a + fused_b)
     return result
+
+
+TEXT_POOLINGS = ("cls", "mean")
+
+
+def pool_text(hidden, attention_mask, pooling):
+  """(B, L, H) hidden states -> (B, H): the [CLS] state or the masked mean over tokens."""
+  if pooling == "cls":
+    return hidden[:, 0]
+  if pooling == "mean":
+    mask = attention_mask[..., None].astype(hidden.dtype)
+    return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1)
+  raise ValueError(f"text.pooling: got {pooling!r}, expected one of {TEXT_POOLINGS}")
 
 
 def compute_dtype(name):
@@ -140,6 +157,7 @@ def build_model(model_config, text_config, bert_config):
       use_fusion=model_config.fusion.enabled,
       fusion_heads=model_config.fusion.num_heads,
       text_trainable=text_config.trainable,
+      text_pooling=text_config.get("pooling", "cls"),
       dtype=compute_dtype(model_config.dtype),
       remat=model_config.remat)
 
