@@ -52,7 +52,8 @@ def parse_args(argv=None):
   parser.add_argument("--devices", type=int, default=None, help="default: all")
   parser.add_argument("--mesh", default="-1,1", help="data,fsdp sizes (-1 = the rest)")
   parser.add_argument("--text", choices=TEXT_MODELS, default=None,
-                      help="text tower architecture (default: minilm for tiny, else bert-base)")
+                      help="text tower architecture (default: minilm for tiny or a config whose "
+                           "text.model_path is minilm, else bert-base)")
   parser.add_argument("--loss", default=None, help="clip | siglip | seed_code")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
@@ -85,6 +86,35 @@ def build_config(args):
   overrides.update(dict(item.split("=", 1) for item in args.set))
   config_utils.apply_overrides(config, overrides)
   return config
+
+
+def default_text(args, config):
+  if args.text:
+    return args.text
+  return "minilm" if args.config == "tiny" or config.text.model_path == "minilm" else "bert-base"
+
+
+# Dense bf16 peak of accelerators (TFLOP/s), for MFU; matched against jax's device_kind.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0,
+                    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
+
+
+def peak_tflops(device):
+  kind = getattr(device, "device_kind", "")
+  for name, tflops in PEAK_BF16_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return tflops
+  return None
+
+
+def device_peak_memory_gib(device):
+  """Peak bytes the device allocator held (GPU/TPU); None where not reported (CPU)."""
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    return None
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else round(peak / 2**30, 3)
 
 
 def text_config(name):
@@ -148,7 +178,8 @@ def measure(args):
   data, fsdp = (int(x) for x in args.mesh.split(","))
   config.mesh.data, config.mesh.fsdp = data, fsdp
   mesh = sharding.make_mesh(config.mesh, devices)
-  bert_config = text_config(args.text or ("minilm" if args.config == "tiny" else "bert-base"))
+  text_name = default_text(args, config)
+  bert_config = text_config(text_name)
   model = medfinder.build_model(config.model, config.text, bert_config)
   tx, schedule = train.make_optimizer(config.train, config.text.trainable, total_steps=10_000)
   rules = sharding.PartitionRules.from_config(config.mesh)
@@ -167,8 +198,7 @@ def measure(args):
   result = {"backbone": config.model.backbone, "shape": list(shape), "devices": mesh.size,
             "mesh": dict(mesh.shape), "batch_per_device": int(config.train.batch_size_per_device),
             "accum": args.accum, "global_batch": global_batch, "precision": args.precision,
-            "remat": bool(args.remat), "text": args.text or ("minilm" if args.config == "tiny"
-                                                             else "bert-base"),
+            "remat": bool(args.remat), "text": text_name,
             "loss": config.loss.contrastive, "platform": devices[0].platform,
             "compile_s": round(compile_s, 2),
             "gflops_per_step_per_device": round(flops_of(compiled) / 1e9, 3),
@@ -200,15 +230,25 @@ def run_steps(args, config, model, tx, rules, mesh, shape, compiled, global_batc
     state, metrics = compiled(state, batch, key)
   jax.block_until_ready((state, metrics))
   per_step = (time.perf_counter() - start) / args.steps
-  return {"ms_per_step": round(1000 * per_step, 2), "steps_per_s": round(1 / per_step, 3),
-          "volumes_per_s": round(global_batch / per_step, 2),
-          "last_loss": float(jax.device_get(metrics["loss"]))}
+  device = mesh.devices.flat[0]
+  flops = flops_of(compiled) * mesh.size
+  result = {"ms_per_step": round(1000 * per_step, 2), "steps_per_s": round(1 / per_step, 3),
+            "volumes_per_s": round(global_batch / per_step, 2),
+            "achieved_tflops": round(flops / per_step / 1e12, 4),
+            "device_kind": getattr(device, "device_kind", ""),
+            "peak_device_memory_gib": device_peak_memory_gib(device),
+            "last_loss": float(jax.device_get(metrics["loss"]))}
+  peak = peak_tflops(device)
+  if peak and device.platform != "cpu":
+    result["mfu_percent"] = round(100 * result["achieved_tflops"] / (peak * mesh.size), 2)
+  return result
 
 
 def print_row(r):
   timing = ("" if "ms_per_step" not in r else
             f"  {r['ms_per_step']:9.1f} ms/step  {r['steps_per_s']:7.3f} steps/s  "
-            f"{r['volumes_per_s']:8.2f} vol/s")
+            f"{r['volumes_per_s']:8.2f} vol/s  {r['achieved_tflops']:.3f} TFLOP/s"
+            + (f"  MFU {r['mfu_percent']:.1f}%" if "mfu_percent" in r else ""))
   print(f"{r['backbone']} {'x'.join(map(str, r['shape']))} {r['precision']}"
         f"{' remat' if r['remat'] else ''}  {r['platform']} x{r['devices']} {r['mesh']}  "
         f"batch {r['batch_per_device']}/dev x{r['accum']} = {r['global_batch']}  "

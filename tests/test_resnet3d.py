@@ -57,7 +57,7 @@ def test_resnet50_matches_monai_in_eval_mode():
   np.testing.assert_allclose(np.mean(out["tokens"], axis=1), pooled, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("conv_impl", ["native", "slices"])
+@pytest.mark.parametrize("conv_impl", ["native", "decomposed"])
 def test_tiny_resnet_with_strided_conv1_matches_monai(conv_impl):
   volume = np.random.default_rng(1).normal(size=(1, 17, 12, 9, 1)).astype(np.float32)  # odd sizes
   model = monai_model((1, 2, 1, 1), (4, 4, 8, 8), conv1_stride=2)
@@ -68,24 +68,27 @@ def test_tiny_resnet_with_strided_conv1_matches_monai(conv_impl):
 
 @pytest.mark.parametrize("kernel,stride,size", [(1, 1, (6, 5, 4)), (1, 2, (7, 6, 5)),
                                                 (3, 1, (6, 5, 4)), (3, 2, (9, 8, 7)),
-                                                (7, 1, (9, 8, 7)), (7, 2, (10, 9, 11))])
-def test_conv_by_slices_equals_the_native_3d_convolution(kernel, stride, size):
+                                                (3, 1, (12, 11, 10)), (3, 2, (17, 16, 15)),
+                                                (7, 1, (9, 8, 7)), (7, 2, (10, 9, 11)),
+                                                (7, 2, (6, 5, 4))])
+def test_decomposed_conv_equals_the_native_3d_convolution(kernel, stride, size):
+  """Small outputs take the im2col path, larger ones the stacked-slices path (both tested)."""
   rng = np.random.default_rng(kernel * 10 + stride)
   x = jnp.asarray(rng.normal(size=(2, *size, 3)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, kernel, 3, 5)), jnp.float32)
   pad = kernel // 2
   native = resnet3d.conv3d(x, w, stride, pad, "native")
-  slices = resnet3d.conv3d(x, w, stride, pad, "slices")
-  assert slices.shape == native.shape
-  np.testing.assert_allclose(slices, native, rtol=1e-4, atol=1e-4)
+  decomposed = resnet3d.conv3d(x, w, stride, pad, "decomposed")
+  assert decomposed.shape == native.shape
+  np.testing.assert_allclose(decomposed, native, rtol=1e-4, atol=1e-4)
   grad = lambda impl: jax.grad(lambda x, w: jnp.sum(resnet3d.conv3d(x, w, stride, pad, impl) ** 2),
                                argnums=(0, 1))(x, w)
-  for a, b in zip(grad("slices"), grad("native")):
+  for a, b in zip(grad("decomposed"), grad("native")):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
 
 
-def test_auto_conv_impl_uses_slices_on_cpu_and_rejects_unknown_names():
-  assert resnet3d.resolve_conv_impl("auto") == ("slices" if jax.default_backend() == "cpu"
+def test_auto_conv_impl_decomposes_on_cpu_and_rejects_unknown_names():
+  assert resnet3d.resolve_conv_impl("auto") == ("decomposed" if jax.default_backend() == "cpu"
                                                 else "native")
   with pytest.raises(ValueError, match="conv_impl"):
     resnet3d.resolve_conv_impl("cudnn")

@@ -19,7 +19,10 @@ EXPANSION = 4  # bottleneck output channels = 4 * width
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-CONV_IMPLS = ("auto", "native", "slices")
+CONV_IMPLS = ("auto", "native", "decomposed")
+# Output voxels per example below which the decomposed form uses one im2col matmul instead of
+# 2D convolutions (small maps with many channels: ResNet stages 3-4; benchmarks/conv3d.py).
+IM2COL_MAX_VOXELS = 128
 
 
 def torch_padding(kernel, ndim=3):
@@ -28,12 +31,13 @@ def torch_padding(kernel, ndim=3):
 
 
 def resolve_conv_impl(impl):
-  """"auto" -> "slices" on CPU (XLA:CPU runs 3D convolutions 5-9x slower than 2D ones: see
-  benchmarks/conv3d.py), "native" elsewhere (cuDNN / TPU convolutions are fast)."""
+  """"auto" -> "decomposed" on CPU (XLA:CPU runs 3D convolutions several times slower than 2D
+  convolutions and matmuls: benchmarks/conv3d.py), "native" elsewhere (cuDNN / TPU 3D
+  convolutions are fast)."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"model.resnet.conv_impl: got {impl!r}, expected one of {CONV_IMPLS}")
   if impl == "auto":
-    return "slices" if jax.default_backend() == "cpu" else "native"
+    return "decomposed" if jax.default_backend() == "cpu" else "native"
   return impl
 
 
@@ -41,31 +45,51 @@ def conv3d(x, kernel, stride, padding, impl):
   """Cubic 3D convolution, channels-last: x (B, X, Y, Z, Cin), kernel (k, k, k, Cin, Cout),
   the same `stride` and symmetric `padding` on every axis (PyTorch semantics).
 
-  impl "native": one XLA 3D convolution. impl "slices": the same sum computed as k 2D
-  convolutions over (X, Y) of depth-shifted Z slices (batched as B * Zout images), and 1^3
-  kernels as a matmul; identical up to float rounding, and several times faster on XLA:CPU.
+  impl "native": one XLA 3D convolution. impl "decomposed": the same sum as operations XLA:CPU
+  runs fast, chosen by shape (identical up to float rounding): 1^3 kernels as a matmul; small
+  output maps as one im2col matmul; otherwise one 2D convolution over (X, Y) whose input
+  channels are the k depth-shifted Z slices stacked (kernel reshaped to (k, k, k*Cin, Cout)).
   """
-  k = kernel.shape[0]
   if impl == "native":
     return jax.lax.conv_general_dilated(
         x, kernel, (stride,) * 3, [(padding, padding)] * 3,
         dimension_numbers=("NXYZC", "XYZIO", "NXYZC"))
+  k = kernel.shape[0]
   if k == 1:
     x = x[:, ::stride, ::stride, ::stride] if stride > 1 else x
     return jnp.einsum("bxyzc,cd->bxyzd", x, kernel[0, 0, 0])
-  batch, _, _, depth, channels = x.shape
-  out_depth = (depth + 2 * padding - k) // stride + 1
+  out = [(n + 2 * padding - k) // stride + 1 for n in x.shape[1:4]]
+  if out[0] * out[1] * out[2] <= IM2COL_MAX_VOXELS:
+    return _conv3d_im2col(x, kernel, stride, padding, out)
+  return _conv3d_stacked_slices(x, kernel, stride, padding, out[2])
+
+
+def _shifted(x, axis, offset, stride, size):
+  """x[..., offset : offset + stride * (size - 1) + 1 : stride, ...] along `axis`."""
+  return jax.lax.slice_in_dim(x, offset, offset + stride * (size - 1) + 1, stride, axis=axis)
+
+
+def _conv3d_im2col(x, kernel, stride, padding, out):
+  """All k^3 shifted windows concatenated on channels, then one matmul (kernel order x, y, z)."""
+  k = kernel.shape[0]
+  xp = jnp.pad(x, ((0, 0),) + ((padding, padding),) * 3 + ((0, 0),))
+  columns = [_shifted(_shifted(_shifted(xp, 1, dx, stride, out[0]), 2, dy, stride, out[1]),
+                      3, dz, stride, out[2])
+             for dx in range(k) for dy in range(k) for dz in range(k)]
+  return jnp.einsum("bxyzc,cd->bxyzd", jnp.concatenate(columns, axis=-1),
+                    kernel.reshape(-1, kernel.shape[-1]))
+
+
+def _conv3d_stacked_slices(x, kernel, stride, padding, out_depth):
+  """One 2D convolution of (B * out_depth) images whose channels are the k shifted Z slices."""
+  k, batch, channels = kernel.shape[0], x.shape[0], x.shape[-1]
   xp = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (padding, padding), (0, 0)))
-  total = None
-  for dz in range(k):
-    xs = jax.lax.slice_in_dim(xp, dz, dz + stride * (out_depth - 1) + 1, stride, axis=3)
-    xs = jnp.moveaxis(xs, 3, 1).reshape(batch * out_depth, *xs.shape[1:3], channels)
-    y = jax.lax.conv_general_dilated(xs, kernel[:, :, dz], (stride, stride),
-                                     [(padding, padding)] * 2,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    total = y if total is None else total + y
-  total = total.reshape(batch, out_depth, *total.shape[1:])
-  return jnp.moveaxis(total, 1, 3)
+  stacked = jnp.concatenate([_shifted(xp, 3, dz, stride, out_depth) for dz in range(k)], -1)
+  images = jnp.moveaxis(stacked, 3, 1).reshape(batch * out_depth, *x.shape[1:3], k * channels)
+  y = jax.lax.conv_general_dilated(images, kernel.reshape(k, k, k * channels, -1),
+                                   (stride, stride), [(padding, padding)] * 2,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.moveaxis(y.reshape(batch, out_depth, *y.shape[1:]), 1, 3)
 
 
 class Conv3D(nn.Module):
@@ -140,7 +164,7 @@ class ResNet3D(nn.Module):
     conv1_kernel, conv1_stride: first convolution (MONAI `conv1_t_size`, `conv1_t_stride`).
     dtype: compute dtype (params stay float32).
     remat: rematerialize each stage in the backward pass (saves activation memory).
-    conv_impl: "auto" | "native" | "slices" (see `conv3d`; same parameters and results).
+    conv_impl: "auto" | "native" | "decomposed" (see `conv3d`; same parameters and results).
   """
   layers: Sequence[int] = (3, 4, 6, 3)
   widths: Sequence[int] = (64, 128, 256, 512)
