@@ -167,7 +167,7 @@ def device_memory(compiled):
 def measure(args):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from data_prep import schema  # pylint: disable=import-outside-toplevel
   from medfinder_jax import sharding  # pylint: disable=import-outside-toplevel
   from medfinder_jax import train  # pylint: disable=import-outside-toplevel
   from medfinder_jax.models import medfinder  # pylint: disable=import-outside-toplevel
@@ -183,7 +183,7 @@ def measure(args):
   model = medfinder.build_model(config.model, config.text, bert_config)
   tx, schedule = train.make_optimizer(config.train, config.text.trainable, total_steps=10_000)
   rules = sharding.PartitionRules.from_config(config.mesh)
-  spec = input_pipeline.DatasetSpec(directory="<synthetic>", shape=shape, volume_dtype="uint8",
+  spec = schema.DatasetSpec(directory="<synthetic>", shape=shape, volume_dtype="uint8",
                                     unit_scale=1 / 255, unit_offset=0.0, split_sizes={},
                                     label_columns=())
   abstract = train.abstract_train_state(model, tx, config, shape, mesh, rules)
@@ -223,8 +223,8 @@ def run_steps(args, config, model, tx, rules, mesh, shape, compiled, global_batc
   key = train.replicated_array(np.asarray(jax.random.key_data(jax.random.key(0))),
                                sharding.replicated(mesh))
   for _ in range(args.warmup):
-    state, metrics = compiled(state, batch, key)
-  jax.block_until_ready((state, metrics))
+    state, _ = compiled(state, batch, key)
+  jax.block_until_ready(state)
   start = time.perf_counter()
   for _ in range(args.steps):   # dispatched back to back, as the train loop does
     state, metrics = compiled(state, batch, key)

@@ -10,6 +10,8 @@ towards the patient's Right (X), Anterior (Y), Superior (Z). In `seed` mode it i
 raw voxel order (the released code does not reorient).
 """
 
+import dataclasses
+
 SCHEMA_VERSION = 1
 DATASET_NAME = "medfinder_ct"           # files: medfinder_ct-<split>.tfrecord-<i>-of-<n>
 FILE_FORMAT = "tfrecord"
@@ -106,3 +108,17 @@ def unit_scale_offset(volume_dtype, hu_window):
     return 1.0 / 255.0, 0.0
   lo, hi = (float(v) for v in hu_window)
   return 1.0 / (hi - lo), -lo / (hi - lo)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the model and the train step need to know about a converted dataset (built by
+  medfinder_jax.input_pipeline.open_dataset; plain Python, so the train step and benchmarks
+  need no TensorFlow)."""
+  directory: str
+  shape: tuple          # stored volume (X, Y, Z)
+  volume_dtype: str     # "uint8" | "int16"
+  unit_scale: float     # volume * unit_scale + unit_offset = [0, 1] intensity
+  unit_offset: float
+  split_sizes: dict     # split -> number of studies
+  label_columns: tuple

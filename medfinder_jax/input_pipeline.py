@@ -46,16 +46,7 @@ class DatasetError(ValueError):
   """A converted dataset that is missing, incomplete or unusable as asked; names the path."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """What the model and the train step need to know about a converted dataset."""
-  directory: str
-  shape: tuple          # stored volume (X, Y, Z)
-  volume_dtype: str     # "uint8" | "int16"
-  unit_scale: float     # volume * unit_scale + unit_offset = [0, 1] intensity
-  unit_offset: float
-  split_sizes: dict     # split -> number of studies
-  label_columns: tuple
+DatasetSpec = schema.DatasetSpec  # what the model and the train step need to know
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,6 @@ from medfinder_jax import checkpoint
 from medfinder_jax import config_utils
 from medfinder_jax import convert_weights
 from medfinder_jax import evaluate
-from medfinder_jax import input_pipeline
 from medfinder_jax import logging as logging_lib
 from medfinder_jax import losses
 from medfinder_jax import metrics as metrics_lib
@@ -281,7 +280,7 @@ class Run:
   config: Any
   workdir: str
   builder: Any
-  spec: input_pipeline.DatasetSpec
+  spec: Any  # data_prep.schema.DatasetSpec
   mesh: Any
   rules: sharding.PartitionRules
   tokenizer: Any
@@ -320,6 +319,7 @@ def resolve_dataset_dir(data_config):
 def setup_run(config, workdir=None):
   """Dataset, mesh, tokenizer, model and optimizer for `config` (no state yet)."""
   workdir = workdir or config.output_dir
+  from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel  (TF)
   try:
     builder, spec = input_pipeline.open_dataset(resolve_dataset_dir(config.data))
   except input_pipeline.DatasetError as err:
@@ -578,6 +578,7 @@ def _train(run, manager, ckpt_dir):
     return summary
   step_fn = make_train_step(run.model, run.tx, run.schedule, config, run.spec, run.mesh,
                             jax.tree.map(lambda x: x.sharding, state))
+  from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel  (TF)
   batches = input_pipeline.train_batches(
       run.builder, "train", run.local_batch, run.tokenizer, seed=config.seed, start_batch=start,
       shuffle_buffer=config.train.shuffle_buffer, window_words=config.text.window_words)
