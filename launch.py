@@ -162,6 +162,7 @@ def run_convert(args, config):
     return 130
   return 0 if report["num_converted"] else 1
 
+
 def add_train_args(parser):
   add_config_args(parser)
   add_seed_args(parser)

@@ -70,3 +70,12 @@ def make_tiny_config(**overrides):
 def tiny_config():
   """Factory: tiny_config(**{"model.backbone": "vit"}) -> a tiny ConfigDict."""
   return make_tiny_config
+
+
+@pytest.fixture(scope="session")
+def aligned(tiny_dataset, tmp_path_factory):
+  """The tiny model aligned on tiny_dataset's test split (exact retrieval), as saved files:
+  tests/model_files.aligned_model."""
+  import model_files  # pylint: disable=import-outside-toplevel
+  return model_files.aligned_model(tiny_dataset, tmp_path_factory)
+

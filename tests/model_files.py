@@ -118,3 +118,11 @@ def aligned_model(dataset_dir, tmp_path_factory, split="test"):
       run_dir=write_our_checkpoint(str(out / "run"), config, variables, spec))
   _ALIGNED[key] = result
   return result
+
+
+def run_launch(argv, capsys):
+  """(exit code, stdout, stderr) of launch.main(argv), run in this process."""
+  import launch  # pylint: disable=import-outside-toplevel
+  code = launch.main(argv)
+  out, err = capsys.readouterr()
+  return code, out, err

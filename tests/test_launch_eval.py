@@ -12,21 +12,10 @@ import os
 import numpy as np
 import pytest
 
-import launch
 import model_files
+from model_files import run_launch as run
 import tiny_config
 from multiprocess import launch_processes
-
-
-@pytest.fixture(scope="module")
-def aligned(tiny_dataset, tmp_path_factory):
-  return model_files.aligned_model(tiny_dataset, tmp_path_factory)
-
-
-def run(argv, capsys):
-  code = launch.main(argv)
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 def eval_argv(model_path, output_dir, *more, dataset=None):

@@ -14,20 +14,10 @@ import pytest
 
 import launch
 import model_files
+from model_files import run_launch as run
 import tiny_config
 from medfinder_jax import findings
 from multiprocess import launch_processes
-
-
-@pytest.fixture(scope="module")
-def aligned(tiny_dataset, tmp_path_factory):
-  return model_files.aligned_model(tiny_dataset, tmp_path_factory)
-
-
-def run(argv, capsys):
-  code = launch.main(argv)
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 CONFIG = ["--config", tiny_config.PATH + ":nofusion"]
