@@ -4,7 +4,7 @@ Reproduces the paper's recipe (two augmented views, cross-attention fusion, view
 frozen BERT text tower, best checkpoint by val t2i R@10) on the synthetic phantom corpus: 400
 studies converted to 64x64x32 voxels (the whole body box resized, no fixed spacing), a
 1-block-per-stage ResNet (widths 16..128, 3^3 stride-2 stem), the packaged all-MiniLM-L6-v2 as
-text tower (nothing downloaded; mean-pooled, as that model was trained), 128-d embeddings, batch 16, lr 1e-3 with warmup, 20 epochs
+text tower (nothing downloaded; mean-pooled, as that model was trained), 128-d embeddings, batch 16, lr 3e-3 with warmup, 20 epochs
 within a 10-minute budget. Evaluated on the test split (80 studies) with keyword P@K for every
 finding the phantom draws.
 
@@ -44,7 +44,7 @@ def get_config(arg=None):
 
   c.train.batch_size_per_device = 16
   c.train.epochs = 20
-  c.train.lr = 1e-3
+  c.train.lr = 3e-3                  # reduced demo (test_demo): t2i R@10 2.1x -> 2.9x chance vs 1e-3
   c.train.warmup_steps = 20
   c.train.log_every_steps = 5
   c.train.max_minutes = 10.0

@@ -41,8 +41,20 @@ class InterchangeError(ValueError):
   """A file that cannot be used as given; the message names the file, field and the fix."""
 
 
+class PairedEmbeddings:
+  """Shape accessors shared by the dataclasses that hold paired (N, D) image/text embeddings."""
+
+  @property
+  def n(self):
+    return int(self.image_embeddings.shape[0])
+
+  @property
+  def dim(self):
+    return int(self.image_embeddings.shape[1])
+
+
 @dataclasses.dataclass
-class EmbeddingSet:
+class EmbeddingSet(PairedEmbeddings):
   """The contents of an embeddings.npz (see the module docstring for shapes and meaning)."""
   image_embeddings: np.ndarray
   text_embeddings: np.ndarray
@@ -52,14 +64,6 @@ class EmbeddingSet:
   keywords: Optional[np.ndarray] = None
   keyword_embeddings: Optional[np.ndarray] = None
   keyword_relevance: Optional[np.ndarray] = None
-
-  @property
-  def n(self):
-    return int(self.image_embeddings.shape[0])
-
-  @property
-  def dim(self):
-    return int(self.image_embeddings.shape[1])
 
   def fields(self):
     """{name: array} of the fields that are present."""

@@ -49,7 +49,7 @@ class SearchResult(NamedTuple):
 
 
 @dataclasses.dataclass
-class EmbeddingIndex:
+class EmbeddingIndex(interchange.PairedEmbeddings):
   directory: str
   meta: dict
   image_embeddings: np.ndarray   # (N, D) float32, unit rows
@@ -57,14 +57,6 @@ class EmbeddingIndex:
   study_ids: np.ndarray          # (N,) str
   reports: np.ndarray            # (N,) str ("" when unknown)
   source_paths: np.ndarray       # (N,) str ("" when unknown)
-
-  @property
-  def n(self):
-    return int(self.image_embeddings.shape[0])
-
-  @property
-  def dim(self):
-    return int(self.image_embeddings.shape[1])
 
 
 # --- Model identity -------------------------------------------------------------------------------

@@ -13,6 +13,20 @@ import numpy as np
 from medfinder_jax import convert_weights
 
 
+def import_monai(importer, model, ours, volume):
+  """A MONAI torch model's state dict imported (by `importer`) into our Flax module's params."""
+  template = jax.eval_shape(lambda: ours.init(jax.random.key(0), volume))
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  return importer(state, template)
+
+
+def torch_call(model, volume):
+  """Runs a torch model without grad on our (B, X, Y, Z, 1) volume, as PyTorch's (B, 1, X, Y, Z)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  with torch.no_grad():
+    return model(torch.from_numpy(np.transpose(volume, (0, 4, 1, 2, 3))))
+
+
 def export_seed_state_dict(variables, backbone="resnet50"):
   """MedFinder variables (fusion disabled) -> {seed state-dict key: numpy array}."""
   key_fn = convert_weights.seed_key_fn(backbone)

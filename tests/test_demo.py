@@ -16,7 +16,7 @@ def test_reduced_demo_learns_retrieval_far_above_chance(tmp_path):
          "PYTHONUNBUFFERED": "1"}
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch.py"), "demo", "--output_dir", str(out),
-       "--n", "300", "--minutes", "8", "--config.train.epochs=10"],
+       "--n", "300", "--minutes", "8", "--config.train.epochs=14"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "Test split retrieval" in proc.stdout and "chance" in proc.stdout

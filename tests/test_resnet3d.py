@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import model_files
 from medfinder_jax import convert_weights
 from medfinder_jax.models import resnet3d
 
@@ -28,15 +29,11 @@ def monai_model(layers, widths, conv1_stride=1):
 
 
 def imported(model, ours, volume):
-  template = jax.eval_shape(lambda: ours.init(jax.random.key(0), volume))
-  state = {k: v.numpy() for k, v in model.state_dict().items()}
-  return convert_weights.import_monai_resnet(state, template)
+  return model_files.import_monai(convert_weights.import_monai_resnet, model, ours, volume)
 
 
 def torch_forward(model, volume):
-  """Our (B, X, Y, Z, 1) volume is PyTorch's (B, 1, X, Y, Z)."""
-  with torch.no_grad():
-    return model(torch.from_numpy(np.transpose(volume, (0, 4, 1, 2, 3)))).numpy()
+  return model_files.torch_call(model, volume).numpy()
 
 
 def relative_error(ours, reference):

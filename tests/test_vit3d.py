@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import model_files
 from medfinder_jax import convert_weights
 from medfinder_jax.models import vit3d
 
@@ -27,15 +28,12 @@ def monai_model(img_size, num_layers=12, hidden_size=768, mlp_dim=3072, num_head
 
 
 def imported(model, ours, volume):
-  template = jax.eval_shape(lambda: ours.init(jax.random.key(0), volume))
-  state = {k: v.numpy() for k, v in model.state_dict().items()}
-  return convert_weights.import_monai_vit(state, template)
+  return model_files.import_monai(convert_weights.import_monai_vit, model, ours, volume)
 
 
 def torch_tokens(model, volume):
   """MONAI ViT(classification=False) returns (final normed tokens, per-block states)."""
-  with torch.no_grad():
-    return model(torch.from_numpy(np.transpose(volume, (0, 4, 1, 2, 3))))[0].numpy()
+  return model_files.torch_call(model, volume)[0].numpy()
 
 
 def check_parity(img_size, **sizes):
