@@ -148,6 +148,16 @@ def single_device_step(parts):
   return one_step(parts, devices=1, data=1, fsdp=1)
 
 
+def assert_moments_match(mu, expected):
+  """AdamW first moments (path -> array) equal the expected ones, to the module's tolerance."""
+  for path, value in expected.items():
+    if re.search(BN_FED_BIAS, path):   # true gradient 0: float noise on both sides
+      assert np.max(np.abs(mu[path])) < 1e-6 and np.max(np.abs(value)) < 1e-6, path
+      continue
+    scale = float(np.max(np.abs(value))) or 1.0
+    np.testing.assert_allclose(mu[path], value, rtol=1e-4, atol=1e-4 * scale, err_msg=path)
+
+
 @pytest.mark.parametrize("data, fsdp", [(8, 1), (2, 4)])
 def test_one_step_on_8_devices_matches_1_device(parts, single_device_step, data, fsdp):
   before, ref, ref_metrics, _ = single_device_step
@@ -157,12 +167,7 @@ def test_one_step_on_8_devices_matches_1_device(parts, single_device_step, data,
   for name in ("loss", "contrastive", "mse", "grad_norm"):
     np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-5, err_msg=name)
   mu, ref_mu = adam_mu(got.opt_state), adam_mu(ref.opt_state)
-  for path, value in ref_mu.items():
-    if re.search(BN_FED_BIAS, path):   # true gradient 0: float noise on both sides
-      assert np.max(np.abs(mu[path])) < 1e-6 and np.max(np.abs(value)) < 1e-6, path
-      continue
-    scale = float(np.max(np.abs(value))) or 1.0
-    np.testing.assert_allclose(mu[path], value, rtol=1e-4, atol=1e-4 * scale, err_msg=path)
+  assert_moments_match(mu, ref_mu)
   lr = float(ref_metrics["lr"])
   got_params, ref_params = _tree_paths(got.params), _tree_paths(ref.params)
   for path, value in ref_params.items():
@@ -213,12 +218,7 @@ def test_accumulated_gradient_is_the_mean_over_micro_batches(parts):
     grads.append(grad)
   expected = _tree_paths(jax.tree.map(lambda g0, g1: 0.1 * (g0 + g1) / 2, *grads))
   mu = adam_mu(after.opt_state)
-  for path, value in expected.items():
-    if re.search(BN_FED_BIAS, path):   # true gradient 0: float noise on both sides
-      assert np.max(np.abs(mu[path])) < 1e-6 and np.max(np.abs(value)) < 1e-6, path
-      continue
-    scale = float(np.max(np.abs(value))) or 1.0
-    np.testing.assert_allclose(mu[path], value, rtol=1e-4, atol=1e-4 * scale, err_msg=path)
+  assert_moments_match(mu, expected)
   for a, b in zip(jax.tree.leaves(after.batch_stats), jax.tree.leaves(stats)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 

@@ -9,6 +9,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from medfinder_jax.models import attention
+
 ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
@@ -83,10 +85,9 @@ class BertSelfAttention(nn.Module):
                                   kernel_init=nn.initializers.normal(c.initializer_range))
     split = lambda y: y.reshape(b, n, heads, head_dim)
     q, k, v = (split(dense(name)(x)) for name in ("query", "key", "value"))
-    logits = jnp.einsum("bxhd,byhd->bhxy", q, k).astype(jnp.float32) * head_dim**-0.5
-    weights = nn.softmax(logits + attention_bias, axis=-1).astype(self.dtype)
+    weights = attention.attention_weights(q, k, attention_bias).astype(self.dtype)
     weights = nn.Dropout(c.attention_probs_dropout_prob, deterministic=not train)(weights)
-    return jnp.einsum("bhxy,byhd->bxhd", weights, v).reshape(b, n, width)
+    return attention.attend(weights, v)
 
 
 class BertOutput(nn.Module):

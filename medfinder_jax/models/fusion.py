@@ -12,6 +12,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from medfinder_jax.models import attention
+
 
 def masked_mean(x, mask=None):
   """Mean of x (B, N, D) over N where mask (B, N) is true (all tokens when mask is None)."""
@@ -29,7 +31,7 @@ class MultiHeadCrossAttention(nn.Module):
 
   @nn.compact
   def __call__(self, queries, context, context_mask=None, train=False):
-    b, n, width = queries.shape
+    width = queries.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"fusion: token width {width} is not a multiple of num_heads "
                        f"{self.num_heads}")
@@ -38,13 +40,10 @@ class MultiHeadCrossAttention(nn.Module):
     split = lambda y: y.reshape(y.shape[0], y.shape[1], self.num_heads, head_dim)
     q = split(dense("query")(queries))
     k, v = split(dense("key")(context)), split(dense("value")(context))
-    logits = jnp.einsum("bxhd,byhd->bhxy", q, k).astype(jnp.float32) * head_dim**-0.5
-    if context_mask is not None:
-      logits = jnp.where(context_mask[:, None, None, :], logits, -1e9)
-    weights = nn.softmax(logits, axis=-1).astype(self.dtype)
+    bias = None if context_mask is None else jnp.where(context_mask[:, None, None, :], 0.0, -1e9)
+    weights = attention.attention_weights(q, k, bias).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
-    y = jnp.einsum("bhxy,byhd->bxhd", weights, v).reshape(b, n, width)
-    return dense("out")(y)
+    return dense("out")(attention.attend(weights, v))
 
 
 class CrossAttentionFusion(nn.Module):

@@ -10,6 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from medfinder_jax.models import attention
+
 # MONAI initialises Linear weights and the position embedding with trunc_normal(std=0.02).
 dense_init = nn.initializers.truncated_normal(0.02)
 
@@ -31,10 +33,9 @@ class SelfAttention(nn.Module):
     qkv = nn.Dense(3 * width, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=dense_init,
                    name="qkv")(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
-    logits = jnp.einsum("bxhd,byhd->bhxy", q, k) * head_dim**-0.5
-    weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    weights = attention.attention_weights(q, k).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
-    y = jnp.einsum("bhxy,byhd->bxhd", weights, v).reshape(b, n, width)
+    y = attention.attend(weights, v)
     y = nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="out_proj")(y)
     return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
