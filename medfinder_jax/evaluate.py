@@ -63,6 +63,20 @@ def extract_split(model, variables, builder, spec, split, tokenizer, mesh, batch
   Returns an interchange.EmbeddingSet (image/text embeddings (N, D) float32, study_ids, reports,
   source_paths). `progress` (optional) is called with the number of batches done.
   """
+  from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  image, text = extract_split_embeddings(model, variables, builder, spec, split, tokenizer, mesh,
+                                         batch_size_per_device, progress)
+  texts = input_pipeline.read_split_text(builder, split)
+  return interchange.EmbeddingSet(
+      image_embeddings=image, text_embeddings=text, study_ids=np.asarray(texts["study_id"]),
+      reports=np.asarray(texts["report"]),
+      source_paths=np.asarray(texts.get("source_path", [""] * len(image))))
+
+
+def extract_split_embeddings(model, variables, builder, spec, split, tokenizer, mesh,
+                             batch_size_per_device, progress=None):
+  """(image, text) embeddings (N, D) float32 of `split` in dataset order, on every process; no
+  second pass over the records for their ids and reports (what validation needs)."""
   # TensorFlow (6 s to import) only when a converted split is read: query encoding stays light.
   from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   local_batch = batch_size_per_device * mesh.local_mesh.size
@@ -76,12 +90,11 @@ def extract_split(model, variables, builder, spec, split, tokenizer, mesh, batch
       pieces[name].append(gather_to_host(value))
     if progress is not None:
       progress(done)
-  return _ordered_set(pieces, input_pipeline.read_split_text(builder, split),
-                      spec.split_sizes[split], split)
+  return _in_dataset_order(pieces, spec.split_sizes[split], split)
 
 
-def _ordered_set(pieces, texts, expected, split):
-  """Concatenated gathered rows -> EmbeddingSet in dataset order, padding dropped."""
+def _in_dataset_order(pieces, expected, split):
+  """Concatenated gathered rows -> (image, text) in dataset order, padding dropped."""
   index = np.concatenate(pieces["index"])
   keep = index >= 0
   order = np.argsort(index[keep], kind="stable")
@@ -90,10 +103,7 @@ def _ordered_set(pieces, texts, expected, split):
     raise RuntimeError(f"split {split!r}: gathered {len(rows)} rows for {expected} studies "
                        "(expected each study exactly once)")
   take = lambda name: np.concatenate(pieces[name])[keep][order].astype(np.float32)
-  return interchange.EmbeddingSet(
-      image_embeddings=take("image"), text_embeddings=take("text"),
-      study_ids=np.asarray(texts["study_id"]), reports=np.asarray(texts["report"]),
-      source_paths=np.asarray(texts.get("source_path", [""] * expected)))
+  return take("image"), take("text")
 
 
 def encode_texts(model, variables, tokenizer, texts, mesh, batch_size_per_device=8):

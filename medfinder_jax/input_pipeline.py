@@ -229,8 +229,12 @@ def read_split_text(builder, split, columns=(schema.STUDY_ID, schema.REPORT, sch
   features = builder.info.features
   columns = [c for c in columns if c in features]
   out = {c: [] for c in columns}
-  records = tf.data.TFRecordDataset(list(files.paths)).map(
-      lambda r: {c: features.deserialize_example(r, decoders=decoders)[c] for c in columns})
+
+  def text_columns(record):   # one parse per record
+    example = features.deserialize_example(record, decoders=decoders)
+    return {c: example[c] for c in columns}
+
+  records = tf.data.TFRecordDataset(list(files.paths)).map(text_columns)
   for example in records.as_numpy_iterator():
     for c in columns:
       out[c].append(example[c].decode("utf-8"))
@@ -241,21 +245,32 @@ def prefetch_to_device(batches, mesh, size=2):
   """Host batches -> global jax.Arrays on `mesh`, built `size` batches ahead on a thread.
 
   Keeps tokenization and host->device copies off the training loop's critical path. Errors in
-  the producer are re-raised in the consumer.
+  the producer are re-raised in the consumer. A consumer that stops early (the training loop
+  leaves an endless stream with `break`) also stops the producer thread, so the batches it holds
+  on the devices are freed.
   """
   buffer = queue.Queue(maxsize=size)
   done = object()
   stop = threading.Event()
 
+  def put(item):
+    """Blocks until there is room, or returns False once the consumer has gone."""
+    while not stop.is_set():
+      try:
+        buffer.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   def produce():
     try:
       for batch in batches:
-        if stop.is_set():
+        if not put(sharding.make_global_batch(batch, mesh)):
           return
-        buffer.put(sharding.make_global_batch(batch, mesh))
-      buffer.put(done)
+      put(done)
     except BaseException as err:  # pylint: disable=broad-except
-      buffer.put(err)
+      put(err)
 
   thread = threading.Thread(target=produce, daemon=True, name="prefetch_to_device")
   thread.start()

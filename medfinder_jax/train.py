@@ -51,7 +51,7 @@ TEXT_KEY = "text_encoder"    # params[TEXT_KEY]: the BERT tower, frozen unless t
 
 # Config fields that fix the shapes of the saved state or the order of the data: a resumed run
 # must keep them (anything else, e.g. epochs, lr, log cadence, may change).
-RESUME_KEYS = ("model.backbone", "model.embed_dim", "model.resnet", "model.vit", "model.fusion",
+RESUME_KEYS = ("seed", "model.backbone", "model.embed_dim", "model.resnet", "model.vit", "model.fusion",
                "loss.contrastive", "text.trainable", "train.batch_size_per_device",
                "train.grad_accum_steps", "train.shuffle_buffer", "text.max_tokens",
                "text.pooling")
@@ -512,10 +512,10 @@ def validate(run, state):
   split = run.config.train.val_split
   if split not in run.spec.split_sizes:
     return None
-  embeddings = evaluate.extract_split(run.model, state.variables(), run.builder, run.spec, split,
-                                      run.tokenizer, run.mesh,
-                                      int(run.config.eval.batch_size_per_device))
-  return metrics_lib.retrieval_metrics(embeddings.text_embeddings, embeddings.image_embeddings,
+  image, text = evaluate.extract_split_embeddings(
+      run.model, state.variables(), run.builder, run.spec, split, run.tokenizer, run.mesh,
+      int(run.config.eval.batch_size_per_device))
+  return metrics_lib.retrieval_metrics(text, image,
                                        ks=tuple(run.config.eval.recall_ks),
                                        ties=run.config.eval.ties)
 

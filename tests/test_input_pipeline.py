@@ -2,6 +2,8 @@
 
 import hashlib
 import itertools
+import threading
+import time
 
 import jax
 import numpy as np
@@ -150,6 +152,30 @@ def test_prefetch_reraises_producer_errors():
   next(stream)
   with pytest.raises(RuntimeError, match="shard 3"):
     next(stream)
+
+
+def test_leaving_the_prefetch_stream_early_stops_its_thread():
+  produced = []
+
+  def endless():
+    while True:
+      produced.append(1)
+      yield {"x": np.zeros((8,), np.float32)}
+
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  before = set(threading.enumerate())
+  stream = ip.prefetch_to_device(endless(), mesh, size=2)
+  next(stream)
+  producers = [t for t in set(threading.enumerate()) - before if t.name == "prefetch_to_device"]
+  assert len(producers) == 1
+  deadline = time.monotonic() + 10   # let the producer fill the queue and block on the next put
+  while len(produced) < 4 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  time.sleep(0.3)
+  stream.close()   # what `break` out of the training loop does
+  for thread in producers:
+    thread.join(timeout=5)
+  assert not any(t.is_alive() for t in producers)
 
 
 def test_not_a_dataset_is_a_clear_error(tmp_path):

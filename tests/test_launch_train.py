@@ -54,13 +54,13 @@ def test_no_text_model_says_to_pass_a_bert_folder_or_minilm(tiny_dataset, tmp_pa
   assert code == 2 and "--config.text.model_path" in err and "minilm" in err
 
 
-def test_resuming_with_another_backbone_or_batch_is_refused(tiny_dataset, tmp_path, capsys,
+def test_resuming_with_another_backbone_batch_or_seed_is_refused(tiny_dataset, tmp_path, capsys,
                                                             tiny_config):
   """A checkpoint of another setup in output_dir: the error lists what differs, nothing runs."""
   from medfinder_jax import input_pipeline as ip  # pylint: disable=import-outside-toplevel
-  config = tiny_config(**{"model.backbone": "vit", "train.batch_size_per_device": 2})
+  config = tiny_config(**{"model.backbone": "vit", "train.batch_size_per_device": 2, "seed": 7})
   manager = checkpoint.make_manager(checkpoint.checkpoint_dir(str(tmp_path)))
-  meta = checkpoint.build_meta(step=3, epoch=1, batches_consumed=3, seed=42, rng_key_data=[0, 1],
+  meta = checkpoint.build_meta(step=3, epoch=1, batches_consumed=3, seed=7, rng_key_data=[0, 1],
                                config=config, dataset_spec=ip.open_dataset(tiny_dataset)[1],
                                process_count=1, global_batch=16)
   checkpoint.save(manager, 3, {"params": {"w": np.zeros(2, np.float32)}},
@@ -73,6 +73,7 @@ def test_resuming_with_another_backbone_or_batch_is_refused(tiny_dataset, tmp_pa
   assert "model.backbone: checkpoint 'vit', now 'resnet50'" in err
   assert "train.batch_size_per_device: checkpoint 2, now 1" in err
   assert "global_batch: checkpoint 16, now 8" in err
+  assert "seed: checkpoint 7, now 42" in err   # the seed fixes the data order
   assert "another --output_dir" in err
 
 
