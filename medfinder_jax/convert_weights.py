@@ -72,8 +72,12 @@ def load_state_dict(path):
   if not os.path.isfile(path):
     raise WeightImportError(f"{path}: no such file")
   if path.endswith(".safetensors"):
+    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    state = load_file(path)
+    try:
+      state = load_file(path)
+    except (SafetensorError, OSError) as err:
+      raise WeightImportError(f"{path}: not a readable safetensors file ({err})") from err
   else:
     state = _torch_load(path)
   if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):

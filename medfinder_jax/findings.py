@@ -77,8 +77,12 @@ def keyword_pattern(keyword):
   if not words or not words[-1]:
     raise ValueError(f"keyword must contain a word, got {keyword!r}")
   last = _singular(words[-1])
+  forms = set(_inflections(last))
+  if words[-1].endswith("es"):   # "atelectases", "metastases": plurals of -is nouns too
+    forms.update(_inflections(words[-1][:-2] + "is"))
+  forms = sorted(forms, key=len, reverse=True)
   body = r"[\s\-]+".join([re.escape(w) for w in words[:-1]]
-                         + ["(?:" + "|".join(map(re.escape, _inflections(last))) + ")"])
+                         + ["(?:" + "|".join(map(re.escape, forms)) + ")"])
   compound = r"\w*" if len(words) == 1 and len(last) >= 6 else ""
   return re.compile(r"\b" + compound + body + r"\b")
 

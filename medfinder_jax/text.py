@@ -140,6 +140,17 @@ def load_tokenizer(text_config):
   return ReportTokenizer(folder, text_config.max_tokens, text_config.lowercase)
 
 
+def check_vocab_fits(tokenizer, bert_config):
+  """TextModelError when the tokenizer can emit ids the BERT's embedding table does not have
+  (a vocab.txt / tokenizer.json from another model than config.json): out-of-range ids would
+  reach the embedding lookup and surface later as a NaN loss."""
+  if tokenizer.vocab_size > bert_config.vocab_size:
+    raise TextModelError(
+        f"text model {tokenizer.folder!r}: the tokenizer has {tokenizer.vocab_size} tokens but "
+        f"config.json's vocab_size is {bert_config.vocab_size}; the tokenizer files and the "
+        "weights come from different models")
+
+
 def tokenize_reports(tokenizer, reports, rng=None, n_words=100):
   """Window each report (random with `rng`, see report_window) and tokenize the batch."""
   return tokenizer([report_window(r, rng, n_words) for r in reports])

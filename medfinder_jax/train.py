@@ -339,8 +339,8 @@ def setup_run(config, workdir=None):
   total_steps = int(config.train.max_steps) or int(config.train.epochs) * steps_per_epoch
   try:
     tokenizer = text_lib.load_tokenizer(config.text)
-    bert_config = convert_weights.load_bert_config(
-        text_lib.resolve_text_model_path(config.text.model_path))
+    bert_config = convert_weights.load_bert_config(tokenizer.folder)
+    text_lib.check_vocab_fits(tokenizer, bert_config)
   except text_lib.TextModelError as err:
     raise TrainingError(f"{err}\n(text model: --config.text.model_path DIR, a local HF BERT "
                         "folder such as BioBERT v1.1, or --config.text.model_path minilm)"
@@ -358,8 +358,10 @@ def initial_state(run, manager):
   """(state, meta or None): restored from the latest checkpoint, else freshly initialised."""
   latest = manager.latest_step()
   if latest is None:
-    folder = text_lib.resolve_text_model_path(run.config.text.model_path)
-    _, text_params = convert_weights.load_hf_bert(folder)
+    try:
+      _, text_params = convert_weights.load_hf_bert(run.tokenizer.folder)
+    except (text_lib.TextModelError, convert_weights.WeightImportError) as err:   # a bad file
+      raise TrainingError(str(err)) from None
     state = create_train_state(run.model, run.tx, run.config, run.spec.shape,
                                jax.random.key(run.config.seed), run.mesh, run.rules, text_params)
     return state, None

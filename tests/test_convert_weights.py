@@ -204,6 +204,13 @@ def test_missing_file_is_a_clear_error(tmp_path):
     convert_weights.load_state_dict(str(tmp_path / "best_model.pt"))
 
 
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+  path = tmp_path / "model.safetensors"
+  path.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"embeddings.word")
+  with pytest.raises(convert_weights.WeightImportError, match="model.safetensors: not a readable"):
+    convert_weights.load_state_dict(str(path))
+
+
 def test_create_model_puts_the_pretrained_bert_in_place():
   config = default.get_config()
   config.model.resnet.layers, config.model.resnet.widths = TINY

@@ -35,6 +35,8 @@ STATED = [
     ("Calcified micronodules in both lungs.", "nodule"),
     ("Bibasilar atelectatic changes.", "atelectasis"),
     ("Subsegmental atelectases in both bases.", "atelectasis"),
+    ("Bibasilar atelectasis.", "atelectases"),
+    ("Hepatic metastasis in segment 7.", "metastases"),
     ("No effusion. Atelectasis in the left lower lobe.", "atelectasis"),
     ("No effusion, but there is atelectasis at the right base.", "atelectasis"),
     ("Effusion is not seen, atelectasis at the left base.", "atelectasis"),

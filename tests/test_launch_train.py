@@ -77,6 +77,22 @@ def test_resuming_with_another_backbone_batch_or_seed_is_refused(tiny_dataset, t
   assert "another --output_dir" in err
 
 
+def test_a_truncated_text_weights_file_is_a_clear_error(tiny_dataset, tmp_path, capsys):
+  import shutil  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import text  # pylint: disable=import-outside-toplevel
+  minilm = text.resolve_text_model_path("minilm")
+  folder = tmp_path / "bert"
+  shutil.copytree(minilm, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+  with open(os.path.join(minilm, "model.safetensors"), "rb") as f:
+    (folder / "model.safetensors").write_bytes(f.read(4096))   # a cut-off download
+  code = launch.main(train_argv(tiny_dataset, tmp_path / "run",
+                                f"--config.text.model_path={folder}"))
+  err = capsys.readouterr().err
+  assert code == 2
+  assert "model.safetensors: not a readable safetensors file" in err
+  assert "Traceback" not in err
+
+
 # --- Real processes (slow) ------------------------------------------------------------------------
 
 def run_train(argv, env=None):

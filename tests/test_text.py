@@ -124,3 +124,12 @@ def test_tokenize_reports_windows_then_tokenizes():
   word_ids = {int(tokenizer([w])[0][0, 1]) for w in ("effusion", "consolidation")}
   assert mask[0].sum() == 5  # [CLS] + the 3 window words + [SEP]
   assert set(ids[0, 1:4].tolist()) <= word_ids
+
+
+def test_tokenizer_larger_than_the_models_vocabulary_is_a_clear_error(tmp_path):
+  from medfinder_jax.models import bert  # pylint: disable=import-outside-toplevel
+  tokenizer = text.ReportTokenizer(vocab_folder(tmp_path, CASED_VOCAB))
+  fits = bert.BertConfig(vocab_size=len(CASED_VOCAB))
+  text.check_vocab_fits(tokenizer, fits)
+  with pytest.raises(text.TextModelError, match="17 tokens but config.json's vocab_size is 10"):
+    text.check_vocab_fits(tokenizer, bert.BertConfig(vocab_size=10))
