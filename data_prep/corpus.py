@@ -54,6 +54,7 @@ class Skipped:
   reason: str
   split: str = ""
   study_id: str = ""
+  retry: bool = False    # failed for a reason that need not recur: a rerun tries again
 
 
 @dataclasses.dataclass
