@@ -3,7 +3,8 @@
 Output directory:
   medfinder_ct-<split>.tfrecord-<i>-of-<n>   records (data_prep/schema.py), CSV order per split
   dataset_info.json, features.json, metadata.json   TFDS metadata: `tfds.builder_from_directory`
-  conversion_report.json   every skipped study with its reason, counts per split, settings
+  conversion_report.json   every skipped study with its reason (retry: true = a rerun tries it
+                           again), counts per split, settings
   .convert_state/          plan and one marker per finished shard (what makes a rerun resume)
 
 Studies are preprocessed in worker processes; the main process writes each shard to a temporary
@@ -12,6 +13,12 @@ interruption, a killed worker or a crash) skips shards whose marker matches and 
 so it ends with the same bytes as an uninterrupted run. If a worker process dies, the studies it
 may have held are retried one at a time in a fresh pool; one that kills its worker again on its
 own is skipped with that reason.
+
+Skips are of two kinds. Bad input (an unreadable or malformed volume, a bad CSV row) is final: a
+rerun keeps the shard as it is. A failure that need not recur (a worker that died, out of memory,
+an unexpected error) is skipped with `retry: true` in the report, and its shard does not count as
+finished: rerunning the same command (e.g. with fewer --workers, or after fixing a bug) converts
+that shard again.
 """
 
 import collections
@@ -34,6 +41,7 @@ STATE_DIR = ".convert_state"
 REPORT_NAME = "conversion_report.json"
 SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"   # tfds' default template
 WORKER_DIED = "the worker process converting it died (killed, or out of memory)"
+OUT_OF_MEMORY = "out of memory while converting"
 
 
 @dataclasses.dataclass
@@ -93,7 +101,8 @@ def init_worker(data_root, params, label_columns):
 
 
 def convert_study(study):
-  """("ok", serialized record bytes) or ("skip", reason). Never raises for bad input."""
+  """("ok", serialized record bytes), ("skip", reason) for bad input (final), or
+  ("retry", reason) for a failure that need not recur (a rerun tries again). Never raises."""
   try:
     source = preprocess.load_source(os.path.join(_WORKER["data_root"], study.source_path))
     volume, volume_spacing = preprocess.preprocess(source, _WORKER["params"])
@@ -104,9 +113,9 @@ def convert_study(study):
   except preprocess.BadVolume as err:
     return "skip", str(err)
   except MemoryError:
-    return "skip", "out of memory while converting"
+    return "retry", OUT_OF_MEMORY
   except Exception as err:  # pylint: disable=broad-except
-    return "skip", f"unexpected error: {type(err).__name__}: {err}"
+    return "retry", f"unexpected error: {type(err).__name__}: {err}"
 
 
 def encode_example(features, example, params):
@@ -139,7 +148,7 @@ def _ordered_results(studies, workers, init_args, convert_fn):
   """Yields (study, result) in input order, converting in `workers` processes (0 = here).
 
   After a worker death the pool is rebuilt and every study that was in flight is rerun alone;
-  one that kills its worker alone yields ("skip", WORKER_DIED)."""
+  one that kills its worker alone yields ("retry", WORKER_DIED)."""
   if workers == 0:
     init_worker(*init_args)
     for study in studies:
@@ -177,7 +186,7 @@ def _ordered_results(studies, workers, init_args, convert_fn):
         except concurrent.futures.process.BrokenProcessPool:
           broken = True
           if i in suspects and not pending:   # it ran alone: it is the culprit
-            done[i] = ("skip", WORKER_DIED)
+            done[i] = ("retry", WORKER_DIED)
             suspects.discard(i)
             culprits += 1
           else:
@@ -227,13 +236,17 @@ def _marker_path(output_dir, shard):
 
 
 def _finished_marker(output_dir, shard, fingerprint):
-  """The shard's marker if the shard is complete for these inputs, else None."""
+  """The shard's marker if the shard is complete for these inputs, else None. A shard with a
+  study to retry (worker death, out of memory, unexpected error) is not complete."""
   marker = _read_json(_marker_path(output_dir, shard))
   path = os.path.join(output_dir, shard.filename)
-  if (marker and marker.get("fingerprint") == fingerprint and os.path.isfile(path)
-      and os.path.getsize(path) == marker.get("num_bytes")):
-    return marker
-  return None
+  if not (marker and marker.get("fingerprint") == fingerprint and os.path.isfile(path)
+          and os.path.getsize(path) == marker.get("num_bytes")):
+    return None
+  # A skip without the flag comes from an older marker: redo its shard to be safe.
+  if any(s.get("retry", True) for s in marker.get("skipped", [])):
+    return None
+  return marker
 
 
 def _check_plan(output_dir, plan_digest, shards):
@@ -266,7 +279,8 @@ class _ShardWriter:
       self.study_ids.append(study.study_id)
     else:
       self.skipped.append(dataclasses.asdict(corpus_lib.Skipped(
-          study.row, study.source_path, payload, study.split, study.study_id)))
+          study.row, study.source_path, payload, study.split, study.study_id,
+          retry=status == "retry")))
 
   def commit(self):
     self.writer.close()
@@ -306,14 +320,18 @@ def dataset_metadata(params, corpus):
   }
 
 
-def _write_tfds_metadata(output_dir, params, corpus, shards, markers):
+def split_totals(shards, markers):
+  """({split: [records per shard, in shard order]}, {split: bytes}) of splits with shards."""
+  lengths, sizes = {}, collections.Counter()
+  for shard in shards:
+    lengths.setdefault(shard.split, []).append(markers[shard.filename]["num_examples"])
+    sizes[shard.split] += markers[shard.filename]["num_bytes"]
+  return lengths, dict(sizes)
+
+
+def _write_tfds_metadata(output_dir, params, corpus, lengths, sizes):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core import naming  # pylint: disable=g-import-not-at-top
-  lengths = collections.defaultdict(list)
-  sizes = collections.Counter()
-  for shard in shards:
-    lengths[shard.split].append(markers[shard.filename]["num_examples"])
-    sizes[shard.split] += markers[shard.filename]["num_bytes"]
   split_infos = [
       tfds.core.SplitInfo(
           name=split, shard_lengths=lengths[split], num_bytes=sizes[split],
@@ -330,27 +348,27 @@ def _write_tfds_metadata(output_dir, params, corpus, shards, markers):
       metadata=tfds.core.MetadataDict(dataset_metadata(params, corpus)))
 
 
-def build_report(output_dir, params, corpus, shards, markers):
-  """The conversion report: counts, shard lengths and every skipped study with its reason."""
+def build_report(output_dir, params, corpus, shards, markers, shard_lengths):
+  """The conversion report: counts, shard lengths and every skipped study with its reason.
+
+  num_to_retry: skipped studies with `retry: true` (worker death, out of memory, unexpected
+  error), which rerunning the same command converts again."""
   skipped = [dataclasses.asdict(s) for s in corpus.skipped]
   for shard in shards:
     skipped += markers[shard.filename]["skipped"]
   skipped.sort(key=lambda s: s["row"])
-  converted = collections.Counter()
-  shard_lengths = collections.defaultdict(list)
-  for shard in shards:
-    converted[shard.split] += markers[shard.filename]["num_examples"]
-    shard_lengths[shard.split].append(markers[shard.filename]["num_examples"])
+  converted = {split: sum(shard_lengths.get(split, [])) for split in schema.SPLITS}
   return {
       "output_dir": os.path.abspath(output_dir),
       "csv": os.path.abspath(corpus.csv_path),
       "csv_rows": corpus.num_rows,
       "split_by": corpus.split_by,
       "split_assignment": corpus.split_assignment,
-      "converted": {split: converted[split] for split in schema.SPLITS},
+      "converted": converted,
       "num_converted": sum(converted.values()),
       "num_skipped": len(skipped),
-      "shard_lengths": dict(shard_lengths),
+      "num_to_retry": sum(bool(s["retry"]) for s in skipped),
+      "shard_lengths": shard_lengths,
       "preprocess": params.to_dict(),
       "skipped": skipped,
   }
@@ -366,6 +384,10 @@ def format_summary(report, seconds=None):
                                 for s in report["skipped"])
   for reason, count in reasons.most_common(8):
     lines.append(f"  skipped {count:4d} x {reason}")
+  if report["num_to_retry"]:
+    lines.append(f"  {report['num_to_retry']} of the skipped failed for a reason that need not "
+                 f"recur (worker died, out of memory, unexpected error): rerun the same command "
+                 f"to retry them")
   empty = [split for split in schema.SPLITS if not report["converted"][split]]
   if empty:
     lines.append(f"  warning: no studies in split(s) {', '.join(empty)}")
@@ -414,9 +436,10 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
   init_args = (str(data_config.data_root), params, corpus.label_columns)
   markers.update(_convert_shards(output_dir, todo, fingerprints, workers, progress, init_args,
                                  convert_fn))
+  lengths, sizes = split_totals(shards, markers)
   if any(m["num_examples"] for m in markers.values()):
-    _write_tfds_metadata(output_dir, params, corpus, shards, markers)
-  report = build_report(output_dir, params, corpus, shards, markers)
+    _write_tfds_metadata(output_dir, params, corpus, lengths, sizes)
+  report = build_report(output_dir, params, corpus, shards, markers, lengths)
   _write_json_atomic(os.path.join(output_dir, REPORT_NAME), report)
   log(format_summary(report, time.time() - start))
   return report

@@ -54,6 +54,7 @@ class Skipped:
   reason: str
   split: str = ""
   study_id: str = ""
+  retry: bool = False    # failed for a reason that need not recur: a rerun tries again
 
 
 @dataclasses.dataclass
@@ -147,7 +148,12 @@ def row_split_bounds(num_rows, split_rate=0.7):
 
 def row_split(row_index, num_rows):
   """Split of the 0-based CSV data row `row_index` under the `rows` rule."""
-  train_end, val_end = row_split_bounds(num_rows)
+  return split_of_row(row_index, row_split_bounds(num_rows))
+
+
+def split_of_row(row_index, bounds):
+  """Split of the 0-based CSV data row `row_index` given `row_split_bounds`."""
+  train_end, val_end = bounds
   if row_index < train_end:
     return "train"
   return "val" if row_index < val_end else "test"
@@ -219,7 +225,7 @@ def read_corpus(data_config):
   studies, skipped, used = [], [], {}
   for index, record in enumerate(table):
     row, path_text = index + 1, record[path_column]
-    split = row_split(index, len(table)) if split_by == "rows" else ""
+    split = split_of_row(index, bounds) if split_by == "rows" else ""
     reason = next(filter(None, (_undecodable(c, record[c], encoding)
                                 for c in (path_column, report_column, *label_columns))), None)
     source = None

@@ -348,11 +348,6 @@ def render_study(geometry, findings, rng):
   return canvas.hu, chest
 
 
-def render_volume(geometry, findings, rng):
-  """HU volume (canonical RAS, float32) of a chest with `findings` drawn in, plus noise."""
-  return render_study(geometry, findings, rng)[0]
-
-
 def canonical_affine(geometry):
   """Voxel -> RAS mm of the canonical array (center of the volume at the origin)."""
   affine = np.diag([*geometry.spacing, 1.0])
@@ -504,7 +499,7 @@ def write_phantom_corpus(out_dir, n, seed=0, folders=10, size=512, slices=100, p
     study, rng = make_study(seed, index, folders, n, size, slices)
     folder_dir = os.path.join(out_dir, study.folder, "ct")
     os.makedirs(folder_dir, exist_ok=True)
-    hu = render_volume(study.geometry, study.findings, rng)
+    hu, _ = render_study(study.geometry, study.findings, rng)
     write_nifti(os.path.join(folder_dir, study.study_id + ".nii.gz"), hu, study.geometry)
     rows.append({"path": f"{study.folder}/ct/{study.study_id}.nii.gz", "Report_en": study.report,
                  "findings": ";".join(f.label() for f in study.findings)})

@@ -54,7 +54,8 @@ def params_from_config(data_config):
       spacing=tuple(float(s) for s in data_config.spacing),
       hu_window=tuple(float(v) for v in data_config.hu_window),
       volume_dtype=str(data_config.volume_dtype),
-      body_threshold_hu=float(data_config.get("body_threshold_hu", -500.0)))
+      body_threshold_hu=float(data_config.get("body_threshold_hu",
+                                              PreprocessParams.body_threshold_hu)))
   check_params(params)
   return params
 

@@ -39,6 +39,12 @@ def run_convert(root, out, workers=0, convert_fn=convert.convert_study, **overri
                                 progress=False, log=lambda *_: None, convert_fn=convert_fn)
 
 
+def shard_stamps(out):
+  """{shard file name: modification time in ns}."""
+  return {n: os.stat(os.path.join(out, n)).st_mtime_ns
+          for n in os.listdir(out) if ".tfrecord-" in n}
+
+
 def dataset_files(out):
   """{name: bytes} of a converted dataset (the report without its own output_dir path)."""
   files = {}
@@ -188,6 +194,21 @@ def test_bad_inputs_beside_good_studies_are_skipped_with_clear_reasons(phantom_r
   assert sum(len(read_split(tmp_path / "out", s)) for s in schema.SPLITS) == 14
   with open(tmp_path / "out" / convert.REPORT_NAME, encoding="utf-8") as file:
     assert json.load(file)["num_skipped"] == len(expected)
+  assert report["num_to_retry"] == 0
+
+
+def test_bad_input_skips_are_final_and_a_rerun_redoes_no_shard(phantom_root, tmp_path):
+  root = tmp_path / "corpus"
+  shutil.copytree(phantom_root, root)
+  ct = root / "CT1" / "ct"
+  (ct / "text.nii.gz").write_bytes(gzip.compress(b"this is not an image\n" * 50))
+  csv_path = root / "meta" / phantom.CSV_NAME
+  csv_path.write_text(csv_path.read_text() + 'CT1/ct/text.nii.gz,"r",\n')
+  first = run_convert(root, tmp_path / "out")
+  assert [s["study_id"] for s in first["skipped"]] == ["text"] and not first["num_to_retry"]
+  stamps = shard_stamps(tmp_path / "out")
+  assert run_convert(root, tmp_path / "out") == first
+  assert shard_stamps(tmp_path / "out") == stamps
 
 
 KILL_SCRIPT = """
@@ -228,11 +249,36 @@ def test_a_killed_conversion_resumes_to_an_identical_dataset(phantom_root, refer
   killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           timeout=300, check=False)
   assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
-  finished = sorted(n for n in os.listdir(tmp_path) if ".tfrecord-" in n)
-  assert finished == [shards[0].filename, shards[1].filename]
-  stamps = {n: os.stat(tmp_path / n).st_mtime_ns for n in finished}
+  stamps = shard_stamps(tmp_path)
+  assert sorted(stamps) == [shards[0].filename, shards[1].filename]
   run_convert(phantom_root, tmp_path, workers=0)
-  assert {n: os.stat(tmp_path / n).st_mtime_ns for n in finished} == stamps   # not redone
+  assert {n: shard_stamps(tmp_path)[n] for n in stamps} == stamps   # not redone
+  assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+def test_a_study_that_failed_unexpectedly_is_retried_by_a_rerun(phantom_root, reference,
+                                                                tmp_path, monkeypatch):
+  shards = train_shards(phantom_root)
+  target = shards[1].studies[0]
+  load_source = preprocess.load_source
+
+  def fail_at_target(path):
+    if path.endswith(target.source_path):
+      raise RuntimeError("disk hiccup")
+    return load_source(path)
+
+  monkeypatch.setattr(preprocess, "load_source", fail_at_target)   # workers=0: in this process
+  report = run_convert(phantom_root, tmp_path, workers=0)
+  monkeypatch.undo()
+  assert [(s["study_id"], s["reason"], s["retry"]) for s in report["skipped"]] == [
+      (target.study_id, "unexpected error: RuntimeError: disk hiccup", True)]
+  assert report["num_converted"] == 13 and report["num_to_retry"] == 1
+  assert "rerun the same command to retry them" in convert.format_summary(report)
+  stamps = shard_stamps(tmp_path)
+  rerun = run_convert(phantom_root, tmp_path, workers=0)
+  assert rerun["num_skipped"] == 0 and rerun["num_converted"] == 14
+  redone = {n for n, stamp in shard_stamps(tmp_path).items() if stamp != stamps[n]}
+  assert redone == {shards[1].filename}
   assert dataset_files(tmp_path) == dataset_files(reference)
 
 
@@ -248,13 +294,16 @@ def test_a_killed_worker_is_retried_and_the_dataset_is_identical(phantom_root, r
   assert dataset_files(out) == dataset_files(reference)
 
 
-def test_a_study_that_always_kills_its_worker_is_skipped(phantom_root, tmp_path, monkeypatch):
+def test_a_study_that_always_kills_its_worker_is_skipped_until_a_rerun(phantom_root, reference,
+                                                                       tmp_path, monkeypatch):
   target = train_shards(phantom_root)[0].studies[0].study_id
   monkeypatch.setenv("KILL_AT_STUDY", target)
   report = run_convert(phantom_root, tmp_path, workers=2, convert_fn=die_at_target)
-  assert [(s["study_id"], s["reason"]) for s in report["skipped"]] == [
-      (target, convert.WORKER_DIED)]
+  assert [(s["study_id"], s["reason"], s["retry"]) for s in report["skipped"]] == [
+      (target, convert.WORKER_DIED, True)]
   assert report["num_converted"] == 13
+  run_convert(phantom_root, tmp_path, workers=0)         # e.g. with fewer workers
+  assert dataset_files(tmp_path) == dataset_files(reference)
 
 
 def test_an_output_dir_of_other_settings_is_refused(phantom_root, reference, tmp_path):
