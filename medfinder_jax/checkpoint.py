@@ -116,13 +116,19 @@ def save(manager, step, variables, opt_state, meta, val_metrics=None):
 
 
 def restore_train(manager, step, abstract_variables, abstract_opt_state):
-  """(variables, opt_state, meta) of `step`, placed by the shardings of the abstract targets
+  """(variables, opt_state) of `step`, placed by the shardings of the abstract targets
   (jax.ShapeDtypeStructs with .sharding, e.g. from sharding.sharded_abstract)."""
   restored = manager.restore(step, args=ocp.args.Composite(
       variables=ocp.args.StandardRestore(abstract_variables),
-      opt_state=ocp.args.StandardRestore(abstract_opt_state),
-      meta=ocp.args.JsonRestore()))
-  return restored["variables"], restored["opt_state"], restored["meta"]
+      opt_state=ocp.args.StandardRestore(abstract_opt_state)))
+  return restored["variables"], restored["opt_state"]
+
+
+def restore_meta(manager, step):
+  """The meta dict of `step` (see `build_meta`) plus "checkpoint_path" (the step dir)."""
+  meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  meta["checkpoint_path"] = os.path.join(str(manager.directory), str(step))
+  return meta
 
 
 # --- Meta -----------------------------------------------------------------------------------------
@@ -203,21 +209,6 @@ def resolve(path):
       "written by `launch.py train`")
 
 
-def steps_with_metrics(manager):
-  """{step: metrics dict or None} of every finished step, in ascending order."""
-  infos = manager._checkpoints  # pylint: disable=protected-access
-  return {info.step: info.metrics for info in sorted(infos, key=lambda i: i.step)}
-
-
-def best_step(manager):
-  """The step with the highest val t2i R@10, or None when no saved step was validated."""
-  scored = {s: m[BEST_METRIC] for s, m in steps_with_metrics(manager).items()
-            if m and m.get(BEST_METRIC) is not None}
-  if not scored:
-    return None
-  return max(scored, key=lambda s: (scored[s], s))
-
-
 def _open(path, step):
   """(read-only manager, chosen step): `step`, else the path's step, else best, else latest."""
   directory, path_step = resolve(path)
@@ -227,7 +218,7 @@ def _open(path, step):
     raise CheckpointError(f"{directory!r} holds no finished checkpoint")
   chosen = step if step is not None else path_step
   if chosen is None:
-    chosen = best_step(manager)
+    chosen = manager.best_step()   # highest val t2i R@10 (the latest of ties); None unvalidated
   if chosen is None:
     chosen = manager.latest_step()
   if chosen not in steps:
@@ -241,9 +232,9 @@ def steps(path):
   directory, _ = resolve(path)
   manager = make_manager(directory, read_only=True, enable_async=False)
   try:
-    metrics = steps_with_metrics(manager)
+    metrics = {step: manager.metrics(step) for step in sorted(manager.all_steps())}
     return {"directory": directory, "steps": sorted(metrics), "latest": manager.latest_step(),
-            "best": best_step(manager), "metrics": metrics}
+            "best": manager.best_step(), "metrics": metrics}
   finally:
     manager.close()
 
@@ -256,12 +247,9 @@ def read_meta(path, step=None):
   """
   manager, step = _open(path, step)
   try:
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return restore_meta(manager, step)
   finally:
     manager.close()
-  meta = dict(meta)
-  meta["checkpoint_path"] = os.path.join(str(manager.directory), str(step))
-  return meta
 
 
 # --- Inference ------------------------------------------------------------------------------------
@@ -281,12 +269,21 @@ def load_for_inference(path, mesh=None, step=None, text_model_path=None):
   info = {"step", "epoch", "checkpoint_path", "val_metrics", "config" (plain dict), "dataset"
   (the DatasetSpec fields: shape, volume_dtype, unit_scale, unit_offset, ...), "loss_params"}.
   """
+  manager, step = _open(path, step)
+  try:
+    return _load_opened(manager, step, mesh, text_model_path)
+  finally:
+    manager.close()
+
+
+def _load_opened(manager, step, mesh, text_model_path):
+  """load_for_inference on an open read-only manager (meta and variables read through it)."""
   from medfinder_jax import convert_weights  # pylint: disable=import-outside-toplevel
   from medfinder_jax import text as text_lib  # pylint: disable=import-outside-toplevel
   from medfinder_jax.models import bert as bert_lib  # pylint: disable=import-outside-toplevel
   from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=g-import-not-at-top
 
-  meta = read_meta(path, step)
+  meta = restore_meta(manager, step)
   config = config_from_meta(meta)
   if text_model_path is not None:
     config.text.model_path = text_model_path
@@ -304,7 +301,9 @@ def load_for_inference(path, mesh=None, step=None, text_model_path=None):
     bert_config = convert_weights.load_bert_config(folder)
   model = medfinder_lib.build_model(config.model, config.text, bert_config)
   abstract = abstract_variables(model, config, meta, _placement(mesh))
-  variables = _restore_variables(path, meta, abstract)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardRestore(abstract)))
+  variables = {k: dict(v) for k, v in restored["variables"].items()}
   loss_params = variables["params"].pop("loss", {})
   info = {"step": meta["step"], "epoch": meta["epoch"],
           "checkpoint_path": meta["checkpoint_path"], "val_metrics": meta.get("val_metrics"),
@@ -335,17 +334,6 @@ def abstract_variables(model, config, meta, placement):
   shapes = jax.eval_shape(init, jax.random.key(0))
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement),
                       shapes)
-
-
-def _restore_variables(path, meta, abstract):
-  manager, step = _open(path, meta["step"])
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(abstract)))
-  finally:
-    manager.close()
-  variables = restored["variables"]
-  return {k: dict(v) for k, v in variables.items()}
 
 
 def describe(info):

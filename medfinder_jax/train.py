@@ -365,11 +365,11 @@ def initial_state(run, manager):
     state = create_train_state(run.model, run.tx, run.config, run.spec.shape,
                                jax.random.key(run.config.seed), run.mesh, run.rules, text_params)
     return state, None
-  meta = checkpoint.read_meta(str(manager.directory), latest)
+  meta = checkpoint.restore_meta(manager, latest)
   check_resume_compatible(meta, run)
   abstract = abstract_train_state(run.model, run.tx, run.config, run.spec.shape, run.mesh,
                                   run.rules)
-  variables, opt_state, _ = checkpoint.restore_train(
+  variables, opt_state = checkpoint.restore_train(
       manager, latest, _variables_item(abstract), abstract.opt_state)
   state = abstract.replace(
       step=replicated_array(np.int32(meta["step"]), abstract.step.sharding),

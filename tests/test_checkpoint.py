@@ -66,6 +66,12 @@ def test_keeps_the_latest_k_and_the_best_validated_step(tmp_path, trained):
   assert listing["metrics"][3] is None and listing["metrics"][4] == {checkpoint.BEST_METRIC: 30.0}
 
 
+def test_the_latest_of_equally_good_steps_is_the_best(tmp_path, trained):
+  write_steps(checkpoint.checkpoint_dir(str(tmp_path)), trained, [(1, 40.0), (2, 40.0), (3, 10.0)],
+              keep=3)
+  assert checkpoint.steps(str(tmp_path))["best"] == 2
+
+
 def test_inference_loads_the_best_step_by_default_and_any_step_on_request(tmp_path, trained):
   config, _, variables, _ = trained
   write_steps(checkpoint.checkpoint_dir(str(tmp_path)), trained,
@@ -110,8 +116,9 @@ def test_train_state_round_trips_exactly_including_the_optimizer(tmp_path, train
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
       tree)
-  got_vars, got_opt, meta = checkpoint.restore_train(manager, 7, abstract(variables),
-                                                     abstract(opt_state))
+  got_vars, got_opt = checkpoint.restore_train(manager, 7, abstract(variables),
+                                               abstract(opt_state))
+  meta = checkpoint.restore_meta(manager, 7)
   manager.close()
   assert jax.tree.structure(got_opt) == jax.tree.structure(opt_state)
   for got, want in zip(jax.tree.leaves((got_vars, got_opt)),

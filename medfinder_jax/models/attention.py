@@ -20,4 +20,4 @@ def attention_weights(q, k, bias=None):
 def attend(weights, v):
   """Weighted sum of values: weights (B, H, Nq, Nk), v (B, Nk, H, d) -> (B, Nq, H*d)."""
   y = jnp.einsum("bhxy,byhd->bxhd", weights.astype(v.dtype), v)
-  return y.reshape(*y.shape[:2], -1)
+  return y.reshape(*y.shape[:2], y.shape[2] * y.shape[3])   # no -1: Nq may be 0
