@@ -94,7 +94,11 @@ def main(argv=None):
   except config_utils.ConfigError as err:
     print(f"launch.py: error: {err}", file=sys.stderr)
     return 2
-  start_distributed(args)
+  try:
+    start_distributed(args)
+  except RuntimeError as err:   # initialize failed, or a launcher's variables are malformed
+    print(f"launch.py: error: {err}", file=sys.stderr)
+    return 2
   _, _, run = COMMANDS[args.command]
   return run(args, config) or 0
 
@@ -358,7 +362,11 @@ def run_demo(args, config):
   """phantom -> convert -> train -> test-split evaluation, with the table against chance."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from medfinder_jax import demo  # pylint: disable=import-outside-toplevel
-  defaults = config.get("demo") or {"n": 400, "minutes": 10.0}
+  defaults = config.get("demo")
+  if defaults is None:
+    print(f"launch.py demo: error: {args.config} has no `demo` section (n, minutes); use "
+          "configs/demo.py or a config that imports it", file=sys.stderr)
+    return 2
   n = args.n if args.n is not None else defaults["n"]
   minutes = args.minutes if args.minutes is not None else defaults["minutes"]
   if n < 20 or minutes <= 0:

@@ -168,13 +168,13 @@ def _load_seed(path, config, recorded=None):
     config.model.fusion.enabled = False
     notes.append(f"{os.path.basename(path)}: a seed checkpoint has no fusion weights (the "
                  f"released code trains and evaluates without fusion): fusion disabled")
-  folder = text_lib.resolve_text_model_path(config.text.model_path)
-  model = medfinder_lib.build_model(config.model, config.text,
-                                    convert_weights.load_bert_config(folder))
+  tokenizer = text_lib.load_tokenizer(config.text)
+  bert_config = convert_weights.load_bert_config(tokenizer.folder)
+  text_lib.check_vocab_fits(tokenizer, bert_config)
+  model = medfinder_lib.build_model(config.model, config.text, bert_config)
   template = jax.eval_shape(lambda: medfinder_lib.init_variables(
       model, jax.random.key(0), params.shape, config.text.max_tokens))
   variables, _ = convert_weights.import_seed_checkpoint(path, template, config.model.backbone)
-  tokenizer = text_lib.load_tokenizer(config.text)
   identity = make_identity("seed", path, config, variables, tokenizer, params)
   return LoadedModel(model, variables, config, tokenizer, params, identity, notes, {})
 

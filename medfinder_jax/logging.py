@@ -62,9 +62,10 @@ class MetricsLogger:
       self._wandb_run = start_wandb(wandb_mode, wandb_project, wandb_name, run_config, id_path)
 
   @classmethod
-  def from_config(cls, config, resume_step=None):
-    """`<output_dir>/metrics.jsonl`, wandb settings from config `wandb`, the config in wandb."""
-    return cls(os.path.join(config.output_dir, METRICS_FILE), resume_step=resume_step,
+  def from_config(cls, config, resume_step=None, directory=None):
+    """`<directory or output_dir>/metrics.jsonl`, wandb settings from config `wandb`, the config
+    in wandb."""
+    return cls(os.path.join(directory or config.output_dir, METRICS_FILE), resume_step=resume_step,
                wandb_mode=config.wandb.mode, wandb_project=config.wandb.project,
                wandb_name=config.wandb.name, run_config=to_dict(config))
 

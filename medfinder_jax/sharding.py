@@ -202,9 +202,9 @@ def detect_cluster(environ=None):
     return "jax"
   slurm_vars = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                 "SLURM_LOCALID")
-  if all(v in env for v in slurm_vars) and _as_int(env["SLURM_NTASKS"]) > 1:
+  if all(v in env for v in slurm_vars) and _env_int(env, "SLURM_NTASKS") > 1:
     return "slurm"
-  if "OMPI_MCA_orte_hnp_uri" in env and _as_int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+  if "OMPI_MCA_orte_hnp_uri" in env and _env_int(env, "OMPI_COMM_WORLD_SIZE") > 1:
     return "openmpi"
   if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "tpu"
@@ -235,8 +235,11 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
   return True
 
 
-def _as_int(text):
+def _env_int(env, name):
+  """A launcher's process count; a malformed one is an error, not a silent single process."""
+  text = env.get(name, "1")
   try:
     return int(text)
-  except (TypeError, ValueError):
-    return 1
+  except ValueError:
+    raise RuntimeError(f"environment variable {name}={text!r}: expected a number of processes "
+                       "(set by the cluster launcher)") from None

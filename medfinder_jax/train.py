@@ -489,16 +489,10 @@ class MetricsBuffer:
     """(first step, {name: np.ndarray of per-step values}) or None when empty."""
     if not self.pending:
       return None
-    stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *self.pending))
+    pending = jax.device_get(self.pending)   # one transfer of all the (replicated) scalars
     first = self.first_step
     self.first_step, self.pending = None, []
-    return first, {k: _host(v) for k, v in stacked.items()}
-
-
-def _host(value):
-  if isinstance(value, jax.Array) and not value.is_fully_addressable:
-    value = value.addressable_data(0)
-  return np.asarray(value)
+    return first, {k: np.stack([np.asarray(m[k]) for m in pending]) for k in pending[0]}
 
 
 def first_nonfinite(first_step, values):
@@ -585,12 +579,10 @@ def _train(run, manager, ckpt_dir):
       run.builder, "train", run.local_batch, run.tokenizer, seed=config.seed, start_batch=start,
       shuffle_buffer=config.train.shuffle_buffer, window_words=config.text.window_words)
   device_batches = input_pipeline.prefetch_to_device(batches, run.mesh)
-  logger = logging_lib.MetricsLogger(
-      metrics_file, resume_step=start, wandb_mode=config.wandb.mode,
-      wandb_project=config.wandb.project, wandb_name=config.wandb.name,
-      run_config=config_utils.to_dict(config))
+  logger = logging_lib.MetricsLogger.from_config(config, resume_step=start,
+                                                 directory=run.workdir)
   loop = _Loop(run, manager, logger, state, start, base_key, base_key_data, summary)
-  minutes = float(config.train.get("max_minutes", 0) or 0)
+  minutes = float(config.train.max_minutes)
   deadline = time.time() + 60 * minutes if minutes > 0 else None
   with logger, StopRequest(deadline) as stop, logging_lib.progress_bar(
       run.total_steps, initial=start, desc="train") as bar:

@@ -34,3 +34,10 @@ def test_reduced_demo_learns_retrieval_far_above_chance(tmp_path):
   for name in ("eval/embeddings.npz", "eval/rank_histogram.png", "eval/recall_at_k.png",
                "training_curves.png", "tfrecords/conversion_report.json"):
     assert (out / name).is_file(), name
+
+
+def test_a_config_without_a_demo_section_is_refused(capsys):
+  import launch  # pylint: disable=import-outside-toplevel
+  code = launch.main(["demo", "--config", os.path.join(ROOT, "configs", "default.py")])
+  assert code == 2
+  assert "has no `demo` section" in capsys.readouterr().err

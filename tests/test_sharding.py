@@ -275,6 +275,11 @@ def test_cluster_detection(environ, cluster):
   assert sharding.detect_cluster(environ) == cluster
 
 
+def test_a_malformed_process_count_is_an_error_naming_the_variable():
+  with pytest.raises(RuntimeError, match="SLURM_NTASKS='2\\(x2\\)'"):
+    sharding.detect_cluster({**SLURM_2_TASKS, "SLURM_NTASKS": "2(x2)"})
+
+
 def test_detected_cluster_calls_jax_auto_detection(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
