@@ -29,6 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from orbax.checkpoint import checkpoint_managers
 
 from medfinder_jax import config_utils
+from medfinder_jax import interchange
+from medfinder_jax import losses
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("variables", "opt_state", "meta")
@@ -154,23 +156,10 @@ def build_meta(*, step, epoch, batches_consumed, seed, rng_key_data, config, dat
       "process_count": int(process_count),
       "global_batch": int(global_batch),
       "config": config_utils.to_dict(config),
-      "dataset": _plain(dataclasses.asdict(dataset_spec)) if dataset_spec is not None else None,
-      "val_metrics": _plain(val_metrics) if val_metrics is not None else None,
+      "dataset": interchange.json_safe(dataclasses.asdict(dataset_spec), nonfinite_as_none=True) if dataset_spec is not None else None,
+      "val_metrics": interchange.json_safe(val_metrics, nonfinite_as_none=True) if val_metrics is not None else None,
       "bert_config": dataclasses.asdict(bert_config) if bert_config is not None else None,
   }
-
-
-def _plain(value):
-  """JSON-safe copy: tuples -> lists, numpy scalars -> python, non-finite floats -> None."""
-  if isinstance(value, dict):
-    return {str(k): _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  if isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, float) and not np.isfinite(value):
-    return None
-  return value
 
 
 def config_from_meta(meta):
@@ -304,7 +293,7 @@ def _load_opened(manager, step, mesh, text_model_path):
   restored = manager.restore(step, args=ocp.args.Composite(
       variables=ocp.args.StandardRestore(abstract)))
   variables = {k: dict(v) for k, v in restored["variables"].items()}
-  loss_params = variables["params"].pop("loss", {})
+  loss_params = variables["params"].pop(losses.PARAMS_KEY, {})
   info = {"step": meta["step"], "epoch": meta["epoch"],
           "checkpoint_path": meta["checkpoint_path"], "val_metrics": meta.get("val_metrics"),
           "config": meta["config"], "dataset": meta.get("dataset"),
@@ -320,16 +309,12 @@ def _placement(mesh):
 
 def abstract_variables(model, config, meta, placement):
   """ShapeDtypeStructs (with `placement`) of the saved "variables" item, without computing it."""
-  from medfinder_jax import losses  # pylint: disable=import-outside-toplevel
   from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=g-import-not-at-top
   shape = tuple((meta.get("dataset") or {}).get("shape") or config.data.shape)
 
   def init(key):
-    variables = medfinder_lib.init_variables(model, key, shape, config.text.max_tokens)
-    loss_params = losses.init_loss_params(config.loss)
-    if loss_params:
-      variables = {**variables, "params": {**variables["params"], "loss": loss_params}}
-    return variables
+    return losses.with_loss_params(
+        medfinder_lib.init_variables(model, key, shape, config.text.max_tokens), config.loss)
 
   shapes = jax.eval_shape(init, jax.random.key(0))
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement),

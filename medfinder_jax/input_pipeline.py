@@ -62,8 +62,9 @@ class SplitFiles:
   def for_process(self, process_index, process_count):
     """The files process `process_index` reads (round robin), with their first indices."""
     mine = range(process_index, len(self.paths), process_count)
+    first_index = self.first_index
     return ([self.paths[i] for i in mine], [self.lengths[i] for i in mine],
-            [self.first_index[i] for i in mine])
+            [first_index[i] for i in mine])
 
 
 def open_dataset(directory):
@@ -109,11 +110,12 @@ def _check_enough_files(files, split, process_count):
 
 
 def _decoder(builder, names):
-  """Serialized record -> dict of the requested features (decoded)."""
+  """Serialized record -> dict of the requested features (the others are parsed, not decoded)."""
   features = builder.info.features
+  skip = {name: tfds.decode.SkipDecoding() for name in features.keys() if name not in names}
 
   def decode(serialized):
-    example = features.deserialize_example(serialized)
+    example = features.deserialize_example(serialized, decoders=skip)
     return {name: example[name] for name in names}
 
   return decode

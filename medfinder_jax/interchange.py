@@ -219,20 +219,23 @@ def save_embeddings(path, embeddings):
 
 # --- metrics.json ---------------------------------------------------------------------------------
 
-def _plain(value):
-  """numpy scalars/arrays -> JSON types."""
+def json_safe(value, nonfinite_as_none=False):
+  """JSON copy: tuples/arrays -> lists, numpy scalars -> python; non-finite floats -> None when
+  asked (else kept, so that a strict json.dumps refuses them)."""
   if isinstance(value, dict):
-    return {str(k): _plain(v) for k, v in value.items()}
+    return {str(k): json_safe(v, nonfinite_as_none) for k, v in value.items()}
   if isinstance(value, (list, tuple, np.ndarray)):
-    return [_plain(v) for v in value]
+    return [json_safe(v, nonfinite_as_none) for v in value]
   if isinstance(value, np.generic):
-    return value.item()
+    value = value.item()
+  if nonfinite_as_none and isinstance(value, float) and not np.isfinite(value):
+    return None
   return value
 
 
 def write_metrics_json(path, metrics):
   """Writes a metrics dict as strict JSON (no NaN; None for metrics that do not apply)."""
-  text = json.dumps(_plain(metrics), indent=2, allow_nan=False) + "\n"
+  text = json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n"
   _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
   return path
 

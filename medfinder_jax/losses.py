@@ -20,6 +20,18 @@ CONTRASTIVE_LOSSES = ("clip", "siglip", "seed_code")
 _MASKED_LOGIT = -1e9
 
 
+PARAMS_KEY = "loss"   # params[PARAMS_KEY]: the learnable loss scalars, next to the model's
+
+
+def with_loss_params(variables, loss_config):
+  """Model variables with params[PARAMS_KEY] = init_loss_params(loss_config) (when it has any):
+  the layout of a train state's and a checkpoint's params."""
+  loss_params = init_loss_params(loss_config)
+  if not loss_params:
+    return variables
+  return {**variables, "params": {**variables["params"], PARAMS_KEY: loss_params}}
+
+
 def init_loss_params(loss_config):
   """Learnable loss scalars (float32), to live next to the model params in the train state.
 

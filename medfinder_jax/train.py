@@ -46,7 +46,7 @@ from medfinder_jax import text as text_lib
 from medfinder_jax.models import medfinder as medfinder_lib
 
 FROZEN, TRAINABLE = "frozen", "trainable"
-LOSS_KEY = "loss"            # params[LOSS_KEY]: learnable loss scalars (temperature, bias)
+LOSS_KEY = losses.PARAMS_KEY  # params[LOSS_KEY]: learnable loss scalars (temperature, bias)
 TEXT_KEY = "text_encoder"    # params[TEXT_KEY]: the BERT tower, frozen unless text.trainable
 
 # Config fields that fix the shapes of the saved state or the order of the data: a resumed run
@@ -124,11 +124,10 @@ class TrainState(flax.struct.PyTreeNode):
 def _init_state_fn(model, tx, loss_config, image_shape, max_tokens):
   """key, text_params -> TrainState (to be jitted with out_shardings)."""
   def init(key, text_params):
-    variables = medfinder_lib.init_variables(model, key, image_shape, max_tokens, text_params)
+    variables = losses.with_loss_params(
+        medfinder_lib.init_variables(model, key, image_shape, max_tokens, text_params),
+        loss_config)
     params = dict(variables["params"])
-    loss_params = losses.init_loss_params(loss_config)
-    if loss_params:
-      params[LOSS_KEY] = loss_params
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
   return init
