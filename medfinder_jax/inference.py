@@ -48,6 +48,7 @@ from medfinder_jax import convert_weights
 from medfinder_jax import evaluate
 from medfinder_jax import findings
 from medfinder_jax import interchange
+from medfinder_jax import metrics as metrics_lib
 from medfinder_jax import retrieval
 from medfinder_jax import sharding
 from medfinder_jax import text as text_lib
@@ -401,6 +402,10 @@ def run_eval(config, model_path, *, split=None, plots=False, bootstrap_samples=N
   """
   log = log or _stderr_log
   split = split or config.eval.split
+  try:
+    metrics_lib.check_eval_config(config.eval)
+  except ValueError as err:
+    raise InferenceError(str(err)) from None
   if bootstrap_samples is not None and bootstrap_samples < 0:
     raise InferenceError(f"--bootstrap must be 0 (off) or a positive count, got "
                          f"{bootstrap_samples}")

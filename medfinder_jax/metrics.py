@@ -133,6 +133,16 @@ def similarity_ranks(similarity, ties="best"):
   return ranks
 
 
+def check_eval_config(eval_config):
+  """ValueError naming the field when config `eval`'s ties or recall_ks are unusable; run before
+  the expensive work (a whole epoch, or embedding a split) rather than after it."""
+  if eval_config.ties not in TIE_RULES:
+    raise ValueError(f"config eval.ties={eval_config.ties!r}: expected one of {TIE_RULES}")
+  ks = tuple(eval_config.recall_ks)
+  if not ks or not all(isinstance(k, int) and k >= 1 for k in ks):
+    raise ValueError(f"config eval.recall_ks={ks!r}: expected positive integers, e.g. (1, 5, 10)")
+
+
 def _check_ties(ties):
   if ties not in TIE_RULES:
     raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")

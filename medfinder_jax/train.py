@@ -323,6 +323,10 @@ def setup_run(config, workdir=None):
     builder, spec = input_pipeline.open_dataset(resolve_dataset_dir(config.data))
   except input_pipeline.DatasetError as err:
     raise TrainingError(str(err)) from None
+  try:
+    metrics_lib.check_eval_config(config.eval)
+  except ValueError as err:
+    raise TrainingError(str(err)) from None
   mesh = sharding.make_mesh(config.mesh)
   accum = int(config.train.grad_accum_steps)
   if accum < 1:

@@ -93,6 +93,7 @@ def test_eval_of_our_checkpoint_uses_its_config_and_its_training_dataset(aligned
     ("raw_data_root", "not a converted dataset"),
     ("wrong_backbone", "does not match the model"),
     ("negative_bootstrap", "--bootstrap must be 0"),
+    ("bad_ties", "config eval.ties='median'"),
 ])
 def test_user_mistakes_exit_2_with_a_message_not_a_traceback(aligned, tmp_path, capsys, case,
                                                             message):
@@ -108,6 +109,8 @@ def test_user_mistakes_exit_2_with_a_message_not_a_traceback(aligned, tmp_path, 
                                   dataset=aligned.dataset_dir),
       "negative_bootstrap": eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "-1",
                                       dataset=aligned.dataset_dir),
+      "bad_ties": eval_argv(aligned.seed_path, tmp_path, "--config.eval.ties=median",
+                            dataset=aligned.dataset_dir),
   }[case]
   code, out, err = run(argv, capsys)
   assert code == 2 and out == ""

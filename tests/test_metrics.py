@@ -1,5 +1,7 @@
 """Retrieval metrics: the released code's formulas, chunking, sharding, ties, bootstrap, P@K."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -312,3 +314,16 @@ def test_chance_levels_are_those_of_a_random_ranking():
   assert metrics.chance_levels(200) == {"R@1": 0.5, "R@5": 2.5, "R@10": 5.0, "MdR": 100.5,
                                         "MnR": 100.5}
   assert metrics.chance_levels(4)["R@10"] == 100.0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("ties", "median", "eval.ties='median'"),
+    ("recall_ks", (1, 0), "eval.recall_ks=(1, 0)"),
+    ("recall_ks", (), "eval.recall_ks=()")])
+def test_unusable_eval_settings_name_the_field(field, value, message):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  settings = ml_collections.ConfigDict({"ties": "best", "recall_ks": (1, 5, 10)})
+  metrics.check_eval_config(settings)
+  settings[field] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    metrics.check_eval_config(settings)
