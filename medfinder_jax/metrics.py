@@ -19,7 +19,7 @@ chunks can be spread over a device mesh (rows sharded, gallery replicated). Resu
 on the chunking or the mesh except through float rounding of the matmul itself.
 
 Keyword retrieval: P@K of keyword queries against the image gallery, relevance labels from
-findings.keyword_relevance (re-exported here), which does not count negated mentions.
+findings.keyword_relevance, which does not count negated mentions.
 Confidence intervals: percentile bootstrap, seeded, resampling query pairs (R@K, MdR, MnR; one
 resample shared by t2i and i2t) or the gallery (P@K, one query per keyword).
 """
@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medfinder_jax.findings import keyword_relevance  # noqa: F401  (re-exported: relevance labels)
 
 RECALL_KS = (1, 5, 10)
 PRECISION_KS = (20, 50, 100)

@@ -174,16 +174,12 @@ class ResNet3D(nn.Module):
   remat: bool = False
   conv_impl: str = "auto"
 
-  @property
-  def num_features(self):
-    return self.widths[-1] * EXPANSION
-
   @nn.compact
   def __call__(self, x, train=False):
     """x: (B, X, Y, Z, 1) float volume. Returns (pooled (B, 4*widths[-1]) float32, out dict).
 
     out: "stem" (after conv1/BN/ReLU/max-pool), "stage1".."stage4" feature maps (B, x, y, z, C),
-    "tokens" = last stage flattened to (B, x*y*z, C) in X-major order, "pooled".
+    "tokens" = last stage flattened to (B, x*y*z, C) in X-major order.
     """
     k, s = self.conv1_kernel, self.conv1_stride
     x = Conv3D(self.widths[0], k, s, dtype=self.dtype, impl=self.conv_impl,
@@ -201,5 +197,4 @@ class ResNet3D(nn.Module):
       out[f"stage{i + 1}"] = x
 
     out["tokens"] = x.reshape(x.shape[0], -1, x.shape[-1])
-    out["pooled"] = pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))
-    return pooled, out
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)), out

@@ -90,16 +90,12 @@ class ViT3D(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
 
-  @property
-  def num_features(self):
-    return self.hidden_size
-
   @nn.compact
   def __call__(self, x, train=False):
     """x: (B, X, Y, Z, 1) float volume. Returns (pooled (B, hidden) float32, out dict).
 
     out: "stem" = patch embeddings + position (B, N, hidden) before the blocks, "tokens" = the
-    final LayerNorm'd patch tokens (B, N, hidden), "pooled" = their mean over patches.
+    final LayerNorm'd patch tokens (B, N, hidden); pooled = their mean over patches.
     """
     p = self.patch_size
     x = nn.Conv(self.hidden_size, (p, p, p), strides=(p, p, p), padding="VALID",
@@ -117,5 +113,4 @@ class ViT3D(nn.Module):
 
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
     out["tokens"] = x
-    out["pooled"] = pooled = jnp.mean(x.astype(jnp.float32), axis=1)
-    return pooled, out
+    return jnp.mean(x.astype(jnp.float32), axis=1), out
