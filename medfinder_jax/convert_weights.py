@@ -134,6 +134,9 @@ def convert_tree(template, state, key_fn, source, fresh=()):
   for path, target in flat.items():
     where = "/".join(path)
     if any(where == f or where.startswith(f + "/") for f in fresh):
+      if isinstance(target, jax.ShapeDtypeStruct):   # abstract: there is no value to keep
+        raise ValueError(f"convert_tree: {where} is kept fresh, so the template must hold its "
+                         "initialised values, not a jax.eval_shape result")
       result[path] = np.asarray(target)
       kept.append(where)
       continue

@@ -223,3 +223,10 @@ def test_create_model_puts_the_pretrained_bert_in_place():
   jax.tree.map(np.testing.assert_array_equal, variables["params"]["text_encoder"], bert_params)
   assert variables["params"]["text_projection"]["kernel"].shape == (384, 512)
   assert model.text_config.hidden_size == 384
+
+
+def test_a_fresh_leaf_needs_a_concrete_template():
+  template = {"params": {"fusion": {"kernel": jax.ShapeDtypeStruct((2, 2), np.float32)}}}
+  with pytest.raises(ValueError, match="params/fusion/kernel is kept fresh"):
+    convert_weights.convert_tree(template, {}, lambda path: ".".join(path), "x.pt",
+                                 fresh=("params/fusion",))
