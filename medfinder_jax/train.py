@@ -425,11 +425,18 @@ def check_resume_compatible(meta, run):
 
 # --- Loop helpers ---------------------------------------------------------------------------------
 
+def _preemption_service_running():
+  """Whether jax.distributed.initialize started the preemption sync manager (on by default)."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
 class StopRequest:
   """Records SIGTERM / SIGINT (and jax's multi-host preemption notice) so the loop can save a
   checkpoint and exit cleanly. Single process: Python handlers for both signals. Several
   processes: SIGTERM is left to jax's preemption service (all processes agree on the step via
-  reached_preemption_sync_point); SIGINT is recorded locally and agreed on at log points.
+  reached_preemption_sync_point) when it runs, else recorded like SIGINT; SIGINT is recorded
+  locally and agreed on at log points.
   `deadline` (time.time() seconds, optional): past it, a stop is requested the same way
   (config train.max_minutes)."""
 
@@ -438,11 +445,15 @@ class StopRequest:
     self.deadline = deadline
     self._previous = {}
     self.multiprocess = jax.process_count() > 1
+    self.preemption_service = self.multiprocess and _preemption_service_running()
+    if self.multiprocess and not self.preemption_service:
+      _say("note: jax's preemption service is off (jax_enable_preemption_service): SIGTERM is "
+           "handled at log points (train.log_every_steps), like Ctrl-C")
 
   def __enter__(self):
     if threading.current_thread() is not threading.main_thread():
       return self
-    signals = (signal.SIGINT,) if self.multiprocess else (signal.SIGTERM, signal.SIGINT)
+    signals = (signal.SIGINT,) if self.preemption_service else (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -459,12 +470,9 @@ class StopRequest:
 
   def preempted(self, step):
     """jax's preemption sync point (multi-process only); call at every step."""
-    if not self.multiprocess:
+    if not self.preemption_service:
       return False
-    try:
-      return multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:
-      return False
+    return multihost_utils.reached_preemption_sync_point(step)
 
   def agreed(self):
     """Whether any process asked to stop (a collective in multi-process runs)."""

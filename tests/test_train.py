@@ -320,3 +320,15 @@ def test_loss_falls_and_recall_rises_above_chance(tiny_config, tmp_path_factory,
   assert val["n"] == 42
   assert val["t2i"]["MnR"] < 0.8 * chance_mean_rank and val["i2t"]["MnR"] < 0.8 * chance_mean_rank
   assert val["t2i"]["R@10"] > 100 * 10 / 42 + 10
+
+
+def test_without_the_preemption_service_sigterm_is_still_recorded(monkeypatch):
+  """Several processes but jax's preemption service off: SIGTERM must not kill the run unsaved."""
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(train, "_preemption_service_running", lambda: False)
+  with train.StopRequest() as stop:
+    assert not stop.preempted(5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+    assert stop.reason == "SIGTERM"
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
