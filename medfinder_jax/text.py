@@ -90,9 +90,9 @@ def _lowercase_setting(value, folder):
   raise TextModelError(f"text.lowercase: got {value!r}, expected 'auto', 'true' or 'false'")
 
 
-def _load_backend(folder, lowercase):
+def _load_backend(folder, lowercase, forced=False):
   """A `tokenizers.Tokenizer`: tokenizer.json when present, else a BERT WordPiece from vocab.txt
-  (as HF's BertTokenizerFast builds it)."""
+  (as HF's BertTokenizerFast builds it). forced: lowercase was set explicitly (not "auto")."""
   import tokenizers  # pylint: disable=import-outside-toplevel
   from tokenizers import normalizers  # pylint: disable=import-outside-toplevel
   tokenizer_file = os.path.join(folder, "tokenizer.json")
@@ -101,6 +101,10 @@ def _load_backend(folder, lowercase):
     if isinstance(backend.normalizer, normalizers.BertNormalizer):
       backend.normalizer = normalizers.BertNormalizer(
           clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    elif forced:
+      raise TextModelError(
+          f"{tokenizer_file}: its normalizer is not BERT's, so text.lowercase="
+          f"{str(lowercase).lower()!r} cannot be applied; leave text.lowercase at 'auto'")
     return backend
   return tokenizers.BertWordPieceTokenizer(os.path.join(folder, "vocab.txt"), lowercase=lowercase)
 
@@ -115,7 +119,7 @@ class ReportTokenizer:
     self.folder = folder
     self.max_tokens = max_tokens
     self.lowercase = _lowercase_setting(lowercase, folder)
-    self._backend = _load_backend(folder, self.lowercase)
+    self._backend = _load_backend(folder, self.lowercase, forced=lowercase in ("true", "false"))
     pad_id = self._backend.token_to_id("[PAD]")
     if pad_id is None:
       raise TextModelError(f"tokenizer in {folder!r} has no [PAD] token")

@@ -133,3 +133,14 @@ def test_tokenizer_larger_than_the_models_vocabulary_is_a_clear_error(tmp_path):
   text.check_vocab_fits(tokenizer, fits)
   with pytest.raises(text.TextModelError, match="17 tokens but config.json's vocab_size is 10"):
     text.check_vocab_fits(tokenizer, bert.BertConfig(vocab_size=10))
+
+
+def test_forcing_lowercase_on_a_non_bert_normalizer_is_an_error(tmp_path):
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  folder = vocab_folder(tmp_path, CASED_VOCAB)
+  backend = tokenizers.BertWordPieceTokenizer(os.path.join(folder, "vocab.txt"), lowercase=False)
+  backend.normalizer = tokenizers.normalizers.NFC()
+  backend.save(os.path.join(folder, "tokenizer.json"))
+  assert not text.ReportTokenizer(folder, 4).lowercase   # auto: the cased vocabulary decides
+  with pytest.raises(text.TextModelError, match="tokenizer.json: its normalizer is not BERT's"):
+    text.ReportTokenizer(folder, 4, lowercase="true")
