@@ -342,31 +342,22 @@ def encode_text_queries(loaded, variables, texts, mesh):
   float rounding, at a fraction of the cost for short queries (one compile per length).
   """
   texts = list(texts)
-  ids, mask = loaded.tokenizer(texts)
+  _, mask = loaded.tokenizer(texts)   # a few queries: measuring them costs microseconds
   longest = int(mask.sum(axis=1).max()) if len(texts) else 1
   length = next((n for n in QUERY_LENGTHS if longest <= n < mask.shape[1]), mask.shape[1])
-  tokenized = _Tokenized(loaded.tokenizer, length, texts, ids, mask)
-  return evaluate.encode_texts(loaded.model, variables, tokenized, texts, mesh,
-                               batch_size_per_device=1)
+  return evaluate.encode_texts(loaded.model, variables, _Trimmed(loaded.tokenizer, length), texts,
+                               mesh, batch_size_per_device=1)
 
 
-class _Tokenized:
-  """A tokenizer whose (ids, mask) are cut to `length` tokens (all real tokens must fit); the
-  texts tokenized beforehand (rows of `ids`, `mask`) are looked up, not tokenized again (others,
-  e.g. the padding of a last batch, are)."""
+class _Trimmed:
+  """A tokenizer whose (ids, mask) are cut to `length` tokens (all real tokens must fit)."""
 
-  def __init__(self, tokenizer, length, texts, ids, mask):
+  def __init__(self, tokenizer, length):
     self.tokenizer, self.length = tokenizer, length
-    self.rows = {text: (ids[i, :length], mask[i, :length]) for i, text in enumerate(texts)}
 
   def __call__(self, texts):
-    missing = [t for t in dict.fromkeys(texts) if t not in self.rows]
-    if missing:
-      ids, mask = self.tokenizer(missing)
-      self.rows.update({t: (ids[i, :self.length], mask[i, :self.length])
-                        for i, t in enumerate(missing)})
-    return (np.stack([self.rows[t][0] for t in texts]),
-            np.stack([self.rows[t][1] for t in texts]))
+    ids, mask = self.tokenizer(texts)
+    return ids[:, :self.length], mask[:, :self.length]
 
 
 def load_volume(path, params):
