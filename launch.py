@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")
 
 # Flags of the released main_ddp.py -> config fields (value transforms where the meaning differs).
-SEED_FLAGS = {
+RELEASED_FLAGS = {
     "data_root": ("data.data_root", str),
     "output_dir": ("output_dir", str),
     "backbone": ("model.backbone", str),
@@ -36,9 +36,9 @@ def add_config_args(parser):
                            "override fields with --config.key=value")
 
 
-def add_seed_args(parser):
+def add_released_args(parser):
   """The released code's flags, kept working (see README's flag table)."""
-  for flag, (_, kind) in SEED_FLAGS.items():
+  for flag, (_, kind) in RELEASED_FLAGS.items():
     parser.add_argument(f"--{flag}", type=kind, default=None)
   parser.add_argument("--use_amp", action="store_true", help="bf16 compute (fp32 master params)")
   parser.add_argument("--use_wandb", action="store_true", help="log to wandb (mode online)")
@@ -60,18 +60,18 @@ def start_distributed(args):
 
 
 def build_config(args, overrides):
-  """Config file -> seed-style flags -> --config.* overrides (later ones win)."""
+  """Config file -> released-code flags -> --config.* overrides (later ones win)."""
   config = config_utils.load_config_file(args.config)
-  seed_overrides = {}
-  for flag, (key, _) in SEED_FLAGS.items():
+  released_overrides = {}
+  for flag, (key, _) in RELEASED_FLAGS.items():
     value = getattr(args, flag, None)
     if value is not None:
-      seed_overrides[key] = str(value)
+      released_overrides[key] = str(value)
   if getattr(args, "use_amp", False):
-    seed_overrides["model.dtype"] = "bfloat16"
+    released_overrides["model.dtype"] = "bfloat16"
   if getattr(args, "use_wandb", False):
-    seed_overrides["wandb.mode"] = "online"
-  config_utils.apply_overrides(config, seed_overrides)
+    released_overrides["wandb.mode"] = "online"
+  config_utils.apply_overrides(config, released_overrides)
   config_utils.apply_overrides(config, overrides)
   return config
 
@@ -169,7 +169,7 @@ def run_convert(args, config):
 
 def add_train_args(parser):
   add_config_args(parser)
-  add_seed_args(parser)
+  add_released_args(parser)
   add_distributed_args(parser)
   parser.add_argument("--eval_only", action="store_true",
                       help="the released code's evaluation mode: same as `launch.py eval "
@@ -256,7 +256,7 @@ def add_eval_args(parser):
                       help="bootstrap resamples for confidence intervals (default: config "
                            "eval.bootstrap_samples; 0 = none)")
   add_config_args(parser)
-  add_seed_args(parser)
+  add_released_args(parser)
   add_distributed_args(parser)
 
 
@@ -291,7 +291,7 @@ def add_embed_args(parser):
                       help="converted dataset (sets data.tfrecord_dir)")
   parser.add_argument("--data_root", default=None,
                       help="a converted dataset, like --tfrecord_dir (released code's flag)")
-  parser.add_argument("--backbone", default=None, help="model.backbone of a seed .pt file")
+  parser.add_argument("--backbone", default=None, help="model.backbone of a released-code .pt file")
   parser.add_argument("--index", required=True, metavar="OUT", help="index directory to write")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing index")
   add_config_args(parser)

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# One-GPU benchmark: our JAX train step vs the released PyTorch computation, ResNet50 and ViT at
-# 224x224x96 (bf16 vs AMP; plus ResNet50 batch 8 with bf16 + remat), about 6 minutes; writes
-# $OUT/gpu_benchmarks.json (or benchmarks/results/) and prints the table with JAX/PyTorch ratios.
+# One-GPU benchmark: the JAX train step against the released code's PyTorch computation
+# (benchmarks/torch_reference.py), ResNet50 and ViT at 224x224x96 (JAX bf16 against torch AMP,
+# plus ResNet50 at batch 8 with bf16 + remat). About 6 minutes on an H100-class GPU. It writes
+# one JSON object per case to $OUT/gpu_benchmarks.json (default benchmarks/results/, git-ignored)
+# and prints a table with volumes/s, device memory, MFU and the JAX/PyTorch ratios.
 #
-# The lent GPU machines (see /work/.library/device/KINDS.md) have JAX, PyTorch, flax, optax,
-# orbax and transformers but not ml_collections or monai: carry their wheels. Once, here:
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0 monai==1.6.1
-# then: device run, command "bash benchmarks/gpu.sh", carry [".whl"].
-# BENCH_SET=cpu BENCH_ONLY=small runs the same machinery on a CPU (a quick check of this script).
+# Set up a GPU host once (CUDA 12 driver):
+#   python3 -m venv .venv && .venv/bin/pip install -r requirements-dev.txt
+#   .venv/bin/pip install -U "jax[cuda12]"                 # the CUDA build of JAX
+#   .venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cu124   # CUDA torch
+# then run:  PATH=.venv/bin:$PATH bash benchmarks/gpu.sh
+#
+# A host without network access can bring the pure-Python wheels it lacks (e.g. ml_collections,
+# monai) in a .whl/ folder at the repository root (git-ignored): they are installed into a
+# temporary site directory first. BENCH_SET=cpu BENCH_ONLY=small runs the same machinery on a
+# CPU (a quick check of this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"

@@ -2,8 +2,8 @@
 
 Each case runs in its own process (clean memory figures, one device): benchmarks/train_step.py
 for JAX and benchmarks/torch_reference.py for the released PyTorch computation, with the same
-shapes, batch, text tower and precision. The like-for-like JAX row uses configs/seed_code.py (one
-view, no fusion, the seed's loss: what the PyTorch reference computes, plus our on-device
+shapes, batch, text tower and precision. The like-for-like JAX row uses configs/released_code.py (one
+view, no fusion, the released code's loss: what the PyTorch reference computes, plus our on-device
 augmentation); the "paper" rows add two views, fusion and the CLIP loss.
 
   python benchmarks/run_all.py                 # CPU set: tiny and reduced-shape ResNet
@@ -20,7 +20,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SEED_CONFIG = os.path.join(ROOT, "configs", "seed_code.py")
+RELEASED_CONFIG = os.path.join(ROOT, "configs", "released_code.py")
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
 
 SMALL_RESNET = {"layers": "1,1,1,1", "widths": "16,32,64,128", "conv1_kernel": "3",
@@ -60,7 +60,7 @@ def cpu_set():
   for label, shape, batch, resnet in (("small resnet 64x64x32", "64,64,32", 8, SMALL_RESNET),
                                       ("resnet50 32x32x16", "32,32,16", 2, None)):
     cases += [torch_case(label, shape, batch, "minilm", amp="off", resnet=resnet, steps=3),
-              jax_case(label, SEED_CONFIG, shape, batch, "minilm", resnet=resnet, steps=3),
+              jax_case(label, RELEASED_CONFIG, shape, batch, "minilm", resnet=resnet, steps=3),
               jax_case(label + " (paper: 2 views+fusion)", DEFAULT_CONFIG, shape, batch,
                        "minilm", resnet=resnet, steps=3)]
   return cases
@@ -70,13 +70,13 @@ def gpu_set():
   shape = "224,224,96"
   return [
       torch_case("resnet50 224x224x96 b4", shape, 4, "bert-base", amp="float16"),
-      jax_case("resnet50 224x224x96 b4", SEED_CONFIG, shape, 4, "bert-base", "bfloat16"),
+      jax_case("resnet50 224x224x96 b4", RELEASED_CONFIG, shape, 4, "bert-base", "bfloat16"),
       jax_case("resnet50 224x224x96 b4 (paper)", DEFAULT_CONFIG, shape, 4, "bert-base",
                "bfloat16"),
-      jax_case("resnet50 224x224x96 b8 bf16+remat", SEED_CONFIG, shape, 8, "bert-base",
+      jax_case("resnet50 224x224x96 b8 bf16+remat", RELEASED_CONFIG, shape, 8, "bert-base",
                "bfloat16", remat=True),
       torch_case("vit 224x224x96 b4", shape, 4, "bert-base", amp="float16", backbone="vit"),
-      jax_case("vit 224x224x96 b4", SEED_CONFIG, shape, 4, "bert-base", "bfloat16",
+      jax_case("vit 224x224x96 b4", RELEASED_CONFIG, shape, 4, "bert-base", "bfloat16",
                backbone="vit"),
   ]
 

@@ -46,7 +46,7 @@ def build_config(args):
   from medfinder_jax import config_utils  # pylint: disable=import-outside-toplevel
   config = config_utils.load_config_file(os.path.join(ROOT, "configs", "default.py"))
   config.text.model_path = "minilm"
-  config.model.fusion.enabled = False       # a seed-format file has none (see inference.py)
+  config.model.fusion.enabled = False       # a released-code file has none (see inference.py)
   config.data.shape = tuple(int(s) for s in args.shape.split(","))
   config.data.spacing = ()
   return config
@@ -73,14 +73,14 @@ def phantom_reports(n, seed=0):
 
 
 def write_files(directory, args):
-  """A seed-format model file and an N-study index of it; returns (config, model path, index)."""
+  """A released-code model file and an N-study index of it; returns (config, model path, index)."""
   import jax  # pylint: disable=import-outside-toplevel
   from medfinder_jax import inference, retrieval  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import model_files  # pylint: disable=import-outside-toplevel
   config = build_config(args)
   model, variables = build_model(config, args.text)
-  model_path = model_files.write_seed_checkpoint(os.path.join(directory, "best_model.pt"),
+  model_path = model_files.write_released_checkpoint(os.path.join(directory, "best_model.pt"),
                                                  jax.device_get(variables))
   if args.text == "bert-base":   # the tokenizer and BERT config.json come from this folder
     config.text.model_path = write_bert_base_folder(directory)

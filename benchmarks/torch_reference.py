@@ -1,12 +1,12 @@
 """The released PyTorch MedFinder's train step, timed like benchmarks/train_step.py.
 
-As main_ddp.py builds it (see ../shared/seed/SEED_NOTES.md): MONAI ResNet50 3D (bottleneck,
+As main_ddp.py builds it (docs/released_code.md): MONAI ResNet50 3D (bottleneck,
 [3,4,6,3], 1 channel, conv1 7^3 stride 1, fc removed) + Linear(2048, 512), a frozen BertModel
 (dropout on, as in the seed) + Linear(hidden, 512) on the CLS state, loss
 CE(text @ image.T / 0.07, arange(B)), AdamW (lr 1e-4, wd 0.01) on the trainable parameters.
-On GPU: AMP (float16 autocast + GradScaler, as the seed; --amp_dtype bfloat16 for bf16) and
-channels_last_3d; one view per study, augmentation outside the step (the seed's data loader).
-The --backbone vit variant uses MONAI's ViT (the seed's intended ViT branch).
+On GPU: AMP (float16 autocast + GradScaler, as the released code; --amp_dtype bfloat16 for bf16) and
+channels_last_3d; one view per study, augmentation outside the step (the released code's data loader).
+The --backbone vit variant uses MONAI's ViT (the released code's intended ViT branch).
 
 Test-only: needs torch and monai (requirements-dev.txt); never imported by the package.
 
@@ -58,8 +58,8 @@ def text_tower(name):
   return transformers.BertModel(config, add_pooling_layer=True), config
 
 
-class SeedModel:
-  """The seed's modules and its train-step computation (kept as plain attributes)."""
+class ReleasedModel:
+  """The released code's modules and its train-step computation (kept as plain attributes)."""
 
   def __init__(self, args, shape, device):
     import torch  # pylint: disable=import-outside-toplevel
@@ -78,7 +78,7 @@ class SeedModel:
     self.text, config = text_tower(args.text)
     self.text_projection = torch.nn.Linear(config.hidden_size, 512)
     for p in self.text.parameters():
-      p.requires_grad_(False)           # the seed freezes BERT (dropout stays on)
+      p.requires_grad_(False)           # the released code freezes BERT (dropout stays on)
     self.modules = [self.image, self.image_projection, self.text, self.text_projection]
     for m in self.modules:
       m.to(device).train()
@@ -111,7 +111,7 @@ def measure(args):
   amp_dtype = getattr(torch, args.amp_dtype)
   shape = tuple(int(s) for s in args.shape.split(","))
   torch.manual_seed(0)
-  model = SeedModel(args, shape, device)
+  model = ReleasedModel(args, shape, device)
   optimizer = torch.optim.AdamW(model.trainable(), lr=1e-4, weight_decay=0.01)
   scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
   volume = torch.rand(args.batch, 1, *shape, device=device)

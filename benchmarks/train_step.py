@@ -54,7 +54,7 @@ def parse_args(argv=None):
   parser.add_argument("--text", choices=TEXT_MODELS, default=None,
                       help="text tower architecture (default: minilm for tiny or a config whose "
                            "text.model_path is minilm, else bert-base)")
-  parser.add_argument("--loss", default=None, help="clip | siglip | seed_code")
+  parser.add_argument("--loss", default=None, help="clip | siglip | released")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--compile_only", action="store_true",

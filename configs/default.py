@@ -1,4 +1,4 @@
-"""Default MedFinder-JAX configuration: the paper's design at seed-compatible settings.
+"""Default MedFinder-JAX configuration: the paper's design at the released code's settings.
 
 Every other file in configs/ starts from this one and overrides only what differs.
 Run with:  python launch.py train --config configs/default.py --config.train.epochs=5
@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.data.report_column = "Report_en"
   c.data.label_columns = ("findings",)  # kept in the records when present in the CSV
   c.data.split_by = "folders"        # "folders" (paper: 7/1/2 sorted CT folders) | "rows" (code: 70/10/20)
-  c.data.preprocess = "ct"           # "ct" (RAS, spacing, HU window, body crop) | "seed" (released code)
+  c.data.preprocess = "ct"           # "ct" (RAS, spacing, HU window, body crop) | "released" (the released code)
   c.data.shape = (224, 224, 96)      # X, Y, Z voxels after preprocessing
   c.data.spacing = (1.5, 1.5, 3.0)   # mm per voxel to resample to (X, Y, Z); () = plain resize
   c.data.hu_window = (-1000.0, 1000.0)
@@ -39,7 +39,7 @@ def get_config(arg=None):
   c.text.model_path = ""             # local HF folder (BioBERT v1.1); "minilm" = packaged all-MiniLM-L6-v2
   c.text.max_tokens = 100
   c.text.window_words = 100          # random contiguous window of this many words while training
-  c.text.trainable = False           # the seed freezes BERT
+  c.text.trainable = False           # the released code freezes BERT
   c.text.pooling = "cls"             # "cls" (the seed) | "mean" (sentence-transformers models)
   c.text.lowercase = "auto"          # "auto" (tokenizer_config.json, else cased iff vocab.txt is) | "true" | "false"
 
@@ -53,7 +53,7 @@ def get_config(arg=None):
   c.model.resnet.layers = (3, 4, 6, 3)
   c.model.resnet.widths = (64, 128, 256, 512)
   c.model.resnet.conv1_kernel = 7
-  c.model.resnet.conv1_stride = 1    # MONAI default, as in the seed
+  c.model.resnet.conv1_stride = 1    # MONAI default, as in the released code
   c.model.resnet.conv_impl = "auto"  # "native" 3D convs | "decomposed" (fast on CPU) | "auto"
   c.model.vit = ml_collections.ConfigDict()
   c.model.vit.patch_size = 16
@@ -77,10 +77,10 @@ def get_config(arg=None):
 
   # --- Loss -----------------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
-  c.loss.contrastive = "clip"        # "clip" | "siglip" | "seed_code"
+  c.loss.contrastive = "clip"        # "clip" | "siglip" | "released"
   c.loss.alpha = 1.0
   c.loss.mse_weight = 1.0
-  c.loss.temperature_init = 0.07     # clip: initial temperature; seed_code: the fixed one
+  c.loss.temperature_init = 0.07     # clip: initial temperature; released: the fixed one
   c.loss.learn_temperature = True    # False: clip/siglip scale (and bias) stay at their init
   c.loss.max_logit_scale = 100.0     # clip: 1/temperature clipped to [1, 100] as in CLIP
   c.loss.siglip_logit_scale_init = 10.0   # SigLIP paper init: t = 10 ...

@@ -3,7 +3,7 @@
 Reproduces: two augmented views per study, cross-attention fusion of the views, view-consistency
 MSE + alpha * contrastive (symmetric CLIP loss over the global batch, learnable temperature),
 BioBERT v1.1 text tower (frozen), `ct` preprocessing (RAS, 1.5x1.5x3 mm, HU window) at
-224x224x96, the paper's folder split (7/1/2), the seed's optimizer settings (AdamW lr 1e-4,
+224x224x96, the paper's folder split (7/1/2), the released code's optimizer settings (AdamW lr 1e-4,
 wd 0.01, cosine, 20 epochs, 4 volumes per device).
 
 Run (BioBERT: a local HF folder, see README):

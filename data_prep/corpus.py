@@ -1,7 +1,7 @@
 """The raw corpus: CSV rows matched to volume files, checked, and assigned to splits.
 
 Layout (BIMCV-R): `data_root/CT*/ct/<name>.nii.gz` and `data_root/meta/<csv>`. A CSV row's volume
-is found as the seed code does, by the basename of its `path` among the CT*/ct/ files (so the
+is found as the released code code does, by the basename of its `path` among the CT*/ct/ files (so the
 CSV may hold paths from another machine); a relative path that names a CT*/ct/ file exactly wins
 over a basename match. Row numbers in messages are 1-based data rows (the header is row 0).
 

@@ -1,4 +1,4 @@
-"""NIfTI CT volume -> fixed-shape record volume (modes `ct` and `seed`).
+"""NIfTI CT volume -> fixed-shape record volume (modes `ct` and `released`).
 
 `ct` (default): scale with scl_slope/scl_inter, closest canonical RAS, crop to the body (voxels
 above `body_threshold_hu`), resample to `spacing` mm (or plain resize when spacing is empty), HU
@@ -10,7 +10,7 @@ For speed the cheap steps run first: the body box is found on the stored integer
 works on the cropped stored values (scaling is affine, so it commutes with interpolation) and the
 HU scaling and window run on the small resampled array.
 
-`seed`: the released code's eval transform (ScaleIntensity min-max, CropForeground > 0,
+`released`: the released code's eval transform (ScaleIntensity min-max, CropForeground > 0,
 symmetric SpatialPad to at least `shape`, Resize "area"), on the raw voxel order.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 from data_prep import resample
 from data_prep import schema
 
-MODES = ("ct", "seed")
+MODES = ("ct", "released")
 
 
 class BadVolume(ValueError):
@@ -73,8 +73,8 @@ def check_params(params):
   schema.check_volume_dtype(params.volume_dtype)
   if params.volume_dtype == "int16" and (lo < -32768 or hi > 32767):
     raise ValueError(f"data.hu_window={params.hu_window} does not fit int16 volumes")
-  if params.mode == "seed" and params.volume_dtype != "uint8":
-    raise ValueError("data.preprocess='seed' scales each volume to [0, 1] (no HU); "
+  if params.mode == "released" and params.volume_dtype != "uint8":
+    raise ValueError("data.preprocess='released' scales each volume to [0, 1] (no HU); "
                      "it needs data.volume_dtype='uint8'")
 
 
@@ -172,7 +172,7 @@ def preprocess(source, params):
   """(volume, volume_spacing): the record volume (params.shape, params.volume_dtype), X,Y,Z."""
   if params.mode == "ct":
     return preprocess_ct(source, params)
-  return preprocess_seed(source, params)
+  return preprocess_released(source, params)
 
 
 # --- ct mode ------------------------------------------------------------------------------------
@@ -253,17 +253,17 @@ def pad_center(volume, shape, value):
   return out
 
 
-# --- seed mode ----------------------------------------------------------------------------------
+# --- released mode --------------------------------------------------------------------------------
 
-def preprocess_seed(source, params):
+def preprocess_released(source, params):
   """The released code's transform on the raw voxel order; volume_spacing is the effective mm
   per output voxel (the padded crop stretched to `shape`)."""
-  unit, padded_size = seed_transform(source.raw, params.shape, source.slope, source.inter)
+  unit, padded_size = released_transform(source.raw, params.shape, source.slope, source.inter)
   volume_spacing = np.asarray(padded_size) * source.spacing / np.asarray(params.shape)
   return quantize_unit(unit), volume_spacing.astype(np.float32)
 
 
-def seed_transform(raw, shape, slope=1.0, inter=0.0):
+def released_transform(raw, shape, slope=1.0, inter=0.0):
   """(unit volume, padded size): ScaleIntensity -> CropForeground(> 0) -> SpatialPad -> Resize.
 
   Min-max scaling is affine, so the crop, pad and "area" resize run on the stored values (padded

@@ -6,13 +6,13 @@ read with `tfds.builder_from_directory(dir)`; `builder.info.metadata` holds the 
 parameters and the split rule (see data_prep/convert.py).
 
 Volume layout: axis order X, Y, Z. In `ct` mode the array is RAS+ canonical: index increases
-towards the patient's Right (X), Anterior (Y), Superior (Z). In `seed` mode it is the source file's
+towards the patient's Right (X), Anterior (Y), Superior (Z). In `released` mode it is the source file's
 raw voxel order (the released code does not reorient).
 """
 
 import dataclasses
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2                      # 2: preprocessing mode "released" (was "seed")
 DATASET_NAME = "medfinder_ct"           # files: medfinder_ct-<split>.tfrecord-<i>-of-<n>
 FILE_FORMAT = "tfrecord"
 SPLITS = ("train", "val", "test")

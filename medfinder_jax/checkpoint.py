@@ -13,7 +13,7 @@ a step directory appears under its final name only once every process has finish
       _CHECKPOINT_METADATA       orbax's own bookkeeping
 
 Kept: the latest `train.keep_checkpoints` steps plus the best one by validation text->image
-R@10 (the seed's model selection); every other step is deleted by orbax after a save.
+R@10 (the released code's model selection); every other step is deleted by orbax after a save.
 """
 
 import dataclasses

@@ -1,5 +1,5 @@
 """PyTorch / HF state dicts -> Flax variables: HF BERT folders, MONAI ResNet and ViT, and the
-seed's MedFinder checkpoints (`best_model.pt`, `checkpoint_epoch_N.pt`).
+released code's MedFinder checkpoints (`best_model.pt`, `checkpoint_epoch_N.pt`).
 
 The conversion is driven by our own variable tree: every Flax leaf names the PyTorch key it
 comes from (module names are mapped by a short list of regex rules per model) and how to lay it
@@ -66,7 +66,7 @@ def _torch_load(path):
 def load_state_dict(path):
   """A .safetensors / .bin / .pt / .pth file -> {name: np.ndarray} (floats as float32).
 
-  A seed training checkpoint (dict with `model_state_dict`) yields its model state dict; a
+  A released-code training checkpoint (dict with `model_state_dict`) yields its model state dict; a
   DDP `module.` prefix shared by all keys is removed.
   """
   if not os.path.isfile(path):
@@ -239,8 +239,8 @@ def load_hf_bert(folder):
 
 # --- The whole model ----------------------------------------------------------------------------
 
-def seed_key_fn(backbone):
-  """Our MedFinder params -> the seed's module names (`visual_encoder.encoder.*`, ...)."""
+def released_key_fn(backbone):
+  """Our MedFinder params -> the released code's module names (`visual_encoder.encoder.*`, ...)."""
   image_rules = RESNET_RULES if backbone == "resnet50" else VIT_RULES
   return grouped_key_fn({
       "image_encoder": ("visual_encoder.encoder.", image_rules),
@@ -251,13 +251,13 @@ def seed_key_fn(backbone):
   })
 
 
-def import_seed_checkpoint(path, variables, backbone=None):
-  """The seed's `best_model.pt` (state dict) or `checkpoint_epoch_N.pt` (dict with
+def import_released_checkpoint(path, variables, backbone=None):
+  """The released code's `best_model.pt` (state dict) or `checkpoint_epoch_N.pt` (dict with
   model_state_dict) -> MedFinder variables (numpy).
 
   `variables`: a freshly initialised MedFinder (init_variables, or its jax.eval_shape when fusion
-  is disabled) with the seed's shapes. backbone: "resnet50" | "vit"; None = read from
-  `variables`. The seed has no fusion parameters: params["fusion"], present when fusion is
+  is disabled) with the released code's shapes. backbone: "resnet50" | "vit"; None = read from
+  `variables`. The released code has no fusion parameters: params["fusion"], present when fusion is
   enabled, keep their fresh initialisation and are listed in report["fresh"].
   Returns (variables, report {"loaded": n, "fresh": [...], "ignored": [...]}).
   """
@@ -265,7 +265,7 @@ def import_seed_checkpoint(path, variables, backbone=None):
     image_params = variables["params"]["image_encoder"]
     backbone = "vit" if "position_embeddings" in image_params else "resnet50"
   state = _rename_layer_norm(load_state_dict(path))
-  return convert_tree(variables, state, seed_key_fn(backbone), path, fresh=("params/fusion",))
+  return convert_tree(variables, state, released_key_fn(backbone), path, fresh=("params/fusion",))
 
 
 def create_model(model_config, text_config, image_shape, rng):

@@ -14,16 +14,16 @@ Model identity (kept in indexes and metrics.json): retrieval.model_identity with
   fingerprint   sha256 of the variables + the settings that change embeddings
                 (`embedding_settings`: the model section except remat/dtype, text max_tokens and
                 the tokenizer's lowercasing)
-  kind          "checkpoint" (ours) | "seed" (a PyTorch file)
+  kind          "checkpoint" (ours) | "released" (a PyTorch file)
   checkpoint    absolute path it was loaded from; step (ours)
-  config        {"model": ..., "text": ...} sections, to rebuild a seed-file model
+  config        {"model": ..., "text": ...} sections, to rebuild a released-code model
   preprocess    data_prep.preprocess.PreprocessParams (dict) turning a NIfTI file into model input
 so `search` can load the same model again and check it is the one that built the index.
 
 Raw NIfTI files (embed --volumes, search --volume) are preprocessed exactly as at conversion
 (data_prep.preprocess). The parameters: for `embed --volumes`, those the model was trained with
 (our checkpoint: its training dataset's metadata.json, else that of the dataset named by
-data.tfrecord_dir, else its data config -- the last two with a note; a seed file: the converted
+data.tfrecord_dir, else its data config -- the last two with a note; a released-code file: the converted
 dataset named by data.tfrecord_dir, else the config's `data` section); for `embed --split` and
 `eval`, those of the converted dataset embedded; for a volume query, those of the index's
 gallery, recorded in the index.
@@ -54,7 +54,7 @@ from medfinder_jax import sharding
 from medfinder_jax import text as text_lib
 from medfinder_jax.models import medfinder as medfinder_lib
 
-SEED_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+RELEASED_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 REPORT_SUFFIX = ".txt"          # optional report beside a volume: <name>.txt for <name>.nii.gz
 QUERY_KINDS = ("text", "keyword", "volume")
 QUERY_LENGTHS = (16, 32, 64)    # token lengths text queries are padded to (else text.max_tokens)
@@ -91,14 +91,14 @@ def is_main_process():
 class LoadedModel:
   """A model ready for inference (place its variables on a mesh with `replicate`)."""
   model: Any                # medfinder.MedFinder
-  variables: Any            # {"params", ["batch_stats"]}: numpy arrays (seed file), or jax.Arrays
+  variables: Any            # {"params", ["batch_stats"]}: numpy arrays (released-code file), or jax.Arrays
                             # already replicated on load_model's mesh (ours; replicate is then free)
   config: Any               # ConfigDict the model was built from
   tokenizer: Any            # text.ReportTokenizer
   preprocess: Any           # preprocess.PreprocessParams of raw volumes
   identity: dict            # retrieval.model_identity(...) (see module docstring)
   notes: list               # what the user should know (e.g. fusion disabled)
-  info: dict                # our checkpoint's info (step, val metrics, ...); {} for seed files
+  info: dict                # our checkpoint's info (step, val metrics, ...); {} for released-code files
 
 
 def volume_units(params):
@@ -133,9 +133,9 @@ def make_identity(kind, path, config, variables, tokenizer, params, step=None):
 
 
 def load_model(model_path, config, recorded=None, mesh=None):
-  """LoadedModel from our checkpoint or a seed PyTorch file (module docstring).
+  """LoadedModel from our checkpoint or a released-code PyTorch file (module docstring).
 
-  recorded: the "model" record of an index (search): a seed file is then rebuilt with the
+  recorded: the "model" record of an index (search): a released-code file is then rebuilt with the
   recorded model/text settings and preprocessing instead of the config's.
   mesh: the mesh the model will run on (all processes must call this together with it).
   """
@@ -149,13 +149,13 @@ def load_model(model_path, config, recorded=None, mesh=None):
   with user_errors():
     if os.path.isdir(model_path):
       return _load_ours(model_path, config, mesh)
-    if not model_path.endswith(SEED_SUFFIXES):
+    if not model_path.endswith(RELEASED_SUFFIXES):
       raise InferenceError(f"{model_path}: not a checkpoint: expected a directory (ours) or a "
-                           f"PyTorch state dict file ({', '.join(SEED_SUFFIXES)})")
-    return _load_seed(model_path, config, recorded)
+                           f"PyTorch state dict file ({', '.join(RELEASED_SUFFIXES)})")
+    return _load_released(model_path, config, recorded)
 
 
-def _load_seed(path, config, recorded=None):
+def _load_released(path, config, recorded=None):
   """The released code's saved model, with the architecture of `config` (or `recorded`)."""
   config = config.copy_and_resolve_references()
   notes = []
@@ -167,7 +167,7 @@ def _load_seed(path, config, recorded=None):
     params = volume_preprocessing(config)
   if config.model.fusion.enabled:
     config.model.fusion.enabled = False
-    notes.append(f"{os.path.basename(path)}: a seed checkpoint has no fusion weights (the "
+    notes.append(f"{os.path.basename(path)}: a released-code checkpoint has no fusion weights (the "
                  f"released code trains and evaluates without fusion): fusion disabled")
   tokenizer = text_lib.load_tokenizer(config.text)
   bert_config = convert_weights.load_bert_config(tokenizer.folder)
@@ -175,8 +175,8 @@ def _load_seed(path, config, recorded=None):
   model = medfinder_lib.build_model(config.model, config.text, bert_config)
   template = jax.eval_shape(lambda: medfinder_lib.init_variables(
       model, jax.random.key(0), params.shape, config.text.max_tokens))
-  variables, _ = convert_weights.import_seed_checkpoint(path, template, config.model.backbone)
-  identity = make_identity("seed", path, config, variables, tokenizer, params)
+  variables, _ = convert_weights.import_released_checkpoint(path, template, config.model.backbone)
+  identity = make_identity("released", path, config, variables, tokenizer, params)
   return LoadedModel(model, variables, config, tokenizer, params, identity, notes, {})
 
 
@@ -435,7 +435,7 @@ def embed_split(config, model_path, split, log=None):
 
 
 def _with_dataset(config, directory):
-  """Config whose raw-volume preprocessing default is the dataset's (seed files)."""
+  """Config whose raw-volume preprocessing default is the dataset's (released-code files)."""
   if not directory or config.data.tfrecord_dir == directory:
     return config
   config = config.copy_and_resolve_references()

@@ -8,7 +8,7 @@ files in an order and through a shuffle buffer both seeded by (seed, process, e)
 a pure function of the seed. A position is just the number of batches consumed: resuming at
 batch k rebuilds the stream and skips k * local_batch *serialized* records before anything is
 decoded, so the next batch is exactly the one an uninterrupted run would have seen (as long as the
-process count is the same). Reports get the seed's random 100-word window (its RNG seeded by
+process count is the same). Reports get the released code's random 100-word window (its RNG seeded by
 (seed, process, batch)) and are tokenized per batch on the host.
 
 Evaluation (`eval_batches`): each process reads its files in order; every batch has the same size
@@ -75,9 +75,11 @@ def open_dataset(directory):
                        f"{directory}`")
   builder = tfds.builder_from_directory(directory)
   metadata = builder.info.metadata or {}
-  if "intensity" not in metadata:
-    raise DatasetError(f"{directory}/metadata.json lacks 'intensity'; it was not written by "
-                       "this version of `launch.py convert`: reconvert the corpus")
+  if metadata.get("schema_version") != schema.SCHEMA_VERSION or "intensity" not in metadata:
+    raise DatasetError(f"{directory}/metadata.json: schema version "
+                       f"{metadata.get('schema_version')!r}, this version of launch.py reads "
+                       f"version {schema.SCHEMA_VERSION}: reconvert the corpus with `launch.py "
+                       f"convert` into a new --output_dir")
   volume = builder.info.features[schema.VOLUME]
   spec = DatasetSpec(
       directory=directory,

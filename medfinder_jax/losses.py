@@ -1,4 +1,4 @@
-"""Contrastive losses (clip / siglip / seed_code) and the view-consistency MSE. Pure JAX.
+"""Contrastive losses (clip / siglip / released) and the view-consistency MSE. Pure JAX.
 
 Conventions shared by every function here:
 - `text` and `image` are (N, D) embeddings of the *global* batch; row i of `text` is paired with
@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-CONTRASTIVE_LOSSES = ("clip", "siglip", "seed_code")
+CONTRASTIVE_LOSSES = ("clip", "siglip", "released")
 # Logit for masked-out pairs: finite (no NaN in gradients), far below any reachable logit.
 _MASKED_LOGIT = -1e9
 
@@ -38,7 +38,7 @@ def init_loss_params(loss_config):
   clip:      {"logit_scale": log(1 / temperature_init)}   (CLIP: log(1/0.07) = 2.659)
   siglip:    {"logit_scale": log(siglip_logit_scale_init), "logit_bias": siglip_logit_bias_init}
              (SigLIP paper init: t = 10, b = -10)
-  seed_code: {} (the released code uses a fixed temperature)
+  released: {} (the released code uses a fixed temperature)
   The train loop should exclude these from weight decay.
   """
   kind = _check_kind(loss_config.contrastive)
@@ -93,7 +93,7 @@ def siglip(text, image, logit_scale, logit_bias, mask=None):
                 "accuracy_i2t": _diagonal_accuracy(masked.T, mask)}
 
 
-def seed_code(text, image, num_blocks, temperature=0.07, mask=None):
+def released(text, image, num_blocks, temperature=0.07, mask=None):
   """What the released code trains: CE(text_b @ image_b.T / temperature, arange) per device.
 
   The global batch is laid out contiguously by device: block d = rows d*B:(d+1)*B with
@@ -103,7 +103,7 @@ def seed_code(text, image, num_blocks, temperature=0.07, mask=None):
   """
   n, dim = text.shape
   if n % num_blocks:
-    raise ValueError(f"seed_code loss: global batch {n} is not divisible into num_blocks="
+    raise ValueError(f"released loss: global batch {n} is not divisible into num_blocks="
                      f"{num_blocks} equal per-device blocks")
   block = n // num_blocks
   mask = _row_mask(mask, n).reshape(num_blocks, block)
@@ -135,8 +135,8 @@ def view_mse(a, b, mask=None, normalize=False):
 def contrastive_loss(loss_params, text, image, loss_config, mask=None, num_blocks=1):
   """The configured contrastive loss (`loss_config.contrastive`) -> (loss, metrics)."""
   kind = _check_kind(loss_config.contrastive)
-  if kind == "seed_code":
-    return seed_code(text, image, num_blocks, loss_config.temperature_init, mask)
+  if kind == "released":
+    return released(text, image, num_blocks, loss_config.temperature_init, mask)
   params = loss_params
   if not loss_config.learn_temperature:
     params = jax.tree.map(jax.lax.stop_gradient, loss_params)
@@ -152,7 +152,7 @@ def total_loss(loss_params, text, image, loss_config, *, view_a=None, view_b=Non
   text:   (N, D) text embeddings.
   image:  (N, D) image embeddings for the contrastive term (the fused one when fusion is on).
   view_a, view_b: (N, D) per-view image embeddings for the consistency term; None = no MSE term.
-  num_blocks: only for seed_code, the number of per-device blocks (see `seed_code`).
+  num_blocks: only for released, the number of per-device blocks (see `released`).
   Returns (loss, metrics) with metrics "loss", "contrastive", "mse", "temperature",
   "accuracy_t2i" (+ "accuracy_i2t" for clip/siglip, "logit_bias" for siglip).
   """

@@ -1,6 +1,6 @@
 """Retrieval metrics over paired embeddings: ranks, R@K, MdR, MnR, keyword P@K, bootstrap CIs.
 
-Conventions (the released MedFinder code's, see SEED_NOTES "Evaluation"):
+Conventions (the released MedFinder code's, docs/released_code.md "Evaluation"):
 - Row i of the text embeddings and row i of the image embeddings are one study (a pair).
 - t2i: queries are texts, the gallery is the images, S = T·Iᵀ (row i = text query i). i2t: queries
   are images against the text gallery, i.e. Sᵀ. Embeddings are L2-normalized first.

@@ -60,7 +60,7 @@ def make_mesh(mesh_config, devices=None):
 def num_batch_shards(mesh):
   """How many row blocks the batch axis is split into (= the number of devices of the mesh).
 
-  This is the `num_blocks` of losses.seed_code when each device holds one seed "local batch".
+  This is the `num_blocks` of losses.released when each device holds one "local batch" of the released code.
   """
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 

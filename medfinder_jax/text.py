@@ -1,4 +1,4 @@
-"""Report text -> token ids: the text model folder, the seed's word window, the tokenizer.
+"""Report text -> token ids: the text model folder, the released code's word window, the tokenizer.
 
 Everything here is offline: a text model is a local HF folder (config.json, model.safetensors or
 pytorch_model.bin, tokenizer.json or vocab.txt), or "minilm" = the installed
@@ -49,7 +49,7 @@ def resolve_text_model_path(path):
 
 
 def report_window(text, rng=None, n_words=100):
-  """The seed's report window: with `rng` (np.random.Generator) and more than `n_words`
+  """The released code's report window: with `rng` (np.random.Generator) and more than `n_words`
   whitespace-separated words, a uniformly random contiguous window of `n_words` words joined by
   single spaces; otherwise the text unchanged (deterministic mode: the tokenizer then keeps the
   first max_tokens tokens, which always lie within the first max_tokens words).
@@ -67,7 +67,7 @@ def infer_lowercase(folder):
   """Whether the folder's tokenizer lowercases: tokenizer_config.json `do_lower_case` when set,
   else from vocab.txt (cased vocabularies, e.g. BioBERT v1.1 / BERT-base cased, hold capitalised
   word pieces). HF's default for a folder without tokenizer_config.json would be True, i.e. the
-  seed lowercased BioBERT's input; set text.lowercase = "true" to reproduce that."""
+  released code lowercased BioBERT's input; set text.lowercase = "true" to reproduce that."""
   config_file = os.path.join(folder, "tokenizer_config.json")
   if os.path.isfile(config_file):
     with open(config_file, encoding="utf-8") as f:

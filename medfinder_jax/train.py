@@ -7,7 +7,7 @@ Shape of the flax examples: `create_train_state`, `make_train_step`, `train_and_
   created directly in its shardings (sharding.init_sharded: never whole on one device) and the
   train step donates it.
 - Optimizer: AdamW, cosine decay over all steps with optional linear warmup (stepped per
-  optimizer update; the seed stepped per epoch). Weight decay only on kernels and embeddings
+  optimizer update; the released code stepped per epoch). Weight decay only on kernels and embeddings
   (ndim >= 2): not on biases, norm scales or the loss scalars. A frozen text tower
   (text.trainable False, as in the seed) is set_to_zero and holds no optimizer state.
 - Train step: one jax.jit with explicit in/out shardings. Stored volumes become [0, 1] floats and
@@ -176,7 +176,7 @@ def _views(key, volumes, augment_config, first_index):
 def make_loss_fn(model, config, spec, num_blocks):
   """(trainable, frozen, batch_stats, micro_batch, key, first_index) -> (loss, (metrics, bs)).
 
-  num_blocks: per-device blocks of a micro-batch (seed_code's local batches = device count).
+  num_blocks: per-device blocks of a micro-batch (the released loss's local batches = device count).
   """
   def loss_fn(trainable, frozen, batch_stats, batch, key, first_index):
     params = {**trainable, **frozen}

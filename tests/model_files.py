@@ -2,7 +2,7 @@
 and a constructed model whose image and report embeddings coincide on a set of studies (a
 stand-in for a trained model).
 
-export_seed_state_dict is the inverse of convert_weights.import_seed_checkpoint (same key rules,
+export_released_state_dict is the inverse of convert_weights.import_released_checkpoint (same key rules,
 layouts transposed back), so a Flax model of ours can be written as a `best_model.pt`.
 """
 
@@ -27,9 +27,9 @@ def torch_call(model, volume):
     return model(torch.from_numpy(np.transpose(volume, (0, 4, 1, 2, 3))))
 
 
-def export_seed_state_dict(variables, backbone="resnet50"):
-  """MedFinder variables (fusion disabled) -> {seed state-dict key: numpy array}."""
-  key_fn = convert_weights.seed_key_fn(backbone)
+def export_released_state_dict(variables, backbone="resnet50"):
+  """MedFinder variables (fusion disabled) -> {released state-dict key: numpy array}."""
+  key_fn = convert_weights.released_key_fn(backbone)
   state = {}
   for path, value in flax.traverse_util.flatten_dict(jax.device_get(variables)).items():
     value = np.asarray(value)
@@ -40,11 +40,11 @@ def export_seed_state_dict(variables, backbone="resnet50"):
   return state
 
 
-def write_seed_checkpoint(path, variables, backbone="resnet50", training_dict=False):
-  """Saves variables as the seed's best_model.pt (or checkpoint_epoch_N.pt with training_dict)."""
+def write_released_checkpoint(path, variables, backbone="resnet50", training_dict=False):
+  """Saves variables as the released code's best_model.pt (or checkpoint_epoch_N.pt with training_dict)."""
   import torch  # pylint: disable=import-outside-toplevel
   state = {k: torch.from_numpy(v.copy())
-           for k, v in export_seed_state_dict(variables, backbone).items()}
+           for k, v in export_released_state_dict(variables, backbone).items()}
   torch.save({"epoch": 1, "model_state_dict": state} if training_dict else state, str(path))
   return str(path)
 
@@ -95,11 +95,11 @@ _ALIGNED = {}
 
 def aligned_model(dataset_dir, tmp_path_factory, split="test"):
   """The tiny model (fusion disabled) aligned on `split` of a converted phantom dataset, saved
-  both as a seed `best_model.pt` and as our checkpoint (cached per dataset and split).
+  both as a released-code `best_model.pt` and as our checkpoint (cached per dataset and split).
 
   Returns a namespace: config, model, variables, study_ids, reports, source_paths (relative to
   `raw_dir`, the phantom corpus), unit_volumes, image / text (reference embeddings from
-  model.apply, one study per row, dataset order), seed_path, run_dir, dataset_dir.
+  model.apply, one study per row, dataset order), released_path, run_dir, dataset_dir.
   """
   key = (dataset_dir, split)
   if key in _ALIGNED:
@@ -128,7 +128,7 @@ def aligned_model(dataset_dir, tmp_path_factory, split="test"):
       study_ids=[e["study_id"].decode() for e in examples], reports=reports,
       source_paths=[e["source_path"].decode() for e in examples],
       raw_dir=os.path.join(os.path.dirname(dataset_dir), "raw"), dataset_dir=dataset_dir,
-      seed_path=write_seed_checkpoint(out / "best_model.pt", variables),
+      released_path=write_released_checkpoint(out / "best_model.pt", variables),
       run_dir=write_our_checkpoint(str(out / "run"), config, variables, spec))
   _ALIGNED[key] = result
   return result

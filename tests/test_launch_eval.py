@@ -1,4 +1,4 @@
-"""`launch.py eval`: embeddings + metrics of a checkpoint (seed .pt or ours) on a split, any
+"""`launch.py eval`: embeddings + metrics of a checkpoint (released .pt or ours) on a split, any
 number of processes; clear errors for user mistakes.
 
 The model is constructed, not trained: its image projection is fitted so that each test-split
@@ -24,9 +24,9 @@ def eval_argv(model_path, output_dir, *more, dataset=None):
   return argv + ([f"--config.data.tfrecord_dir={dataset}"] if dataset else [])
 
 
-def test_eval_of_a_seed_checkpoint_writes_embeddings_metrics_and_the_table(aligned, tmp_path,
+def test_eval_of_a_released_checkpoint_writes_embeddings_metrics_and_the_table(aligned, tmp_path,
                                                                           capsys):
-  code, out, err = run(eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "20", "--plots",
+  code, out, err = run(eval_argv(aligned.released_path, tmp_path, "--bootstrap", "20", "--plots",
                                  dataset=aligned.dataset_dir), capsys)
   assert code == 0, err
   assert "fusion disabled" not in err          # the config already had no fusion
@@ -43,14 +43,14 @@ def test_eval_of_a_seed_checkpoint_writes_embeddings_metrics_and_the_table(align
   metrics = json.load(open(tmp_path / "metrics.json"))
   assert metrics["t2i"]["R@1"] == metrics["i2t"]["R@1"] == 100.0   # aligned by construction
   assert metrics["split"] == "test" and metrics["n"] == 8 and metrics["ci"]["samples"] == 20
-  assert metrics["model"]["kind"] == "seed"
-  assert metrics["model"]["checkpoint"] == os.path.abspath(aligned.seed_path)
+  assert metrics["model"]["kind"] == "released"
+  assert metrics["model"]["checkpoint"] == os.path.abspath(aligned.released_path)
   for name in ("rank_histogram.png", "recall_at_k.png"):
     assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_metrics_command_on_the_written_npz_gives_the_same_numbers(aligned, tmp_path, capsys):
-  assert run(eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "0",
+  assert run(eval_argv(aligned.released_path, tmp_path, "--bootstrap", "0",
                        dataset=aligned.dataset_dir), capsys)[0] == 0
   written = json.load(open(tmp_path / "metrics.json"))
   code, _, _ = run(["metrics", "--embeddings", str(tmp_path / "embeddings.npz"), "--bootstrap",
@@ -61,9 +61,9 @@ def test_metrics_command_on_the_written_npz_gives_the_same_numbers(aligned, tmp_
     assert again[field] == written[field]
 
 
-def test_seed_checkpoint_with_fusion_configured_runs_unfused_and_says_so(aligned, tmp_path,
+def test_released_checkpoint_with_fusion_configured_runs_unfused_and_says_so(aligned, tmp_path,
                                                                          capsys):
-  argv = eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "0", dataset=aligned.dataset_dir)
+  argv = eval_argv(aligned.released_path, tmp_path, "--bootstrap", "0", dataset=aligned.dataset_dir)
   argv[argv.index(tiny_config.PATH + ":nofusion")] = tiny_config.PATH    # fusion enabled
   code, _, err = run(argv, capsys)
   assert code == 0 and "no fusion weights" in err and "fusion disabled" in err
@@ -103,13 +103,13 @@ def test_user_mistakes_exit_2_with_a_message_not_a_traceback(aligned, tmp_path, 
                                       dataset=aligned.dataset_dir),
       "empty_run_dir": eval_argv(str(tmp_path / "empty_run"), tmp_path,
                                  dataset=aligned.dataset_dir),
-      "no_dataset": eval_argv(aligned.seed_path, tmp_path),
-      "raw_data_root": eval_argv(aligned.seed_path, tmp_path, "--data_root", aligned.raw_dir),
-      "wrong_backbone": eval_argv(aligned.seed_path, tmp_path, "--backbone", "vit",
+      "no_dataset": eval_argv(aligned.released_path, tmp_path),
+      "raw_data_root": eval_argv(aligned.released_path, tmp_path, "--data_root", aligned.raw_dir),
+      "wrong_backbone": eval_argv(aligned.released_path, tmp_path, "--backbone", "vit",
                                   dataset=aligned.dataset_dir),
-      "negative_bootstrap": eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "-1",
+      "negative_bootstrap": eval_argv(aligned.released_path, tmp_path, "--bootstrap", "-1",
                                       dataset=aligned.dataset_dir),
-      "bad_ties": eval_argv(aligned.seed_path, tmp_path, "--config.eval.ties=median",
+      "bad_ties": eval_argv(aligned.released_path, tmp_path, "--config.eval.ties=median",
                             dataset=aligned.dataset_dir),
   }[case]
   code, out, err = run(argv, capsys)
@@ -119,11 +119,11 @@ def test_user_mistakes_exit_2_with_a_message_not_a_traceback(aligned, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["seed", "ours"])
+@pytest.mark.parametrize("kind", ["released", "ours"])
 def test_two_processes_count_every_study_once_with_a_ragged_last_batch(aligned, tmp_path, kind):
   # 8 test studies, 2 processes x 4 devices x 3 per device = a global batch of 24.
-  if kind == "seed":
-    argv = eval_argv(aligned.seed_path, tmp_path, "--bootstrap", "0",
+  if kind == "released":
+    argv = eval_argv(aligned.released_path, tmp_path, "--bootstrap", "0",
                      "--config.eval.batch_size_per_device=3", dataset=aligned.dataset_dir)
   else:
     argv = ["eval", "--model_path", aligned.run_dir, "--split", "test", "--output_dir",

@@ -25,9 +25,9 @@ CONFIG = ["--config", tiny_config.PATH + ":nofusion"]
 
 @pytest.fixture(scope="module")
 def split_index(aligned, tmp_path_factory):
-  """Index of the test split built by `launch.py embed` with the seed-format checkpoint."""
+  """Index of the test split built by `launch.py embed` with the released-code checkpoint."""
   index = str(tmp_path_factory.mktemp("split_index") / "index")
-  code = launch.main(["embed", "--model_path", aligned.seed_path, "--split", "test",
+  code = launch.main(["embed", "--model_path", aligned.released_path, "--split", "test",
                       "--tfrecord_dir", aligned.dataset_dir, "--index", index, *CONFIG])
   assert code == 0
   return index
@@ -45,8 +45,8 @@ def volume_path(aligned, row):
 
 def test_embed_records_the_model_and_the_gallery_preprocessing(aligned, split_index):
   meta = json.load(open(os.path.join(split_index, "index.json")))
-  assert meta["n"] == 8 and meta["model"]["kind"] == "seed"
-  assert meta["model"]["checkpoint"] == os.path.abspath(aligned.seed_path)
+  assert meta["n"] == 8 and meta["model"]["kind"] == "released"
+  assert meta["model"]["checkpoint"] == os.path.abspath(aligned.released_path)
   assert meta["model"]["embedded_from"] == {"dataset": os.path.abspath(aligned.dataset_dir),
                                             "split": "test"}
   dataset_meta = json.load(open(os.path.join(aligned.dataset_dir, "metadata.json")))
@@ -112,7 +112,7 @@ def test_embed_of_a_nifti_folder_matches_the_converted_split(aligned, split_inde
   folder.mkdir()
   write_volume_folder(aligned, folder)
   index = str(tmp_path / "index")
-  code, out, err = run(["embed", "--model_path", aligned.seed_path, "--volumes", str(folder),
+  code, out, err = run(["embed", "--model_path", aligned.released_path, "--volumes", str(folder),
                         "--index", index, f"--config.data.tfrecord_dir={aligned.dataset_dir}",
                         *CONFIG], capsys)
   assert code == 0, err
@@ -138,7 +138,7 @@ def test_two_processes_embed_a_nifti_folder_like_one(aligned, tmp_path, capsys):
   folder.mkdir()
   write_volume_folder(aligned, folder)
   (folder / "nested" / "zz.nii.gz").write_bytes(b"")    # row 6 of 11: read by process 1
-  argv = ["embed", "--model_path", aligned.seed_path, "--volumes", str(folder),
+  argv = ["embed", "--model_path", aligned.released_path, "--volumes", str(folder),
           f"--config.data.tfrecord_dir={aligned.dataset_dir}", *CONFIG]
   assert run(argv + ["--index", str(tmp_path / "one")], capsys)[0] == 0
   # 11 files, 2 processes x 4 devices x 1 per device: each process reads 4 rows of 8 per batch.
@@ -171,7 +171,7 @@ def another_model_file(aligned, path):
   variables = {**aligned.variables, "params": {**aligned.variables["params"]}}
   projection = aligned.variables["params"]["text_projection"]
   variables["params"]["text_projection"] = {**projection, "bias": projection["bias"] + 0.5}
-  return model_files.write_seed_checkpoint(path, variables)
+  return model_files.write_released_checkpoint(path, variables)
 
 
 @pytest.mark.parametrize("case,message", [
@@ -188,7 +188,7 @@ def test_search_user_mistakes_exit_2_without_a_traceback(aligned, split_index, t
   flat = tmp_path / "flat.nii.gz"
   nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), str(flat))
   if case == "checkpoint_gone":
-    moved = shutil.copy(aligned.seed_path, str(tmp_path / "moved.pt"))
+    moved = shutil.copy(aligned.released_path, str(tmp_path / "moved.pt"))
     index = str(tmp_path / "index")
     assert launch.main(["embed", "--model_path", moved, "--split", "test", "--tfrecord_dir",
                         aligned.dataset_dir, "--index", index, *CONFIG]) == 0
@@ -209,7 +209,7 @@ def test_search_user_mistakes_exit_2_without_a_traceback(aligned, split_index, t
 
 
 def test_embed_never_replaces_an_index_without_overwrite(aligned, split_index, capsys):
-  code, _, err = run(["embed", "--model_path", aligned.seed_path, "--split", "test",
+  code, _, err = run(["embed", "--model_path", aligned.released_path, "--split", "test",
                       "--tfrecord_dir", aligned.dataset_dir, "--index", split_index, *CONFIG],
                      capsys)
   assert code == 2 and "already exists; pass --overwrite" in err
@@ -221,7 +221,7 @@ def test_embed_into_a_folder_that_is_no_index_fails_before_loading_the_model(
   monkeypatch.setattr(inference, "load_model", lambda *a, **k: pytest.fail("model loaded"))
   (tmp_path / "data").mkdir()
   (tmp_path / "data" / "scan.nii.gz").write_bytes(b"keep me")
-  code, _, err = run(["embed", "--model_path", aligned.seed_path, "--split", "test",
+  code, _, err = run(["embed", "--model_path", aligned.released_path, "--split", "test",
                       "--tfrecord_dir", aligned.dataset_dir, "--index", str(tmp_path / "data"),
                       "--overwrite", *CONFIG], capsys)
   assert code == 2 and "exists and is not an index" in err and "Traceback" not in err
@@ -229,6 +229,6 @@ def test_embed_into_a_folder_that_is_no_index_fails_before_loading_the_model(
 
 
 def test_embed_of_a_folder_without_volumes_exits_2(aligned, tmp_path, capsys):
-  code, _, err = run(["embed", "--model_path", aligned.seed_path, "--volumes", str(tmp_path),
+  code, _, err = run(["embed", "--model_path", aligned.released_path, "--volumes", str(tmp_path),
                       "--index", str(tmp_path / "index"), *CONFIG], capsys)
   assert code == 2 and "no .nii or .nii.gz files" in err and "Traceback" not in err

@@ -73,7 +73,7 @@ def test_resuming_with_another_backbone_batch_or_seed_is_refused(tiny_dataset, t
   assert "model.backbone: checkpoint 'vit', now 'resnet50'" in err
   assert "train.batch_size_per_device: checkpoint 2, now 1" in err
   assert "global_batch: checkpoint 16, now 8" in err
-  assert "seed: checkpoint 7, now 42" in err   # the seed fixes the data order
+  assert "seed: checkpoint 7, now 42" in err   # the released code fixes the data order
   assert "another --output_dir" in err
 
 

@@ -133,9 +133,9 @@ def test_siglip_mask_equals_loss_on_real_rows_only():
   np.testing.assert_allclose(loss, _np_siglip(text[mask], image[mask], math.e, -2.0), rtol=1e-5)
 
 
-# --- seed_code ----------------------------------------------------------------------------------
+# --- released (the released code's loss) ---------------------------------------------------
 
-def _torch_seed_formula(text, image, num_blocks):
+def _torch_released_formula(text, image, num_blocks):
   """The released main_ddp.py per GPU: CE(text @ image.T / 0.07, arange(B)); DDP averages."""
   torch = pytest.importorskip("torch")
   f = torch.nn.functional
@@ -147,42 +147,42 @@ def _torch_seed_formula(text, image, num_blocks):
 
 
 @pytest.mark.parametrize("num_blocks", [1, 2, 4])
-def test_seed_code_equals_seed_formula_per_local_block(num_blocks):
+def test_released_loss_equals_released_formula_per_local_block(num_blocks):
   text, image = _pairs(n=8, d=16)
   text, image = 0.3 * text, 0.3 * image  # unnormalized logits must stay in a sane range
-  loss, _ = losses.seed_code(text, image, num_blocks)
-  np.testing.assert_allclose(loss, _torch_seed_formula(text, image, num_blocks), rtol=1e-5)
+  loss, _ = losses.released(text, image, num_blocks)
+  np.testing.assert_allclose(loss, _torch_released_formula(text, image, num_blocks), rtol=1e-5)
 
 
-def test_seed_code_ignores_negatives_of_other_blocks():
+def test_released_loss_ignores_negatives_of_other_blocks():
   text, image = _pairs(n=8)
   other = image.copy()
   other[4:] = -other[4:] * 7.0  # change block 2 only
-  a, _ = losses.seed_code(text[:4], image[:4], 1)
-  b, _ = losses.seed_code(text, other, 2)
-  c, _ = losses.seed_code(text[4:], other[4:], 1)
+  a, _ = losses.released(text[:4], image[:4], 1)
+  b, _ = losses.released(text, other, 2)
+  c, _ = losses.released(text[4:], other[4:], 1)
   np.testing.assert_allclose(b, 0.5 * (a + c), rtol=1e-5)
 
 
-def test_seed_code_is_text_to_image_only_and_unnormalized():
+def test_released_loss_is_text_to_image_only_and_unnormalized():
   text, image = _pairs(n=4)
-  loss, _ = losses.seed_code(0.1 * text, 0.1 * image, 1)
+  loss, _ = losses.released(0.1 * text, 0.1 * image, 1)
   logits = (0.1 * text.astype(np.float64)) @ (0.1 * image.astype(np.float64)).T / 0.07
   np.testing.assert_allclose(loss, _np_ce_diagonal(logits), rtol=1e-5)
 
 
-def test_seed_code_mask_drops_padding_rows_within_their_block():
+def test_released_loss_mask_drops_padding_rows_within_their_block():
   text, image = _pairs(n=8)
   mask = np.array([1, 1, 1, 0, 1, 1, 1, 1], bool)
-  loss, _ = losses.seed_code(0.2 * text, 0.2 * image, 2, mask=mask)
+  loss, _ = losses.released(0.2 * text, 0.2 * image, 2, mask=mask)
   block1 = _np_ce_diagonal((0.2 * text[:3]) @ (0.2 * image[:3]).T / 0.07)
   block2 = _np_ce_diagonal((0.2 * text[4:]) @ (0.2 * image[4:]).T / 0.07)
   np.testing.assert_allclose(loss, (3 * block1 + 4 * block2) / 7, rtol=1e-5)
 
 
-def test_seed_code_rejects_batch_not_divisible_into_blocks():
+def test_released_loss_rejects_batch_not_divisible_into_blocks():
   with pytest.raises(ValueError, match="num_blocks=3"):
-    losses.seed_code(*_pairs(n=8), 3)
+    losses.released(*_pairs(n=8), 3)
 
 
 # --- view MSE and total -------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_total_loss_weights_mse_and_contrastive():
 
 
 def test_total_loss_without_views_has_zero_mse():
-  config = _loss_config("seed_code")
+  config = _loss_config("released")
   loss, metrics = losses.total_loss({}, *_pairs(), config, num_blocks=2)
   assert metrics["mse"] == 0.0
   np.testing.assert_allclose(loss, metrics["contrastive"], rtol=1e-6)
@@ -246,7 +246,7 @@ def test_unknown_contrastive_kind_is_a_clear_error():
 
 # --- on a mesh ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["clip", "siglip", "seed_code"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "released"])
 def test_loss_on_a_batch_sharded_over_8_devices_equals_the_unsharded_loss(kind):
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   rows = jax.sharding.NamedSharding(mesh, jax.P("data"))

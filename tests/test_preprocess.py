@@ -1,4 +1,4 @@
-"""Volume preprocessing: orientation, HU window, spacing resample, body crop, fit, seed mode."""
+"""Volume preprocessing: orientation, HU window, spacing resample, body crop, fit, released mode."""
 
 import gzip
 
@@ -114,7 +114,7 @@ def test_empty_spacing_stretches_the_body_to_the_whole_shape(tmp_path):
   np.testing.assert_allclose(volume_spacing, (30 / 16, 20 / 16, 6 / 16), rtol=1e-6)
 
 
-def test_seed_mode_matches_the_released_monai_transform():
+def test_released_mode_matches_the_released_monai_transform():
   monai = pytest.importorskip("monai")
   torch = pytest.importorskip("torch")
   from monai import transforms  # pylint: disable=g-import-not-at-top
@@ -128,15 +128,15 @@ def test_seed_mode_matches_the_released_monai_transform():
       transforms.SpatialPadd(keys=["volume"], spatial_size=shape),
       transforms.Resized(keys=["volume"], spatial_size=shape)])
   expected = eval_transform({"volume": torch.from_numpy(x)[None]})["volume"][0]
-  ours, _ = preprocess.seed_transform(x, shape)
+  ours, _ = preprocess.released_transform(x, shape)
   assert monai.__version__ and ours.shape == shape
   np.testing.assert_allclose(ours, np.asarray(expected), atol=2e-6)
 
 
-def test_seed_mode_applies_the_file_scaling_before_min_max(tmp_path):
+def test_released_mode_applies_the_file_scaling_before_min_max(tmp_path):
   hu = np.random.default_rng(4).uniform(-1000, 1000, size=(20, 20, 10)).astype(np.float32)
   source = preprocess.load_source(save_scaled(tmp_path / "m.nii.gz", hu, (1.0, 1.0, 2.0)))
-  volume, _ = preprocess.preprocess(source, params(mode="seed", shape=(20, 20, 10)))
+  volume, _ = preprocess.preprocess(source, params(mode="released", shape=(20, 20, 10)))
   scaled = source.raw * source.slope + source.inter
   expected = (scaled - scaled.min()) / (scaled.max() - scaled.min())
   np.testing.assert_array_equal(volume, np.rint(expected * 255).astype(np.uint8))
@@ -189,6 +189,6 @@ def test_params_from_config_rejects_contradictions():
   from configs import default  # pylint: disable=g-import-not-at-top
   data = default.get_config().data
   assert preprocess.params_from_config(data).shape == (224, 224, 96)
-  data.preprocess, data.volume_dtype = "seed", "int16"
-  with pytest.raises(ValueError, match="seed"):
+  data.preprocess, data.volume_dtype = "released", "int16"
+  with pytest.raises(ValueError, match="released"):
     preprocess.params_from_config(data)

@@ -14,7 +14,7 @@ monai_resnet = pytest.importorskip("monai.networks.nets.resnet")
 
 
 def monai_model(layers, widths, conv1_stride=1):
-  """The seed's image tower: MONAI ResNet, bottleneck, 3D, one channel, fc removed."""
+  """The released code's image tower: MONAI ResNet, bottleneck, 3D, one channel, fc removed."""
   torch.manual_seed(0)
   model = monai_resnet.ResNet("bottleneck", list(layers), list(widths), spatial_dims=3,
                               n_input_channels=1, conv1_t_stride=conv1_stride, feed_forward=False)

@@ -1,4 +1,4 @@
-"""Text model folder resolution, the seed's report window, and tokenization vs transformers."""
+"""Text model folder resolution, the released code's report window, and tokenization vs transformers."""
 
 import json
 import os

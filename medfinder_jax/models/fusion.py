@@ -1,4 +1,4 @@
-"""Cross-attention fusion of two views' token sets (replaces the seed's parameter-free,
+"""Cross-attention fusion of two views' token sets (replaces the released code's parameter-free,
 shape-broken "cross-attention" on pooled vectors).
 
 For query tokens q (view a) and context tokens c (view b), both (B, N, D):

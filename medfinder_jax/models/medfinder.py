@@ -2,13 +2,13 @@
 
 Parameter tree (top-level keys of `variables["params"]`):
   image_encoder     ResNet3D or ViT3D (ResNet BatchNorm statistics in variables["batch_stats"])
-  image_projection  Dense(num_features -> embed_dim): the seed's `visual_encoder.projection`
+  image_projection  Dense(num_features -> embed_dim): the released code's `visual_encoder.projection`
   text_encoder      BertModel (frozen by default: the trainer selects it by this key)
   text_projection   Dense(hidden -> embed_dim) applied to the CLS hidden state
   fusion            CrossAttentionFusion (absent when fusion is disabled)
 
 Projection and pooling commute (both linear), so the unfused embedding
-proj(mean(tokens)) equals mean(proj(tokens)) and matches the seed's `Linear(pooled)`.
+proj(mean(tokens)) equals mean(proj(tokens)) and matches the released code's `Linear(pooled)`.
 """
 
 from typing import Any
@@ -31,12 +31,12 @@ class MedFinder(nn.Module):
     image_encoder: a module mapping (B, X, Y, Z, 1) -> (pooled, {"tokens": (B, N, C), ...}).
     text_config: BertConfig of the text tower.
     embed_dim: joint embedding width (512).
-    use_fusion: cross-attention fusion of views (False = seed_code: unfused single view).
+    use_fusion: cross-attention fusion of views (False: an unfused single view, as the released code runs).
     fusion_heads: attention heads of the fusion.
     text_pooling: "cls" (the seed: the [CLS] hidden state) or "mean" (mean of the token hidden
       states under the attention mask: how sentence-transformers models such as all-MiniLM-L6-v2
       were trained to embed a sentence).
-    text_trainable: False stops gradients at the BERT output (the seed freezes BERT; dropout
+    text_trainable: False stops gradients at the BERT output (the released code freezes BERT; dropout
       stays active in training, as in the seed). The optimizer must still exclude
       params["text_encoder"] (weight decay would change it otherwise).
     dtype: compute dtype; params are float32; returned embeddings are float32.
