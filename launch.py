@@ -11,6 +11,7 @@ import os
 import sys
 
 from medfinder_jax import config_utils
+from medfinder_jax import errors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")
@@ -55,8 +56,9 @@ def start_distributed(args):
   """jax.distributed.initialize before any other JAX call, for commands that take the flags."""
   if not hasattr(args, "coordinator_address"):
     return
-  from medfinder_jax import sharding  # pylint: disable=import-outside-toplevel
-  sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  from medfinder_jax import distributed  # pylint: disable=import-outside-toplevel  (jax)
+  distributed.initialize_distributed(args.coordinator_address, args.num_processes,
+                                     args.process_id)
 
 
 def build_config(args, overrides):
@@ -86,21 +88,20 @@ def make_parser():
 
 
 def main(argv=None):
+  """Runs one command; a user mistake (errors.UserError) is one line on stderr and exit 2."""
   argv = sys.argv[1:] if argv is None else argv
+  command = "launch.py"
   try:
     overrides, rest = config_utils.split_config_overrides(argv)
     args = make_parser().parse_args(rest)
+    command = f"launch.py {args.command}"
     config = build_config(args, overrides) if hasattr(args, "config") else None
-  except config_utils.ConfigError as err:
-    print(f"launch.py: error: {err}", file=sys.stderr)
-    return 2
-  try:
     start_distributed(args)
-  except RuntimeError as err:   # initialize failed, or a launcher's variables are malformed
-    print(f"launch.py: error: {err}", file=sys.stderr)
+    _, _, run = COMMANDS[args.command]
+    return run(args, config) or 0
+  except errors.UserError as err:
+    print(f"{command}: error: {err}", file=sys.stderr)
     return 2
-  _, _, run = COMMANDS[args.command]
-  return run(args, config) or 0
 
 
 # --- Commands ------------------------------------------------------------------------------------
@@ -121,13 +122,8 @@ def add_phantom_args(parser):
 def run_phantom(args, config):
   del config
   from data_prep import phantom  # pylint: disable=g-import-not-at-top
-  try:
-    csv_path = phantom.write_phantom_corpus(args.out, args.n, seed=args.seed,
-                                            folders=args.folders, size=args.size,
-                                            slices=args.slices, progress=True)
-  except ValueError as err:
-    print(f"launch.py phantom: error: {err}", file=sys.stderr)
-    return 2
+  csv_path = phantom.write_phantom_corpus(args.out, args.n, seed=args.seed, folders=args.folders,
+                                          size=args.size, slices=args.slices, progress=True)
   print(f"wrote {args.n} phantom studies under {args.out} (CSV: {csv_path})")
   return 0
 
@@ -149,17 +145,14 @@ def run_convert(args, config):
   from data_prep import convert  # pylint: disable=g-import-not-at-top
   from data_prep import corpus  # pylint: disable=g-import-not-at-top
   data = config.data
+  overrides = {"tfrecord_dir": args.output_dir, "shape": args.shape, "split_by": args.split_by}
+  config_utils.apply_overrides(
+      config, {f"data.{k}": v for k, v in overrides.items() if v is not None})
+  if not data.tfrecord_dir:
+    raise corpus.CorpusError("no output directory: pass --output_dir "
+                             "(or --config.data.tfrecord_dir)")
   try:
-    overrides = {"tfrecord_dir": args.output_dir, "shape": args.shape, "split_by": args.split_by}
-    config_utils.apply_overrides(
-        config, {f"data.{k}": v for k, v in overrides.items() if v is not None})
-    if not data.tfrecord_dir:
-      raise corpus.CorpusError("no output directory: pass --output_dir "
-                               "(or --config.data.tfrecord_dir)")
     report = convert.convert_corpus(data, data.tfrecord_dir, workers=args.workers)
-  except (config_utils.ConfigError, corpus.CorpusError) as err:
-    print(f"launch.py convert: error: {err}", file=sys.stderr)
-    return 2
   except KeyboardInterrupt:
     print("\nlaunch.py convert: interrupted; finished shards are kept, rerun the same command "
           "to resume", file=sys.stderr)
@@ -193,9 +186,6 @@ def run_train(args, config):
   except train.Diverged as err:
     print(f"launch.py train: {err}", file=sys.stderr)
     return train.EXIT_DIVERGED
-  except (train.TrainingError, config_utils.ConfigError) as err:
-    print(f"launch.py train: error: {err}", file=sys.stderr)
-    return 2
   except KeyboardInterrupt:
     print("\nlaunch.py train: interrupted twice; stopped without a final checkpoint (the last "
           "saved one is kept); rerun the same command to resume", file=sys.stderr)
@@ -223,13 +213,9 @@ def add_metrics_args(parser):
 
 def run_metrics(args, config):
   from medfinder_jax import interchange, metrics
-  try:
-    result, written = interchange.evaluate_embeddings_file(
-        args.embeddings, config.eval, seed=config.seed, output_path=args.output,
-        plots_dir=args.plots, bootstrap_samples=args.bootstrap)
-  except interchange.InterchangeError as err:
-    print(f"launch.py metrics: error: {err}", file=sys.stderr)
-    return 2
+  result, written = interchange.evaluate_embeddings_file(
+      args.embeddings, config.eval, seed=config.seed, output_path=args.output,
+      plots_dir=args.plots, bootstrap_samples=args.bootstrap)
   if args.json:
     print(json.dumps(result, indent=2))
   else:
@@ -265,12 +251,8 @@ def run_eval(args, config):
   from medfinder_jax import inference
   if args.batch_size is not None:   # the released code evaluates with its --batch_size
     config.eval.batch_size_per_device = args.batch_size
-  try:
-    done = inference.run_eval(config, args.model_path, split=args.split, plots=args.plots,
-                              bootstrap_samples=args.bootstrap)
-  except inference.InferenceError as err:
-    print(f"launch.py eval: error: {err}", file=sys.stderr)
-    return 2
+  done = inference.run_eval(config, args.model_path, split=args.split, plots=args.plots,
+                            bootstrap_samples=args.bootstrap)
   if done is not None:
     from medfinder_jax import metrics
     result, written = done
@@ -302,12 +284,8 @@ def run_embed(args, config):
   from medfinder_jax import inference
   if args.tfrecord_dir:
     config.data.tfrecord_dir = args.tfrecord_dir
-  try:
-    done = inference.run_embed(config, args.model_path, args.index, split=args.split,
-                               volumes_dir=args.volumes, overwrite=args.overwrite)
-  except inference.InferenceError as err:
-    print(f"launch.py embed: error: {err}", file=sys.stderr)
-    return 2
+  done = inference.run_embed(config, args.model_path, args.index, split=args.split,
+                             volumes_dir=args.volumes, overwrite=args.overwrite)
   if done is not None:
     for path, reason in done["skipped"]:
       print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -334,13 +312,8 @@ def add_search_args(parser):
 
 def run_search(args, config):
   from medfinder_jax import inference
-  try:
-    result = inference.run_search(config, args.index, text=args.text, keyword=args.keyword,
-                                  volume=args.volume, top_k=args.top_k,
-                                  model_path=args.model_path)
-  except inference.InferenceError as err:
-    print(f"launch.py search: error: {err}", file=sys.stderr)
-    return 2
+  result = inference.run_search(config, args.index, text=args.text, keyword=args.keyword,
+                                volume=args.volume, top_k=args.top_k, model_path=args.model_path)
   print(json.dumps(result, indent=2) if args.json else inference.format_search(result))
   return 0
 

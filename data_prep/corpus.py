@@ -22,6 +22,8 @@ import os
 import posixpath
 import re
 
+from medfinder_jax import errors
+
 
 CSV_CANDIDATES = ("curated_ct_report_path_En.csv", "BIMCV-R.csv")
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
@@ -29,7 +31,7 @@ SPLIT_RULES = ("folders", "rows")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
-class CorpusError(ValueError):
+class CorpusError(errors.UserError):
   """A problem with the corpus as a whole (no data_root, no CSV, missing columns): fatal."""
 
 

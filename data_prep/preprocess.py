@@ -23,11 +23,12 @@ import numpy as np
 
 from data_prep import resample
 from data_prep import schema
+from medfinder_jax import errors
 
 MODES = ("ct", "released")
 
 
-class BadVolume(ValueError):
+class BadVolume(errors.UserError):
   """A volume that cannot be converted; str() is the reason shown in the conversion report."""
 
 

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from orbax.checkpoint import checkpoint_managers
 
 from medfinder_jax import config_utils
+from medfinder_jax import errors
 from medfinder_jax import interchange
 from medfinder_jax import losses
 
@@ -53,7 +54,7 @@ class _ExpectedOrbaxNotices(logging.Filter):
 logging.getLogger("absl").addFilter(_ExpectedOrbaxNotices())
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   """A path that holds no usable checkpoint, or a checkpoint that cannot be used as asked."""
 
 

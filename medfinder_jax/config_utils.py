@@ -8,8 +8,10 @@ import sys
 
 import ml_collections
 
+from medfinder_jax import errors
 
-class ConfigError(ValueError):
+
+class ConfigError(errors.UserError):
   """A config file or override that cannot be applied; the message names it."""
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medfinder_jax import errors
 from medfinder_jax import text as text_lib
 from medfinder_jax.models import bert as bert_lib
 from medfinder_jax.models import medfinder as medfinder_lib
@@ -38,7 +39,7 @@ VIT_RULES = ((r"^patch_embedding\.", "patch_embedding.patch_embeddings."),
 BERT_RULES = ((r"^encoder\.layer_(\d+)\.", r"encoder.layer.\1."),)
 
 
-class WeightImportError(ValueError):
+class WeightImportError(errors.UserError):
   """A state dict does not match the Flax model it is imported into."""
 
 

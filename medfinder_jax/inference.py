@@ -45,6 +45,8 @@ from data_prep import preprocess as preprocess_lib
 from data_prep import schema
 from medfinder_jax import config_utils
 from medfinder_jax import convert_weights
+from medfinder_jax import distributed
+from medfinder_jax import errors
 from medfinder_jax import evaluate
 from medfinder_jax import findings
 from medfinder_jax import interchange
@@ -61,7 +63,7 @@ QUERY_LENGTHS = (16, 32, 64)    # token lengths text queries are padded to (else
 _REASON_BYTES = 240             # skip reasons travel between processes as fixed-width UTF-8
 
 
-class InferenceError(ValueError):
+class InferenceError(errors.UserError):
   """A user mistake (missing checkpoint, bad flag, unusable file); the message says what to do."""
 
 
@@ -79,10 +81,6 @@ def user_errors(*more):
     raise
   except _USER_ERRORS + tuple(more) as err:
     raise InferenceError(str(err)) from None
-
-
-def is_main_process():
-  return jax.process_index() == 0
 
 
 # --- Loading a model ------------------------------------------------------------------------------
@@ -407,7 +405,7 @@ def run_eval(config, model_path, *, split=None, plots=False, bootstrap_samples=N
     embeddings.keyword_embeddings = evaluate.encode_texts(
         loaded.model, variables, loaded.tokenizer, keywords, mesh,
         config.eval.batch_size_per_device)
-  if not is_main_process():
+  if not distributed.is_main_process():
     return None
   return _write_eval(config, embeddings, loaded, split, directory, plots, bootstrap_samples)
 
@@ -496,7 +494,7 @@ def _write_eval(config, embeddings, loaded, split, directory, plots, bootstrap_s
 
 
 def _log_notes(loaded, log):
-  if is_main_process():
+  if distributed.is_main_process():
     for note in loaded.notes:
       log(f"note: {note}")
 
@@ -524,7 +522,7 @@ def run_embed(config, model_path, index_dir, *, split=None, volumes_dir=None, ov
   else:
     embeddings, loaded, source, skipped = _embed_volume_folder(config, model_path, volumes_dir,
                                                                log)
-  if not is_main_process():
+  if not distributed.is_main_process():
     return None
   with user_errors():
     try:

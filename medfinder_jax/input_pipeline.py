@@ -33,6 +33,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_prep import schema
+from medfinder_jax import errors
 from medfinder_jax import sharding
 from medfinder_jax import text as text_lib
 
@@ -42,7 +43,7 @@ tf.config.set_visible_devices([], "GPU")
 _SEED_MIX = 0x5EED  # separates the data seed from other uses of config.seed
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.UserError):
   """A converted dataset that is missing, incomplete or unusable as asked; names the path."""
 
 

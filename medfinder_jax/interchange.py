@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from medfinder_jax import errors
 from medfinder_jax import findings
 from medfinder_jax import metrics as metrics_lib
 
@@ -37,7 +38,7 @@ OPTIONAL_FIELDS = ("reports", "source_paths", "keywords", "keyword_embeddings",
                    "keyword_relevance")
 
 
-class InterchangeError(ValueError):
+class InterchangeError(errors.UserError):
   """A file that cannot be used as given; the message names the file, field and the fix."""
 
 

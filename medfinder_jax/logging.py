@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
+from medfinder_jax import distributed
 from medfinder_jax.config_utils import ConfigError, to_dict
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -28,10 +29,6 @@ METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"  # next to the JSONL: a resumed run continues the same run
 
 _log = std_logging.getLogger(__name__)
-
-
-def is_main_process():
-  return jax.process_index() == 0
 
 
 class MetricsLogger:
@@ -48,7 +45,7 @@ class MetricsLogger:
     if wandb_mode not in WANDB_MODES:
       raise ConfigError(f"config wandb.mode={wandb_mode!r}; expected one of {WANDB_MODES}")
     self.path = path
-    self.is_main = is_main_process() if is_main is None else is_main
+    self.is_main = distributed.is_main_process() if is_main is None else is_main
     self._file = None
     self._wandb_run = None
     if not self.is_main:
@@ -183,7 +180,7 @@ def json_value(value):
 
 def progress_bar(total, initial=0, desc="train", is_main=None, **kwargs):
   """A tqdm bar on process 0 (a silent no-op bar elsewhere): update(n), set_postfix(...)."""
-  is_main = is_main_process() if is_main is None else is_main
+  is_main = distributed.is_main_process() if is_main is None else is_main
   return tqdm.tqdm(total=total, initial=initial, desc=desc, disable=not is_main,
                    dynamic_ncols=True, **kwargs)
 

@@ -10,12 +10,14 @@ import os
 
 import numpy as np
 
+from medfinder_jax import errors
+
 MINILM = "minilm"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
-class TextModelError(ValueError):
+class TextModelError(errors.UserError):
   """A text model folder is missing, incomplete or unreadable."""
 
 

@@ -37,6 +37,7 @@ from medfinder_jax import augment
 from medfinder_jax import checkpoint
 from medfinder_jax import config_utils
 from medfinder_jax import convert_weights
+from medfinder_jax import errors
 from medfinder_jax import evaluate
 from medfinder_jax import logging as logging_lib
 from medfinder_jax import losses
@@ -59,11 +60,11 @@ RESUME_KEYS = ("seed", "model.backbone", "model.embed_dim", "model.resnet", "mod
 EXIT_DIVERGED = 3  # launch.py's exit code when the loss became NaN/Inf
 
 
-class TrainingError(RuntimeError):
+class TrainingError(errors.UserError):
   """Training cannot start or go on as configured; the message says what to change."""
 
 
-class Diverged(TrainingError):
+class Diverged(RuntimeError):
   """The loss (or gradient norm) became NaN/Inf at `step`; the last good checkpoint is kept."""
 
   def __init__(self, message, step, last_checkpoint):

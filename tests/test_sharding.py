@@ -241,68 +241,14 @@ def test_batchnorm_statistics_are_over_the_global_batch():
                              atol=1e-6)
 
 
-# --- multi-process start-up ---------------------------------------------------------------------
-
-def test_single_process_is_a_no_op(monkeypatch):
-  calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-  assert sharding.initialize_distributed(environ={}) is False
-  assert sharding.initialize_distributed(num_processes=1, environ={}) is False
-  assert calls == []
-
-
-def test_explicit_flags_are_passed_to_jax(monkeypatch):
-  calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-  assert sharding.initialize_distributed("10.0.0.1:1234", 2, 1, environ={}) is True
-  assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
-                    "process_id": 1}]
-
-
-SLURM_2_TASKS = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
-                 "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
-
-
-@pytest.mark.parametrize("environ, cluster", [
-    (SLURM_2_TASKS, "slurm"),
-    ({**SLURM_2_TASKS, "SLURM_NTASKS": "1"}, None),
-    ({"OMPI_MCA_orte_hnp_uri": "1;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "4"}, "openmpi"),
-    ({"TPU_WORKER_HOSTNAMES": "t0,t1"}, "tpu"),
-    ({"TPU_WORKER_HOSTNAMES": "t0"}, None),
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "jax"),
-    ({}, None)])
-def test_cluster_detection(environ, cluster):
-  assert sharding.detect_cluster(environ) == cluster
-
-
-def test_a_malformed_process_count_is_an_error_naming_the_variable():
-  with pytest.raises(RuntimeError, match="SLURM_NTASKS='2\\(x2\\)'"):
-    sharding.detect_cluster({**SLURM_2_TASKS, "SLURM_NTASKS": "2(x2)"})
-
-
-def test_detected_cluster_calls_jax_auto_detection(monkeypatch):
-  calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-  assert sharding.initialize_distributed(environ=SLURM_2_TASKS) is True
-  assert calls == [{}]
-
-
-def test_initialize_failure_names_the_flags(monkeypatch):
-  def fail(**kw):
-    raise RuntimeError("connection refused")
-  monkeypatch.setattr(jax.distributed, "initialize", fail)
-  with pytest.raises(RuntimeError, match="coordinator_address='h:1'.*connection refused"):
-    sharding.initialize_distributed("h:1", 2, 0, environ={})
-
-
 # --- two real processes -------------------------------------------------------------------------
 
 _WORKER = r'''
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, ml_collections
-from medfinder_jax import losses, sharding
+from medfinder_jax import distributed, losses, sharding
 port, pid, data, fsdp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-assert sharding.initialize_distributed(f"localhost:{port}", 2, pid) is True
+assert distributed.initialize_distributed(f"localhost:{port}", 2, pid) is True
 mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp)))
 rows = np.arange(16 * 4, dtype=np.float32).reshape(16, 4) / 64.0
 batch = sharding.make_global_batch({"x": rows[pid * 8:(pid + 1) * 8]}, mesh)
