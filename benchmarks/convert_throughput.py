@@ -32,6 +32,7 @@ from data_prep import convert  # pylint: disable=g-import-not-at-top,wrong-impor
 from data_prep import corpus  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import phantom  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_prep import schema  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args():
@@ -69,7 +70,7 @@ def best_of(fn, repeats):
 
 def per_study(root, data_config, repeats):
   studies = corpus.read_corpus(data_config).studies
-  params = preprocess.params_from_config(data_config)
+  params = schema.PreprocessParams.from_config(data_config)
   convert.init_worker(root, params, ("findings",))
   rows = []
   for study in studies:
@@ -86,7 +87,7 @@ def per_study(root, data_config, repeats):
 def pool_rate(root, data_config, workers):
   """Studies/s of `workers` warm processes running convert_study over the whole corpus."""
   studies = corpus.read_corpus(data_config).studies
-  params = preprocess.params_from_config(data_config)
+  params = schema.PreprocessParams.from_config(data_config)
   with concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context("spawn"), initializer=convert.init_worker,
       initargs=(root, params, ("findings",))) as pool:

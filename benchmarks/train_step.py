@@ -183,11 +183,9 @@ def measure(args):
   model = medfinder.build_model(config.model, config.text, bert_config)
   tx, schedule = train.make_optimizer(config.train, config.text.trainable, total_steps=10_000)
   rules = sharding.PartitionRules.from_config(config.mesh)
-  spec = schema.DatasetSpec(directory="<synthetic>", shape=shape, volume_dtype="uint8",
-                                    unit_scale=1 / 255, unit_offset=0.0, split_sizes={},
-                                    label_columns=())
+  spec = schema.DatasetSpec("<synthetic>", schema.PreprocessParams(shape=tuple(shape)))
   abstract = train.abstract_train_state(model, tx, config, shape, mesh, rules)
-  step = train.make_train_step(model, tx, schedule, config, spec, mesh,
+  step = train.make_train_step(model, tx, schedule, config, spec.intensity, mesh,
                                jax.tree.map(lambda x: x.sharding, abstract))
   key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(mesh))
   start = time.perf_counter()

@@ -297,7 +297,7 @@ class _ShardWriter:
 
 def dataset_metadata(params, corpus):
   """What a reader needs beyond the features: preprocessing and how splits were assigned."""
-  scale, offset = schema.unit_scale_offset(params.volume_dtype, params.hu_window)
+  intensity = params.intensity
   split_rule = {
       "folders": "CT folders in natural order: last max(1, round(n/5)) test, the "
                  "max(1, round(n/10)) before them val, the rest train (7/1/2 of 10)",
@@ -309,8 +309,8 @@ def dataset_metadata(params, corpus):
       "preprocess": params.to_dict(),
       "axis_order": "XYZ",
       "orientation": "RAS" if params.mode == "ct" else "source voxel order",
-      "intensity": {"volume_dtype": params.volume_dtype, "unit_scale": scale,
-                    "unit_offset": offset,
+      "intensity": {"volume_dtype": params.volume_dtype, "unit_scale": intensity.scale,
+                    "unit_offset": intensity.offset,
                     "meaning": "volume * unit_scale + unit_offset = [0, 1] intensity"},
       "split_by": corpus.split_by,
       "split_rule": split_rule,
@@ -408,7 +408,7 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
   """
   start = time.time()
   try:
-    params = preprocess.params_from_config(data_config)
+    params = schema.PreprocessParams.from_config(data_config)
     corpus = corpus_lib.read_corpus(data_config)
     schema.feature_specs(params.shape, params.volume_dtype, corpus.label_columns)  # name clashes
   except corpus_lib.CorpusError:

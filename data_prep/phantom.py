@@ -28,6 +28,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from medfinder_jax import errors
+
 FINDINGS = ("nodule", "mass", "consolidation", "pleural effusion", "atelectasis", "adenopathy",
             "emphysema", "cardiomegaly")
 FINDING_WEIGHTS = (1.4, 0.8, 1.0, 1.0, 1.0, 1.0, 0.8, 0.7)
@@ -489,7 +491,7 @@ def write_phantom_corpus(out_dir, n, seed=0, folders=10, size=512, slices=100, p
   folder order, as in a real export, so the `rows` and `folders` splits differ).
   """
   if n < 1 or folders < 1:
-    raise ValueError(f"need n >= 1 studies and folders >= 1, got n={n}, folders={folders}")
+    raise errors.UserError(f"need n >= 1 studies and folders >= 1, got n={n}, folders={folders}")
   rows = []
   indices = range(n)
   if progress:

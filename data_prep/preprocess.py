@@ -12,6 +12,8 @@ HU scaling and window run on the small resampled array.
 
 `released`: the released code's eval transform (ScaleIntensity min-max, CropForeground > 0,
 symmetric SpatialPad to at least `shape`, Resize "area"), on the raw voxel order.
+
+The parameters of both are a data_prep.schema.PreprocessParams, recorded in the dataset metadata.
 """
 
 import dataclasses
@@ -22,61 +24,11 @@ import nibabel as nib
 import numpy as np
 
 from data_prep import resample
-from data_prep import schema
 from medfinder_jax import errors
-
-MODES = ("ct", "released")
 
 
 class BadVolume(errors.UserError):
   """A volume that cannot be converted; str() is the reason shown in the conversion report."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PreprocessParams:
-  """What turns a source volume into a record volume (recorded in the dataset metadata)."""
-  mode: str = "ct"
-  shape: tuple = (224, 224, 96)          # X, Y, Z voxels
-  spacing: tuple = (1.5, 1.5, 3.0)       # mm per voxel (X, Y, Z); () = plain resize to `shape`
-  hu_window: tuple = (-1000.0, 1000.0)   # HU mapped to [0, 1]
-  volume_dtype: str = "uint8"
-  body_threshold_hu: float = -500.0      # body = voxels above this HU (ct mode)
-
-  def to_dict(self):
-    return {k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(self).items()}
-
-
-def params_from_config(data_config):
-  """PreprocessParams from the config's `data` section; ValueError naming the bad field."""
-  params = PreprocessParams(
-      mode=str(data_config.preprocess),
-      shape=tuple(int(s) for s in data_config.shape),
-      spacing=tuple(float(s) for s in data_config.spacing),
-      hu_window=tuple(float(v) for v in data_config.hu_window),
-      volume_dtype=str(data_config.volume_dtype),
-      body_threshold_hu=float(data_config.get("body_threshold_hu",
-                                              PreprocessParams.body_threshold_hu)))
-  check_params(params)
-  return params
-
-
-def check_params(params):
-  if params.mode not in MODES:
-    raise ValueError(f"data.preprocess={params.mode!r}; expected one of {MODES}")
-  if len(params.shape) != 3 or min(params.shape) < 1:
-    raise ValueError(f"data.shape={params.shape}; expected three positive voxel counts X,Y,Z")
-  if params.spacing and (len(params.spacing) != 3 or min(params.spacing) <= 0):
-    raise ValueError(f"data.spacing={params.spacing}; expected () or three positive mm values")
-  lo, hi = params.hu_window
-  if not lo < hi:
-    raise ValueError(f"data.hu_window={params.hu_window}; expected (low, high) with low < high")
-  schema.check_volume_dtype(params.volume_dtype)
-  if params.volume_dtype == "int16" and (lo < -32768 or hi > 32767):
-    raise ValueError(f"data.hu_window={params.hu_window} does not fit int16 volumes")
-  if params.mode == "released" and params.volume_dtype != "uint8":
-    raise ValueError("data.preprocess='released' scales each volume to [0, 1] (no HU); "
-                     "it needs data.volume_dtype='uint8'")
 
 
 @dataclasses.dataclass

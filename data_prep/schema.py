@@ -97,28 +97,136 @@ def check_volume_dtype(volume_dtype):
                      f"{VOLUME_DTYPES}")
 
 
-def unit_scale_offset(volume_dtype, hu_window):
-  """(scale, offset) so that `volume * scale + offset` is the [0, 1] intensity of a record.
+# --- Preprocessing and the dataset spec -----------------------------------------------------------
 
-  uint8 volumes store round(255 * u); int16 volumes store the HU value clipped to `hu_window`
-  (lo, hi), so u = (HU - lo) / (hi - lo). Both map air (below lo) to 0.
-  """
-  check_volume_dtype(volume_dtype)
-  if volume_dtype == "uint8":
-    return 1.0 / 255.0, 0.0
-  lo, hi = (float(v) for v in hu_window)
-  return 1.0 / (hi - lo), -lo / (hi - lo)
+PREPROCESS_MODES = ("ct", "released")
+
+
+@dataclasses.dataclass(frozen=True)
+class Intensity:
+  """Stored voxels -> the model's input: `volume * scale + offset` in [0, 1] as float32, with a
+  trailing channel axis, (B, X, Y, Z) -> (B, X, Y, Z, 1). Works on numpy and jax arrays, so the
+  train step, the encoders and the tests all apply the one mapping."""
+  scale: float
+  offset: float
+
+  def __call__(self, volume):
+    return (volume.astype("float32") * self.scale + self.offset)[..., None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessParams:
+  """What turns a source volume into a record volume: written once by conversion into the
+  dataset metadata, carried by the DatasetSpec, stored in checkpoints and indexes."""
+  mode: str = "ct"                       # "ct" | "released" (see data_prep/preprocess.py)
+  shape: tuple = (224, 224, 96)          # X, Y, Z voxels
+  spacing: tuple = (1.5, 1.5, 3.0)       # mm per voxel (X, Y, Z); () = plain resize to `shape`
+  hu_window: tuple = (-1000.0, 1000.0)   # HU mapped to [0, 1]
+  volume_dtype: str = "uint8"            # "uint8" | "int16"
+  body_threshold_hu: float = -500.0      # body = voxels above this HU (ct mode)
+
+  def __post_init__(self):
+    problem = self.problem()
+    if problem:
+      raise ValueError(problem)
+
+  def problem(self):
+    """Why these values cannot preprocess a volume (naming the data.* field), or None."""
+    if self.mode not in PREPROCESS_MODES:
+      return f"data.preprocess={self.mode!r}; expected one of {PREPROCESS_MODES}"
+    if len(self.shape) != 3 or min(self.shape) < 1:
+      return f"data.shape={self.shape}; expected three positive voxel counts X,Y,Z"
+    if self.spacing and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+      return f"data.spacing={self.spacing}; expected () or three positive mm values"
+    if len(self.hu_window) != 2 or not self.hu_window[0] < self.hu_window[1]:
+      return f"data.hu_window={self.hu_window}; expected (low, high) with low < high"
+    if self.volume_dtype not in VOLUME_DTYPES:
+      return f"data.volume_dtype={self.volume_dtype!r}; expected one of {VOLUME_DTYPES}"
+    if self.volume_dtype == "int16" and (self.hu_window[0] < -32768 or self.hu_window[1] > 32767):
+      return f"data.hu_window={self.hu_window} does not fit int16 volumes"
+    if self.mode == "released" and self.volume_dtype != "uint8":
+      return ("data.preprocess='released' scales each volume to [0, 1] (no HU); it needs "
+              "data.volume_dtype='uint8'")
+    return None
+
+  @classmethod
+  def from_config(cls, data_config):
+    """From the config's `data` section; ValueError naming the bad field."""
+    return cls(mode=str(data_config.preprocess),
+               shape=tuple(int(s) for s in data_config.shape),
+               spacing=tuple(float(s) for s in data_config.spacing),
+               hu_window=tuple(float(v) for v in data_config.hu_window),
+               volume_dtype=str(data_config.volume_dtype),
+               body_threshold_hu=float(data_config.get("body_threshold_hu",
+                                                       cls.body_threshold_hu)))
+
+  @classmethod
+  def from_dict(cls, values, source):
+    """From to_dict()'s form (JSON lists back to tuples); ValueError naming `source`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(values, dict) or not set(values) <= names:
+      raise ValueError(f"{source}: expected the preprocessing fields {sorted(names)}, found "
+                       f"{values!r}")
+    try:
+      return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (TypeError, ValueError) as err:
+      raise ValueError(f"{source}: recorded preprocessing {values}: {err}") from None
+
+  def to_dict(self):
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()}
+
+  @property
+  def intensity(self):
+    """Intensity of the stored volumes: uint8 stores round(255 u); int16 stores the HU value
+    clipped to hu_window (lo, hi), so u = (HU - lo) / (hi - lo). Both map air to 0."""
+    if self.volume_dtype == "uint8":
+      return Intensity(1.0 / 255.0, 0.0)
+    lo, hi = (float(v) for v in self.hu_window)
+    return Intensity(1.0 / (hi - lo), -lo / (hi - lo))
+
+  def describe(self):
+    """One line for messages: every field, as a user would pass it."""
+    spacing = "x".join(f"{s:g}" for s in self.spacing) + " mm" if self.spacing else "none"
+    return (f"preprocess={self.mode}, shape={list(self.shape)}, spacing={spacing}, "
+            f"hu_window={list(self.hu_window)}, body_threshold_hu={self.body_threshold_hu:g}, "
+            f"volume_dtype={self.volume_dtype}")
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-  """What the model and the train step need to know about a converted dataset (built by
-  medfinder_jax.input_pipeline.open_dataset; plain Python, so the train step and benchmarks
-  need no TensorFlow)."""
+  """What the model, the train step and inference need to know about a converted dataset
+  (read by medfinder_jax.input_pipeline.open_dataset; plain Python, so the train step and the
+  benchmarks need no TensorFlow). A checkpoint stores it, so a trained model knows how its
+  volumes were made."""
   directory: str
-  shape: tuple          # stored volume (X, Y, Z)
-  volume_dtype: str     # "uint8" | "int16"
-  unit_scale: float     # volume * unit_scale + unit_offset = [0, 1] intensity
-  unit_offset: float
-  split_sizes: dict     # split -> number of studies
-  label_columns: tuple
+  preprocess: PreprocessParams
+  split_sizes: dict = dataclasses.field(default_factory=dict)   # split -> number of studies
+  label_columns: tuple = ()
+
+  @property
+  def shape(self):
+    """Stored volume shape (X, Y, Z)."""
+    return tuple(self.preprocess.shape)
+
+  @property
+  def volume_dtype(self):
+    return self.preprocess.volume_dtype
+
+  @property
+  def intensity(self):
+    return self.preprocess.intensity
+
+  def to_dict(self):
+    return {"directory": self.directory, "preprocess": self.preprocess.to_dict(),
+            "split_sizes": dict(self.split_sizes), "label_columns": list(self.label_columns)}
+
+  @classmethod
+  def from_dict(cls, values, source):
+    """From to_dict()'s form; ValueError naming `source` when it is not one."""
+    if not isinstance(values, dict) or "preprocess" not in values:
+      raise ValueError(f"{source}: no dataset spec with its preprocessing recorded")
+    return cls(directory=str(values.get("directory", "")),
+               preprocess=PreprocessParams.from_dict(values["preprocess"], source),
+               split_sizes={str(k): int(v) for k, v in (values.get("split_sizes") or {}).items()},
+               label_columns=tuple(values.get("label_columns") or ()))

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from orbax.checkpoint import checkpoint_managers
 
+from data_prep import schema
 from medfinder_jax import config_utils
 from medfinder_jax import errors
 from medfinder_jax import interchange
@@ -144,7 +145,7 @@ def build_meta(*, step, epoch, batches_consumed, seed, rng_key_data, config, dat
   batches_consumed: host batches each process has read (the data position to resume at);
   seed / rng_key_data: the run's seed and the raw uint32 data of its base PRNG key (per-step
   keys are fold_in(key, step)); config: the full ConfigDict; dataset_spec: the
-  input_pipeline.DatasetSpec trained on (shape, intensity scaling, split sizes); val_metrics:
+  schema.DatasetSpec trained on (its preprocessing, split sizes); val_metrics:
   the last validation metrics dict (or None); bert_config: the text tower's BertConfig.
   """
   return {
@@ -157,10 +158,18 @@ def build_meta(*, step, epoch, batches_consumed, seed, rng_key_data, config, dat
       "process_count": int(process_count),
       "global_batch": int(global_batch),
       "config": config_utils.to_dict(config),
-      "dataset": interchange.json_safe(dataclasses.asdict(dataset_spec), nonfinite_as_none=True) if dataset_spec is not None else None,
+      "dataset": dataset_spec.to_dict(),
       "val_metrics": interchange.json_safe(val_metrics, nonfinite_as_none=True) if val_metrics is not None else None,
       "bert_config": dataclasses.asdict(bert_config) if bert_config is not None else None,
   }
+
+
+def dataset_spec(meta):
+  """The schema.DatasetSpec a checkpoint was trained on (its volumes' preprocessing)."""
+  try:
+    return schema.DatasetSpec.from_dict(meta.get("dataset"), meta["checkpoint_path"])
+  except ValueError as err:
+    raise CheckpointError(str(err)) from None
 
 
 def config_from_meta(meta):
@@ -257,7 +266,7 @@ def load_for_inference(path, mesh=None, step=None, text_model_path=None):
   Returns (config, model, variables, info): config = the saved ConfigDict (text.model_path
   possibly overridden); variables = {"params", ["batch_stats"]} without the loss scalars;
   info = {"step", "epoch", "checkpoint_path", "val_metrics", "config" (plain dict), "dataset"
-  (the DatasetSpec fields: shape, volume_dtype, unit_scale, unit_offset, ...), "loss_params"}.
+  (DatasetSpec.to_dict(): directory, preprocess, split sizes, labels), "loss_params"}.
   """
   manager, step = _open(path, step)
   try:
@@ -311,7 +320,7 @@ def _placement(mesh):
 def abstract_variables(model, config, meta, placement):
   """ShapeDtypeStructs (with `placement`) of the saved "variables" item, without computing it."""
   from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=g-import-not-at-top
-  shape = tuple((meta.get("dataset") or {}).get("shape") or config.data.shape)
+  shape = dataset_spec(meta).shape
 
   def init(key):
     return losses.with_loss_params(

@@ -17,17 +17,11 @@ from medfinder_jax import interchange
 from medfinder_jax import sharding
 
 
-def unit_volumes(volume, unit_scale, unit_offset):
-  """Stored volumes (B, X, Y, Z) uint8/int16 -> (B, X, Y, Z, 1) float32 in [0, 1]."""
-  return (volume.astype(jnp.float32) * unit_scale + unit_offset)[..., None]
-
-
 @functools.lru_cache(maxsize=None)
-def _image_encoder_fn(model, unit_scale, unit_offset):
+def _image_encoder_fn(model, intensity):
   @jax.jit
   def encode(variables, volume):
-    x = unit_volumes(volume, unit_scale, unit_offset)
-    return model.apply(variables, x, method=model.encode_image)
+    return model.apply(variables, intensity(volume), method=model.encode_image)
   return encode
 
 
@@ -39,9 +33,11 @@ def _text_encoder_fn(model):
   return encode
 
 
-def encode_image_batch(model, variables, volume, spec):
-  """Global (B, X, Y, Z) stored volumes -> (B, D) image embeddings (eval form, on the mesh)."""
-  return _image_encoder_fn(model, spec.unit_scale, spec.unit_offset)(variables, volume)
+def encode_image_batch(model, variables, volume, intensity):
+  """Global (B, X, Y, Z) stored volumes -> (B, D) image embeddings (eval form, on the mesh).
+
+  intensity: the schema.Intensity the volumes were stored with (spec.intensity)."""
+  return _image_encoder_fn(model, intensity)(variables, volume)
 
 
 def encode_text_batch(model, variables, input_ids, attention_mask):
@@ -83,7 +79,7 @@ def extract_split_embeddings(model, variables, builder, spec, split, tokenizer, 
   batches = input_pipeline.eval_batches(builder, split, local_batch, tokenizer)
   pieces = {"image": [], "text": [], "index": []}
   for done, batch in enumerate(input_pipeline.prefetch_to_device(batches, mesh), start=1):
-    image = encode_image_batch(model, variables, batch["volume"], spec)
+    image = encode_image_batch(model, variables, batch["volume"], spec.intensity)
     text = encode_text_batch(model, variables, batch["input_ids"], batch["attention_mask"])
     index = jnp.where(batch["mask"], batch["index"], -1)
     for name, value in (("image", image), ("text", text), ("index", index)):

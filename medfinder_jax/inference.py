@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import types
 from typing import Any
 
 import jax
@@ -99,12 +98,6 @@ class LoadedModel:
   info: dict                # our checkpoint's info (step, val metrics, ...); {} for released-code files
 
 
-def volume_units(params):
-  """unit_scale/unit_offset mapping stored volumes of PreprocessParams `params` to [0, 1]."""
-  scale, offset = schema.unit_scale_offset(params.volume_dtype, params.hu_window)
-  return types.SimpleNamespace(unit_scale=scale, unit_offset=offset)
-
-
 def embedding_settings(config, tokenizer):
   """The settings besides the weights that change embeddings (part of the fingerprint)."""
   model = config_utils.to_dict(config.model)
@@ -160,9 +153,9 @@ def _load_released(path, config, recorded=None):
   if recorded:
     config = _with_recorded_sections(config, recorded)
   if recorded and isinstance(recorded.get("preprocess"), dict):
-    params = params_from_dict(recorded["preprocess"])
+    params = params_from_dict(recorded["preprocess"], f"{path} (recorded in an index)")
   else:
-    params = volume_preprocessing(config)
+    params = volume_preprocessing(config, path)
   if config.model.fusion.enabled:
     config.model.fusion.enabled = False
     notes.append(f"{os.path.basename(path)}: a released-code checkpoint has no fusion weights (the "
@@ -221,64 +214,15 @@ def _load_ours(path, config, mesh=None):
         raise
       ckpt_config, model, variables, info = checkpoint.load_for_inference(
           path, mesh=mesh, text_model_path=config.text.model_path)
-  params, preprocess_note = checkpoint_preprocessing(info, ckpt_config, config)
+  try:
+    params = schema.DatasetSpec.from_dict(info["dataset"], info["checkpoint_path"]).preprocess
+  except ValueError as err:
+    raise InferenceError(str(err)) from None
   tokenizer = text_lib.load_tokenizer(ckpt_config.text)
   identity = make_identity("checkpoint", info["checkpoint_path"], ckpt_config, variables,
                            tokenizer, params, step=info["step"])
-  notes = [checkpoint.describe(info)] + ([preprocess_note] if preprocess_note else [])
+  notes = [checkpoint.describe(info)]
   return LoadedModel(model, variables, ckpt_config, tokenizer, params, identity, notes, info)
-
-
-def checkpoint_preprocessing(info, ckpt_config, config=None):
-  """(PreprocessParams, note) for raw volumes given to our checkpoint.
-
-  The training dataset's metadata.json when that dataset is still there (note None); else the
-  metadata.json of the dataset named by `config` (--config.data.tfrecord_dir); else the
-  checkpoint's data config with the training dataset's shape/dtype. The last two come with a
-  note for the user saying what was assumed and how to override it.
-  """
-  dataset = info.get("dataset") or {}
-  directory = dataset.get("directory", "")
-  if directory and os.path.isfile(os.path.join(directory, "metadata.json")):
-    return dataset_preprocessing(directory), None
-  gone = (f"{info['checkpoint_path']}: its training dataset {directory or '(not recorded)'} has "
-          f"no metadata.json here")
-  named = config.data.get("tfrecord_dir", "") if config is not None else ""
-  if named:
-    return dataset_preprocessing(named), (f"{gone}; raw volumes are preprocessed as the dataset "
-                                          f"{named} (--config.data.tfrecord_dir) was converted")
-  try:
-    params = preprocess_lib.params_from_config(ckpt_config.data)
-    params = dataclasses.replace(
-        params, shape=tuple(dataset.get("shape") or params.shape),
-        volume_dtype=dataset.get("volume_dtype") or params.volume_dtype)
-  except ValueError as err:
-    raise InferenceError(f"{info['checkpoint_path']}: its data config cannot preprocess "
-                         f"volumes ({err}); pass --config.data.tfrecord_dir DIR of the converted "
-                         f"training dataset") from None
-  return params, (f"{gone}; raw volumes are preprocessed with the checkpoint's data config, "
-                  f"assumed to match what conversion used: {_describe_preprocessing(params)}; if "
-                  f"the dataset was converted otherwise, pass --config.data.tfrecord_dir DIR of "
-                  f"the converted training dataset (its metadata.json has the exact values)")
-
-
-def _describe_preprocessing(params):
-  spacing = "x".join(f"{s:g}" for s in params.spacing) + " mm" if params.spacing else "none"
-  return (f"preprocess={params.mode}, spacing={spacing}, hu_window={list(params.hu_window)}, "
-          f"body_threshold_hu={params.body_threshold_hu:g}, shape={list(params.shape)}, "
-          f"volume_dtype={params.volume_dtype}")
-
-
-def params_from_dict(values):
-  """PreprocessParams from its to_dict() form (JSON lists back to tuples)."""
-  fields = {f.name for f in dataclasses.fields(preprocess_lib.PreprocessParams)}
-  kept = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
-  params = preprocess_lib.PreprocessParams(**kept)
-  try:
-    preprocess_lib.check_params(params)
-  except ValueError as err:
-    raise InferenceError(f"recorded preprocessing {values}: {err}") from None
-  return params
 
 
 def dataset_directory(config, required=True):
@@ -298,26 +242,36 @@ def dataset_directory(config, required=True):
   return ""
 
 
+def params_from_dict(values, source):
+  """PreprocessParams recorded at `source` (to_dict() form); InferenceError naming it."""
+  try:
+    return schema.PreprocessParams.from_dict(values, source)
+  except ValueError as err:
+    raise InferenceError(str(err)) from None
+
+
 def dataset_preprocessing(directory):
   """PreprocessParams recorded in a converted dataset's metadata.json."""
   path = os.path.join(directory, "metadata.json")
   try:
     with open(path, encoding="utf-8") as f:
-      return params_from_dict(json.load(f)["preprocess"])
-  except (OSError, ValueError, KeyError, TypeError) as err:
+      values = json.load(f).get("preprocess")
+  except (OSError, ValueError, AttributeError) as err:
     raise InferenceError(f"{path}: cannot read the preprocessing parameters ({err}); is "
                          f"{directory} a dataset written by launch.py convert?") from None
+  return params_from_dict(values, path)
 
 
-def volume_preprocessing(config):
-  """PreprocessParams for raw volumes: the converted dataset's when one is named, else data.*."""
+def volume_preprocessing(config, path):
+  """PreprocessParams for raw volumes given to the released code's file `path`: the file
+  records none, so they are those of the converted dataset named in the config."""
   directory = dataset_directory(config, required=False)
-  if directory:
-    return dataset_preprocessing(directory)
-  try:
-    return preprocess_lib.params_from_config(config.data)
-  except ValueError as err:
-    raise InferenceError(f"config data section: {err}") from None
+  if not directory:
+    raise InferenceError(f"{path}: a released-code checkpoint does not record how its volumes "
+                         f"were preprocessed; pass --tfrecord_dir DIR (or "
+                         f"--config.data.tfrecord_dir), a dataset converted as this model "
+                         f"expects (its metadata.json holds the preprocessing)")
+  return dataset_preprocessing(directory)
 
 
 # --- Placing and encoding -------------------------------------------------------------------------
@@ -377,7 +331,7 @@ def encode_volumes(loaded, variables, volumes, params, mesh):
   on a one-process mesh."""
   batch = sharding.make_global_batch({"volume": np.asarray(volumes)}, mesh)
   return evaluate.gather_to_host(evaluate.encode_image_batch(
-      loaded.model, variables, batch["volume"], volume_units(params)))
+      loaded.model, variables, batch["volume"], params.intensity))
 
 
 # --- eval -----------------------------------------------------------------------------------------
@@ -620,7 +574,7 @@ def _embed_files(loaded, variables, paths, mesh, batch_size_per_device):
         why[row] = str(err).removeprefix(f"{path}: ")
     batch = sharding.make_global_batch({"volume": volumes}, mesh)
     images.append(evaluate.gather_to_host(evaluate.encode_image_batch(
-        loaded.model, variables, batch["volume"], volume_units(params))))
+        loaded.model, variables, batch["volume"], params.intensity)))
     ok.append(_all_processes(status))
     reasons += _decode_reasons(_all_processes(_encode_reasons(why)))
   n = len(paths)
@@ -702,7 +656,7 @@ def index_preprocessing(index):
     raise InferenceError(f"{index.directory}: the index records no volume preprocessing, so a "
                          f"volume query cannot be prepared like its gallery; rebuild it with "
                          f"launch.py embed")
-  return params_from_dict(recorded)
+  return params_from_dict(recorded, os.path.join(index.directory, retrieval.META_FILE))
 
 
 def _query_kind(text, keyword, volume):

@@ -17,7 +17,7 @@ position in the split (dataset order), so gathered results can be put back in or
 study counted once.
 
 Host batches hold numpy arrays: `volume` (B, X, Y, Z) in the stored dtype (uint8 or int16: turned
-into [0, 1] floats on the device with `DatasetSpec.unit_scale/unit_offset`, which keeps the
+into [0, 1] floats on the device by `DatasetSpec.intensity`, which keeps the
 host->device copy small), `input_ids` and `attention_mask` (B, max_tokens) int32, and for
 evaluation `mask` (B,) bool and `index` (B,) int32 (-1 for padding).
 """
@@ -76,18 +76,22 @@ def open_dataset(directory):
                        f"{directory}`")
   builder = tfds.builder_from_directory(directory)
   metadata = builder.info.metadata or {}
-  if metadata.get("schema_version") != schema.SCHEMA_VERSION or "intensity" not in metadata:
-    raise DatasetError(f"{directory}/metadata.json: schema version "
-                       f"{metadata.get('schema_version')!r}, this version of launch.py reads "
-                       f"version {schema.SCHEMA_VERSION}: reconvert the corpus with `launch.py "
-                       f"convert` into a new --output_dir")
+  source = os.path.join(directory, "metadata.json")
+  if metadata.get("schema_version") != schema.SCHEMA_VERSION:
+    raise DatasetError(f"{source}: schema version {metadata.get('schema_version')!r}, this "
+                       f"version of launch.py reads version {schema.SCHEMA_VERSION}: reconvert "
+                       f"the corpus with `launch.py convert` into a new --output_dir")
+  try:
+    preprocess = schema.PreprocessParams.from_dict(metadata.get("preprocess"), source)
+  except ValueError as err:
+    raise DatasetError(str(err)) from None
   volume = builder.info.features[schema.VOLUME]
+  stored = (tuple(int(s) for s in volume.shape), str(np.dtype(volume.np_dtype)))
+  if stored != (preprocess.shape, preprocess.volume_dtype):
+    raise DatasetError(f"{directory}: volumes are stored as {stored} but {source} records "
+                       f"{(preprocess.shape, preprocess.volume_dtype)}; reconvert the corpus")
   spec = DatasetSpec(
-      directory=directory,
-      shape=tuple(int(s) for s in volume.shape),
-      volume_dtype=str(np.dtype(volume.np_dtype)),
-      unit_scale=float(metadata["intensity"]["unit_scale"]),
-      unit_offset=float(metadata["intensity"]["unit_offset"]),
+      directory=directory, preprocess=preprocess,
       split_sizes={name: int(info.num_examples) for name, info in builder.info.splits.items()},
       label_columns=schema.label_columns_of(builder.info.features.keys()))
   return builder, spec

@@ -174,16 +174,17 @@ def _views(key, volumes, augment_config, first_index):
   return view, None
 
 
-def make_loss_fn(model, config, spec, num_blocks):
+def make_loss_fn(model, config, model_input, num_blocks):
   """(trainable, frozen, batch_stats, micro_batch, key, first_index) -> (loss, (metrics, bs)).
 
+  model_input: stored volumes -> [0, 1] model input (the dataset's schema.Intensity).
   num_blocks: per-device blocks of a micro-batch (the released loss's local batches = device count).
   """
   def loss_fn(trainable, frozen, batch_stats, batch, key, first_index):
     params = {**trainable, **frozen}
     loss_params = params.get(LOSS_KEY, {})
     model_params = {k: v for k, v in params.items() if k != LOSS_KEY}
-    volumes = evaluate.unit_volumes(batch["volume"], spec.unit_scale, spec.unit_offset)
+    volumes = model_input(batch["volume"])
     view_a, view_b = _views(jax.random.fold_in(key, 0), volumes, config.augment, first_index)
     variables = {"params": model_params, **({"batch_stats": batch_stats} if batch_stats else {})}
     out, updates = model.apply(variables, view_a, view_b, batch["input_ids"],
@@ -197,7 +198,7 @@ def make_loss_fn(model, config, spec, num_blocks):
   return loss_fn
 
 
-def train_step_fn(model, tx, schedule, config, spec, mesh):
+def train_step_fn(model, tx, schedule, config, model_input, mesh):
   """The (unjitted) step: (state, batch, base_key) -> (new state, metrics of this step).
 
   batch: global {"volume" (G, X, Y, Z) stored dtype, "input_ids", "attention_mask" (G, L)},
@@ -213,7 +214,8 @@ def train_step_fn(model, tx, schedule, config, spec, mesh):
     frozen = {k: v for k, v in state.params.items() if labels[k] == FROZEN}
     micro = _micro_batches(batch, accum, mesh)
     micro_rows = batch["volume"].shape[0] // accum
-    loss_fn = make_loss_fn(model, config, spec, num_blocks=sharding.num_batch_shards(mesh))
+    loss_fn = make_loss_fn(model, config, model_input,
+                           num_blocks=sharding.num_batch_shards(mesh))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if not jnp.issubdtype(base_key.dtype, jax.dtypes.prng_key):
       base_key = jax.random.wrap_key_data(base_key)
@@ -248,13 +250,13 @@ def train_step_fn(model, tx, schedule, config, spec, mesh):
   return step
 
 
-def make_train_step(model, tx, schedule, config, spec, mesh, state_shardings):
+def make_train_step(model, tx, schedule, config, model_input, mesh, state_shardings):
   """The train step jitted once: explicit in/out shardings, the state donated."""
   batch_sharding = sharding.batch_sharding(mesh)
   batch_shardings = {"volume": batch_sharding, "input_ids": batch_sharding,
                      "attention_mask": batch_sharding}
   replicated = sharding.replicated(mesh)
-  return jax.jit(train_step_fn(model, tx, schedule, config, spec, mesh),
+  return jax.jit(train_step_fn(model, tx, schedule, config, model_input, mesh),
                  in_shardings=(state_shardings, batch_shardings, replicated),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
@@ -409,10 +411,10 @@ def check_resume_compatible(meta, run):
   now = config_utils.to_dict(run.config)
   problems = [f"{key}: checkpoint {_get(saved, key)!r}, now {_get(now, key)!r}"
               for key in RESUME_KEYS if _get(saved, key) != _get(now, key)]
-  saved_shape = (meta.get("dataset") or {}).get("shape")
-  if saved_shape is not None and list(saved_shape) != list(run.spec.shape):
-    problems.append(f"volume shape: checkpoint {tuple(saved_shape)}, dataset now "
-                    f"{tuple(run.spec.shape)}")
+  saved_spec = checkpoint.dataset_spec(meta)
+  if saved_spec.shape != run.spec.shape:
+    problems.append(f"volume shape: checkpoint {saved_spec.shape}, dataset now "
+                    f"{run.spec.shape}")
   for name, value in (("global_batch", run.global_batch),
                       ("process_count", jax.process_count())):
     if meta.get(name) != value:
@@ -584,7 +586,7 @@ def _train(run, manager, ckpt_dir):
   if start >= run.total_steps:
     _say(f"already trained to step {start} (of {run.total_steps}); nothing to do")
     return summary
-  step_fn = make_train_step(run.model, run.tx, run.schedule, config, run.spec, run.mesh,
+  step_fn = make_train_step(run.model, run.tx, run.schedule, config, run.spec.intensity, run.mesh,
                             jax.tree.map(lambda x: x.sharding, state))
   from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel  (TF)
   batches = input_pipeline.train_batches(

@@ -115,8 +115,7 @@ def aligned_model(dataset_dir, tmp_path_factory, split="test"):
                                                   jax.random.key(0))
   builder, spec = input_pipeline.open_dataset(dataset_dir)
   examples = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
-  unit = (np.stack([e["volume"] for e in examples]).astype(np.float32) * spec.unit_scale
-          + spec.unit_offset)
+  unit = spec.intensity(np.stack([e["volume"] for e in examples]))[..., 0]
   reports = [e["report"].decode() for e in examples]
   ids, mask = text_lib.load_tokenizer(config.text)(reports)
   text = np.asarray(model.apply(variables, ids, mask, method=model.encode_text))

@@ -7,15 +7,16 @@ import numpy as np
 import optax
 import pytest
 
+from data_prep import schema
 from medfinder_jax import checkpoint
 from medfinder_jax import convert_weights
-from medfinder_jax import input_pipeline as ip
 from medfinder_jax import losses
 from medfinder_jax import sharding
 
-SPEC = ip.DatasetSpec(directory="/data/tiny", shape=(16, 16, 8), volume_dtype="uint8",
-                      unit_scale=1 / 255, unit_offset=0.0,
-                      split_sizes={"train": 28, "val": 4, "test": 8}, label_columns=("findings",))
+SPEC = schema.DatasetSpec(directory="/data/tiny",
+                          preprocess=schema.PreprocessParams(shape=(16, 16, 8), spacing=()),
+                          split_sizes={"train": 28, "val": 4, "test": 8},
+                          label_columns=("findings",))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_inference_loads_the_best_step_by_default_and_any_step_on_request(tmp_pa
   loaded_config, model, restored, info = checkpoint.load_for_inference(str(tmp_path))
   assert info["step"] == 2 and info["val_metrics"]["t2i"]["R@10"] == 75.0
   assert info["checkpoint_path"] == os.path.join(checkpoint.checkpoint_dir(str(tmp_path)), "2")
-  assert info["dataset"]["shape"] == [16, 16, 8] and info["dataset"]["unit_scale"] == 1 / 255
+  assert schema.DatasetSpec.from_dict(info["dataset"], "meta") == SPEC
   assert info["config"]["model"]["embed_dim"] == 32
   assert loaded_config.data.shape == (16, 16, 8)
   assert set(restored["params"]) == set(variables["params"]) - {"loss"}

@@ -83,7 +83,7 @@ def test_records_read_back_through_tfds_equal_the_preprocessed_studies(phantom_r
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   config = data_config(phantom_root)
   studies = corpus.read_corpus(config).studies
-  params = preprocess.params_from_config(config)
+  params = schema.PreprocessParams.from_config(config)
   builder = tfds.builder_from_directory(str(reference))
   assert builder.info.metadata["preprocess"]["shape"] == list(SHAPE)
   assert builder.info.metadata["split_assignment"]["val"] == ["CT3"]
@@ -337,7 +337,7 @@ def test_other_modes_and_dtypes_round_trip(phantom_root, tmp_path, mode, dtype):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   config = data_config(phantom_root, preprocess=mode, volume_dtype=dtype)
   run_convert(phantom_root, tmp_path, preprocess=mode, volume_dtype=dtype)
-  params = preprocess.params_from_config(config)
+  params = schema.PreprocessParams.from_config(config)
   metadata = tfds.builder_from_directory(str(tmp_path)).info.metadata
   assert metadata["intensity"]["volume_dtype"] == dtype
   assert metadata["orientation"] == ("RAS" if mode == "ct" else "source voxel order")

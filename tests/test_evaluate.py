@@ -28,7 +28,7 @@ def reference_embeddings(setup, split):
   config, model, variables, tokenizer, builder, spec = setup
   images, texts = [], []
   for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
-    volume = example["volume"][None].astype(np.float32) * spec.unit_scale + spec.unit_offset
+    volume = example["volume"][None].astype(np.float32) / 255.0     # uint8: round(255 u)
     images.append(model.apply(variables, volume[..., None], method=model.encode_image)[0])
     ids, mask = tokenizer([example["report"].decode()])
     texts.append(model.apply(variables, ids, mask, method=model.encode_text)[0])

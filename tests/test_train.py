@@ -126,7 +126,7 @@ def one_step(parts, devices, data, fsdp, accum=1):
   state = train.create_train_state(model, tx, config, spec.shape, jax.random.key(1), mesh, rules,
                                    text_params)
   before = jax.device_get(state)
-  step = train.make_train_step(model, tx, schedule, config, spec, mesh,
+  step = train.make_train_step(model, tx, schedule, config, spec.intensity, mesh,
                                jax.tree.map(lambda x: x.sharding, state))
   key = jax.device_put(jax.random.key(7), sharding.replicated(mesh))
   after, metrics = step(state, sharding.make_global_batch(batch, mesh), key)
@@ -204,7 +204,7 @@ def test_accumulated_gradient_is_the_mean_over_micro_batches(parts):
   config = config.copy_and_resolve_references()
   config.train.batch_size_per_device, config.train.grad_accum_steps = 2, 2
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1}, jax.devices()[:2])
-  loss_fn = train.make_loss_fn(model, config, spec, num_blocks=2)
+  loss_fn = train.make_loss_fn(model, config, spec.intensity, num_blocks=2)
   trainable = {k: v for k, v in before.params.items() if k != "text_encoder"}
   frozen = {"text_encoder": before.params["text_encoder"]}
   step_key = jax.random.fold_in(jax.random.key(7), 0)
