@@ -214,7 +214,7 @@ def print_compile(backbones, batch, variants):
   for backbone in backbones:
     model = full_model(backbone, BIOBERT)
     start = time.perf_counter()
-    variables = medfinder.init_variables(model, jax.random.key(0), FULL_SHAPE, 100)
+    variables = medfinder.initialize(model, jax.random.key(0), FULL_SHAPE, 100)
     jax.block_until_ready(variables)
     print(f"{backbone}: init_variables (compile + run) {time.perf_counter() - start:.1f} s")
     specs = jax.tree.map(lambda x: shape(*x.shape, dtype=x.dtype), variables)

@@ -55,14 +55,13 @@ def build_config(args):
 def build_model(config, text):
   """(model, variables): MedFinder with MiniLM's weights, or a BERT-base-shaped random tower."""
   import jax  # pylint: disable=import-outside-toplevel
-  from medfinder_jax import convert_weights  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import loading  # pylint: disable=import-outside-toplevel
   from medfinder_jax.models import bert  # pylint: disable=import-outside-toplevel
   from medfinder_jax.models import medfinder  # pylint: disable=import-outside-toplevel
   if text == "minilm":
-    return convert_weights.create_model(config.model, config.text, config.data.shape,
-                                        jax.random.key(0))
-  model = medfinder.build_model(config.model, config.text, bert.BertConfig())
-  return model, medfinder.init_variables(model, jax.random.key(0), config.data.shape,
+    return loading.init_model(config, config.data.shape, jax.random.key(0))
+  model = loading.build_model(config, bert.BertConfig())
+  return model, medfinder.initialize(model, jax.random.key(0), config.data.shape,
                                          config.text.max_tokens)
 
 

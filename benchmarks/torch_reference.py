@@ -2,7 +2,7 @@
 
 As main_ddp.py builds it (docs/released_code.md): MONAI ResNet50 3D (bottleneck,
 [3,4,6,3], 1 channel, conv1 7^3 stride 1, fc removed) + Linear(2048, 512), a frozen BertModel
-(dropout on, as in the seed) + Linear(hidden, 512) on the CLS state, loss
+(dropout on, as in the released code) + Linear(hidden, 512) on the CLS state, loss
 CE(text @ image.T / 0.07, arange(B)), AdamW (lr 1e-4, wd 0.01) on the trainable parameters.
 On GPU: AMP (float16 autocast + GradScaler, as the released code; --amp_dtype bfloat16 for bf16) and
 channels_last_3d; one view per study, augmentation outside the step (the released code's data loader).

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Train-step throughput, compile time, XLA FLOPs and host memory of MedFinder's full train step
-(augmentation, two views, encoders, fusion, losses, AdamW; train.make_train_step) on synthetic
+(augmentation, two views, encoders, fusion, losses, AdamW; train_step.make_train_step) on synthetic
 data, for any config / backbone / volume shape / batch / precision / remat / mesh.
 
   # tiny model on CPU, 1 vs 8 (fake) devices, same global batch of 8
@@ -30,10 +30,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# What tests/conftest.py's make_tiny_config sets (a 4-to-16-channel ResNet, 32-d embeddings).
-TINY = {"data.shape": "16,16,8", "text.max_tokens": "32", "model.embed_dim": "32",
-        "model.resnet.layers": "1,1,1,1", "model.resnet.widths": "4,8,8,16",
-        "model.resnet.conv1_kernel": "3", "model.fusion.num_heads": "2"}
 TEXT_MODELS = ("minilm", "bert-base")   # all-MiniLM-L6-v2 | BioBERT v1.1's shape (BERT-base cased)
 
 
@@ -75,10 +71,10 @@ def set_host_devices(count):
 
 def build_config(args):
   from medfinder_jax import config_utils  # pylint: disable=import-outside-toplevel
-  path = args.config if args.config not in ("default", "tiny") else os.path.join(
-      ROOT, "configs", "default.py")
+  defaults = os.path.join(ROOT, "configs", "default.py")
+  path = {"default": defaults, "tiny": defaults + ":tiny"}.get(args.config, args.config)
   config = config_utils.load_config_file(path)
-  overrides = dict(TINY) if args.config == "tiny" else {}
+  overrides = {}
   chosen = {"model.backbone": args.backbone, "data.shape": args.shape,
             "train.batch_size_per_device": args.batch, "train.grad_accum_steps": args.accum,
             "model.dtype": args.precision, "model.remat": args.remat, "loss.contrastive": args.loss}
@@ -168,9 +164,9 @@ def measure(args):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from data_prep import schema  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import loading  # pylint: disable=import-outside-toplevel
   from medfinder_jax import sharding  # pylint: disable=import-outside-toplevel
-  from medfinder_jax import train  # pylint: disable=import-outside-toplevel
-  from medfinder_jax.models import medfinder  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import train_step  # pylint: disable=import-outside-toplevel
 
   config = build_config(args)
   shape = tuple(config.data.shape)
@@ -180,19 +176,20 @@ def measure(args):
   mesh = sharding.make_mesh(config.mesh, devices)
   text_name = default_text(args, config)
   bert_config = text_config(text_name)
-  model = medfinder.build_model(config.model, config.text, bert_config)
-  tx, schedule = train.make_optimizer(config.train, config.text.trainable, total_steps=10_000)
+  model = loading.build_model(config, bert_config)
+  tx = train_step.make_optimizer(config.train, total_steps=10_000)
   rules = sharding.PartitionRules.from_config(config.mesh)
   spec = schema.DatasetSpec("<synthetic>", schema.PreprocessParams(shape=tuple(shape)))
-  abstract = train.abstract_train_state(model, tx, config, shape, mesh, rules)
-  step = train.make_train_step(model, tx, schedule, config, spec.intensity, mesh,
-                               jax.tree.map(lambda x: x.sharding, abstract))
+  abstract = train_step.abstract_train_state(model, tx, config, shape, mesh, rules)
+  step = train_step.make_train_step(config, spec.intensity, mesh,
+                                    jax.tree.map(lambda x: x.sharding, abstract))
   key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(mesh))
   start = time.perf_counter()
-  lowered = step.lower(abstract, train.abstract_batch(config, spec, mesh), key)
+  lowered = step.lower(abstract, train_step.abstract_batch(config, spec, mesh), key)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  global_batch = int(config.train.batch_size_per_device) * mesh.size * args.accum
+  global_batch, local_batch = sharding.batch_rows(config.train.batch_size_per_device, mesh,
+                                                  args.accum)
   result = {"backbone": config.model.backbone, "shape": list(shape), "devices": mesh.size,
             "mesh": dict(mesh.shape), "batch_per_device": int(config.train.batch_size_per_device),
             "accum": args.accum, "global_batch": global_batch, "precision": args.precision,
@@ -203,23 +200,23 @@ def measure(args):
             "gflops_per_step": round(flops_of(compiled) * mesh.size / 1e9, 3)}
   result.update(device_memory(compiled))
   if not args.compile_only:
-    result.update(run_steps(args, config, model, tx, rules, mesh, shape, compiled, global_batch,
-                            bert_config.vocab_size))
+    result.update(run_steps(args, config, model, tx, rules, mesh, shape, compiled,
+                            (global_batch, local_batch), bert_config.vocab_size))
   result["peak_rss_gib"] = round(peak_rss_gib(), 3)
   return result
 
 
-def run_steps(args, config, model, tx, rules, mesh, shape, compiled, global_batch, vocab):
-  """Times `args.steps` steps of the compiled train step on one synthetic batch."""
+def run_steps(args, config, model, tx, rules, mesh, shape, compiled, rows, vocab):
+  """Times `args.steps` steps of the compiled train step on one synthetic batch; rows: the
+  (global, this process's) rows of a batch."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from medfinder_jax import sharding  # pylint: disable=import-outside-toplevel
-  from medfinder_jax import train  # pylint: disable=import-outside-toplevel
-  state = train.create_train_state(model, tx, config, shape, jax.random.key(0), mesh, rules)
-  rows = global_batch // jax.process_count()
-  batch = sharding.make_global_batch(synthetic_batch(config, shape, rows, vocab), mesh)
-  key = train.replicated_array(np.asarray(jax.random.key_data(jax.random.key(0))),
-                               sharding.replicated(mesh))
+  from medfinder_jax import train_step  # pylint: disable=import-outside-toplevel
+  global_batch, local_batch = rows
+  state = train_step.create_train_state(model, tx, config, shape, jax.random.key(0), mesh, rules)
+  batch = sharding.make_global_batch(synthetic_batch(config, shape, local_batch, vocab), mesh)
+  key = sharding.replicate(np.asarray(jax.random.key_data(jax.random.key(0))), mesh)
   for _ in range(args.warmup):
     state, _ = compiled(state, batch, key)
   jax.block_until_ready(state)

@@ -5,7 +5,7 @@ a step directory appears under its final name only once every process has finish
 
   <output_dir>/checkpoints/
     <step>/                      step = optimizer updates done (an int, e.g. 120)
-      variables/                 {"params": model params (+ "loss": learnable loss scalars),
+      variables/                 {"params": model params (loss scalars included),
                                   "batch_stats": ResNet BatchNorm statistics} (orbax PyTree)
       opt_state/                 optax state (frozen text tower: none stored) (orbax PyTree)
       meta/                      JSON, see `build_meta`
@@ -32,12 +32,11 @@ from data_prep import schema
 from medfinder_jax import config_utils
 from medfinder_jax import errors
 from medfinder_jax import interchange
-from medfinder_jax import losses
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("variables", "opt_state", "meta")
 BEST_METRIC = "val_t2i_R@10"   # key of the metrics dict saved with a validated step
-META_VERSION = 1
+META_VERSION = 2   # 2: loss scalars are model parameters (params["logit_scale"], ...)
 
 
 class _ExpectedOrbaxNotices(logging.Filter):
@@ -129,9 +128,15 @@ def restore_train(manager, step, abstract_variables, abstract_opt_state):
 
 
 def restore_meta(manager, step):
-  """The meta dict of `step` (see `build_meta`) plus "checkpoint_path" (the step dir)."""
+  """The meta dict of `step` (see `build_meta`) plus "checkpoint_path" (the step dir).
+
+  CheckpointError for a checkpoint of another format version (older ones are not read)."""
   meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
   meta["checkpoint_path"] = os.path.join(str(manager.directory), str(step))
+  if meta.get("version") != META_VERSION:
+    raise CheckpointError(f"{meta['checkpoint_path']}: checkpoint format version "
+                          f"{meta.get('version')!r}; this version of launch.py reads version "
+                          f"{META_VERSION} only: train again, or use the version that wrote it")
   return meta
 
 
@@ -141,7 +146,7 @@ def build_meta(*, step, epoch, batches_consumed, seed, rng_key_data, config, dat
                process_count, global_batch, val_metrics=None, bert_config=None):
   """The JSON "meta" item of a checkpoint.
 
-  step: optimizer updates done; epoch: 0-based epoch the next step belongs to;
+  step: optimizer updates done; epoch: 0-based epoch of the last of them;
   batches_consumed: host batches each process has read (the data position to resume at);
   seed / rng_key_data: the run's seed and the raw uint32 data of its base PRNG key (per-step
   keys are fold_in(key, step)); config: the full ConfigDict; dataset_spec: the
@@ -264,9 +269,9 @@ def load_for_inference(path, mesh=None, step=None, text_model_path=None):
   tokenizer; the BERT weights come from the checkpoint).
 
   Returns (config, model, variables, info): config = the saved ConfigDict (text.model_path
-  possibly overridden); variables = {"params", ["batch_stats"]} without the loss scalars;
+  possibly overridden); variables = {"params", ["batch_stats"]};
   info = {"step", "epoch", "checkpoint_path", "val_metrics", "config" (plain dict), "dataset"
-  (DatasetSpec.to_dict(): directory, preprocess, split sizes, labels), "loss_params"}.
+  (DatasetSpec.to_dict(): directory, preprocess, split sizes, labels)}.
   """
   manager, step = _open(path, step)
   try:
@@ -278,9 +283,9 @@ def load_for_inference(path, mesh=None, step=None, text_model_path=None):
 def _load_opened(manager, step, mesh, text_model_path):
   """load_for_inference on an open read-only manager (meta and variables read through it)."""
   from medfinder_jax import convert_weights  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import loading  # pylint: disable=import-outside-toplevel
   from medfinder_jax import text as text_lib  # pylint: disable=import-outside-toplevel
   from medfinder_jax.models import bert as bert_lib  # pylint: disable=import-outside-toplevel
-  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=g-import-not-at-top
 
   meta = restore_meta(manager, step)
   config = config_from_meta(meta)
@@ -298,16 +303,15 @@ def _load_opened(manager, step, mesh, text_model_path):
     bert_config = bert_lib.BertConfig.from_dict(meta["bert_config"])
   else:
     bert_config = convert_weights.load_bert_config(folder)
-  model = medfinder_lib.build_model(config.model, config.text, bert_config)
+  model = loading.build_model(config, bert_config)
   abstract = abstract_variables(model, config, meta, _placement(mesh))
   restored = manager.restore(step, args=ocp.args.Composite(
       variables=ocp.args.StandardRestore(abstract)))
   variables = {k: dict(v) for k, v in restored["variables"].items()}
-  loss_params = variables["params"].pop(losses.PARAMS_KEY, {})
   info = {"step": meta["step"], "epoch": meta["epoch"],
           "checkpoint_path": meta["checkpoint_path"], "val_metrics": meta.get("val_metrics"),
           "config": meta["config"], "dataset": meta.get("dataset"),
-          "text_model_path": folder, "loss_params": jax.tree.map(np.asarray, loss_params)}
+          "text_model_path": folder}
   return config, model, variables, info
 
 
@@ -323,8 +327,7 @@ def abstract_variables(model, config, meta, placement):
   shape = dataset_spec(meta).shape
 
   def init(key):
-    return losses.with_loss_params(
-        medfinder_lib.init_variables(model, key, shape, config.text.max_tokens), config.loss)
+    return medfinder_lib.init_variables(model, key, shape, config.text.max_tokens)
 
   shapes = jax.eval_shape(init, jax.random.key(0))
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement),

@@ -27,7 +27,10 @@ def load_config_file(spec):
     module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config() function")
-  return module.get_config(arg or None)
+  try:
+    return module.get_config(arg or None)
+  except (ValueError, TypeError, KeyError) as err:
+    raise ConfigError(f"config file {path!r}: get_config({arg or None!r}) failed: {err}") from None
 
 
 @contextlib.contextmanager
@@ -79,7 +82,10 @@ def _literal_or_text(text):
 
 
 def apply_overrides(config, overrides):
-  """Applies `{"train.lr": "3e-4", ...}` (dotted keys, string values) to `config` in place."""
+  """Applies `{"train.lr": "3e-4", ...}` (dotted keys) to `config` in place and returns it.
+
+  String values are parsed into the type of the field (as flags are); other values (e.g. a
+  tuple from Python code) are set as they are."""
   for key, text in overrides.items():
     *parents, leaf = key.split(".")
     node = config
@@ -90,7 +96,7 @@ def apply_overrides(config, overrides):
     if leaf not in node:
       raise ConfigError(f"unknown config key {key!r}; known keys here: {sorted(node.keys())}")
     try:
-      value = parse_value(text, node[leaf])
+      value = parse_value(text, node[leaf]) if isinstance(text, str) else text
     except ConfigError as err:
       raise ConfigError(f"--config.{key}: {err}") from None
     with node.ignore_type():

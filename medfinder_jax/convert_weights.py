@@ -21,7 +21,6 @@ import numpy as np
 from medfinder_jax import errors
 from medfinder_jax import text as text_lib
 from medfinder_jax.models import bert as bert_lib
-from medfinder_jax.models import medfinder as medfinder_lib
 
 # Torch keys that carry no weights we use: BN step counters, HF position id buffers, HF
 # pre-training heads, MONAI classification heads and the LayerNorm MONAI's TransformerBlock
@@ -37,6 +36,8 @@ VIT_RULES = ((r"^patch_embedding\.", "patch_embedding.patch_embeddings."),
              (r"^position_embeddings$", "patch_embedding.position_embeddings"),
              (r"^block(\d+)\.", r"blocks.\1."))
 BERT_RULES = ((r"^encoder\.layer_(\d+)\.", r"encoder.layer.\1."),)
+# What a released-code checkpoint does not hold: fusion weights and learnable loss scalars.
+RELEASED_LACKS = ("params/fusion", "params/logit_scale", "params/logit_bias")
 
 
 class WeightImportError(errors.UserError):
@@ -256,29 +257,15 @@ def import_released_checkpoint(path, variables, backbone=None):
   """The released code's `best_model.pt` (state dict) or `checkpoint_epoch_N.pt` (dict with
   model_state_dict) -> MedFinder variables (numpy).
 
-  `variables`: a freshly initialised MedFinder (init_variables, or its jax.eval_shape when fusion
-  is disabled) with the released code's shapes. backbone: "resnet50" | "vit"; None = read from
-  `variables`. The released code has no fusion parameters: params["fusion"], present when fusion is
-  enabled, keep their fresh initialisation and are listed in report["fresh"].
+  `variables`: MedFinder variables with the released code's shapes: initialised values, or a
+  jax.eval_shape result where every leaf of RELEASED_LACKS is a concrete value. backbone:
+  "resnet50" | "vit"; None = read from `variables`. The released code has no fusion parameters
+  and a fixed temperature: the leaves under RELEASED_LACKS (when the model has them) keep the
+  values of `variables` and are listed in report["fresh"].
   Returns (variables, report {"loaded": n, "fresh": [...], "ignored": [...]}).
   """
   if backbone is None:
     image_params = variables["params"]["image_encoder"]
     backbone = "vit" if "position_embeddings" in image_params else "resnet50"
   state = _rename_layer_norm(load_state_dict(path))
-  return convert_tree(variables, state, released_key_fn(backbone), path, fresh=("params/fusion",))
-
-
-def create_model(model_config, text_config, image_shape, rng):
-  """Builds MedFinder from the config sections and initialises it, with the pretrained BERT of
-  `text_config.model_path` in params["text_encoder"].
-
-  image_shape: (X, Y, Z) voxels of the volumes (config `data.shape`).
-  Returns (model, variables {"params", ["batch_stats"]}).
-  """
-  folder = text_lib.resolve_text_model_path(text_config.model_path)
-  bert_config, bert_params = load_hf_bert(folder)
-  model = medfinder_lib.build_model(model_config, text_config, bert_config)
-  variables = medfinder_lib.init_variables(model, rng, image_shape, text_config.max_tokens,
-                                           text_params=bert_params)
-  return model, variables
+  return convert_tree(variables, state, released_key_fn(backbone), path, fresh=RELEASED_LACKS)

@@ -49,6 +49,8 @@ from medfinder_jax import errors
 from medfinder_jax import evaluate
 from medfinder_jax import findings
 from medfinder_jax import interchange
+from medfinder_jax import loading
+from medfinder_jax import losses
 from medfinder_jax import metrics as metrics_lib
 from medfinder_jax import retrieval
 from medfinder_jax import sharding
@@ -58,6 +60,7 @@ from medfinder_jax.models import medfinder as medfinder_lib
 RELEASED_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 REPORT_SUFFIX = ".txt"          # optional report beside a volume: <name>.txt for <name>.nii.gz
 QUERY_KINDS = ("text", "keyword", "volume")
+RECORDED_SECTIONS = ("model", "text", "loss")   # config sections an index records of its model
 QUERY_LENGTHS = (16, 32, 64)    # token lengths text queries are padded to (else text.max_tokens)
 _REASON_BYTES = 240             # skip reasons travel between processes as fixed-width UTF-8
 
@@ -118,8 +121,7 @@ def make_identity(kind, path, config, variables, tokenizer, params, step=None):
   return retrieval.model_identity(
       backbone=config.model.backbone, embed_dim=config.model.embed_dim, fingerprint=fingerprint,
       checkpoint=os.path.abspath(path), kind=kind, step=step,
-      config={"model": config_utils.to_dict(config.model),
-              "text": config_utils.to_dict(config.text)},
+      config={name: config_utils.to_dict(config[name]) for name in RECORDED_SECTIONS},
       preprocess=params.to_dict())
 
 
@@ -160,12 +162,12 @@ def _load_released(path, config, recorded=None):
     config.model.fusion.enabled = False
     notes.append(f"{os.path.basename(path)}: a released-code checkpoint has no fusion weights (the "
                  f"released code trains and evaluates without fusion): fusion disabled")
-  tokenizer = text_lib.load_tokenizer(config.text)
-  bert_config = convert_weights.load_bert_config(tokenizer.folder)
-  text_lib.check_vocab_fits(tokenizer, bert_config)
-  model = medfinder_lib.build_model(config.model, config.text, bert_config)
+  tokenizer, bert_config = loading.text_tower(config.text)
+  model = loading.build_model(config, bert_config)
   template = jax.eval_shape(lambda: medfinder_lib.init_variables(
       model, jax.random.key(0), params.shape, config.text.max_tokens))
+  scalars = {k: np.float32(v) for k, v in losses.learnable_scalars(config.loss).items()}
+  template = {**template, "params": {**template["params"], **scalars}}
   variables, _ = convert_weights.import_released_checkpoint(path, template, config.model.backbone)
   identity = make_identity("released", path, config, variables, tokenizer, params)
   return LoadedModel(model, variables, config, tokenizer, params, identity, notes, {})
@@ -182,7 +184,7 @@ def _with_recorded_sections(config, recorded):
   import ml_collections  # pylint: disable=import-outside-toplevel
   sections = recorded.get("config") or {}
   fallback = config.text.model_path
-  for name in ("model", "text"):
+  for name in RECORDED_SECTIONS:
     if name in sections:
       config[name] = ml_collections.ConfigDict(sections[name])
   if fallback and not _text_model_available(config.text.model_path):
@@ -345,13 +347,7 @@ def run_eval(config, model_path, *, split=None, plots=False, bootstrap_samples=N
   """
   log = log or _stderr_log
   split = split or config.eval.split
-  try:
-    metrics_lib.check_eval_config(config.eval)
-  except ValueError as err:
-    raise InferenceError(str(err)) from None
-  if bootstrap_samples is not None and bootstrap_samples < 0:
-    raise InferenceError(f"--bootstrap must be 0 (off) or a positive count, got "
-                         f"{bootstrap_samples}")
+  metrics_lib.MetricSettings.from_config(config.eval, config.seed, bootstrap_samples)
   loaded, variables, mesh, directory, embeddings = embed_split(config, model_path, split, log)
   keywords = tuple(config.eval.keywords)
   if keywords:

@@ -68,6 +68,31 @@ class SplitFiles:
             [first_index[i] for i in mine])
 
 
+def resolve_dataset_dir(data_config, required=True):
+  """The converted dataset the config names: data.tfrecord_dir, else data.data_root when it is
+  a converted dataset; "" when none is named and not `required`. A raw corpus given as
+  data_root is an error that prints the `launch.py convert` command to run."""
+  if data_config.tfrecord_dir:
+    return data_config.tfrecord_dir
+  root = data_config.data_root
+  if not root:
+    if not required:
+      return ""
+    raise DatasetError("no dataset: pass --config.data.tfrecord_dir DIR (a dataset written by "
+                       "`launch.py convert`) or --data_root DIR of one")
+  if os.path.isfile(os.path.join(root, "dataset_info.json")):
+    return root
+  if os.path.isdir(os.path.join(root, "meta")) or any(
+      name.startswith("CT") for name in (os.listdir(root) if os.path.isdir(root) else ())):
+    converted = os.path.abspath(root) + "_tfrecords"
+    raise DatasetError(
+        f"--data_root {root}: a raw corpus (CT*/ct/*.nii.gz, meta/*.csv), not a converted "
+        f"dataset. Convert it once:\n  python launch.py convert --data_root {root} "
+        f"--output_dir {converted}\nthen pass --config.data.tfrecord_dir {converted}")
+  raise DatasetError(f"--data_root {root}: not a converted dataset (no dataset_info.json) nor "
+                     "a raw corpus (no meta/ or CT*/ folders)")
+
+
 def open_dataset(directory):
   """(tfds builder, DatasetSpec) of a dataset written by `launch.py convert`."""
   if not os.path.isfile(os.path.join(directory, "dataset_info.json")):

@@ -1,4 +1,5 @@
-"""Training logs: a JSONL metrics file always, wandb when asked, a tqdm progress bar.
+"""Training logs: a JSONL metrics file always, wandb when asked, a tqdm progress bar, and the
+buffer that keeps per-step metrics on the device between log points.
 
 Only process 0 writes anything (jax.process_index() == 0); on other processes every call is a
 no-op, so the train loop can call these unconditionally. wandb is never required: mode
@@ -101,6 +102,28 @@ class MetricsLogger:
 
   def __exit__(self, *exc):
     self.close()
+
+
+class MetricsBuffer:
+  """Per-step metrics kept on the device until `flush` brings them to the host in one copy."""
+
+  def __init__(self):
+    self.first_step = None
+    self.pending = []
+
+  def add(self, step, metrics):
+    if self.first_step is None:
+      self.first_step = step
+    self.pending.append(metrics)
+
+  def flush(self):
+    """(first step, {name: np.ndarray of per-step values}) or None when empty."""
+    if not self.pending:
+      return None
+    pending = jax.device_get(self.pending)   # one transfer of all the (replicated) scalars
+    first = self.first_step
+    self.first_step, self.pending = None, []
+    return first, {k: np.stack([np.asarray(m[k]) for m in pending]) for k in pending[0]}
 
 
 def start_wandb(mode, project, name, run_config, id_path):

@@ -20,33 +20,22 @@ CONTRASTIVE_LOSSES = ("clip", "siglip", "released")
 _MASKED_LOGIT = -1e9
 
 
-PARAMS_KEY = "loss"   # params[PARAMS_KEY]: the learnable loss scalars, next to the model's
+def learnable_scalars(loss_config):
+  """Initial values of the scalars the model holds for the configured loss (floats), as
+  {params key: value}: the model creates them as parameters (models/medfinder.py).
 
-
-def with_loss_params(variables, loss_config):
-  """Model variables with params[PARAMS_KEY] = init_loss_params(loss_config) (when it has any):
-  the layout of a train state's and a checkpoint's params."""
-  loss_params = init_loss_params(loss_config)
-  if not loss_params:
-    return variables
-  return {**variables, "params": {**variables["params"], PARAMS_KEY: loss_params}}
-
-
-def init_loss_params(loss_config):
-  """Learnable loss scalars (float32), to live next to the model params in the train state.
-
-  clip:      {"logit_scale": log(1 / temperature_init)}   (CLIP: log(1/0.07) = 2.659)
-  siglip:    {"logit_scale": log(siglip_logit_scale_init), "logit_bias": siglip_logit_bias_init}
-             (SigLIP paper init: t = 10, b = -10)
-  released: {} (the released code uses a fixed temperature)
-  The train loop should exclude these from weight decay.
+  clip:     {"logit_scale": log(1 / temperature_init)}   (CLIP: log(1/0.07) = 2.659)
+  siglip:   {"logit_scale": log(siglip_logit_scale_init), "logit_bias": siglip_logit_bias_init}
+            (SigLIP paper init: t = 10, b = -10)
+  released: {} (the released code's temperature is fixed, loss.temperature_init)
+  With loss.learn_temperature False the trainer freezes them at these values.
   """
   kind = _check_kind(loss_config.contrastive)
   if kind == "clip":
-    return {"logit_scale": jnp.asarray(math.log(1.0 / loss_config.temperature_init), jnp.float32)}
+    return {"logit_scale": math.log(1.0 / loss_config.temperature_init)}
   if kind == "siglip":
-    return {"logit_scale": jnp.asarray(math.log(loss_config.siglip_logit_scale_init), jnp.float32),
-            "logit_bias": jnp.asarray(loss_config.siglip_logit_bias_init, jnp.float32)}
+    return {"logit_scale": math.log(loss_config.siglip_logit_scale_init),
+            "logit_bias": float(loss_config.siglip_logit_bias_init)}
   return {}
 
 
@@ -132,36 +121,37 @@ def view_mse(a, b, mask=None, normalize=False):
   return jnp.sum(jnp.where(mask, per_row, 0.0)) / _count(mask)
 
 
-def contrastive_loss(loss_params, text, image, loss_config, mask=None, num_blocks=1):
-  """The configured contrastive loss (`loss_config.contrastive`) -> (loss, metrics)."""
+def contrastive_loss(out, loss_config, mask=None, num_blocks=1):
+  """The configured contrastive loss (`loss_config.contrastive`) of a model output -> (loss,
+  metrics). out: "text", "image" (N, D) and the model's loss scalars ("logit_scale", and
+  "logit_bias" for siglip)."""
   kind = _check_kind(loss_config.contrastive)
+  text, image = out["text"], out["image"]
   if kind == "released":
     return released(text, image, num_blocks, loss_config.temperature_init, mask)
-  params = loss_params
-  if not loss_config.learn_temperature:
-    params = jax.tree.map(jax.lax.stop_gradient, loss_params)
   if kind == "clip":
-    return clip(text, image, params["logit_scale"], mask, loss_config.max_logit_scale)
-  return siglip(text, image, params["logit_scale"], params["logit_bias"], mask)
+    return clip(text, image, out["logit_scale"], mask, loss_config.max_logit_scale)
+  return siglip(text, image, out["logit_scale"], out["logit_bias"], mask)
 
 
-def total_loss(loss_params, text, image, loss_config, *, view_a=None, view_b=None, mask=None,
-               num_blocks=1):
-  """total = mse_weight * view_mse(view_a, view_b) + alpha * contrastive(text, image).
+def total_loss(out, loss_config, *, mask=None, num_blocks=1):
+  """total = mse_weight * view_mse(image_a, image_b) + alpha * contrastive(text, image).
 
-  text:   (N, D) text embeddings.
-  image:  (N, D) image embeddings for the contrastive term (the fused one when fusion is on).
-  view_a, view_b: (N, D) per-view image embeddings for the consistency term; None = no MSE term.
+  out: the model's training output (models/medfinder.py):
+    text:   (N, D) text embeddings;
+    image:  (N, D) image embeddings for the contrastive term (the fused one when fusion is on);
+    image_a, image_b: (N, D) per-view image embeddings for the consistency term (no image_b:
+      one view, no MSE term);
+    logit_scale, logit_bias: the loss scalars (see learnable_scalars).
   num_blocks: only for released, the number of per-device blocks (see `released`).
   Returns (loss, metrics) with metrics "loss", "contrastive", "mse", "temperature",
   "accuracy_t2i" (+ "accuracy_i2t" for clip/siglip, "logit_bias" for siglip).
   """
-  contrastive, metrics = contrastive_loss(loss_params, text, image, loss_config, mask,
-                                          num_blocks)
-  if view_a is None or view_b is None:
+  contrastive, metrics = contrastive_loss(out, loss_config, mask, num_blocks)
+  if out.get("image_b") is None:
     mse = jnp.zeros((), jnp.float32)
   else:
-    mse = view_mse(view_a, view_b, mask, loss_config.mse_normalize)
+    mse = view_mse(out["image_a"], out["image_b"], mask, loss_config.mse_normalize)
   loss = loss_config.mse_weight * mse + loss_config.alpha * contrastive
   return loss, {**metrics, "loss": loss, "mse": mse}
 

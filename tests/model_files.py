@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from medfinder_jax import convert_weights
+from medfinder_jax import loading
 
 
 def import_monai(importer, model, ours, volume):
@@ -28,10 +29,13 @@ def torch_call(model, volume):
 
 
 def export_released_state_dict(variables, backbone="resnet50"):
-  """MedFinder variables (fusion disabled) -> {released state-dict key: numpy array}."""
+  """MedFinder variables (fusion disabled) -> {released state-dict key: numpy array}; the loss
+  scalars, which the released code does not have, are left out."""
   key_fn = convert_weights.released_key_fn(backbone)
   state = {}
   for path, value in flax.traverse_util.flatten_dict(jax.device_get(variables)).items():
+    if "/".join(path).startswith(convert_weights.RELEASED_LACKS):
+      continue
     value = np.asarray(value)
     name, _ = convert_weights._leaf_to_torch(path[-1], value)  # pylint: disable=protected-access
     if path[-1] == "kernel":   # Flax conv DHWIO / dense (in, out) -> torch OIDHW / (out, in)
@@ -51,17 +55,15 @@ def write_released_checkpoint(path, variables, backbone="resnet50", training_dic
 
 def write_our_checkpoint(output_dir, config, variables, dataset_spec, step=7, val_r10=50.0):
   """Saves variables as step `step` of a launch.py train run in `output_dir` (checkpoint.py's
-  format: variables with the loss scalars, a stand-in optimizer state, meta, val metrics)."""
+  format: the variables, a stand-in optimizer state, meta, val metrics)."""
   from medfinder_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  from medfinder_jax import losses  # pylint: disable=import-outside-toplevel
-  params = {**jax.device_get(variables["params"]), **{"loss": losses.init_loss_params(config.loss)}}
   meta = checkpoint.build_meta(
       step=step, epoch=1, batches_consumed=step, seed=config.seed,
       rng_key_data=jax.random.key_data(jax.random.key(config.seed)), config=config,
       dataset_spec=dataset_spec, process_count=1, global_batch=8,
       val_metrics={"t2i": {"R@10": val_r10}})
   manager = checkpoint.make_manager(checkpoint.checkpoint_dir(output_dir), enable_async=False)
-  checkpoint.save(manager, step, {**variables, "params": params}, {"count": np.zeros((), np.int32)},
+  checkpoint.save(manager, step, jax.device_get(variables), {"count": np.zeros((), np.int32)},
                   meta, {checkpoint.BEST_METRIC: val_r10})
   manager.wait_until_finished()
   manager.close()
@@ -107,12 +109,11 @@ def aligned_model(dataset_dir, tmp_path_factory, split="test"):
   import os  # pylint: disable=import-outside-toplevel
   import types  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  import tiny_config  # pylint: disable=import-outside-toplevel
   from medfinder_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   from medfinder_jax import text as text_lib  # pylint: disable=import-outside-toplevel
-  config = tiny_config.get_config("nofusion")
-  model, variables = convert_weights.create_model(config.model, config.text, config.data.shape,
-                                                  jax.random.key(0))
+  from conftest import make_tiny_config  # pylint: disable=import-outside-toplevel
+  config = make_tiny_config(**{"model.fusion.enabled": False})
+  model, variables = loading.init_model(config, config.data.shape, jax.random.key(0))
   builder, spec = input_pipeline.open_dataset(dataset_dir)
   examples = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
   unit = spec.intensity(np.stack([e["volume"] for e in examples]))[..., 0]

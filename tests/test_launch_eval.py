@@ -14,13 +14,15 @@ import pytest
 
 import model_files
 from model_files import run_launch as run
-import tiny_config
+from conftest import TINY_CONFIG
 from multiprocess import launch_processes
+
+NO_FUSION = "--config.model.fusion.enabled=false"
 
 
 def eval_argv(model_path, output_dir, *more, dataset=None):
   argv = ["eval", "--model_path", model_path, "--split", "test", "--output_dir", str(output_dir),
-          "--config", tiny_config.PATH + ":nofusion", *more]
+          "--config", TINY_CONFIG, NO_FUSION, *more]
   return argv + ([f"--config.data.tfrecord_dir={dataset}"] if dataset else [])
 
 
@@ -64,7 +66,7 @@ def test_metrics_command_on_the_written_npz_gives_the_same_numbers(aligned, tmp_
 def test_released_checkpoint_with_fusion_configured_runs_unfused_and_says_so(aligned, tmp_path,
                                                                          capsys):
   argv = eval_argv(aligned.released_path, tmp_path, "--bootstrap", "0", dataset=aligned.dataset_dir)
-  argv[argv.index(tiny_config.PATH + ":nofusion")] = tiny_config.PATH    # fusion enabled
+  argv.remove(NO_FUSION)                                             # fusion enabled
   code, _, err = run(argv, capsys)
   assert code == 0 and "no fusion weights" in err and "fusion disabled" in err
   embeddings = np.load(tmp_path / "embeddings.npz")

@@ -15,12 +15,12 @@ import pytest
 import launch
 import model_files
 from model_files import run_launch as run
-import tiny_config
 from medfinder_jax import findings
+from conftest import TINY_CONFIG
 from multiprocess import launch_processes
 
 
-CONFIG = ["--config", tiny_config.PATH + ":nofusion"]
+CONFIG = ["--config", TINY_CONFIG, "--config.model.fusion.enabled=false"]
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,10 @@ import pytest
 import launch
 from medfinder_jax import checkpoint
 from medfinder_jax import logging as logging_lib
+from conftest import TINY_CONFIG
 from multiprocess import ROOT, free_port, launch_processes
 
-# The flags that give conftest.make_tiny_config's model (tiny ResNet, MiniLM, 32-d embeddings).
-TINY = ["--config.data.shape=16,16,8", "--config.text.model_path=minilm",
-        "--config.text.max_tokens=32", "--config.model.embed_dim=32",
-        "--config.model.resnet.layers=1,1,1,1", "--config.model.resnet.widths=4,8,8,16",
-        "--config.model.resnet.conv1_kernel=3", "--config.model.fusion.num_heads=2",
-        "--batch_size=1", "--config.eval.batch_size_per_device=1"]
+TINY = ["--config", TINY_CONFIG]   # the tiny ResNet, MiniLM, 32-d embeddings, 1 per device
 
 
 def train_argv(dataset, output_dir, *extra):

@@ -69,9 +69,10 @@ def test_clip_is_symmetric_in_text_and_image():
 
 
 def test_clip_temperature_initialised_at_0_07():
-  params = losses.init_loss_params(_loss_config("clip"))
-  np.testing.assert_allclose(params["logit_scale"], math.log(1 / 0.07), rtol=1e-6)
-  _, metrics = losses.clip(*_pairs(), params["logit_scale"])
+  scalars = losses.learnable_scalars(_loss_config("clip"))
+  assert set(scalars) == {"logit_scale"}
+  np.testing.assert_allclose(scalars["logit_scale"], math.log(1 / 0.07), rtol=1e-6)
+  _, metrics = losses.clip(*_pairs(), scalars["logit_scale"])
   np.testing.assert_allclose(metrics["temperature"], 0.07, rtol=1e-5)
 
 
@@ -121,9 +122,13 @@ def test_siglip_matches_numpy_reference():
 
 
 def test_siglip_init_follows_the_paper():
-  params = losses.init_loss_params(_loss_config("siglip"))
-  np.testing.assert_allclose(jnp.exp(params["logit_scale"]), 10.0, rtol=1e-6)
-  assert float(params["logit_bias"]) == -10.0
+  scalars = losses.learnable_scalars(_loss_config("siglip"))
+  np.testing.assert_allclose(math.exp(scalars["logit_scale"]), 10.0, rtol=1e-6)
+  assert scalars["logit_bias"] == -10.0
+
+
+def test_the_released_loss_learns_no_scalar():
+  assert losses.learnable_scalars(_loss_config("released")) == {}
 
 
 def test_siglip_mask_equals_loss_on_real_rows_only():
@@ -202,12 +207,20 @@ def test_view_mse_normalized_is_two_minus_two_cosine_over_dim():
                              rtol=1e-5)
 
 
+def model_output(text, image, config, view_a=None, view_b=None):
+  """What the model returns for the losses: embeddings and its loss scalars at their init."""
+  out = {"text": text, "image": image, "image_a": image if view_a is None else view_a,
+         **{k: jnp.float32(v) for k, v in losses.learnable_scalars(config).items()}}
+  if view_b is not None:
+    out["image_b"] = view_b
+  return out
+
+
 def test_total_loss_weights_mse_and_contrastive():
   text, image = _pairs()
   view_a, view_b = _pairs(seed=1)
   config = _loss_config("clip", alpha=0.7, mse_weight=2.5)
-  params = losses.init_loss_params(config)
-  loss, metrics = losses.total_loss(params, text, image, config, view_a=view_a, view_b=view_b)
+  loss, metrics = losses.total_loss(model_output(text, image, config, view_a, view_b), config)
   expected_mse = losses.view_mse(view_a, view_b, normalize=True)
   expected_clip = _np_clip(text, image, 1 / 0.07)
   np.testing.assert_allclose(metrics["mse"], expected_mse, rtol=1e-6)
@@ -217,31 +230,23 @@ def test_total_loss_weights_mse_and_contrastive():
 
 def test_total_loss_without_views_has_zero_mse():
   config = _loss_config("released")
-  loss, metrics = losses.total_loss({}, *_pairs(), config, num_blocks=2)
+  loss, metrics = losses.total_loss(model_output(*_pairs(), config), config, num_blocks=2)
   assert metrics["mse"] == 0.0
   np.testing.assert_allclose(loss, metrics["contrastive"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_fixed_temperature_gets_no_gradient(kind):
-  config = _loss_config(kind, learn_temperature=False)
-  params = losses.init_loss_params(config)
-  grads = jax.grad(lambda p: losses.total_loss(p, *_pairs(), config)[0])(params)
-  for leaf in jax.tree.leaves(grads):
-    assert float(leaf) == 0.0
-
-
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_learnable_temperature_gets_a_gradient(kind):
+def test_the_loss_scalars_get_a_gradient(kind):
   config = _loss_config(kind)
-  params = losses.init_loss_params(config)
-  grads = jax.grad(lambda p: losses.total_loss(p, *_pairs(), config)[0])(params)
-  assert abs(float(grads["logit_scale"])) > 0.0
+  out = model_output(*_pairs(), config)
+  scalars = {k: out[k] for k in losses.learnable_scalars(config)}
+  grads = jax.grad(lambda p: losses.total_loss({**out, **p}, config)[0])(scalars)
+  assert all(abs(float(g)) > 0.0 for g in grads.values())
 
 
 def test_unknown_contrastive_kind_is_a_clear_error():
   with pytest.raises(ValueError, match="loss.contrastive='infonce'"):
-    losses.init_loss_params(_loss_config("infonce"))
+    losses.learnable_scalars(_loss_config("infonce"))
 
 
 # --- on a mesh ----------------------------------------------------------------------------------
@@ -252,7 +257,7 @@ def test_loss_on_a_batch_sharded_over_8_devices_equals_the_unsharded_loss(kind):
   rows = jax.sharding.NamedSharding(mesh, jax.P("data"))
   text, image = _pairs(n=16)
   config = _loss_config(kind)
-  params = losses.init_loss_params(config)
-  fn = jax.jit(lambda t, i: losses.total_loss(params, t, i, config, num_blocks=8)[0])
+  fn = jax.jit(lambda t, i: losses.total_loss(model_output(t, i, config), config,
+                                              num_blocks=8)[0])
   sharded = fn(jax.device_put(text, rows), jax.device_put(image, rows))
   np.testing.assert_allclose(sharded, fn(text, image), rtol=1e-5)

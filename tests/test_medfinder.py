@@ -1,5 +1,5 @@
 """MedFinder: outputs of the two-view / single-view forward, encode_image / encode_text, fusion on
-and off, the frozen text tower, and building from the config."""
+and off, the loss scalars it holds, and building from the config."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from medfinder_jax import losses
 from medfinder_jax.models import bert
 from medfinder_jax.models import fusion
 from medfinder_jax.models import medfinder
@@ -29,11 +30,11 @@ def tiny_config(fusion=True, backbone="resnet50"):
   return config
 
 
-def build(fusion=True, backbone="resnet50", trainable=False):
+def build(fusion=True, backbone="resnet50"):
   config = tiny_config(fusion, backbone)
-  config.text.trainable = trainable
-  model = medfinder.build_model(config.model, config.text, TINY_BERT)
-  return model, medfinder.init_variables(model, jax.random.key(0), IMAGE, TOKENS)
+  model = medfinder.build_model(config.model, config.text, TINY_BERT,
+                                losses.learnable_scalars(config.loss))
+  return model, medfinder.initialize(model, jax.random.key(0), IMAGE, TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,8 @@ def encode_image(model, variables, volume):
 
 def test_param_groups(fused, unfused):
   assert set(fused[1]["params"]) == {"image_encoder", "image_projection", "text_encoder",
-                                     "text_projection", "fusion"}
+                                     "text_projection", "fusion", "logit_scale"}
+  np.testing.assert_allclose(fused[1]["params"]["logit_scale"], np.log(1 / 0.07), rtol=1e-6)
   assert set(fused[1]) == {"params", "batch_stats"}
   assert "fusion" not in unfused[1]["params"]
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(fused[1]))
@@ -91,8 +93,10 @@ def test_param_groups(fused, unfused):
 def test_two_view_forward_returns_what_the_losses_need(fused):
   model, variables = fused
   out = forward(model, variables, *batch())
-  assert set(out) == {"image_a", "image_b", "image", "text"}
-  assert all(v.shape == (3, 16) and v.dtype == jnp.float32 for v in out.values())
+  assert set(out) == {"image_a", "image_b", "image", "text", "logit_scale"}
+  assert out["logit_scale"] == variables["params"]["logit_scale"]
+  assert all(out[k].shape == (3, 16) and out[k].dtype == jnp.float32
+             for k in ("image_a", "image_b", "image", "text"))
 
 
 def test_swapping_the_views_swaps_per_view_embeddings_and_keeps_the_fused_one(fused):
@@ -138,7 +142,7 @@ def test_evaluation_view_attends_to_itself(fused):
   model, variables = fused
   view_a, _, ids, mask = batch()
   single = forward(model, variables, view_a, None, ids, mask)
-  assert set(single) == {"image_a", "image", "text"}
+  assert set(single) == {"image_a", "image", "text", "logit_scale"}
   np.testing.assert_allclose(encode_image(model, variables, view_a), single["image"], atol=1e-6)
   assert not np.allclose(single["image"], single["image_a"], atol=1e-4)
 
@@ -165,24 +169,6 @@ def test_mean_pooling_averages_the_unmasked_token_states(fused):
   pooled = (np.asarray(hidden) * m).sum(1) / m.sum(1)
   projection = variables["params"]["text_projection"]
   np.testing.assert_allclose(text, pooled @ projection["kernel"] + projection["bias"], atol=1e-5)
-
-
-def text_encoder_gradient(model, variables):
-  _, _, ids, mask = batch()
-
-  def loss(params):
-    text = model.apply({"params": params}, ids, mask, train=True, method=model.encode_text,
-                       rngs={"dropout": jax.random.key(0)})
-    return jnp.sum(text ** 2)
-
-  grads = jax.jit(jax.grad(loss))(variables["params"])
-  return max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["text_encoder"]))
-
-
-def test_frozen_text_tower_gets_no_gradient_and_trainable_one_does(fused):
-  model, variables = fused
-  assert text_encoder_gradient(model, variables) == 0.0
-  assert text_encoder_gradient(model.clone(text_trainable=True), variables) > 0.0
 
 
 def test_vit_backbone_builds_and_runs():

@@ -319,11 +319,16 @@ def test_chance_levels_are_those_of_a_random_ranking():
 @pytest.mark.parametrize("field, value, message", [
     ("ties", "median", "eval.ties='median'"),
     ("recall_ks", (1, 0), "eval.recall_ks=(1, 0)"),
-    ("recall_ks", (), "eval.recall_ks=()")])
+    ("recall_ks", (), "eval.recall_ks=()"),
+    ("recall_ks", (0, -1), "eval.recall_ks=(0, -1)"),
+    ("keyword_topk", (20, -5), "eval.keyword_topk=(20, -5)"),
+    ("ci_level", 1.5, "eval.ci_level=1.5"),
+    ("bootstrap_samples", -1, "--bootstrap must be 0")])
 def test_unusable_eval_settings_name_the_field(field, value, message):
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  settings = ml_collections.ConfigDict({"ties": "best", "recall_ks": (1, 5, 10)})
-  metrics.check_eval_config(settings)
-  settings[field] = value
-  with pytest.raises(ValueError, match=re.escape(message)):
-    metrics.check_eval_config(settings)
+  from configs import default  # pylint: disable=import-outside-toplevel
+  eval_config = default.get_config().eval
+  metrics.MetricSettings.from_config(eval_config)
+  with eval_config.ignore_type():
+    eval_config[field] = value
+  with pytest.raises(metrics.SettingsError, match=re.escape(message)):
+    metrics.MetricSettings.from_config(eval_config)

@@ -1,19 +1,20 @@
-"""Training: optimizer, sharded train step equivalence, gradient accumulation, the loop's stops.
+"""Training: the optimizer, the train state's freezing, sharded step equivalence, gradient
+accumulation, and the loop's stops.
 
 Equivalence tolerance (one step of the tiny model, same global batch of 8 studies and key):
 - loss and logged metrics: rtol 1e-5;
-- gradients, read from AdamW's first moment after one step (mu = 0.1 * grad): rtol 1e-4 with
-  atol 1e-4 x the leaf's largest |mu| (float32 reductions run in another order); biases that
-  feed a BatchNorm (below) have a true gradient of 0: there both sides must be float noise
-  (|mu| < 1e-6);
+- gradients: rtol 1e-4 with atol 1e-4 x the leaf's largest |g| (float32 reductions run in
+  another order); biases that feed a BatchNorm (below) have a true gradient of 0: there both
+  sides must be float noise (|g| < 1e-5);
 - updated params: AdamW's first update is lr * g / (|g| + eps), about lr * sign(g), so where a
   gradient is at the float-noise level the two runs may move by +-lr. Params whose gradient is
-  clearly non-zero (|mu| > 1e-3 x the leaf's largest) match to rtol 1e-5 / atol 1e-6; every
+  clearly non-zero (|g| > 1e-3 x the leaf's largest) match to rtol 1e-5 / atol 1e-6; every
   param, including biases that feed a BatchNorm (MONAI shortcut B, `downsample_conv/bias`,
   true gradient 0), is within 2 lr; frozen params match exactly;
 - BatchNorm statistics: rtol 1e-4 / atol 1e-6.
 """
 
+import functools
 import os
 import re
 import signal
@@ -26,13 +27,15 @@ import optax
 import pytest
 
 from medfinder_jax import checkpoint
-from medfinder_jax import logging as logging_lib
 from medfinder_jax import convert_weights
+from medfinder_jax import errors
 from medfinder_jax import input_pipeline as ip
+from medfinder_jax import loading
+from medfinder_jax import logging as logging_lib
 from medfinder_jax import sharding
-from medfinder_jax import text as text_lib
+from medfinder_jax import stopping
 from medfinder_jax import train
-from medfinder_jax.models import medfinder as medfinder_lib
+from medfinder_jax import train_step
 
 BN_FED_BIAS = r"downsample_conv/bias$"
 
@@ -43,58 +46,45 @@ def _tree_paths(tree):
 
 # --- Optimizer ------------------------------------------------------------------------------------
 
-def _toy_params():
-  return {"text_encoder": {"dense": {"kernel": np.ones((4, 4), np.float32),
-                                     "bias": np.ones((4,), np.float32)}},
-          "image_encoder": {"conv": {"kernel": np.ones((3, 4), np.float32),
-                                     "bias": np.ones((4,), np.float32)},
-                            "norm": {"scale": np.ones((4,), np.float32)}},
-          "loss": {"logit_scale": np.float32(2.0)}}
-
-
 def test_learning_rate_warms_up_linearly_then_decays_to_zero_by_cosine(tiny_config):
   config = tiny_config(**{"train.lr": 1e-3, "train.warmup_steps": 10})
-  schedule = train.learning_rate_schedule(config.train, 110)
+  schedule = train_step.learning_rate_schedule(config.train, 110)
   assert float(schedule(0)) == 0.0
   assert float(schedule(5)) == pytest.approx(5e-4)
   assert float(schedule(10)) == pytest.approx(1e-3)
   assert float(schedule(60)) == pytest.approx(5e-4, rel=1e-4)   # half way down the cosine
   assert float(schedule(110)) == pytest.approx(0.0, abs=1e-9)
-  no_warmup = train.learning_rate_schedule(tiny_config(**{"train.lr": 1e-3}).train, 100)
+  no_warmup = train_step.learning_rate_schedule(tiny_config(**{"train.lr": 1e-3}).train, 100)
   assert float(no_warmup(0)) == pytest.approx(1e-3) and float(no_warmup(50)) == pytest.approx(5e-4)
-
-
-def test_frozen_text_tower_holds_no_optimizer_state_and_never_moves(tiny_config):
-  tx, _ = train.make_optimizer(tiny_config().train, text_trainable=False, total_steps=10)
-  params = _toy_params()
-  state = tx.init(params)
-  assert not any("text_encoder" in path for path in _tree_paths(state))
-  assert any("image_encoder/conv/kernel" in path for path in _tree_paths(state))
-  grads = jax.tree.map(np.ones_like, params)
-  updates, _ = tx.update(grads, state, params)
-  new = optax.apply_updates(params, updates)
-  for leaf, old in zip(jax.tree.leaves(new["text_encoder"]),
-                       jax.tree.leaves(params["text_encoder"])):
-    np.testing.assert_array_equal(leaf, old)
-  assert not np.allclose(new["image_encoder"]["conv"]["kernel"], 1.0)
-
-
-def test_trainable_text_tower_gets_optimizer_state(tiny_config):
-  tx, _ = train.make_optimizer(tiny_config().train, text_trainable=True, total_steps=10)
-  assert any("text_encoder/dense/kernel" in path for path in _tree_paths(tx.init(_toy_params())))
 
 
 def test_weight_decay_spares_loss_scalars_biases_and_norm_scales(tiny_config):
   config = tiny_config(**{"train.lr": 0.1, "train.weight_decay": 0.5})
-  tx, _ = train.make_optimizer(config.train, text_trainable=False, total_steps=1000)
-  params = _toy_params()
+  tx = train_step.make_optimizer(config.train, total_steps=1000)
+  params = {"image_encoder": {"conv": {"kernel": np.ones((3, 4), np.float32),
+                                       "bias": np.ones((4,), np.float32)},
+                              "norm": {"scale": np.ones((4,), np.float32)}},
+            "logit_scale": np.float32(2.0)}
   zeros = jax.tree.map(np.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)    # zero gradient: only decay moves
   new = optax.apply_updates(params, updates)
   np.testing.assert_allclose(new["image_encoder"]["conv"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)
   np.testing.assert_array_equal(new["image_encoder"]["conv"]["bias"], 1.0)
   np.testing.assert_array_equal(new["image_encoder"]["norm"]["scale"], 1.0)
-  np.testing.assert_array_equal(new["loss"]["logit_scale"], 2.0)
+  np.testing.assert_array_equal(new["logit_scale"], 2.0)
+
+
+@pytest.mark.parametrize("text_trainable, learn_temperature, frozen", [
+    (False, True, {"text_encoder"}),
+    (True, True, set()),
+    (False, False, {"text_encoder", "logit_scale"})])
+def test_the_config_decides_what_is_frozen(tiny_config, text_trainable, learn_temperature,
+                                          frozen):
+  config = tiny_config(**{"text.trainable": text_trainable,
+                          "loss.learn_temperature": learn_temperature})
+  params = {"image_encoder": 1, "text_encoder": 2, "logit_scale": 3, "fusion": 4}
+  trainable, held = train_step.split_params(params, train_step.frozen_keys(config))
+  assert set(held) == frozen and set(trainable) == set(params) - frozen
 
 
 # --- One train step on different meshes -----------------------------------------------------------
@@ -104,43 +94,46 @@ def parts(tiny_dataset):
   """Tiny config, model, pretrained MiniLM params, dataset spec and one host batch of 8."""
   from conftest import make_tiny_config  # pylint: disable=import-outside-toplevel
   config = make_tiny_config(**{"train.lr": 1e-3})
-  folder = text_lib.resolve_text_model_path(config.text.model_path)
-  bert_config, text_params = convert_weights.load_hf_bert(folder)
-  model = medfinder_lib.build_model(config.model, config.text, bert_config)
+  tokenizer, _ = loading.text_tower(config.text)
+  bert_config, text_params = convert_weights.load_hf_bert(tokenizer.folder)
+  model = loading.build_model(config, bert_config)
   builder, spec = ip.open_dataset(tiny_dataset)
-  tokenizer = text_lib.load_tokenizer(config.text)
   batch = next(iter(ip.train_batches(builder, "train", 8, tokenizer, seed=0, shuffle_buffer=8,
                                      process_index=0, process_count=1)))
   return config, model, text_params, spec, batch
 
 
-def one_step(parts, devices, data, fsdp, accum=1):
-  """(state before, state after, metrics) of one step over a global batch of 8 studies."""
-  config, model, text_params, spec, batch = parts
+def make_state(parts, mesh, config, rules=None):
+  _, model, text_params, spec, _ = parts
+  tx = train_step.make_optimizer(config.train, total_steps=100)
+  rules = rules or sharding.PartitionRules(min_size=2**10)   # fsdp shards even tiny kernels
+  return train_step.create_train_state(model, tx, config, spec.shape, jax.random.key(1), mesh,
+                                       rules, text_params)
+
+
+def one_step(parts, devices, data, fsdp, accum=1, **overrides):
+  """(state before, gradients, state after, metrics, param specs) of one step over a global
+  batch of 8 studies on `devices` devices (data x fsdp)."""
+  config, _, _, spec, batch = parts
   config = config.copy_and_resolve_references()
   mesh = sharding.make_mesh({"data": data, "fsdp": fsdp}, jax.devices()[:devices])
   config.train.batch_size_per_device = 8 // devices // accum
   config.train.grad_accum_steps = accum
-  rules = sharding.PartitionRules(min_size=2**10)   # small enough that fsdp shards tiny kernels
-  tx, schedule = train.make_optimizer(config.train, False, total_steps=100)
-  state = train.create_train_state(model, tx, config, spec.shape, jax.random.key(1), mesh, rules,
-                                   text_params)
+  for key, value in overrides.items():
+    config.loss[key] = value
+  state = make_state(parts, mesh, config)
   before = jax.device_get(state)
-  step = train.make_train_step(model, tx, schedule, config, spec.intensity, mesh,
-                               jax.tree.map(lambda x: x.sharding, state))
-  key = jax.device_put(jax.random.key(7), sharding.replicated(mesh))
-  after, metrics = step(state, sharding.make_global_batch(batch, mesh), key)
-  return before, jax.device_get(after), jax.device_get(metrics), state_specs(after)
-
-
-def state_specs(state):
-  return {path: leaf.sharding.spec for path, leaf in _tree_paths(state.params).items()}
-
-
-def adam_mu(opt_state):
-  """AdamW's first moment (the trainable partition) as {path: array}."""
-  inner = opt_state.inner_states[train.TRAINABLE].inner_state
-  return _tree_paths(inner[0].mu)
+  global_batch = sharding.make_global_batch(batch, mesh)
+  key = sharding.replicate(jax.random.key_data(jax.random.key(7)), mesh)
+  grads, _, _ = jax.jit(functools.partial(train_step.gradients, config=config,
+                                          model_input=spec.intensity, mesh=mesh))(
+      state, global_batch, train_step.step_key(key, 0))
+  step = train_step.make_train_step(config, spec.intensity, mesh,
+                                    jax.tree.map(lambda x: x.sharding, state))
+  after, metrics = step(state, global_batch, key)
+  specs = {path: leaf.sharding.spec for path, leaf in _tree_paths(after.trainable).items()}
+  return before, _tree_paths(jax.device_get(grads)), jax.device_get(after), \
+      jax.device_get(metrics), specs
 
 
 @pytest.fixture(scope="module")
@@ -148,32 +141,32 @@ def single_device_step(parts):
   return one_step(parts, devices=1, data=1, fsdp=1)
 
 
-def assert_moments_match(mu, expected):
-  """AdamW first moments (path -> array) equal the expected ones, to the module's tolerance."""
+def assert_gradients_match(grads, expected):
+  """Gradients (path -> array) equal the expected ones, to the module's tolerance."""
+  assert set(grads) == set(expected)
   for path, value in expected.items():
     if re.search(BN_FED_BIAS, path):   # true gradient 0: float noise on both sides
-      assert np.max(np.abs(mu[path])) < 1e-6 and np.max(np.abs(value)) < 1e-6, path
+      assert np.max(np.abs(grads[path])) < 1e-5 and np.max(np.abs(value)) < 1e-5, path
       continue
     scale = float(np.max(np.abs(value))) or 1.0
-    np.testing.assert_allclose(mu[path], value, rtol=1e-4, atol=1e-4 * scale, err_msg=path)
+    np.testing.assert_allclose(grads[path], value, rtol=1e-4, atol=1e-4 * scale, err_msg=path)
 
 
 @pytest.mark.parametrize("data, fsdp", [(8, 1), (2, 4)])
 def test_one_step_on_8_devices_matches_1_device(parts, single_device_step, data, fsdp):
-  before, ref, ref_metrics, _ = single_device_step
-  _, got, metrics, specs = one_step(parts, devices=8, data=data, fsdp=fsdp)
+  _, ref_grads, ref, ref_metrics, _ = single_device_step
+  _, grads, got, metrics, specs = one_step(parts, devices=8, data=data, fsdp=fsdp)
   if fsdp > 1:
     assert any("fsdp" in str(spec) for spec in specs.values())
   for name in ("loss", "contrastive", "mse", "grad_norm"):
     np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-5, err_msg=name)
-  mu, ref_mu = adam_mu(got.opt_state), adam_mu(ref.opt_state)
-  assert_moments_match(mu, ref_mu)
+  assert_gradients_match(grads, ref_grads)
   lr = float(ref_metrics["lr"])
   got_params, ref_params = _tree_paths(got.params), _tree_paths(ref.params)
   for path, value in ref_params.items():
-    clear = np.ones(value.shape, bool)   # frozen leaves (no mu) must match everywhere
-    if path in ref_mu:
-      clear = np.abs(ref_mu[path]) > 1e-3 * np.max(np.abs(ref_mu[path]))
+    clear = np.ones(value.shape, bool)   # frozen leaves (no gradient) must match everywhere
+    if path in ref_grads:
+      clear = np.abs(ref_grads[path]) > 1e-3 * np.max(np.abs(ref_grads[path]))
       if re.search(BN_FED_BIAS, path):
         clear[...] = False
     np.testing.assert_allclose(got_params[path][clear], value[clear], rtol=1e-5, atol=1e-6,
@@ -184,42 +177,52 @@ def test_one_step_on_8_devices_matches_1_device(parts, single_device_step, data,
   assert int(got.step) == int(ref.step) == 1
 
 
-def test_step_moves_the_image_tower_but_not_the_frozen_text_tower(single_device_step):
-  before, after, metrics, _ = single_device_step
-  for a, b in zip(jax.tree.leaves(after.params["text_encoder"]),
-                  jax.tree.leaves(before.params["text_encoder"])):
+def test_a_step_moves_the_trainable_params_and_never_the_frozen_ones(single_device_step):
+  before, grads, after, metrics, _ = single_device_step
+  assert set(after.frozen) == {"text_encoder"}
+  assert not any(path.startswith("text_encoder") for path in grads)
+  for a, b in zip(jax.tree.leaves(after.frozen), jax.tree.leaves(before.frozen)):
     np.testing.assert_array_equal(a, b)
+  assert not any("text_encoder" in path for path in _tree_paths(after.opt_state))
   assert not np.allclose(after.params["image_projection"]["kernel"],
                          before.params["image_projection"]["kernel"])
-  assert after.params["loss"]["logit_scale"] != before.params["loss"]["logit_scale"]
+  assert after.params["logit_scale"] != before.params["logit_scale"]
   assert np.isfinite(metrics["loss"]) and metrics["lr"] == pytest.approx(1e-3)
+
+
+def test_a_fixed_temperature_stays_at_its_initial_value(parts):
+  before, grads, after, _, _ = one_step(parts, devices=1, data=1, fsdp=1,
+                                        learn_temperature=False)
+  assert "logit_scale" in after.frozen and "logit_scale" not in grads
+  assert float(after.params["logit_scale"]) == float(before.params["logit_scale"]) == \
+      pytest.approx(np.log(1 / 0.07))
 
 
 @pytest.mark.slow
 def test_accumulated_gradient_is_the_mean_over_micro_batches(parts):
-  """accum=2: AdamW's mu equals 0.1 x the mean of the two micro-batch gradients, computed
-  separately with the step's own loss function (micro-batch a = rows a, a+2, a+4, ...)."""
-  config, model, _, spec, batch = parts
-  before, after, _, _ = one_step(parts, devices=2, data=2, fsdp=1, accum=2)
+  """accum=2 equals the mean of the two micro-batch gradients computed separately with the
+  step's own loss (micro-batch a = rows a, a+2, a+4, ...), and BatchNorm statistics flow from
+  the first micro-batch into the second."""
+  config, _, _, spec, batch = parts
+  _, grads, after, _, _ = one_step(parts, devices=2, data=2, fsdp=1, accum=2)
   config = config.copy_and_resolve_references()
   config.train.batch_size_per_device, config.train.grad_accum_steps = 2, 2
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1}, jax.devices()[:2])
-  loss_fn = train.make_loss_fn(model, config, spec.intensity, num_blocks=2)
-  trainable = {k: v for k, v in before.params.items() if k != "text_encoder"}
-  frozen = {"text_encoder": before.params["text_encoder"]}
-  step_key = jax.random.fold_in(jax.random.key(7), 0)
-  grads, stats = [], before.batch_stats
-  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  state = make_state(parts, mesh, config)
+  step_key = train_step.step_key(jax.random.key(7), 0)
+  loss = functools.partial(train_step.micro_batch_loss, config=config,
+                           model_input=spec.intensity, num_blocks=2)
+  grad_fn = jax.jit(jax.grad(loss, has_aux=True))
+  micro_grads = []
   for a in range(2):
-    micro = jax.tree.map(lambda x, a=a: x[a::2], batch)
-    micro = sharding.make_global_batch(micro, mesh)
-    (_, (_, stats)), grad = grad_fn(trainable, frozen, stats, micro,
-                                    jax.random.fold_in(step_key, a), a * 4)
-    grads.append(grad)
-  expected = _tree_paths(jax.tree.map(lambda g0, g1: 0.1 * (g0 + g1) / 2, *grads))
-  mu = adam_mu(after.opt_state)
-  assert_moments_match(mu, expected)
-  for a, b in zip(jax.tree.leaves(after.batch_stats), jax.tree.leaves(stats)):
+    micro = sharding.make_global_batch(jax.tree.map(lambda x, a=a: x[a::2], batch), mesh)
+    grad, (_, stats) = grad_fn(state.trainable, state, micro, jax.random.fold_in(step_key, a),
+                               a * 4)
+    state = state.replace(batch_stats=stats)
+    micro_grads.append(grad)
+  expected = _tree_paths(jax.tree.map(lambda g0, g1: (g0 + g1) / 2, *micro_grads))
+  assert_gradients_match(grads, jax.device_get(expected))
+  for a, b in zip(jax.tree.leaves(after.batch_stats), jax.tree.leaves(state.batch_stats)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -281,13 +284,13 @@ def test_time_budget_stops_training_with_a_checkpoint(tiny_config, tiny_dataset,
 def test_raw_corpus_as_data_root_is_an_error_with_the_convert_command(tiny_config, tmp_path):
   (tmp_path / "meta").mkdir()
   config = tiny_config(**{"data.data_root": str(tmp_path), "data.tfrecord_dir": ""})
-  with pytest.raises(train.TrainingError, match=r"launch.py convert --data_root .* --output_dir"):
+  with pytest.raises(errors.UserError, match=r"launch.py convert --data_root .* --output_dir"):
     train.train_and_evaluate(config)
 
 
 def test_empty_text_model_path_says_what_to_pass(tiny_config, tiny_dataset):
   config = tiny_config(**{"data.tfrecord_dir": tiny_dataset, "text.model_path": ""})
-  with pytest.raises(train.TrainingError, match="BioBERT.*minilm"):
+  with pytest.raises(errors.UserError, match="BioBERT.*minilm"):
     train.setup_run(config)
 
 
@@ -320,15 +323,3 @@ def test_loss_falls_and_recall_rises_above_chance(tiny_config, tmp_path_factory,
   assert val["n"] == 42
   assert val["t2i"]["MnR"] < 0.8 * chance_mean_rank and val["i2t"]["MnR"] < 0.8 * chance_mean_rank
   assert val["t2i"]["R@10"] > 100 * 10 / 42 + 10
-
-
-def test_without_the_preemption_service_sigterm_is_still_recorded(monkeypatch):
-  """Several processes but jax's preemption service off: SIGTERM must not kill the run unsaved."""
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(train, "_preemption_service_running", lambda: False)
-  with train.StopRequest() as stop:
-    assert not stop.preempted(5)
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.05)
-    assert stop.reason == "SIGTERM"
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

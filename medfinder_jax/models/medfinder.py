@@ -6,12 +6,17 @@ Parameter tree (top-level keys of `variables["params"]`):
   text_encoder      BertModel (frozen by default: the trainer selects it by this key)
   text_projection   Dense(hidden -> embed_dim) applied to the CLS hidden state
   fusion            CrossAttentionFusion (absent when fusion is disabled)
+  logit_scale       () float32: log of the contrastive loss's inverse temperature (clip, siglip)
+  logit_bias        () float32: the sigmoid loss's bias (siglip)
+
+The loss scalars are parameters of the model (as in big_vision's two towers), so one parameter
+tree holds everything a step changes; the trainer decides what is frozen by top-level key.
 
 Projection and pooling commute (both linear), so the unfused embedding
 proj(mean(tokens)) equals mean(proj(tokens)) and matches the released code's `Linear(pooled)`.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -24,6 +29,8 @@ from medfinder_jax.models import vit3d
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 BACKBONES = ("resnet50", "vit")
+TEXT_TOWER = "text_encoder"                   # params key of the BERT tower
+LOSS_SCALARS = ("logit_scale", "logit_bias")  # params keys of the loss scalars (when present)
 
 
 class MedFinder(nn.Module):
@@ -33,21 +40,23 @@ class MedFinder(nn.Module):
     embed_dim: joint embedding width (512).
     use_fusion: cross-attention fusion of views (False: an unfused single view, as the released code runs).
     fusion_heads: attention heads of the fusion.
-    text_pooling: "cls" (the seed: the [CLS] hidden state) or "mean" (mean of the token hidden
+    text_pooling: "cls" (the released code: the [CLS] hidden state) or "mean" (mean of the token hidden
       states under the attention mask: how sentence-transformers models such as all-MiniLM-L6-v2
       were trained to embed a sentence).
-    text_trainable: False stops gradients at the BERT output (the released code freezes BERT; dropout
-      stays active in training, as in the seed). The optimizer must still exclude
-      params["text_encoder"] (weight decay would change it otherwise).
+    logit_scale_init, logit_bias_init: initial values of the loss scalars held as parameters
+      (losses.learnable_scalars); None = the loss has no such scalar.
     dtype: compute dtype; params are float32; returned embeddings are float32.
+  Freezing (e.g. the text tower, as the released code does) is the trainer's: dropout stays
+  active in training either way, as in the released code.
   """
   image_encoder: nn.Module
   text_config: bert_lib.BertConfig
   embed_dim: int = 512
   use_fusion: bool = True
   fusion_heads: int = 8
-  text_trainable: bool = False
   text_pooling: str = "cls"
+  logit_scale_init: Optional[float] = None
+  logit_bias_init: Optional[float] = None
   dtype: Any = jnp.float32
   remat: bool = False
 
@@ -57,6 +66,9 @@ class MedFinder(nn.Module):
     self.text_projection = nn.Dense(self.embed_dim, dtype=self.dtype)
     if self.use_fusion:
       self.fusion = fusion_lib.CrossAttentionFusion(self.fusion_heads, dtype=self.dtype)
+    inits = dict(zip(LOSS_SCALARS, (self.logit_scale_init, self.logit_bias_init)))
+    self.loss_scalars = {name: self.param(name, nn.initializers.constant(value), (), jnp.float32)
+                         for name, value in inits.items() if value is not None}
 
   def _image_features(self, volume, train):
     """-> (unfused embedding (B, D) float32, projected tokens (B, N, D) or None)."""
@@ -79,8 +91,6 @@ class MedFinder(nn.Module):
     """input_ids, attention_mask (B, L) int (mask 1 = token) -> (B, embed_dim) float32."""
     hidden, _ = self.text_encoder(input_ids, attention_mask, train=train)
     pooled = pool_text(hidden, attention_mask, self.text_pooling)
-    if not self.text_trainable:
-      pooled = jax.lax.stop_gradient(pooled)
     return self.text_projection(pooled).astype(jnp.float32)
 
   def __call__(self, view_a, view_b, input_ids, attention_mask, train=True):
@@ -91,8 +101,9 @@ class MedFinder(nn.Module):
       image: embedding for the contrastive loss = 0.5 (fused a<-b + fused b<-a) with fusion,
         else image_a (two views) / the single-view embedding
       text: text embedding
+    and the loss scalars the model holds (logit_scale, logit_bias: () float32).
     """
-    result = {"text": self.encode_text(input_ids, attention_mask, train)}
+    result = {"text": self.encode_text(input_ids, attention_mask, train), **self.loss_scalars}
     if view_b is None:
       unfused, tokens = self._image_features(view_a, train)
       result.update(image_a=unfused, image=self._self_fused(unfused, tokens, train))
@@ -147,25 +158,29 @@ def build_image_encoder(model_config):
   raise ValueError(f"model.backbone: got {model_config.backbone!r}, expected one of {BACKBONES}")
 
 
-def build_model(model_config, text_config, bert_config):
-  """MedFinder from the config's `model` and `text` sections and the text tower's BertConfig
-  (read from the text model folder by `convert_weights.load_bert_config`)."""
+def build_model(model_config, text_config, bert_config, loss_scalars=None):
+  """MedFinder from the config's `model` and `text` sections, the text tower's BertConfig
+  (read from the text model folder by `convert_weights.load_bert_config`) and the initial values
+  of the loss scalars it holds ({"logit_scale": v, ...}: losses.learnable_scalars)."""
+  loss_scalars = loss_scalars or {}
   return MedFinder(
       image_encoder=build_image_encoder(model_config),
       text_config=bert_config,
       embed_dim=model_config.embed_dim,
       use_fusion=model_config.fusion.enabled,
       fusion_heads=model_config.fusion.num_heads,
-      text_trainable=text_config.trainable,
       text_pooling=text_config.get("pooling", "cls"),
+      logit_scale_init=loss_scalars.get("logit_scale"),
+      logit_bias_init=loss_scalars.get("logit_bias"),
       dtype=compute_dtype(model_config.dtype),
       remat=model_config.remat)
 
 
 def init_variables(model, rng, image_shape, max_tokens, text_params=None):
   """Fresh variables {"params", ["batch_stats"]} for volumes of `image_shape` (X, Y, Z) and
-  texts of `max_tokens` tokens. Only the initialisers run (flax lazy_init, jitted): no forward
-  pass, no volume in memory; the volume shape matters for the ViT position embedding only.
+  texts of `max_tokens` tokens. Only the initialisers run (flax lazy_init): no forward pass, no
+  volume in memory; the volume shape matters for the ViT position embedding only. Pure: jit it
+  (the train state does, with output shardings) or jax.eval_shape it.
 
   text_params: pretrained BertModel params to put in params["text_encoder"] (their random
   initialisation is then dead code that XLA drops).
@@ -175,12 +190,18 @@ def init_variables(model, rng, image_shape, max_tokens, text_params=None):
   volume = jax.ShapeDtypeStruct((1, *image_shape, 1), jnp.float32)
   ids = jax.ShapeDtypeStruct((1, max_tokens), jnp.int32)
 
-  def init(key, text_params):
-    key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
-    variables = model.lazy_init({"params": key, "dropout": key}, volume, volume, ids, ids,
-                                train=False)
-    if text_params is not None:
-      variables = {**variables, "params": {**variables["params"], "text_encoder": text_params}}
-    return variables
+  key = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
+  variables = model.lazy_init({"params": key, "dropout": key}, volume, volume, ids, ids,
+                              train=False)
+  if text_params is not None:
+    variables = {**variables, "params": {**variables["params"], TEXT_TOWER: text_params}}
+  return variables
 
-  return jax.jit(init)(rng, text_params)
+
+_compiled_init = jax.jit(init_variables, static_argnums=(0, 2, 3))
+
+
+def initialize(model, rng, image_shape, max_tokens, text_params=None):
+  """init_variables compiled once per model and shapes, for callers outside a jit (tools,
+  tests, loading.init_model); inside a jit call init_variables itself."""
+  return _compiled_init(model, rng, tuple(image_shape), int(max_tokens), text_params)
