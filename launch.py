@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """MedFinder-JAX command line: phantom | convert | train | eval | metrics | embed | search | demo.
 
-Thin by design: parse flags, build the config, call one function per command.
+Thin by design: parse flags, build the config, call one function per command
+(medfinder_jax/commands/, data_prep/ and medfinder_jax/train.py do the work). Each command's
+module is imported only when that command runs, so `metrics` and `search` never pay for
+TensorFlow, and a user mistake anywhere is one line on stderr with exit code 2.
 `--config configs/x.py[:arg]` picks a config file; `--config.section.key=value` overrides any field.
 """
 
@@ -212,14 +215,10 @@ def add_metrics_args(parser):
 
 
 def run_metrics(args, config):
-  from medfinder_jax import interchange, metrics
-  result, written = interchange.evaluate_embeddings_file(
-      args.embeddings, config.eval, seed=config.seed, output_path=args.output,
-      plots_dir=args.plots, bootstrap_samples=args.bootstrap)
-  if args.json:
-    print(json.dumps(result, indent=2))
-  else:
-    print(metrics.format_metrics_table(result, show_chance=args.chance))
+  from medfinder_jax.commands import metrics  # pylint: disable=import-outside-toplevel
+  result, written = metrics.run(config, args.embeddings, output_path=args.output,
+                                plots_dir=args.plots, bootstrap_samples=args.bootstrap)
+  print(metrics.format_result(result, show_chance=args.chance, as_json=args.json))
   print("wrote " + ", ".join(written), file=sys.stderr if args.json else sys.stdout)
   return 0
 
@@ -248,16 +247,13 @@ def add_eval_args(parser):
 
 def run_eval(args, config):
   """Writes embeddings.npz + metrics.json into --output_dir and prints the table (process 0)."""
-  from medfinder_jax import inference
+  from medfinder_jax.commands import eval as eval_command  # pylint: disable=import-outside-toplevel
   if args.batch_size is not None:   # the released code evaluates with its --batch_size
     config.eval.batch_size_per_device = args.batch_size
-  done = inference.run_eval(config, args.model_path, split=args.split, plots=args.plots,
-                            bootstrap_samples=args.bootstrap)
+  done = eval_command.run(config, args.model_path, split=args.split, plots=args.plots,
+                          bootstrap_samples=args.bootstrap)
   if done is not None:
-    from medfinder_jax import metrics
-    result, written = done
-    print(metrics.format_metrics_table(result, show_chance=True))
-    print("wrote " + ", ".join(written))
+    print(eval_command.format_result(*done))
   return 0
 
 
@@ -281,16 +277,16 @@ def add_embed_args(parser):
 
 
 def run_embed(args, config):
-  from medfinder_jax import inference
+  from medfinder_jax.commands import embed  # pylint: disable=import-outside-toplevel
   if args.tfrecord_dir:
     config.data.tfrecord_dir = args.tfrecord_dir
-  done = inference.run_embed(config, args.model_path, args.index, split=args.split,
-                             volumes_dir=args.volumes, overwrite=args.overwrite)
+  done = embed.run(config, args.model_path, args.index, split=args.split,
+                   volumes_dir=args.volumes, overwrite=args.overwrite)
   if done is not None:
-    for path, reason in done["skipped"]:
-      print(f"skipped {path}: {reason}", file=sys.stderr)
-    skipped = f" ({len(done['skipped'])} unreadable files skipped)" if done["skipped"] else ""
-    print(f"wrote index {done['index']}: {done['n']} studies{skipped}")
+    skipped, summary = embed.format_result(done)
+    for line in skipped:
+      print(line, file=sys.stderr)
+    print(summary)
   return 0
 
 
@@ -311,10 +307,10 @@ def add_search_args(parser):
 
 
 def run_search(args, config):
-  from medfinder_jax import inference
-  result = inference.run_search(config, args.index, text=args.text, keyword=args.keyword,
-                                volume=args.volume, top_k=args.top_k, model_path=args.model_path)
-  print(json.dumps(result, indent=2) if args.json else inference.format_search(result))
+  from medfinder_jax.commands import search  # pylint: disable=import-outside-toplevel
+  result = search.run(config, args.index, text=args.text, keyword=args.keyword,
+                      volume=args.volume, top_k=args.top_k, model_path=args.model_path)
+  print(json.dumps(result, indent=2) if args.json else search.format_result(result))
   return 0
 
 
@@ -334,7 +330,7 @@ def add_demo_args(parser):
 def run_demo(args, config):
   """phantom -> convert -> train -> test-split evaluation, with the table against chance."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from medfinder_jax import demo  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.commands import demo  # pylint: disable=import-outside-toplevel
   defaults = config.get("demo")
   if defaults is None:
     print(f"launch.py demo: error: {args.config} has no `demo` section (n, minutes); use "
@@ -347,7 +343,7 @@ def run_demo(args, config):
           "--minutes positive", file=sys.stderr)
     return 2
   try:
-    demo.run_demo(config, args.output_dir, n, minutes, workers=args.workers)
+    demo.run(config, args.output_dir, n, minutes, workers=args.workers)
   except KeyboardInterrupt:
     print("\nlaunch.py demo: interrupted; rerun the same command to resume", file=sys.stderr)
     return 130

@@ -106,23 +106,24 @@ def measure(method, n, dim, repeats):
 
 
 def search_latency(n, dim, queries=200, top_k=10):
-  from medfinder_jax import interchange, retrieval
+  from medfinder_jax import index as index_lib
+  from medfinder_jax import interchange
   text, image = make_pairs(n, dim, seed=1)
   fields = {"image_embeddings": image, "text_embeddings": text,
             "study_ids": np.array([f"s{i}" for i in range(n)]),
             "reports": np.array([f"report {i} " * 30 for i in range(n)]),
             "source_paths": np.array([f"CT{i % 10}/ct/s{i}.nii.gz" for i in range(n)])}
-  model = retrieval.model_identity(backbone="bench", embed_dim=dim, fingerprint="bench")
+  model = {"backbone": "bench", "embed_dim": dim, "fingerprint": "bench"}
   with tempfile.TemporaryDirectory() as tmp:
-    path = retrieval.build_index(os.path.join(tmp, "index"), interchange.validate(fields), model)
+    path = index_lib.build_index(os.path.join(tmp, "index"), interchange.validate(fields), model)
     start = time.perf_counter()
-    index = retrieval.load_index(path, expected_model=model)
+    index = index_lib.load_index(path)
     load_s = time.perf_counter() - start
   rows = np.random.default_rng(2).integers(0, n, size=queries)
   latencies, hits = [], 0
   for row in rows:
     start = time.perf_counter()
-    results = retrieval.search(index, text[row], top_k=top_k, against="image")
+    results = index_lib.search(index, text[row], top_k=top_k, against="image")
     latencies.append(time.perf_counter() - start)
     hits += results[0].row == row
   ms = 1000 * np.array(latencies)

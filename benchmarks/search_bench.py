@@ -2,11 +2,11 @@
 """End-to-end search latency: query encoding + ranking over an index of --n studies (CPU).
 
 In process (what a search service would pay per query, after start-up), per query kind:
-  text / keyword   inference.encode_text_queries (tokenize + text tower + projection, batch 1,
-                   padded to 16 tokens for these short queries instead of text.max_tokens = 100)
-                   + inference.search_embedding over the image embeddings (top --top_k)
-  volume           (--volume) inference.load_volume (NIfTI read + conversion preprocessing)
-                   + image tower + ranking of the reports
+  text / keyword   encode.texts (tokenize + text tower + projection, batch 1, padded to 16
+                   tokens for these short queries instead of text.max_tokens = 100)
+                   + commands/search.search_embedding over the image embeddings (top --top_k)
+  volume           (--volume) preprocess.volume_from_file (NIfTI read + conversion
+                   preprocessing) + image tower + ranking of the reports
 Start-up costs are reported apart: index load, model load (+ fingerprint), first-query compile.
 Then (--cli_runs > 0) the wall time of whole `launch.py search` commands (a new process each:
 imports, model load, compile, one query), as a user typing the command sees it.
@@ -46,7 +46,7 @@ def build_config(args):
   from medfinder_jax import config_utils  # pylint: disable=import-outside-toplevel
   config = config_utils.load_config_file(os.path.join(ROOT, "configs", "default.py"))
   config.text.model_path = "minilm"
-  config.model.fusion.enabled = False       # a released-code file has none (see inference.py)
+  config.model.fusion.enabled = False       # a released-code file has none (loading.py)
   config.data.shape = tuple(int(s) for s in args.shape.split(","))
   config.data.spacing = ()
   return config
@@ -74,7 +74,9 @@ def phantom_reports(n, seed=0):
 def write_files(directory, args):
   """A released-code model file and an N-study index of it; returns (config, model path, index)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from medfinder_jax import inference, retrieval  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import index as index_lib  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import loading  # pylint: disable=import-outside-toplevel
+  from data_prep import schema  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import model_files  # pylint: disable=import-outside-toplevel
   config = build_config(args)
@@ -83,7 +85,8 @@ def write_files(directory, args):
                                                  jax.device_get(variables))
   if args.text == "bert-base":   # the tokenizer and BERT config.json come from this folder
     config.text.model_path = write_bert_base_folder(directory)
-  loaded = inference.load_model(model_path, config)
+  spec = schema.DatasetSpec("", schema.PreprocessParams.from_config(config.data))
+  loaded = loading.load_model(model_path, config, spec=spec)
   rng = np.random.default_rng(1)
   dim = config.model.embed_dim
   embeddings = {"image_embeddings": rng.standard_normal((args.n, dim), dtype=np.float32),
@@ -91,7 +94,7 @@ def write_files(directory, args):
                 "study_ids": np.array([f"study-{i:06d}" for i in range(args.n)]),
                 "reports": np.array(phantom_reports(args.n))}
   index = os.path.join(directory, "index")
-  retrieval.build_index(index, embeddings, loaded.identity)
+  index_lib.build_index(index, embeddings, loaded.identity)
   return config, model_path, index
 
 
@@ -120,16 +123,20 @@ def timed(fn):
 
 def in_process(config, model_path, index_dir, args):
   """Per-query latency (ms) of query encoding + search, and the one-off costs (s)."""
-  from medfinder_jax import inference, retrieval  # pylint: disable=import-outside-toplevel
-  index, load_index_s = timed(lambda: retrieval.load_index(index_dir))
-  loaded, load_model_s = timed(lambda: inference.load_index_model(index, config, model_path))
-  mesh = inference.single_device_mesh()
-  variables = inference.replicate(loaded.variables, mesh)
+  from medfinder_jax import encode  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import index as index_lib  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import sharding  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.commands import search  # pylint: disable=import-outside-toplevel
+  index, load_index_s = timed(lambda: index_lib.load_index(index_dir))
+  mesh = sharding.single_device_mesh()
+  loaded, load_model_s = timed(lambda: search.load_index_model(index, config, model_path, mesh))
+  variables = loaded.variables
 
   def text_query(text):
-    query, encode_s = timed(lambda: inference.encode_text_queries(loaded, variables, [text], mesh))
-    results, search_s = timed(lambda: inference.search_embedding(index, query[0], "text",
-                                                                 args.top_k))
+    query, encode_s = timed(lambda: encode.texts(loaded.model, variables, loaded.tokenizer,
+                                                 [text], mesh, batch_size_per_device=1))
+    results, search_s = timed(lambda: search.search_embedding(index, query[0], "text",
+                                                              args.top_k))
     assert len(results) == args.top_k
     return encode_s, search_s
 
@@ -146,7 +153,9 @@ def in_process(config, model_path, index_dir, args):
 def volume_latency(loaded, variables, index, mesh, args):
   """Volume query: read + preprocess a phantom NIfTI, image tower, rank reports."""
   from data_prep import phantom  # pylint: disable=import-outside-toplevel
-  from medfinder_jax import inference  # pylint: disable=import-outside-toplevel
+  from data_prep import preprocess  # pylint: disable=import-outside-toplevel
+  from medfinder_jax import encode  # pylint: disable=import-outside-toplevel
+  from medfinder_jax.commands import search  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     phantom.write_phantom_corpus(tmp, n=1, seed=3, folders=1, size=256, slices=80)
     path = next(os.path.join(root, f) for root, _, files in os.walk(tmp) for f in files
@@ -154,11 +163,11 @@ def volume_latency(loaded, variables, index, mesh, args):
     params = loaded.preprocess
 
     def volume_query():
-      volume, read_s = timed(lambda: inference.load_volume(path, params))
-      query, encode_s = timed(lambda: inference.encode_volumes(loaded, variables, volume[None],
-                                                               params, mesh))
-      _, search_s = timed(lambda: inference.search_embedding(index, query[0], "volume",
-                                                             args.top_k))
+      volume, read_s = timed(lambda: preprocess.volume_from_file(path, params))
+      query, encode_s = timed(lambda: encode.volumes(loaded.model, variables, volume[None],
+                                                     params.intensity, mesh))
+      _, search_s = timed(lambda: search.search_embedding(index, query[0], "volume",
+                                                          args.top_k))
       return read_s, encode_s, search_s
 
     _, first_s = timed(volume_query)

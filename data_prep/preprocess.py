@@ -18,6 +18,7 @@ The parameters of both are a data_prep.schema.PreprocessParams, recorded in the 
 
 import dataclasses
 import gzip
+import os
 import zlib
 
 import nibabel as nib
@@ -119,6 +120,17 @@ def _checked_source(raw, slope, inter, affine):
   if not np.all(np.isfinite(affine)) or np.min(nib.affines.voxel_sizes(affine)) <= 0:
     raise BadVolume(f"invalid affine (voxel-to-mm matrix) {affine.tolist()}")
   return SourceVolume(raw=raw, slope=slope, inter=inter, affine=affine)
+
+
+def volume_from_file(path, params):
+  """A NIfTI file -> its record volume (params.shape, params.volume_dtype), exactly as conversion
+  makes it. BadVolume naming the file when it cannot be used (missing, not a 3D CT volume)."""
+  if not os.path.isfile(path):
+    raise BadVolume(f"{path}: no such volume file")
+  try:
+    return preprocess(load_source(path), params)[0]
+  except BadVolume as err:
+    raise BadVolume(f"{path}: {err}") from None
 
 
 def preprocess(source, params):

@@ -1,4 +1,5 @@
-"""Training checkpoints (orbax): save, resume, and load a trained model for inference.
+"""Training checkpoints on disk (orbax): save, find, and read back steps. Persistence only:
+what a checkpoint's contents mean (the model, its text tower) is loading.py's business.
 
 Layout (one orbax CheckpointManager at `<output_dir>/checkpoints`; saves are async and atomic:
 a step directory appears under its final name only once every process has finished writing):
@@ -25,7 +26,6 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from orbax.checkpoint import checkpoint_managers
 
 from data_prep import schema
@@ -256,89 +256,16 @@ def read_meta(path, step=None):
     manager.close()
 
 
-# --- Inference ------------------------------------------------------------------------------------
+# --- Reading one checkpoint ----------------------------------------------------------------------
 
-def load_for_inference(path, mesh=None, step=None, text_model_path=None):
-  """A trained model and its variables from a checkpoint, ready for `model.apply`.
-
-  path: a run's output_dir, its checkpoints dir, or one step dir. step: None = the path's own
-  step, else the best validated step (val t2i R@10), else the latest.
-  mesh: when given, every array is replicated on it (all processes must call this together);
-  else the arrays are on this process's first device.
-  text_model_path: overrides the saved config's text.model_path (the folder only provides the
-  tokenizer; the BERT weights come from the checkpoint).
-
-  Returns (config, model, variables, info): config = the saved ConfigDict (text.model_path
-  possibly overridden); variables = {"params", ["batch_stats"]};
-  info = {"step", "epoch", "checkpoint_path", "val_metrics", "config" (plain dict), "dataset"
-  (DatasetSpec.to_dict(): directory, preprocess, split sizes, labels)}.
-  """
+def read_variables(path, abstract_variables, step=None):
+  """The "variables" item of a checkpoint, placed as `abstract_variables` says (a tree of
+  jax.ShapeDtypeStructs with .sharding: what the model's init would make). path and step as for
+  read_meta; pass meta["checkpoint_path"] to read the step whose meta was read."""
   manager, step = _open(path, step)
   try:
-    return _load_opened(manager, step, mesh, text_model_path)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(abstract_variables)))
+    return {k: dict(v) for k, v in restored["variables"].items()}
   finally:
     manager.close()
-
-
-def _load_opened(manager, step, mesh, text_model_path):
-  """load_for_inference on an open read-only manager (meta and variables read through it)."""
-  from medfinder_jax import convert_weights  # pylint: disable=import-outside-toplevel
-  from medfinder_jax import loading  # pylint: disable=import-outside-toplevel
-  from medfinder_jax import text as text_lib  # pylint: disable=import-outside-toplevel
-  from medfinder_jax.models import bert as bert_lib  # pylint: disable=import-outside-toplevel
-
-  meta = restore_meta(manager, step)
-  config = config_from_meta(meta)
-  if text_model_path is not None:
-    config.text.model_path = text_model_path
-  try:
-    folder = text_lib.resolve_text_model_path(config.text.model_path)
-  except text_lib.TextModelError as err:
-    raise CheckpointError(
-        f"checkpoint {meta['checkpoint_path']!r} was trained with text.model_path "
-        f"{config.text.model_path!r}, which cannot be used here ({err}); pass the folder of the "
-        "same text model (its tokenizer is needed) as text_model_path / "
-        "--config.text.model_path") from None
-  if meta.get("bert_config"):
-    bert_config = bert_lib.BertConfig.from_dict(meta["bert_config"])
-  else:
-    bert_config = convert_weights.load_bert_config(folder)
-  model = loading.build_model(config, bert_config)
-  abstract = abstract_variables(model, config, meta, _placement(mesh))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(abstract)))
-  variables = {k: dict(v) for k, v in restored["variables"].items()}
-  info = {"step": meta["step"], "epoch": meta["epoch"],
-          "checkpoint_path": meta["checkpoint_path"], "val_metrics": meta.get("val_metrics"),
-          "config": meta["config"], "dataset": meta.get("dataset"),
-          "text_model_path": folder}
-  return config, model, variables, info
-
-
-def _placement(mesh):
-  if mesh is not None:
-    return NamedSharding(mesh, PartitionSpec())
-  return SingleDeviceSharding(jax.local_devices()[0])
-
-
-def abstract_variables(model, config, meta, placement):
-  """ShapeDtypeStructs (with `placement`) of the saved "variables" item, without computing it."""
-  from medfinder_jax.models import medfinder as medfinder_lib  # pylint: disable=g-import-not-at-top
-  shape = dataset_spec(meta).shape
-
-  def init(key):
-    return medfinder_lib.init_variables(model, key, shape, config.text.max_tokens)
-
-  shapes = jax.eval_shape(init, jax.random.key(0))
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement),
-                      shapes)
-
-
-def describe(info):
-  """One line for logs: which checkpoint was loaded and how it scored at validation."""
-  metrics = info.get("val_metrics") or {}
-  score = metrics.get("t2i", {}).get("R@10") if isinstance(metrics.get("t2i"), dict) else None
-  scored = f", val t2i R@10 {score:.2f}" if score is not None else ""
-  return f"checkpoint step {info['step']} (epoch {info['epoch']}){scored}: " \
-         f"{info['checkpoint_path']}"
-

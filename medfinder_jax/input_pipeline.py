@@ -256,9 +256,23 @@ def _padded_eval_batch(batch, local_batch, tokenizer):
           "index": np.concatenate([batch["index"], np.full((pad,), -1, np.int32)])}
 
 
-def read_split_text(builder, split, columns=(schema.STUDY_ID, schema.REPORT, schema.SOURCE_PATH)):
-  """{column: list of str} for every study of `split` in dataset order (volumes not decoded)."""
+_SPLIT_TEXTS = {}
+TEXT_COLUMNS = (schema.STUDY_ID, schema.REPORT, schema.SOURCE_PATH)
+
+
+def split_texts(builder, split):
+  """{column: list of str} of TEXT_COLUMNS for every study of `split` in dataset order
+  (volumes not decoded). Read once per split's files (as they are on disk): a run validates
+  the same split at every epoch."""
   files = split_files(builder, split)
+  key = (split, tuple((path, os.stat(path).st_size, os.stat(path).st_mtime_ns)
+                      for path in files.paths))
+  if key not in _SPLIT_TEXTS:
+    _SPLIT_TEXTS[key] = _read_split_texts(builder, files, TEXT_COLUMNS)
+  return _SPLIT_TEXTS[key]
+
+
+def _read_split_texts(builder, files, columns):
   decoders = {schema.VOLUME: tfds.decode.SkipDecoding()}
   features = builder.info.features
   columns = [c for c in columns if c in features]

@@ -1,5 +1,6 @@
 """Interchange files: `embeddings.npz` (paired embeddings, from this or any other system) and
-`metrics.json`, with validation that names the file and field of every problem.
+`metrics.json`, with validation that names the file and field of every problem. Formats only:
+computing metrics is metrics.py's job, writing an evaluation's files the commands'.
 
 embeddings.npz — a numpy .npz archive (np.savez; strings as unicode arrays, no pickled objects):
   image_embeddings    (N, D) float   image (CT volume) embedding of study i
@@ -13,7 +14,7 @@ embeddings.npz — a numpy .npz archive (np.savez; strings as unicode arrays, no
                                      from `reports` via findings.keyword_relevance (negation-aware)
 All embeddings must be finite; they need not be normalized (metrics L2-normalize them).
 
-metrics.json — metrics.metrics_from_ranks's dict (+ "keywords" when keyword queries are present,
+metrics.json — metrics.embedding_metrics's dict (+ "keywords" when keyword queries are present,
 + "embeddings": the source file), R@K and P@K in percent, ranks 1-based:
   {"t2i": {"R@1", "R@5", "R@10", "MdR", "MnR"}, "i2t": {...}, "n": N,
    "chance": {...}, "ties": {...}, "ci": {"level", "samples", "seed", "t2i": {m: [lo, hi]}, ...},
@@ -30,8 +31,6 @@ from typing import Optional
 import numpy as np
 
 from medfinder_jax import errors
-from medfinder_jax import findings
-from medfinder_jax import metrics as metrics_lib
 
 REQUIRED_FIELDS = ("image_embeddings", "text_embeddings", "study_ids")
 OPTIONAL_FIELDS = ("reports", "source_paths", "keywords", "keyword_embeddings",
@@ -252,68 +251,3 @@ def read_metrics_json(path):
       raise InterchangeError(f"{path}: field {field!r} missing; expected a metrics.json with "
                              f"'t2i', 'i2t' and 'n'")
   return data
-
-
-# --- Evaluation of an embedding set ---------------------------------------------------------------
-
-def evaluate_embedding_set(embeddings, *, ks=metrics_lib.RECALL_KS,
-                           keyword_ks=metrics_lib.PRECISION_KS, bootstrap_samples=0, seed=0,
-                           level=0.95, ties="best", mesh=None):
-  """All metrics of an EmbeddingSet: (metrics dict as in metrics.json, paired ranks).
-
-  Keyword P@K (keyword -> image) is added under "keywords" when the set has keyword queries.
-  """
-  ranks = metrics_lib.paired_ranks(embeddings.text_embeddings, embeddings.image_embeddings,
-                                   ties=ties, mesh=mesh)
-  result = metrics_lib.metrics_from_ranks(ranks, ks=ks, bootstrap_samples=bootstrap_samples,
-                                          seed=seed, level=level, ties=ties)
-  if embeddings.keywords is not None:
-    relevance = embeddings.keyword_relevance
-    if relevance is None:
-      relevance = findings.relevance_matrix(embeddings.reports, embeddings.keywords)
-    result["keywords"] = metrics_lib.keyword_metrics(
-        embeddings.keyword_embeddings, embeddings.image_embeddings, relevance,
-        embeddings.keywords, ks=keyword_ks, bootstrap_samples=bootstrap_samples, seed=seed,
-        level=level)
-    result["keyword_relevance_from"] = ("file" if embeddings.keyword_relevance is not None
-                                        else "reports")
-  return result, ranks
-
-
-def evaluate_embeddings_file(embeddings_path, eval_config, *, seed=0, output_path=None,
-                             plots_dir=None, bootstrap_samples=None, mesh=None, extra=None):
-  """`launch.py metrics`: metrics of an embeddings.npz -> metrics.json (+ PNG plots).
-
-  eval_config: the config's `eval` section (recall_ks, keyword_topk, bootstrap_samples, ci_level,
-  ties). output_path defaults to metrics.json next to the npz. extra: fields added to the metrics
-  (e.g. `launch.py eval` records the split and the model). Returns (metrics, written paths).
-  InterchangeError for unusable input or unwritable outputs.
-  """
-  samples = eval_config.bootstrap_samples if bootstrap_samples is None else bootstrap_samples
-  if samples < 0:
-    raise InterchangeError(f"--bootstrap must be 0 (off) or a positive count, got {samples}")
-  if eval_config.ties not in metrics_lib.TIE_RULES:
-    raise InterchangeError(f"config eval.ties must be one of {metrics_lib.TIE_RULES}, got "
-                           f"{eval_config.ties!r}")
-  embeddings = load_embeddings(embeddings_path)
-  result, ranks = evaluate_embedding_set(
-      embeddings, ks=tuple(eval_config.recall_ks), keyword_ks=tuple(eval_config.keyword_topk),
-      bootstrap_samples=samples, seed=seed, level=eval_config.ci_level, ties=eval_config.ties,
-      mesh=mesh)
-  result["embeddings"] = os.path.abspath(embeddings_path)
-  result.update(extra or {})
-  output_path = output_path or os.path.join(os.path.dirname(os.path.abspath(embeddings_path)),
-                                            "metrics.json")
-  written = [_write_output(output_path, lambda: write_metrics_json(output_path, result))]
-  if plots_dir:
-    from medfinder_jax import plots   # matplotlib only when plots are asked for
-    written += _write_output(plots_dir, lambda: plots.save_retrieval_plots(
-        {d: r.ranks for d, r in ranks.items()}, plots_dir))
-  return result, written
-
-
-def _write_output(path, write):
-  try:
-    return write()
-  except OSError as err:
-    raise InterchangeError(f"{path}: cannot write ({err.strerror or err})") from None

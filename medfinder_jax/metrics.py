@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from medfinder_jax import errors
+from medfinder_jax import findings
 
 
 RECALL_KS = (1, 5, 10)
@@ -445,6 +446,32 @@ def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords,
                                 if f"P@{k}" in intervals else None) for k in ks}
     results[str(keyword)] = entry
   return results
+
+
+# --- A whole embedding set ------------------------------------------------------------------------
+
+def embedding_metrics(embeddings, settings, mesh=None):
+  """Every metric of paired embeddings: (the metrics.json dict, {direction: DirectionRanks}).
+
+  embeddings: an interchange.EmbeddingSet (image/text embeddings, and optionally keyword queries
+  with their relevance labels or the reports to derive them from: findings.relevance_matrix);
+  settings: a MetricSettings. Keyword P@K (keyword -> image) goes under "keywords".
+  """
+  ranks = paired_ranks(embeddings.text_embeddings, embeddings.image_embeddings,
+                       ties=settings.ties, mesh=mesh)
+  result = metrics_from_ranks(ranks, ks=settings.ks, bootstrap_samples=settings.bootstrap_samples,
+                              seed=settings.seed, level=settings.level, ties=settings.ties)
+  if embeddings.keywords is not None:
+    relevance = embeddings.keyword_relevance
+    if relevance is None:
+      relevance = findings.relevance_matrix(embeddings.reports, embeddings.keywords)
+    result["keywords"] = keyword_metrics(
+        embeddings.keyword_embeddings, embeddings.image_embeddings, relevance,
+        embeddings.keywords, ks=settings.keyword_ks, bootstrap_samples=settings.bootstrap_samples,
+        seed=settings.seed, level=settings.level)
+    result["keyword_relevance_from"] = ("file" if embeddings.keyword_relevance is not None
+                                        else "reports")
+  return result, ranks
 
 
 # --- Tables ---------------------------------------------------------------------------------------

@@ -57,6 +57,11 @@ def make_mesh(mesh_config, devices=None):
                        devices=devices)
 
 
+def single_device_mesh():
+  """A one-device mesh of this process's first device (interactive queries: a batch of one)."""
+  return make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
+
+
 def num_batch_shards(mesh):
   """How many row blocks the batch axis is split into (= the number of devices of the mesh).
 

@@ -166,15 +166,16 @@ def first_nonfinite(first_step, values):
 
 def validate(run, state):
   """Retrieval metrics of the validation split (config train.val_split) for the current state,
-  or None when the dataset has no such split."""
+  or None when the dataset has no such split: evaluate.evaluate_split, as `launch.py eval`
+  computes them, without bootstrap intervals or keyword queries."""
   split = run.config.train.val_split
   if split not in run.spec.split_sizes:
     return None
-  image, text = evaluate.extract_split_embeddings(
+  settings = metrics_lib.MetricSettings.from_config(run.config.eval, run.config.seed,
+                                                    bootstrap_samples=0)
+  return evaluate.evaluate_split(
       run.model, state.variables(), run.builder, run.spec, split, run.tokenizer, run.mesh,
-      int(run.config.eval.batch_size_per_device))
-  settings = metrics_lib.MetricSettings.from_config(run.config.eval, bootstrap_samples=0)
-  return metrics_lib.retrieval_metrics(text, image, ks=settings.ks, ties=settings.ties)
+      settings, batch_size_per_device=int(run.config.eval.batch_size_per_device)).metrics
 
 
 def flat_val_metrics(result):

@@ -1,12 +1,13 @@
-"""Embedding extraction: every study once, in dataset order, equal to encoding it alone."""
+"""Evaluation of a split: every study once, in dataset order, equal to encoding it alone; the
+metrics of the aligned model are perfect."""
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from medfinder_jax import loading
 from medfinder_jax import evaluate
+from medfinder_jax import loading
 from medfinder_jax import input_pipeline as ip
 from medfinder_jax import sharding
 from medfinder_jax import text as text_lib
@@ -38,7 +39,7 @@ def reference_embeddings(setup, split):
 def test_extraction_counts_every_study_once_in_dataset_order(setup, num_devices, per_device):
   _, model, variables, tokenizer, builder, spec = setup
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, jax.devices()[:num_devices])
-  result = evaluate.extract_split(model, variables, builder, spec, "test", tokenizer, mesh,
+  result = evaluate.embed_split(model, variables, builder, spec, "test", tokenizer, mesh,
                                   per_device)
   image, text = reference_embeddings(setup, "test")
   assert result.n == spec.split_sizes["test"] == 8
@@ -54,19 +55,27 @@ def test_extraction_result_is_a_valid_interchange_set(setup, tmp_path):
   from medfinder_jax import interchange  # pylint: disable=import-outside-toplevel
   _, model, variables, tokenizer, builder, spec = setup
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-  result = evaluate.extract_split(model, variables, builder, spec, "val", tokenizer, mesh, 1)
+  result = evaluate.embed_split(model, variables, builder, spec, "val", tokenizer, mesh, 1)
   path = tmp_path / "embeddings.npz"
   interchange.save_embeddings(str(path), result)
   loaded = interchange.load_embeddings(str(path))
   assert loaded.n == 4 and loaded.dim == 32
 
 
-def test_encode_texts_pads_to_whole_batches_and_keeps_order(setup):
-  _, model, variables, tokenizer, _, _ = setup
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-  texts = ["atelectasis", "pleural effusion", "right upper lobe nodule"]
-  out = evaluate.encode_texts(model, variables, tokenizer, texts, mesh, batch_size_per_device=1)
-  assert out.shape == (3, 32)
-  ids, mask = tokenizer(texts[1:2])
-  alone = model.apply(variables, ids, mask, method=model.encode_text)[0]
-  np.testing.assert_allclose(out[1], alone, rtol=1e-4, atol=1e-5)
+def test_evaluating_the_aligned_model_finds_every_study_at_rank_1_with_keywords(aligned):
+  from medfinder_jax import metrics  # pylint: disable=import-outside-toplevel
+  builder, spec = ip.open_dataset(aligned.dataset_dir)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1}, jax.devices()[:2])
+  settings = metrics.MetricSettings(bootstrap_samples=10)
+  evaluation = evaluate.evaluate_split(
+      aligned.model, sharding.replicate(aligned.variables, mesh), builder, spec, "test",
+      text_lib.load_tokenizer(aligned.config.text), mesh, settings,
+      keywords=("atelectasis", "nodule"), batch_size_per_device=3)
+  assert evaluation.metrics["t2i"]["R@1"] == evaluation.metrics["i2t"]["R@1"] == 100.0
+  assert evaluation.metrics["ci"]["samples"] == 10
+  assert set(evaluation.metrics["keywords"]) == {"atelectasis", "nodule"}
+  assert list(evaluation.embeddings.study_ids) == aligned.study_ids
+  np.testing.assert_allclose(evaluation.embeddings.image_embeddings, aligned.image, rtol=1e-4,
+                             atol=1e-5)
+  assert evaluation.embeddings.keyword_embeddings.shape == (2, 32)
+  assert (evaluation.ranks["t2i"].ranks == 1).all()

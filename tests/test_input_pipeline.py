@@ -123,7 +123,7 @@ def test_eval_counts_each_study_once_in_dataset_order(builder, tokenizer, proces
 
 
 def test_eval_text_is_deterministic_and_matches_the_reports(builder, tokenizer):
-  texts = ip.read_split_text(builder, "val")
+  texts = ip.split_texts(builder, "val")
   batches = list(ip.eval_batches(builder, "val", 8, tokenizer, process_index=0, process_count=1))
   (batch,) = batches
   n = int(batch["mask"].sum())

@@ -129,20 +129,3 @@ def test_metrics_json_is_strict_json_with_null_for_metrics_that_do_not_apply(tmp
   assert interchange.read_metrics_json(path) == data
   with pytest.raises(ValueError):
     interchange.write_metrics_json(str(tmp_path / "nan.json"), {"t2i": {"MnR": float("nan")}})
-
-
-def test_evaluating_a_set_with_keywords_derives_relevance_from_reports():
-  n = 30
-  reports = np.array(["Left lower lobe atelectasis." if i < 10 else "No atelectasis."
-                      for i in range(n)])
-  image = np.eye(n, 32, dtype=np.float32)
-  keyword = np.zeros((1, 32), np.float32)
-  keyword[0, :10] = 1.0              # the keyword embedding points at the first 10 images
-  fields = embedding_fields(n=n, d=32, reports=reports, keywords=np.array(["atelectasis"]),
-                            keyword_embeddings=keyword)
-  fields["image_embeddings"] = fields["text_embeddings"] = image
-  result, ranks = interchange.evaluate_embedding_set(interchange.validate(fields))
-  assert result["t2i"]["R@1"] == 100.0 and set(ranks) == {"t2i", "i2t"}
-  assert result["keywords"]["atelectasis"]["n_relevant"] == 10
-  assert result["keywords"]["atelectasis"]["P@20"] == 50.0
-  assert result["keyword_relevance_from"] == "reports"

@@ -14,9 +14,13 @@ import pytest
 
 import launch
 import model_files
-from model_files import run_launch as run
-from medfinder_jax import findings
 from conftest import TINY_CONFIG
+from data_prep import corpus
+from medfinder_jax import findings
+from medfinder_jax import index as index_lib
+from medfinder_jax.commands import embed
+from medfinder_jax.commands import search as search_command
+from model_files import run_launch as run
 from multiprocess import launch_processes
 
 
@@ -217,8 +221,8 @@ def test_embed_never_replaces_an_index_without_overwrite(aligned, split_index, c
 
 def test_embed_into_a_folder_that_is_no_index_fails_before_loading_the_model(
     aligned, tmp_path, capsys, monkeypatch):
-  from medfinder_jax import inference  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(inference, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+  from medfinder_jax import loading  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
   (tmp_path / "data").mkdir()
   (tmp_path / "data" / "scan.nii.gz").write_bytes(b"keep me")
   code, _, err = run(["embed", "--model_path", aligned.released_path, "--split", "test",
@@ -232,3 +236,45 @@ def test_embed_of_a_folder_without_volumes_exits_2(aligned, tmp_path, capsys):
   code, _, err = run(["embed", "--model_path", aligned.released_path, "--volumes", str(tmp_path),
                       "--index", str(tmp_path / "index"), *CONFIG], capsys)
   assert code == 2 and "no .nii or .nii.gz files" in err and "Traceback" not in err
+
+
+# --- Building blocks -----------------------------------------------------------------------------
+
+def test_volume_folders_list_nifti_files_naturally_with_ids_and_reports(tmp_path):
+  for name in ("a10.nii.gz", "a2.nii.gz", "sub/b.nii", "a2.txt", "notes.md"):
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text("Small left effusion.\n" if name.endswith(".txt") else "x")
+  files = embed.list_volume_files(str(tmp_path))
+  assert files == ["a2.nii.gz", "a10.nii.gz", "sub/b.nii"]
+  assert [corpus.study_id_of(f) for f in files] == ["a2", "a10", "sub/b"]
+  assert embed.read_report_beside(str(tmp_path / "a2.nii.gz")) == "Small left effusion."
+  assert embed.read_report_beside(str(tmp_path / "a10.nii.gz")) == ""
+
+
+def small_index(tmp_path, reports):
+  rng = np.random.default_rng(0)
+  n = len(reports)
+  embeddings = {"image_embeddings": rng.normal(size=(n, 4)).astype(np.float32),
+                "text_embeddings": rng.normal(size=(n, 4)).astype(np.float32),
+                "study_ids": np.array([f"s{i}" for i in range(n)]),
+                "reports": np.array(reports)}
+  index_lib.build_index(str(tmp_path / "index"), embeddings, {"fingerprint": "f"})
+  return index_lib.load_index(str(tmp_path / "index")), embeddings
+
+
+def test_volume_queries_rank_only_studies_that_have_a_report(tmp_path):
+  index, embeddings = small_index(tmp_path, ["r0", "", "r2", "", "r4", "r5"])
+  query = embeddings["text_embeddings"][1]          # best match: s1, which has no report
+  results = search_command.search_embedding(index, query, "volume", top_k=3)
+  assert [r.rank for r in results] == [1, 2, 3]
+  assert all(index.reports[r.row] for r in results)
+  text = index.text_embeddings / np.linalg.norm(index.text_embeddings, axis=1, keepdims=True)
+  scores = text @ (query / np.linalg.norm(query))
+  expected = [i for i in np.argsort(-scores) if index.reports[i]][:3]
+  assert [r.row for r in results] == expected
+
+
+def test_volume_queries_need_reports(tmp_path):
+  index, embeddings = small_index(tmp_path, ["", ""])
+  with pytest.raises(search_command.SearchError, match="no reports to rank"):
+    search_command.search_embedding(index, embeddings["image_embeddings"][0], "volume", top_k=1)

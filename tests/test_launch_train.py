@@ -20,8 +20,9 @@ import pytest
 
 import launch
 from medfinder_jax import checkpoint
+from medfinder_jax import loading
 from medfinder_jax import logging as logging_lib
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, make_tiny_config
 from multiprocess import ROOT, free_port, launch_processes
 
 TINY = ["--config", TINY_CONFIG]   # the tiny ResNet, MiniLM, 32-d embeddings, 1 per device
@@ -120,11 +121,12 @@ def test_two_hosts_train_and_one_process_restores_the_checkpoint(tiny_dataset, t
   assert "checkpoints:" in results[0][1]
   records = logging_lib.read_metrics(out / "metrics.jsonl")  # written by process 0 only, once
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-  config, model, variables, info = checkpoint.load_for_inference(str(out))
-  assert info["step"] in (2, 4) and info["val_metrics"]["n"] == 4
+  loaded = loading.load_model(str(out), make_tiny_config())
+  assert loaded.identity["step"] in (2, 4)
+  assert checkpoint.read_meta(str(out))["val_metrics"]["n"] == 4
   assert checkpoint.read_meta(str(out), step=4)["process_count"] == 2
-  volume = np.zeros((2, *config.data.shape, 1), np.float32)
-  embedding = model.apply(variables, volume, method=model.encode_image)
+  volume = np.zeros((2, *loaded.spec.shape, 1), np.float32)
+  embedding = loaded.model.apply(loaded.variables, volume, method=loaded.model.encode_image)
   assert embedding.shape == (2, 32) and np.all(np.isfinite(embedding))
 
 
@@ -166,8 +168,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_dataset, tmp_path
     np.testing.assert_allclose(got[step]["loss"], want[step]["loss"], rtol=1e-6, err_msg=step)
   meta = checkpoint.read_meta(str(killed_dir), step=8)
   assert meta["batches_consumed"] == 8
-  _, _, a, _ = checkpoint.load_for_inference(str(tmp_path / "straight"), step=8)
-  _, _, b, _ = checkpoint.load_for_inference(str(killed_dir), step=8)
+  a, b = (loading.load_model(os.path.join(checkpoint.checkpoint_dir(str(run)), "8"),
+                             make_tiny_config()).variables
+          for run in (tmp_path / "straight", killed_dir))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 

@@ -332,3 +332,22 @@ def test_unusable_eval_settings_name_the_field(field, value, message):
     eval_config[field] = value
   with pytest.raises(metrics.SettingsError, match=re.escape(message)):
     metrics.MetricSettings.from_config(eval_config)
+
+
+def test_an_embedding_set_with_keywords_derives_relevance_from_reports():
+  from medfinder_jax import interchange  # pylint: disable=import-outside-toplevel
+  n = 30
+  image = np.eye(n, 32, dtype=np.float32)
+  keyword = np.zeros((1, 32), np.float32)
+  keyword[0, :10] = 1.0              # the keyword embedding points at the first 10 images
+  embeddings = interchange.validate({
+      "image_embeddings": image, "text_embeddings": image,
+      "study_ids": np.array([f"s{i}" for i in range(n)]),
+      "reports": np.array(["Left lower lobe atelectasis." if i < 10 else "No atelectasis."
+                           for i in range(n)]),
+      "keywords": np.array(["atelectasis"]), "keyword_embeddings": keyword})
+  result, ranks = metrics.embedding_metrics(embeddings, metrics.MetricSettings())
+  assert result["t2i"]["R@1"] == 100.0 and set(ranks) == {"t2i", "i2t"}
+  assert result["keywords"]["atelectasis"]["n_relevant"] == 10
+  assert result["keywords"]["atelectasis"]["P@20"] == 50.0
+  assert result["keyword_relevance_from"] == "reports"

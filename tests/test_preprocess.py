@@ -1,14 +1,17 @@
 """Volume preprocessing: orientation, HU window, spacing resample, body crop, fit, released mode."""
 
 import gzip
+import os
 
 import nibabel as nib
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from data_prep import phantom
 from data_prep import preprocess
 from data_prep import schema
+from medfinder_jax import input_pipeline
 
 
 def params(**kw):
@@ -193,3 +196,23 @@ def test_params_from_config_rejects_contradictions():
   data.preprocess, data.volume_dtype = "released", "int16"
   with pytest.raises(ValueError, match="released"):
     schema.PreprocessParams.from_config(data)
+
+
+# --- Volumes from files (embed --volumes, search --volume) -------------------------------------
+
+def test_nifti_volumes_are_preprocessed_exactly_as_at_conversion(aligned):
+  builder, spec = input_pipeline.open_dataset(aligned.dataset_dir)
+  records = tfds.as_numpy(builder.as_dataset(split="test", shuffle_files=False))
+  for source, record in zip(aligned.source_paths, records):
+    volume = preprocess.volume_from_file(os.path.join(aligned.raw_dir, source), spec.preprocess)
+    assert volume.dtype == record["volume"].dtype
+    np.testing.assert_array_equal(volume, record["volume"])
+
+
+def test_a_2d_image_or_a_missing_file_is_not_a_volume(tmp_path):
+  path = tmp_path / "slice.nii.gz"
+  nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), str(path))
+  with pytest.raises(preprocess.BadVolume, match=r"slice.nii.gz: expected a 3D volume"):
+    preprocess.volume_from_file(str(path), schema.PreprocessParams(shape=(16, 16, 8)))
+  with pytest.raises(preprocess.BadVolume, match=r"absent.nii.gz: no such volume file"):
+    preprocess.volume_from_file(str(tmp_path / "absent.nii.gz"), schema.PreprocessParams())

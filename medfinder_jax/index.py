@@ -1,44 +1,39 @@
-"""Embedding index on disk, and search over it (text or keyword -> studies, volume -> reports).
+"""Embedding index on disk, and exact search over it (a query embedding -> ranked rows).
 
 An index is a directory:
-  index.json      {"format": "medfinder-index", "version": 1, "n": N, "dim": D,
+  index.json      {"format": "medfinder-index", "version": 2, "n": N, "dim": D,
                    "created": "2025-01-01T00:00:00Z" (UTC),
-                   "model": {"backbone", "embed_dim", "fingerprint", "checkpoint", ...}}
+                   "model": the identity of the model that made the embeddings
+                            (loading.make_identity: backbone, embed_dim, fingerprint, checkpoint,
+                            kind, step, config, preprocess) + "embedded_from"}
   embeddings.npz  the interchange format (interchange.py): image_embeddings and text_embeddings
                   (L2-normalized float32, row i = study i), study_ids, reports, source_paths.
-"model" identifies what produced the embeddings; queries must come from the same model, which
-load_index(..., expected_model=...) checks (fingerprint, backbone, embed_dim).
+Queries must come from the same model; commands/search.py checks that against "model".
+An index of another format version is refused (rebuild it with launch.py embed).
 """
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 from medfinder_jax import interchange
 from medfinder_jax import metrics as metrics_lib
 
 INDEX_FORMAT = "medfinder-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2   # 2: the model record of loading.make_identity (kind "released", loss section)
 META_FILE = "index.json"
 EMBEDDINGS_FILE = "embeddings.npz"
 TARGETS = ("image", "text")
-IDENTITY_FIELDS = ("fingerprint", "backbone", "embed_dim")
 
 
 class IndexFileError(interchange.InterchangeError):
   """An index that cannot be used: missing, corrupt or inconsistent files."""
-
-
-class IndexMismatchError(IndexFileError):
-  """The index was built by another model (or model version) than the query's."""
 
 
 class SearchResult(NamedTuple):
@@ -59,46 +54,6 @@ class EmbeddingIndex(interchange.PairedEmbeddings):
   study_ids: np.ndarray          # (N,) str
   reports: np.ndarray            # (N,) str ("" when unknown)
   source_paths: np.ndarray       # (N,) str ("" when unknown)
-
-
-# --- Model identity -------------------------------------------------------------------------------
-
-def model_fingerprint(params=None, config=None):
-  """sha256 hex of the parameter values (paths, shapes, dtypes, bytes) and/or a config dict.
-
-  Pass the config sections that change embeddings (model, text, data shape): two models with the
-  same fingerprint produce the same embeddings.
-  """
-  digest = hashlib.sha256()
-  if config is not None:
-    if hasattr(config, "to_dict"):
-      config = config.to_dict()
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-  if params is not None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-      leaf = np.asarray(leaf)
-      digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|".encode())
-      digest.update(np.ascontiguousarray(leaf).tobytes())
-  return digest.hexdigest()
-
-
-def model_identity(*, backbone, embed_dim, fingerprint, checkpoint="", **extra):
-  """The "model" record of an index: what produced its embeddings."""
-  return {"backbone": str(backbone), "embed_dim": int(embed_dim), "fingerprint": str(fingerprint),
-          "checkpoint": str(checkpoint), **extra}
-
-
-def check_model(index, model):
-  """Raises IndexMismatchError when `model` (a model_identity) is not the one that built `index`."""
-  built = index.meta.get("model", {})
-  differ = [f for f in IDENTITY_FIELDS if str(built.get(f)) != str(model.get(f))]
-  if differ:
-    show = lambda m: ", ".join(f"{f}={str(m.get(f))[:16]}" for f in IDENTITY_FIELDS)
-    raise IndexMismatchError(
-        f"{index.directory}: index built by another model ({', '.join(differ)} differ): index has "
-        f"{show(built)} (checkpoint {built.get('checkpoint') or '?'}), the query model has "
-        f"{show(model)} (checkpoint {model.get('checkpoint') or '?'}); rebuild the index with "
-        f"this model (launch.py embed)")
 
 
 # --- Writing and reading --------------------------------------------------------------------------
@@ -172,13 +127,14 @@ def _read_meta(directory):
     raise IndexFileError(f"{path}: unreadable ({err})") from None
   if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
     raise IndexFileError(f"{path}: format {meta.get('format')!r} version "
-                         f"{meta.get('version')!r}, expected {INDEX_FORMAT!r} version "
-                         f"{INDEX_VERSION}")
+                         f"{meta.get('version')!r}, this version of launch.py reads "
+                         f"{INDEX_FORMAT!r} version {INDEX_VERSION}: rebuild the index with "
+                         f"launch.py embed")
   return meta
 
 
-def load_index(directory, expected_model=None):
-  """Reads an index; with expected_model (a model_identity), checks the index was built by it."""
+def load_index(directory):
+  """Reads an index; IndexFileError naming the file for anything missing or inconsistent."""
   meta = _read_meta(directory)
   data = interchange.load_embeddings(os.path.join(directory, EMBEDDINGS_FILE))
   if (data.n, data.dim) != (meta.get("n"), meta.get("dim")):
@@ -190,8 +146,6 @@ def load_index(directory, expected_model=None):
       text_embeddings=data.text_embeddings, study_ids=data.study_ids,
       reports=blank if data.reports is None else data.reports,
       source_paths=blank if data.source_paths is None else data.source_paths)
-  if expected_model is not None:
-    check_model(index, expected_model)
   return index
 
 

@@ -2,7 +2,7 @@
 
 phantom corpus (data_prep.phantom) -> TFRecords (data_prep.convert) -> training
 (train.train_and_evaluate, within a time budget) -> test-split evaluation of the best checkpoint
-(inference.run_eval) -> the paper-style table beside chance, metrics.json, plots.
+(commands/eval.py) -> the paper-style table beside chance, metrics.json, plots.
 
 Every stage resumes: a rerun with the same output_dir reuses the corpus, finishes the
 conversion, continues (or skips) training and evaluates again.
@@ -18,9 +18,13 @@ Layout of output_dir:
 import os
 import time
 
+from data_prep import convert as convert_lib
+from data_prep import phantom
 from medfinder_jax import logging as logging_lib
 from medfinder_jax import metrics as metrics_lib
 from medfinder_jax import plots
+from medfinder_jax import train as train_lib
+from medfinder_jax.commands import eval as eval_command
 
 PHANTOM_SIZE = 128    # nominal in-plane matrix of the demo's source volumes (quick to generate)
 PHANTOM_SLICES = 40
@@ -33,7 +37,6 @@ def stage_dirs(output_dir):
 
 def make_corpus(directory, n, seed, log):
   """The phantom corpus of n studies (kept if a complete one is already there)."""
-  from data_prep import phantom  # pylint: disable=import-outside-toplevel
   csv = os.path.join(directory, "meta", "curated_ct_report_path_En.csv")
   if os.path.isfile(csv) and _csv_rows(csv) == n:
     log(f"[1/4] phantom corpus: reusing {directory} ({n} studies)")
@@ -49,7 +52,6 @@ def _csv_rows(path):
 
 
 def convert(config, phantom_dir, tfrecord_dir, workers, log):
-  from data_prep import convert as convert_lib  # pylint: disable=import-outside-toplevel
   log(f"[2/4] convert to TFRecords at {tuple(config.data.shape)} -> {tfrecord_dir}")
   data = config.data.copy_and_resolve_references()
   data.data_root = phantom_dir
@@ -61,7 +63,6 @@ def convert(config, phantom_dir, tfrecord_dir, workers, log):
 
 
 def train(config, tfrecord_dir, run_dir, minutes, log):
-  from medfinder_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   log(f"[3/4] train for at most {minutes:g} min -> {run_dir}")
   config = config.copy_and_resolve_references()
   config.data.tfrecord_dir = tfrecord_dir
@@ -71,12 +72,11 @@ def train(config, tfrecord_dir, run_dir, minutes, log):
 
 
 def evaluate(config, tfrecord_dir, run_dir, eval_dir, log):
-  from medfinder_jax import inference  # pylint: disable=import-outside-toplevel
   log(f"[4/4] evaluate the best checkpoint on the test split -> {eval_dir}")
   config = config.copy_and_resolve_references()
   config.data.tfrecord_dir = tfrecord_dir
   config.output_dir = eval_dir
-  result = inference.run_eval(config, run_dir, split="test", plots=True, log=log)
+  result = eval_command.run(config, run_dir, split="test", plots=True, log=log)
   return result and result[0]
 
 
@@ -97,7 +97,7 @@ def summary_lines(result, records):
   return lines
 
 
-def run_demo(config, output_dir, n, minutes, workers=2, log=print):
+def run(config, output_dir, n, minutes, workers=2, log=print):
   """Runs the four stages; returns {"metrics": test metrics, "records": training log, "files"}."""
   start = time.time()
   dirs = stage_dirs(output_dir)
