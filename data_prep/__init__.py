@@ -1,6 +1,6 @@
 """Raw CT + report corpus -> TFRecord shards (and the synthetic phantom corpus).
 
-schema.py      the record schema (feature names, dtypes, shapes, encodings), one place
+schema.py      the record schema and the dataset spec (preprocessing, intensity), one place
 corpus.py      CSV reading, volume matching, row checks, split assignment
 preprocess.py  NIfTI -> fixed-shape volume (`ct` and `released` modes)
 resample.py    separable sparse-weight resampling (linear with antialiasing, area)

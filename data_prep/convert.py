@@ -33,6 +33,13 @@ import re
 import shutil
 import time
 
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import tqdm
+from tensorflow_datasets.core import example_serializer
+from tensorflow_datasets.core import naming
+
 from data_prep import corpus as corpus_lib
 from data_prep import preprocess
 from data_prep import schema
@@ -87,6 +94,24 @@ def plan_shards(studies, shard_size, min_shards):
   return shards
 
 
+# --- Records ------------------------------------------------------------------------------------
+
+def features_dict(shape, volume_dtype, label_columns=()):
+  """The tfds FeaturesDict for records of this shape/dtype (the volume zlib-compressed)."""
+  features = {}
+  for name, (kind, dtype, dims) in schema.feature_specs(shape, volume_dtype,
+                                                        label_columns).items():
+    if kind == "text":
+      features[name] = tfds.features.Text()
+    elif name == schema.VOLUME:
+      features[name] = tfds.features.Tensor(shape=dims, dtype=np.dtype(dtype),
+                                            encoding=schema.VOLUME_ENCODING)
+    else:
+      features[name] = tfds.features.Tensor(shape=dims, dtype=np.dtype(dtype))
+  return tfds.features.FeaturesDict(features)
+
+
+
 # --- Worker side --------------------------------------------------------------------------------
 
 _WORKER = {}
@@ -94,8 +119,7 @@ _WORKER = {}
 
 def init_worker(data_root, params, label_columns):
   """Per-process setup: the feature spec and serializer (no TensorFlow needed here)."""
-  from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
-  features = schema.features_dict(params.shape, params.volume_dtype, label_columns)
+  features = features_dict(params.shape, params.volume_dtype, label_columns)
   _WORKER.update(data_root=data_root, params=params, features=features,
                  serializer=example_serializer.ExampleSerializer(features.get_serialized_info()))
 
@@ -127,7 +151,6 @@ def encode_example(features, example, params):
 
 def make_example(study, source, volume, volume_spacing):
   """The record of one study as a dict of feature values (data_prep/schema.py)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   example = {
       schema.VOLUME: volume,
       schema.SHAPE: np.asarray(source.raw.shape, np.int32),
@@ -266,7 +289,6 @@ class _ShardWriter:
   """Writes one shard to a temporary file; `commit` renames it into place, then the marker."""
 
   def __init__(self, output_dir, shard, fingerprint):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self.output_dir, self.shard, self.fingerprint = output_dir, shard, fingerprint
     self.tmp = os.path.join(output_dir, STATE_DIR, "tmp", f"{shard.filename}.{os.getpid()}")
     self.writer = tf.io.TFRecordWriter(self.tmp)
@@ -330,8 +352,6 @@ def split_totals(shards, markers):
 
 
 def _write_tfds_metadata(output_dir, params, corpus, lengths, sizes):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.core import naming  # pylint: disable=g-import-not-at-top
   split_infos = [
       tfds.core.SplitInfo(
           name=split, shard_lengths=lengths[split], num_bytes=sizes[split],
@@ -341,7 +361,7 @@ def _write_tfds_metadata(output_dir, params, corpus, lengths, sizes):
       for split in schema.SPLITS if split in lengths]
   tfds.folder_dataset.write_metadata(
       data_dir=output_dir,
-      features=schema.features_dict(params.shape, params.volume_dtype, corpus.label_columns),
+      features=features_dict(params.shape, params.volume_dtype, corpus.label_columns),
       split_infos=split_infos, filename_template=SHARD_TEMPLATE, check_data=False,
       description="CT volumes and radiology reports converted by MedFinder-JAX "
                   "(data_prep/convert.py); see metadata.json for the preprocessing.",
@@ -448,7 +468,6 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
 def _convert_shards(output_dir, shards, fingerprints, workers, progress, init_args,
                     convert_fn):
   """Converts the studies of `shards` in order; writes and commits each shard when complete."""
-  import tqdm  # pylint: disable=g-import-not-at-top
   studies = [study for shard in shards for study in shard.studies]
   owner = [shard for shard in shards for _ in shard.studies]
   markers, writer, skipped = {}, None, 0

@@ -27,6 +27,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import tqdm
 
 from medfinder_jax import errors
 
@@ -495,7 +496,6 @@ def write_phantom_corpus(out_dir, n, seed=0, folders=10, size=512, slices=100, p
   rows = []
   indices = range(n)
   if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
     indices = tqdm.tqdm(indices, desc="phantom", unit="study")
   for index in indices:
     study, rng = make_study(seed, index, folders, n, size, slices)

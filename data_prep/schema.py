@@ -1,9 +1,12 @@
-"""The one definition of a converted study record (writer: data_prep/, reader: input_pipeline).
+"""The one definition of a converted study record and of a converted dataset (writer:
+data_prep/convert.py, reader: medfinder_jax/input_pipeline.py), in plain Python (no
+TensorFlow: the train step and the benchmarks use it on machines without it).
 
-Pure-Python constants describe every feature; `features_dict()` builds the matching
-`tfds.features.FeaturesDict` (tensorflow_datasets is imported only there). A converted dataset is
-read with `tfds.builder_from_directory(dir)`; `builder.info.metadata` holds the preprocessing
-parameters and the split rule (see data_prep/convert.py).
+`feature_specs` describes every feature (convert.py turns it into the tfds FeaturesDict). A
+converted dataset is read with `tfds.builder_from_directory(dir)`; its metadata.json holds the
+PreprocessParams it was made with and the split rule; `DatasetSpec` is what a reader keeps of
+it (directory, preprocessing, split sizes, label columns), and `Intensity` maps its stored
+voxels to the model's input.
 
 Volume layout: axis order X, Y, Z. In `ct` mode the array is RAS+ canonical: index increases
 towards the patient's Right (X), Anterior (Y), Superior (Z). In `released` mode it is the source file's
@@ -11,6 +14,9 @@ raw voxel order (the released code does not reorient).
 """
 
 import dataclasses
+import zlib
+
+import numpy as np
 
 SCHEMA_VERSION = 2                      # 2: preprocessing mode "released" (was "seed")
 DATASET_NAME = "medfinder_ct"           # files: medfinder_ct-<split>.tfrecord-<i>-of-<n>
@@ -56,29 +62,11 @@ def feature_specs(shape, volume_dtype, label_columns=()):
   return specs
 
 
-def features_dict(shape, volume_dtype, label_columns=()):
-  """The tfds FeaturesDict for records of this shape/dtype (the volume zlib-compressed)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  features = {}
-  for name, (kind, dtype, dims) in feature_specs(shape, volume_dtype, label_columns).items():
-    if kind == "text":
-      features[name] = tfds.features.Text()
-    elif name == VOLUME:
-      features[name] = tfds.features.Tensor(shape=dims, dtype=np.dtype(dtype),
-                                            encoding=VOLUME_ENCODING)
-    else:
-      features[name] = tfds.features.Tensor(shape=dims, dtype=np.dtype(dtype))
-  return tfds.features.FeaturesDict(features)
-
-
 def encode_volume(volume, shape, volume_dtype):
   """The stored form of `volume`: zlib(C-order bytes), as tfds' Tensor(encoding="zlib") decodes.
 
   tfds compresses at zlib's default level; this writes the same format at VOLUME_ZLIB_LEVEL.
   """
-  import zlib  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   if volume.dtype != np.dtype(volume_dtype) or tuple(volume.shape) != tuple(shape):
     raise ValueError(f"volume is {volume.dtype}{tuple(volume.shape)}, the schema expects "
                      f"{volume_dtype}{tuple(shape)}")

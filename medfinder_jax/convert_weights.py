@@ -11,12 +11,15 @@ imported lazily), so no arbitrary object is ever unpickled.
 
 import json
 import os
+import pickle
 import re
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from medfinder_jax import errors
 from medfinder_jax import text as text_lib
@@ -56,8 +59,7 @@ def _to_numpy(value):
 
 
 def _torch_load(path):
-  import pickle  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel  (optional: only for .pt/.bin files)
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
@@ -74,8 +76,6 @@ def load_state_dict(path):
   if not os.path.isfile(path):
     raise WeightImportError(f"{path}: no such file")
   if path.endswith(".safetensors"):
-    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     try:
       state = load_file(path)
     except (SafetensorError, OSError) as err:

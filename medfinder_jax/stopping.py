@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the preemption manager's state
 from jax.experimental import multihost_utils
 
 from medfinder_jax import distributed
@@ -19,8 +20,7 @@ from medfinder_jax import distributed
 
 def _preemption_service_running():
   """Whether jax.distributed.initialize started the preemption sync manager (on by default)."""
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
-  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+  return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 class StopRequest:

@@ -9,6 +9,8 @@ import json
 import os
 
 import numpy as np
+import tokenizers
+from tokenizers import normalizers
 
 from medfinder_jax import errors
 
@@ -96,8 +98,6 @@ def _lowercase_setting(value, folder):
 def _load_backend(folder, lowercase, forced=False):
   """A `tokenizers.Tokenizer`: tokenizer.json when present, else a BERT WordPiece from vocab.txt
   (as HF's BertTokenizerFast builds it). forced: lowercase was set explicitly (not "auto")."""
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  from tokenizers import normalizers  # pylint: disable=import-outside-toplevel
   tokenizer_file = os.path.join(folder, "tokenizer.json")
   if os.path.isfile(tokenizer_file):
     backend = tokenizers.Tokenizer.from_file(tokenizer_file)
