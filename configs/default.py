@@ -126,7 +126,8 @@ def get_config(arg=None):
   c.eval.recall_ks = (1, 5, 10)      # R@K columns
   c.eval.bootstrap_samples = 1000    # resamples for confidence intervals; 0 = no CIs
   c.eval.ci_level = 0.95
-  c.eval.ties = "best"               # rank of a paired item tied with others: "best" | "worst"
+  c.eval.ties = "mid"                # a pair tied with others: "mid" (expected under random
+                                     # tie-breaking) | "best" | "worst" (see metrics.py)
   c.eval.search_top_k = 10           # launch.py search: results shown (--top_k)
   c.eval.excerpt_chars = 200         # launch.py search: report excerpt length per result
 

@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -107,6 +108,14 @@ def _check_strings(path, field, array, rows):
   if array.dtype.kind not in "US":
     _fail(path, field, f"expected strings (a unicode array, e.g. np.array(values, dtype=str)), "
                        f"found dtype {array.dtype}")
+  if array.dtype.kind == "S":   # bytes: they must be UTF-8 text
+    for row, value in enumerate(array):
+      try:
+        value.decode("utf-8")
+      except UnicodeDecodeError as err:
+        _fail(path, field, f"row {row} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                           f"store strings as a unicode array (np.array(values, dtype=str))")
+    return np.char.decode(array, "utf-8").astype(str)
   return array.astype(str)
 
 
@@ -168,28 +177,70 @@ def _validate_keywords(path, arrays, n, dim, has_reports):
 
 # --- embeddings.npz -------------------------------------------------------------------------------
 
-def load_embeddings(path):
-  """Reads and validates an embeddings.npz; InterchangeError for any problem, naming the field."""
+def load_embeddings(path, max_bytes=None):
+  """Reads and validates an embeddings.npz; InterchangeError for any problem, naming the field.
+
+  Only the known fields are read (other members are ignored unread), and each one's declared
+  size is checked against the bytes the archive holds for it, and against `max_bytes` (default:
+  half this machine's memory), before anything is allocated.
+  """
   if not os.path.isfile(path):
     _fail(path, None, "no such file (expected an embeddings .npz archive)")
+  limit = _memory_budget() if max_bytes is None else int(max_bytes)
   try:
-    archive = np.load(path, allow_pickle=False)
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-    _fail(path, None, f"not a readable .npz archive ({err})")
-  if not isinstance(archive, np.lib.npyio.NpzFile):
-    _fail(path, None, "is a single .npy array; expected an .npz archive with fields "
-                      f"{list(REQUIRED_FIELDS)}")
-  fields = {}
-  with archive:
-    for name in archive.files:
-      try:
-        fields[name] = archive[name]
-      except ValueError as err:   # object arrays need pickle, which is refused for safety
-        _fail(path, name, f"cannot be read without unpickling ({err}); store strings as a "
-                          f"unicode array (np.array(values, dtype=str))")
-      except (OSError, EOFError, zipfile.BadZipFile) as err:
-        _fail(path, name, f"is truncated or corrupt ({err})")
+    with zipfile.ZipFile(path) as archive:
+      members = {name[:-len(".npy")]: archive.getinfo(name) for name in archive.namelist()
+                 if name.endswith(".npy")}
+      if not members:
+        _fail(path, None, f"holds no .npy arrays; expected an .npz archive with fields "
+                          f"{list(REQUIRED_FIELDS)}")
+      fields = {name: _read_member(path, archive, members[name], name, limit)
+                for name in REQUIRED_FIELDS + OPTIONAL_FIELDS if name in members}
+  except zipfile.BadZipFile as err:
+    _fail(path, None, f"not a readable .npz archive ({err}); a single .npy array or another "
+                      f"file? expected an .npz archive with fields {list(REQUIRED_FIELDS)}")
+  except OSError as err:
+    _fail(path, None, f"cannot be read ({err.strerror or err})")
   return validate(fields, path)
+
+
+def _read_member(path, archive, info, name, limit):
+  """One .npy member as an array, after checking its header against its stored size."""
+  try:
+    with archive.open(info) as stream:
+      version = np.lib.format.read_magic(stream)
+      shape, fortran, dtype = (np.lib.format.read_array_header_1_0(stream) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(stream))
+      if dtype.hasobject:
+        _fail(path, name, "holds Python objects, which cannot be read without unpickling "
+                          "(refused for safety); store strings as a unicode array "
+                          "(np.array(values, dtype=str))")
+      declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+      stored = info.file_size - stream.tell()
+      if declared != stored:
+        _fail(path, name, f"declares {shape} {dtype} ({declared} bytes) but the archive holds "
+                          f"{stored} bytes for it: truncated or corrupt")
+      if declared > limit:
+        _fail(path, name, f"declares {shape} {dtype} ({declared / 2**30:.1f} GiB), more than "
+                          f"the {limit / 2**30:.1f} GiB this reader allows (half this machine's "
+                          f"memory)")
+      flat = np.empty(declared // max(dtype.itemsize, 1), dtype)
+      got = stream.readinto(flat.view(np.uint8)) if declared else 0
+  except InterchangeError:
+    raise
+  except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+    _fail(path, name, f"is truncated or corrupt ({err})")
+  if got != declared:
+    _fail(path, name, f"is truncated: {got} of {declared} bytes")
+  return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def _memory_budget():
+  """Half of this machine's physical memory, in bytes."""
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+  except (ValueError, OSError):
+    return 8 * 2**30
 
 
 def _atomic_write(path, write):

@@ -5,14 +5,23 @@ Conventions (the released MedFinder code's, docs/released_code.md "Evaluation"):
 - t2i: queries are texts, the gallery is the images, S = T·Iᵀ (row i = text query i). i2t: queries
   are images against the text gallery, i.e. Sᵀ. Embeddings are L2-normalized first.
 - rank_i is 1-based: 1 means the paired item scored highest in row i.
-  R@K = 100 · mean(rank ≤ K) (percent), MdR = median(rank) (np.median: the mean of the two middle
-  ranks when N is even, so it can end in .5), MnR = mean(rank).
+  R@K = 100 · the fraction of queries whose paired item ranks ≤ K (percent), MdR = median(rank)
+  (np.median: the mean of the two middle ranks when N is even, so it can end in .5),
+  MnR = mean(rank).
 
-Ranks without sorting: rank_i = 1 + #{j : S_ij > S_ii} ("best" tie rule). The released code sorts
-each row with an unstable `torch.argsort(descending=True)` and reads the paired item's position, so
-with ties its rank is anywhere in [1 + greater, 1 + greater + equal]; without ties (the normal case
-for float embeddings) both are the same number. `ties="worst"` gives the other end,
-1 + #{j : S_ij >= S_ii, j != i}, and every result records how many queries had a tie at all.
+Ties. Ranks are counted, not sorted: for query i, greater_i = #{j : S_ij > S_ii} and
+tied_i = #{j ≠ i : S_ij = S_ii}. The released code sorts each row with an unstable
+`torch.argsort(descending=True)` and reads the paired item's position, so a tied pair lands
+anywhere in [1 + greater, 1 + greater + tied], as the sort happens to order it; for float
+embeddings of a working model ties are rare, but a collapsed model (all embeddings equal) ties
+everything, and a rule that takes the best position then scores it R@1 = 100. Ties are never
+rewarded here; the rule is `ties`:
+  "mid" (default, reports and model selection): the expected result under random tie-breaking.
+        The rank is the mid-rank 1 + greater + tied/2; R@K counts each query with the
+        probability that its pair lands in the top K, clip((K - greater) / (tied + 1), 0, 1).
+        A collapsed model scores exactly chance.
+  "best": 1 + greater (an optimistic bound); "worst": 1 + greater + tied (a pessimistic one).
+Every result records how many queries had a tie, and the table warns when any had one.
 
 S is never materialized: query rows are processed in chunks (chunk × N scores at a time), and the
 chunks can be spread over a device mesh (rows sharded, gallery replicated). Results do not depend
@@ -41,14 +50,28 @@ from medfinder_jax import findings
 RECALL_KS = (1, 5, 10)
 PRECISION_KS = (20, 50, 100)
 DIRECTIONS = ("t2i", "i2t")
-TIE_RULES = ("best", "worst")
+TIE_RULES = ("mid", "best", "worst")
 BLOCK_ELEMENTS = 1 << 24   # similarity entries held per chunk by default (64 MiB of float32)
 
 
 class DirectionRanks(NamedTuple):
-  """Per-query result of one direction. Arrays are (N,) int64, indexed by pair (study) row."""
-  ranks: np.ndarray   # 1-based rank of the paired item under the chosen tie rule
-  tied: np.ndarray    # other gallery items whose score equals the paired item's score exactly
+  """Per-query result of one direction, indexed by pair (study) row; see "Ties" above."""
+  greater: np.ndarray   # (N,) int64: gallery items scoring strictly more than the paired one
+  tied: np.ndarray      # (N,) int64: other items whose score equals the paired one's exactly
+  rule: str             # the tie rule, one of TIE_RULES
+
+  @property
+  def ranks(self):
+    """(N,) 1-based ranks under the rule (float64: a mid-rank can end in .5)."""
+    extra = {"best": 0.0, "mid": 0.5, "worst": 1.0}[self.rule]
+    return 1.0 + self.greater + extra * self.tied
+
+  def hits(self, k):
+    """(N,) float64 in [0, 1]: whether (for "mid": the probability that) the pair is in the
+    top k."""
+    if self.rule == "mid":
+      return np.clip((k - self.greater) / (self.tied + 1.0), 0.0, 1.0)
+    return (self.ranks <= k).astype(np.float64)
 
 
 # --- Ranks ----------------------------------------------------------------------------------------
@@ -123,17 +146,17 @@ def rank_counts(queries, gallery, chunk_size=None, mesh=None):
   return greater[:n], equal[:n]
 
 
-@functools.partial(jax.jit, static_argnames=("ties",))
-def similarity_ranks(similarity, ties="best"):
-  """1-based rank of the diagonal item in each row of a square score matrix (rows = queries).
+def similarity_ranks(similarity, ties="mid"):
+  """DirectionRanks of the diagonal items of a square score matrix (rows = queries).
 
   For matrices already in memory (tests, small N); large N goes through rank_counts.
   """
-  paired = jnp.diagonal(similarity)[:, None]
-  ranks = 1 + jnp.sum(similarity > paired, axis=1, dtype=jnp.int32)
-  if ties == "worst":
-    ranks = ranks + jnp.sum(similarity == paired, axis=1, dtype=jnp.int32) - 1
-  return ranks
+  _check_ties(ties)
+  similarity = np.asarray(similarity)
+  paired = np.diagonal(similarity)[:, None]
+  greater = np.sum(similarity > paired, axis=1).astype(np.int64)
+  tied = np.sum(similarity == paired, axis=1).astype(np.int64) - 1
+  return DirectionRanks(greater=greater, tied=tied, rule=ties)
 
 
 class SettingsError(errors.UserError):
@@ -149,7 +172,7 @@ class MetricSettings:
   """
   ks: tuple = RECALL_KS
   keyword_ks: tuple = PRECISION_KS
-  ties: str = "best"
+  ties: str = "mid"
   bootstrap_samples: int = 0
   level: float = 0.95
   seed: int = 0
@@ -192,16 +215,15 @@ def _check_pairs(text_embeddings, image_embeddings):
                      f"got text {text} and image {image}")
 
 
-def direction_ranks(queries, gallery, *, ties="best", chunk_size=None, mesh=None):
+def direction_ranks(queries, gallery, *, ties="mid", chunk_size=None, mesh=None):
   """DirectionRanks of one direction from (already normalized) paired query/gallery rows."""
   _check_ties(ties)
   greater, equal = (np.asarray(a, np.int64) for a in
                     rank_counts(queries, gallery, chunk_size=chunk_size, mesh=mesh))
-  ranks = 1 + greater + (equal if ties == "worst" else 0)
-  return DirectionRanks(ranks=ranks, tied=equal)
+  return DirectionRanks(greater=greater, tied=equal, rule=ties)
 
 
-def paired_ranks(text_embeddings, image_embeddings, *, ties="best", chunk_size=None, mesh=None):
+def paired_ranks(text_embeddings, image_embeddings, *, ties="mid", chunk_size=None, mesh=None):
   """{"t2i": DirectionRanks, "i2t": DirectionRanks} for paired (N, D) text/image embeddings.
 
   Both are L2-normalized first; t2i ranks images for each text (S), i2t texts for each image (Sᵀ).
@@ -216,11 +238,12 @@ def paired_ranks(text_embeddings, image_embeddings, *, ties="best", chunk_size=N
 # --- Summaries ------------------------------------------------------------------------------------
 
 def summarize_ranks(ranks, ks=RECALL_KS):
-  """{"R@K": percent, ..., "MdR": median rank, "MnR": mean rank} of 1-based ranks (float64)."""
-  ranks = np.asarray(ranks, np.float64)
-  summary = {f"R@{k}": float(100.0 * np.mean(ranks <= k)) for k in ks}
-  summary["MdR"] = float(np.median(ranks))
-  summary["MnR"] = float(np.mean(ranks))
+  """{"R@K": percent, ..., "MdR": median rank, "MnR": mean rank} of a DirectionRanks (or of
+  plain 1-based ranks, read as ranks without ties)."""
+  ranks = _as_direction_ranks(ranks)
+  summary = {f"R@{k}": float(100.0 * np.mean(ranks.hits(k))) for k in ks}
+  summary["MdR"] = float(np.median(ranks.ranks))
+  summary["MnR"] = float(np.mean(ranks.ranks))
   return summary
 
 
@@ -264,20 +287,21 @@ def _run_replicates(kernel, seed, num_samples, *args):
 
 
 @functools.partial(jax.jit, static_argnames=("ks",))
-def _rank_replicates(keys, order, sorted_ranks, ks):
+def _rank_replicates(keys, order, sorted_ranks, sorted_hits, ks):
   """Bootstrap replicates for M directions sharing the same N queries, as totals over N draws.
 
-  order: (M, N) query indices sorting each direction's ranks; sorted_ranks: (M, N) float32.
+  order: (M, N) query indices sorting each direction's ranks; sorted_ranks: (M, N) float32;
+  sorted_hits: (len(ks), M, N) float32, DirectionRanks.hits(k) in the same order.
   Each replicate resamples the N query rows (pairs) with replacement, the same rows for every
   direction. Returns {"R@K": hits, "MnR": rank sum, "MdR": median rank}, each (keys, M) float32
-  (hit counts and medians are exact; the host divides by N).
+  (medians are exact; the host divides the totals by N).
   """
   n = order.shape[1]
   middle = ((n + 1) // 2, n // 2 + 1)   # np.median's order statistics (equal when N is odd)
 
   def replicate(key):
     weights = _resample_counts(key, n)[order]                       # (M, N), sorted by rank
-    out = {f"R@{k}": jnp.sum(weights * (sorted_ranks <= k), axis=1) for k in ks}
+    out = {f"R@{k}": jnp.sum(weights * sorted_hits[i], axis=1) for i, k in enumerate(ks)}
     out["MnR"] = jnp.sum(weights * sorted_ranks, axis=1)
     cumulative = jnp.cumsum(weights, axis=1)
     out["MdR"] = (_order_statistic(sorted_ranks, cumulative, middle[0])
@@ -287,13 +311,16 @@ def _rank_replicates(keys, order, sorted_ranks, ks):
   return jax.vmap(replicate)(keys)
 
 
-def _bootstrap_rank_totals(ranks, seed, ks, num_samples):
-  """{"R@K" | "MnR" | "MdR": (num_samples, M)} totals of _rank_replicates for (M, N) ranks."""
-  ranks = np.asarray(ranks)
+def _bootstrap_rank_totals(directions, seed, ks, num_samples):
+  """{"R@K" | "MnR" | "MdR": (num_samples, M)} totals of _rank_replicates for M DirectionRanks
+  of the same N queries."""
+  ranks = np.stack([d.ranks for d in directions])
   order = np.argsort(ranks, axis=1, kind="stable")
-  sorted_ranks = np.take_along_axis(ranks, order, axis=1).astype(np.float32)
+  sort = lambda x: np.take_along_axis(x, order, axis=1).astype(np.float32)  # noqa: E731
+  hits = np.stack([sort(np.stack([d.hits(k) for d in directions])) for k in ks])
   return _run_replicates(functools.partial(_rank_replicates, ks=tuple(ks)), seed, num_samples,
-                         jnp.asarray(order, jnp.int32), jnp.asarray(sorted_ranks))
+                         jnp.asarray(order, jnp.int32), jnp.asarray(sort(ranks)),
+                         jnp.asarray(hits))
 
 
 def _percentile_interval(samples, level):
@@ -306,13 +333,14 @@ def bootstrap_rank_intervals(ranks_by_direction, *, ks=RECALL_KS, num_samples=10
                              level=0.95):
   """Percentile bootstrap CIs of every summarize_ranks metric, resampling queries (pairs).
 
-  ranks_by_direction: {"t2i": (N,) ranks, "i2t": (N,) ranks} of the same N pairs (one paired
-  resample serves both). Returns {direction: {metric: [lo, hi]}}. Deterministic given seed.
+  ranks_by_direction: {"t2i": DirectionRanks, "i2t": DirectionRanks} of the same N pairs (or
+  plain (N,) 1-based ranks; one paired resample serves both). Returns {direction: {metric:
+  [lo, hi]}}. Deterministic given seed.
   """
   names = list(ranks_by_direction)
-  stacked = np.stack([np.asarray(ranks_by_direction[d]) for d in names])
-  n = stacked.shape[1]
-  totals = _bootstrap_rank_totals(stacked, seed, ks, int(num_samples))
+  directions = [_as_direction_ranks(ranks_by_direction[d]) for d in names]
+  n = len(directions[0].greater)
+  totals = _bootstrap_rank_totals(directions, seed, ks, int(num_samples))
   per_query = {f"R@{k}": 100.0 / n for k in ks} | {"MnR": 1.0 / n, "MdR": 1.0}
   intervals = {name: {} for name in names}
   for metric, values in totals.items():
@@ -322,36 +350,43 @@ def bootstrap_rank_intervals(ranks_by_direction, *, ks=RECALL_KS, num_samples=10
   return {name: {key: intervals[name][key] for key in _metric_names(ks)} for name in names}
 
 
+def _as_direction_ranks(ranks):
+  """DirectionRanks as given, or of plain 1-based ranks (read as ranks without ties)."""
+  if isinstance(ranks, DirectionRanks):
+    return ranks
+  ranks = np.asarray(ranks, np.float64)
+  return DirectionRanks(greater=ranks - 1, tied=np.zeros_like(ranks), rule="best")
+
+
 def _metric_names(ks):
   return [f"R@{k}" for k in ks] + ["MdR", "MnR"]
 
 
 def metrics_from_ranks(ranks_by_direction, *, ks=RECALL_KS, bootstrap_samples=0, seed=0,
-                       level=0.95, ties="best"):
-  """The metrics.json dict from {"t2i": DirectionRanks, "i2t": DirectionRanks}.
+                       level=0.95):
+  """The metrics.json dict from {"t2i": DirectionRanks, "i2t": DirectionRanks} (of one rule).
 
   {"t2i": {"R@1", "R@5", "R@10", "MdR", "MnR"}, "i2t": {...}, "n": N,
    "chance": {...}, "ties": {"rule", "t2i_tied_queries", "i2t_tied_queries"},
    "ci": {"level", "samples", "seed", "t2i": {metric: [lo, hi]}, "i2t": {...}}  (bootstrap > 0)}
   """
-  n = len(next(iter(ranks_by_direction.values())).ranks)
-  metrics = {d: summarize_ranks(r.ranks, ks) for d, r in ranks_by_direction.items()}
+  n = len(next(iter(ranks_by_direction.values())).greater)
+  metrics = {d: summarize_ranks(r, ks) for d, r in ranks_by_direction.items()}
   metrics["n"] = n
   metrics["chance"] = chance_levels(n, ks)
-  metrics["ties"] = {"rule": ties}
+  metrics["ties"] = {"rule": next(iter(ranks_by_direction.values())).rule}
   for d, r in ranks_by_direction.items():
     metrics["ties"][f"{d}_tied_queries"] = int(np.count_nonzero(r.tied))
   if bootstrap_samples:
-    intervals = bootstrap_rank_intervals({d: r.ranks for d, r in ranks_by_direction.items()},
-                                         ks=ks, num_samples=bootstrap_samples, seed=seed,
-                                         level=level)
+    intervals = bootstrap_rank_intervals(ranks_by_direction, ks=ks,
+                                         num_samples=bootstrap_samples, seed=seed, level=level)
     metrics["ci"] = {"level": level, "samples": int(bootstrap_samples), "seed": int(seed),
                      **intervals}
   return metrics
 
 
 def retrieval_metrics(text_embeddings, image_embeddings, *, ks=RECALL_KS, bootstrap_samples=0,
-                      seed=0, level=0.95, ties="best", chunk_size=None, mesh=None):
+                      seed=0, level=0.95, ties="mid", chunk_size=None, mesh=None):
   """Text<->image retrieval metrics of N paired embeddings (row i of each = study i).
 
   text_embeddings, image_embeddings: (N, D) float, finite. Returns the metrics_from_ranks dict:
@@ -363,7 +398,7 @@ def retrieval_metrics(text_embeddings, image_embeddings, *, ks=RECALL_KS, bootst
   ranks = paired_ranks(text_embeddings, image_embeddings, ties=ties, chunk_size=chunk_size,
                        mesh=mesh)
   return metrics_from_ranks(ranks, ks=ks, bootstrap_samples=bootstrap_samples, seed=seed,
-                            level=level, ties=ties)
+                            level=level)
 
 
 # --- Keyword retrieval ----------------------------------------------------------------------------
@@ -460,7 +495,7 @@ def embedding_metrics(embeddings, settings, mesh=None):
   ranks = paired_ranks(embeddings.text_embeddings, embeddings.image_embeddings,
                        ties=settings.ties, mesh=mesh)
   result = metrics_from_ranks(ranks, ks=settings.ks, bootstrap_samples=settings.bootstrap_samples,
-                              seed=settings.seed, level=settings.level, ties=settings.ties)
+                              seed=settings.seed, level=settings.level)
   if embeddings.keywords is not None:
     relevance = embeddings.keyword_relevance
     if relevance is None:
@@ -508,9 +543,27 @@ def format_metrics_table(metrics, show_chance=False, digits=2):
     chance = metrics.get("chance") or chance_levels(metrics["n"])
     rows.append(["chance"] + [_cell(chance.get(m), None, digits) for m in names])
   text = _render(header, rows)
+  warning = tie_warning(metrics)
+  if warning:
+    text += "\n" + warning
   if metrics.get("keywords"):
     text += "\n\n" + format_keyword_table(metrics["keywords"], show_chance, digits)
   return text
+
+
+def tie_warning(metrics):
+  """A line saying how many queries tied and which rule ranked them, or "" without ties."""
+  ties = metrics.get("ties") or {}
+  counts = {d: ties.get(f"{d}_tied_queries", 0) for d in DIRECTIONS}
+  if not any(counts.values()):
+    return ""
+  rule = ties.get("rule", "?")
+  meaning = {"mid": "the expected result under random tie-breaking",
+             "best": "the best position among the tied items, an optimistic bound",
+             "worst": "the worst position among the tied items, a pessimistic bound"}.get(rule, "")
+  return (f"warning: the paired item ties with other items in {counts['t2i']} t2i and "
+          f"{counts['i2t']} i2t queries of {metrics['n']} (equal scores: a collapsed model?); "
+          f"ranked by the {rule!r} tie rule, {meaning} (config eval.ties)")
 
 
 def format_keyword_table(keyword_results, show_chance=False, digits=2):

@@ -1,7 +1,7 @@
 """Retrieval plots as PNG files: rank histogram and recall@K curve (matplotlib, Agg, no display).
 
-Inputs are 1-based ranks per direction, {"t2i": (N,) ranks, "i2t": (N,) ranks}, as in
-metrics.paired_ranks(...)[d].ranks.
+Inputs are the ranks per direction, {"t2i": ..., "i2t": ...}, as metrics.paired_ranks returns
+them (metrics.DirectionRanks: `.ranks` 1-based under the tie rule, `.hits(k)` per query).
 """
 
 import os
@@ -21,34 +21,33 @@ def _save(figure, path):
 
 
 def recall_curve(ranks, max_k):
-  """(ks, recall in percent) for K = 1..max_k: 100 · fraction of queries with rank ≤ K."""
-  ranks = np.asarray(ranks)
-  counts = np.bincount(np.minimum(ranks, max_k + 1), minlength=max_k + 2)[1:max_k + 1]
-  return np.arange(1, max_k + 1), 100.0 * np.cumsum(counts) / ranks.size
+  """(ks, recall in percent) for K = 1..max_k, as metrics reports R@K (its tie rule)."""
+  ks = np.arange(1, max_k + 1)
+  return ks, np.array([100.0 * np.mean(ranks.hits(k)) for k in ks])
 
 
 def plot_rank_histogram(ranks_by_direction, path, bins=50):
   """Histogram of the paired item's rank per direction (log-spaced bins when N is large)."""
-  n = max(int(np.max(r)) for r in ranks_by_direction.values())
+  n = max(int(np.ceil(np.max(r.ranks))) for r in ranks_by_direction.values())
   figure = Figure(figsize=(6, 4))
   axes = figure.add_subplot()
   edges = (np.unique(np.geomspace(1, n + 1, bins).round()) if n > bins
            else np.arange(1, n + 2)) - 0.5
   for direction, ranks in ranks_by_direction.items():
-    axes.hist(np.asarray(ranks), bins=edges, histtype="step", linewidth=1.5,
+    axes.hist(ranks.ranks, bins=edges, histtype="step", linewidth=1.5,
               label=LABELS.get(direction, direction))
   if n > bins:
     axes.set_xscale("log")
   axes.set_xlabel("rank of the paired item (1 = best)")
   axes.set_ylabel("queries")
-  axes.set_title(f"Rank histogram (N = {len(next(iter(ranks_by_direction.values())))})")
+  axes.set_title(f"Rank histogram (N = {len(next(iter(ranks_by_direction.values())).ranks)})")
   axes.legend()
   return _save(figure, path)
 
 
 def plot_recall_curve(ranks_by_direction, path, max_k=None):
   """Recall@K (percent) against K for each direction, with the chance line 100·K/N."""
-  n = len(next(iter(ranks_by_direction.values())))
+  n = len(next(iter(ranks_by_direction.values())).ranks)
   max_k = min(n, max_k or max(10, min(n, 100)))
   figure = Figure(figsize=(6, 4))
   axes = figure.add_subplot()

@@ -129,3 +129,58 @@ def test_metrics_json_is_strict_json_with_null_for_metrics_that_do_not_apply(tmp
   assert interchange.read_metrics_json(path) == data
   with pytest.raises(ValueError):
     interchange.write_metrics_json(str(tmp_path / "nan.json"), {"t2i": {"MnR": float("nan")}})
+
+
+def add_member(npz_path, name, payload):
+  """Appends a raw member to an .npz (zip) archive, deflate-compressed."""
+  import zipfile  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(npz_path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+    archive.writestr(name, payload)
+
+
+def npy_header(shape, dtype="<f4"):
+  """The bytes of a .npy header declaring `shape` of `dtype` (no data)."""
+  import io  # pylint: disable=import-outside-toplevel
+  buffer = io.BytesIO()
+  np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False,
+                                                "shape": shape})
+  return buffer.getvalue()
+
+
+def test_members_that_are_not_fields_are_never_read(tmp_path):
+  """A 200 MB deflate bomb beside the fields costs nothing: only the known fields are read."""
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  path = write_npz(tmp_path / "e.npz", embedding_fields())
+  add_member(path, "padding.npy", npy_header((50_000_000,)) + bytes(200_000_000))
+  tracemalloc.start()
+  loaded = interchange.load_embeddings(path)
+  _, peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+  assert loaded.n == 12 and peak < 20 * 2**20
+
+
+def test_a_field_whose_header_declares_more_than_it_holds_is_refused_before_allocating(
+    tmp_path):
+  fields = embedding_fields()
+  del fields["text_embeddings"]
+  path = write_npz(tmp_path / "e.npz", fields)
+  add_member(path, "text_embeddings.npy", npy_header((10**7, 10**7)) + bytes(96))
+  with pytest.raises(interchange.InterchangeError, match=r"'text_embeddings': declares "
+                                                         r"\(10000000, 10000000\) float32"):
+    interchange.load_embeddings(path)
+
+
+def test_a_field_larger_than_the_memory_budget_is_refused(tmp_path):
+  path = write_npz(tmp_path / "e.npz", embedding_fields())
+  with pytest.raises(interchange.InterchangeError, match="'image_embeddings'.*more than the"):
+    interchange.load_embeddings(path, max_bytes=100)
+
+
+def test_byte_string_ids_must_be_utf8_text(tmp_path):
+  ids = np.array([f"study{i:03d}".encode() for i in range(12)])
+  loaded = interchange.load_embeddings(write_npz(tmp_path / "ok.npz",
+                                                 embedding_fields(study_ids=ids)))
+  assert loaded.study_ids[3] == "study003" and loaded.study_ids.dtype.kind == "U"
+  ids[5] = b"\xff\xfebad"
+  with pytest.raises(interchange.InterchangeError, match=r"'study_ids': row 5 is not UTF-8"):
+    interchange.load_embeddings(write_npz(tmp_path / "bad.npz", embedding_fields(study_ids=ids)))

@@ -119,23 +119,53 @@ def test_median_rank_of_an_even_count_is_the_mean_of_the_middle_two_like_np_medi
   assert metrics.summarize_ranks([1, 2, 5, 9])["MdR"] == 3.5
 
 
-def test_ties_take_the_best_position_by_default_and_the_worst_on_request():
-  similarity = np.ones((6, 6), np.float32)
-  assert np.all(np.asarray(metrics.similarity_ranks(similarity)) == 1)
-  assert np.all(np.asarray(metrics.similarity_ranks(similarity, ties="worst")) == 6)
-  embeddings = np.ones((6, 4))
-  best = metrics.retrieval_metrics(embeddings, embeddings)
+def test_a_collapsed_model_scores_chance_not_perfection():
+  """All embeddings equal: every pair ties with everything. The default rule gives a random
+  ranking's expected values; "best" and "worst" bound them."""
+  n = 6
+  embeddings = np.ones((n, 4))
+  mid = metrics.retrieval_metrics(embeddings, embeddings)
+  assert mid["t2i"] == pytest.approx(metrics.chance_levels(n))
+  assert mid["ties"] == {"rule": "mid", "t2i_tied_queries": n, "i2t_tied_queries": n}
+  best = metrics.retrieval_metrics(embeddings, embeddings, ties="best")
   worst = metrics.retrieval_metrics(embeddings, embeddings, ties="worst")
-  assert best["t2i"]["MdR"] == 1.0 and worst["t2i"]["MdR"] == 6.0
-  assert best["ties"] == {"rule": "best", "t2i_tied_queries": 6, "i2t_tied_queries": 6}
+  assert best["t2i"]["MdR"] == 1.0 and best["t2i"]["R@1"] == 100.0
+  assert worst["t2i"]["MdR"] == 6.0 and worst["t2i"]["R@5"] == 0.0
+
+
+def test_mid_rule_is_the_expectation_of_random_tie_breaking():
+  """Against a Monte-Carlo reference: shuffle each row's items, sort stably by score, read the
+  pair's position (the released code's argsort with ties broken at random)."""
+  rng = np.random.default_rng(7)
+  similarity = rng.integers(0, 3, size=(40, 40)).astype(np.float32)   # many ties
+  ours = metrics.summarize_ranks(metrics.similarity_ranks(similarity), ks=(1, 5, 10))
+  positions = []
+  for _ in range(2000):
+    perm = rng.permutation(40)
+    order = perm[np.argsort(-similarity[:, perm], axis=1, kind="stable")]
+    positions.append(np.argmax(order == np.arange(40)[:, None], axis=1) + 1)
+  positions = np.stack(positions)                                      # (draws, queries)
+  for k in (1, 5, 10):
+    assert ours[f"R@{k}"] == pytest.approx(100 * np.mean(positions <= k), abs=1.0)
+  assert ours["MnR"] == pytest.approx(np.mean(positions), abs=0.2)
+
+
+def test_the_table_warns_when_queries_tie():
+  embeddings = np.ones((6, 4))
+  table = metrics.format_metrics_table(metrics.retrieval_metrics(embeddings, embeddings))
+  assert "warning: the paired item ties with other items in 6 t2i and 6 i2t queries of 6" in table
+  assert "'mid' tie rule" in table
+  distinct = np.random.default_rng(0).normal(size=(6, 4))
+  assert "warning" not in metrics.format_metrics_table(metrics.retrieval_metrics(distinct,
+                                                                                 distinct))
 
 
 def test_released_argsort_rank_lies_between_the_best_and_worst_tie_ranks():
   rng = np.random.default_rng(3)
   similarity = rng.integers(0, 4, size=(30, 30)).astype(np.float32)   # many ties
   argsort_ranks = np.argmax(np.argsort(-similarity, axis=1) == np.arange(30)[:, None], axis=1) + 1
-  best = np.asarray(metrics.similarity_ranks(similarity))
-  worst = np.asarray(metrics.similarity_ranks(similarity, ties="worst"))
+  best = metrics.similarity_ranks(similarity, ties="best").ranks
+  worst = metrics.similarity_ranks(similarity, ties="worst").ranks
   assert np.all(best <= argsort_ranks) and np.all(argsort_ranks <= worst)
   assert np.any(best < worst)
 
@@ -153,7 +183,7 @@ def test_non_finite_or_unpaired_embeddings_are_rejected():
 def test_chunked_counts_equal_unchunked_for_any_chunk_size():
   text, image = quantized_embeddings(203, 24, seed=1)
   exact = text.astype(np.float64) @ image.astype(np.float64).T
-  expected = np.asarray(metrics.similarity_ranks(exact))
+  expected = metrics.similarity_ranks(exact, ties="best").ranks
   for chunk_size in (1, 7, 64, 203, 1024):
     greater, _ = metrics.rank_counts(text, image, chunk_size=chunk_size)
     np.testing.assert_array_equal(1 + np.asarray(greater), expected, err_msg=str(chunk_size))
@@ -183,7 +213,7 @@ def test_rank_counts_composes_under_jit():
   text, image = quantized_embeddings(37, 8, seed=5)
   jitted = jax.jit(lambda q, g: metrics.rank_counts(q, g, chunk_size=8)[0] + 1)
   np.testing.assert_array_equal(np.asarray(jitted(text, image)),
-                                np.asarray(metrics.similarity_ranks(text @ image.T)))
+                                metrics.similarity_ranks(text @ image.T, ties="best").ranks)
 
 
 def test_default_chunk_keeps_a_chunk_of_scores_within_the_block_budget():
@@ -202,14 +232,22 @@ def two_directions(n):
   return {"t2i": geometric_ranks(n, 0), "i2t": geometric_ranks(n, 1)}
 
 
+def tied_directions(n, seed):
+  """Two directions of n queries with many ties (mid rule: fractional hits and ranks)."""
+  rng = np.random.default_rng(seed)
+  return [metrics.DirectionRanks(greater=rng.integers(0, 30, n), tied=rng.integers(0, 4, n),
+                                 rule="mid") for _ in range(2)]
+
+
 def test_bootstrap_replicates_equal_metrics_of_explicitly_resampled_queries():
-  ranks = np.stack(list(two_directions(300).values()))
-  totals = metrics._bootstrap_rank_totals(ranks, seed=9, ks=(1, 5, 10), num_samples=4)
+  directions = tied_directions(300, seed=2)
+  totals = metrics._bootstrap_rank_totals(directions, seed=9, ks=(1, 5, 10), num_samples=4)
   keys = next(metrics._replicate_keys(9, 4))
   for b in range(4):
     draws = np.asarray(jax.random.randint(keys[b], (300,), 0, 300))
-    for m in range(2):
-      expected = metrics.summarize_ranks(ranks[m, draws])
+    for m, d in enumerate(directions):
+      expected = metrics.summarize_ranks(d._replace(greater=d.greater[draws],
+                                                    tied=d.tied[draws]))
       for k in (1, 5, 10):
         assert 100 * float(totals[f"R@{k}"][b, m]) / 300 == pytest.approx(expected[f"R@{k}"])
       assert float(totals["MnR"][b, m]) / 300 == pytest.approx(expected["MnR"])
@@ -237,8 +275,9 @@ def test_bootstrap_interval_narrows_as_n_grows():
 
 def test_bootstrap_is_reproducible_from_its_seed_and_fewer_samples_are_a_prefix():
   ranks = two_directions(300)
-  first = metrics._bootstrap_rank_totals(np.stack(list(ranks.values())), 1, (1, 5, 10), 100)
-  again = metrics._bootstrap_rank_totals(np.stack(list(ranks.values())), 1, (1, 5, 10), 40)
+  directions = [metrics._as_direction_ranks(r) for r in ranks.values()]
+  first = metrics._bootstrap_rank_totals(directions, 1, (1, 5, 10), 100)
+  again = metrics._bootstrap_rank_totals(directions, 1, (1, 5, 10), 40)
   np.testing.assert_array_equal(again["MnR"], first["MnR"][:40])
   assert (metrics.bootstrap_rank_intervals(ranks, num_samples=100, seed=1)
           == metrics.bootstrap_rank_intervals(ranks, num_samples=100, seed=1))

@@ -86,8 +86,7 @@ def write_metrics(path, metrics, ranks, plots_dir=None):
   written = [_written(path, lambda: interchange.write_metrics_json(path, metrics))]
   if plots_dir:
     from medfinder_jax import plots   # matplotlib only when plots are asked for
-    written += _written(plots_dir, lambda: plots.save_retrieval_plots(
-        {d: r.ranks for d, r in ranks.items()}, plots_dir))
+    written += _written(plots_dir, lambda: plots.save_retrieval_plots(ranks, plots_dir))
   return written
 
 
