@@ -17,6 +17,7 @@ Kept: the latest `train.keep_checkpoints` steps plus the best one by validation 
 R@10 (the released code's model selection); every other step is deleted by orbax after a save.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,10 +27,12 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from data_prep import schema
 from medfinder_jax import config_utils
+from medfinder_jax import distributed
 from medfinder_jax import errors
 from medfinder_jax import interchange
 
@@ -56,6 +59,20 @@ logging.getLogger("absl").addFilter(_ExpectedOrbaxNotices())
 
 class CheckpointError(errors.UserError):
   """A path that holds no usable checkpoint, or a checkpoint that cannot be used as asked."""
+
+
+class DamagedCheckpoint(CheckpointError):
+  """A step whose files are missing or unreadable (a copy cut short, a disk error, a kill
+  while files were replaced by hand); the message names the step directory and what failed."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint could not be written (e.g. the disk is full); earlier steps are intact."""
+
+
+# Status lines of TensorStore errors (the part of orbax's long messages that says what failed).
+_STORE_STATUS = re.compile(r"\b(?:DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|INVALID_ARGUMENT|"
+                           r"FAILED_PRECONDITION|RESOURCE_EXHAUSTED|UNKNOWN): [^\n]*")
 
 
 # --- Manager --------------------------------------------------------------------------------------
@@ -105,7 +122,9 @@ def save(manager, step, variables, opt_state, meta, val_metrics=None):
   """Starts an (async) save of one step; `val_metrics` = {"val_t2i_R@10": float, ...} or None.
 
   The arrays are copied off the device before this returns, so the caller may donate them to
-  the next train step. Returns False when the step already exists.
+  the next train step. Returns False when the step already exists. CheckpointWriteError when
+  this save, or the previous one still being written, fails (e.g. a full disk): orbax writes a
+  step under a temporary name and renames it when complete, so the steps before stay intact.
   """
   if step in manager.all_steps():
     return False
@@ -115,23 +134,91 @@ def save(manager, step, variables, opt_state, meta, val_metrics=None):
   metrics = None
   if val_metrics and BEST_METRIC in val_metrics:
     metrics = {k: float(v) for k, v in val_metrics.items()}
-  return manager.save(step, args=args, metrics=metrics, force=True)
+  with _writing(manager, step):
+    return manager.save(step, args=args, metrics=metrics, force=True)
+
+
+def wait_until_finished(manager):
+  """Blocks until the async save in flight is on disk; CheckpointWriteError when it failed."""
+  with _writing(manager, None):
+    manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _writing(manager, step):
+  try:
+    yield
+  except Exception as err:  # orbax re-raises a failed async write as whatever the writer hit
+    what = f"step {step}" if step is not None else "the last checkpoint"
+    done = sorted(manager.all_steps())
+    raise CheckpointWriteError(
+        f"{manager.directory}: cannot write {what} ({_reason(err)}); the steps saved before "
+        f"({done or 'none'}) are intact: free space (or fix the disk) and rerun the same command "
+        f"to resume") from None
+
+
+def _reason(err):
+  """What an orbax / TensorStore / OS error says went wrong, in one line."""
+  for cause in (err, err.__cause__, err.__context__):
+    if isinstance(cause, OSError) and cause.strerror:
+      return f"{cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
+  text = "\n".join(str(e) for e in (err, err.__cause__, err.__context__) if e is not None)
+  status = _STORE_STATUS.search(text)
+  first = status.group(0) if status else (text.strip().splitlines() or [type(err).__name__])[0]
+  return first[:400]
+
+
+def _restore(manager, step, **items):
+  """manager.restore of `items` ({name: orbax args}) at `step`; DamagedCheckpoint naming the
+  step directory and what failed when an item is missing or cannot be read."""
+  step_dir = os.path.join(str(manager.directory), str(step))
+  missing = [name for name in items if not os.path.isdir(os.path.join(step_dir, name))]
+  if missing:
+    raise DamagedCheckpoint(f"{step_dir}: {', '.join(f'{m}/' for m in missing)} missing "
+                            f"(the step is incomplete)")
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as err:  # orbax / TensorStore raise bare Exceptions for unreadable data
+    raise DamagedCheckpoint(f"{step_dir}: cannot read {' and '.join(items)}: "
+                            f"{_reason(err)}") from None
+
+
+def set_aside(manager, step):
+  """Renames a damaged step's directory to <step>.damaged (orbax ignores it; its files stay for
+  inspection) and reloads the manager's step list. Returns the new path. Every process calls
+  this together; process 0 renames."""
+  path = os.path.join(str(manager.directory), str(step))
+  target = path + ".damaged"
+  if distributed.is_main_process():
+    suffix = 1
+    while os.path.exists(target):
+      suffix += 1
+      target = f"{path}.damaged{suffix}"
+    os.replace(path, target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"checkpoint.set_aside {step}")
+  manager.reload()
+  return target
 
 
 def restore_train(manager, step, abstract_variables, abstract_opt_state):
   """(variables, opt_state) of `step`, placed by the shardings of the abstract targets
   (jax.ShapeDtypeStructs with .sharding, e.g. from sharding.sharded_abstract)."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(abstract_variables),
-      opt_state=ocp.args.StandardRestore(abstract_opt_state)))
+  restored = _restore(manager, step, variables=ocp.args.StandardRestore(abstract_variables),
+                      opt_state=ocp.args.StandardRestore(abstract_opt_state))
   return restored["variables"], restored["opt_state"]
 
 
 def restore_meta(manager, step):
   """The meta dict of `step` (see `build_meta`) plus "checkpoint_path" (the step dir).
 
-  CheckpointError for a checkpoint of another format version (older ones are not read)."""
-  meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  CheckpointError for a checkpoint of another format version (older ones are not read),
+  DamagedCheckpoint for one that cannot be read."""
+  meta = _restore(manager, step, meta=ocp.args.JsonRestore())["meta"]
+  if not isinstance(meta, dict):
+    raise DamagedCheckpoint(f"{os.path.join(str(manager.directory), str(step))}/meta: not a "
+                            f"JSON object")
+  meta = dict(meta)
   meta["checkpoint_path"] = os.path.join(str(manager.directory), str(step))
   if meta.get("version") != META_VERSION:
     raise CheckpointError(f"{meta['checkpoint_path']}: checkpoint format version "
@@ -191,8 +278,11 @@ def config_from_meta(meta):
 # --- Finding checkpoints --------------------------------------------------------------------------
 
 def _is_step_dir(path):
+  """A numbered directory holding a step's items or orbax's bookkeeping (possibly damaged: the
+  reads say what is missing)."""
   return (re.fullmatch(r"\d+", os.path.basename(os.path.normpath(path))) is not None
-          and os.path.isdir(os.path.join(path, "meta")))
+          and any(os.path.exists(os.path.join(path, name))
+                  for name in ITEMS + ("_CHECKPOINT_METADATA",)))
 
 
 def resolve(path):
@@ -264,8 +354,7 @@ def read_variables(path, abstract_variables, step=None):
   read_meta; pass meta["checkpoint_path"] to read the step whose meta was read."""
   manager, step = _open(path, step)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(abstract_variables)))
+    restored = _restore(manager, step, variables=ocp.args.StandardRestore(abstract_variables))
     return {k: dict(v) for k, v in restored["variables"].items()}
   finally:
     manager.close()

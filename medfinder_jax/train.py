@@ -105,20 +105,29 @@ def setup_run(config, workdir=None):
 
 
 def initial_state(run, manager):
-  """(state, meta or None): restored from the latest checkpoint, else freshly initialised."""
-  latest = manager.latest_step()
-  if latest is None:
-    _, text_params = convert_weights.load_hf_bert(run.tokenizer.folder)
-    state = train_step.create_train_state(run.model, run.tx, run.config, run.spec.shape,
-                                          jax.random.key(run.config.seed), run.mesh, run.rules,
-                                          text_params)
-    return state, None
-  meta = checkpoint.restore_meta(manager, latest)
+  """(state, meta or None): restored from the newest intact checkpoint, else freshly
+  initialised. A damaged step (files missing or unreadable) is moved aside to <step>.damaged
+  with a note saying why, and the step before it is tried."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return _restored_state(run, manager, step)
+    except checkpoint.DamagedCheckpoint as err:
+      moved = checkpoint.set_aside(manager, step)
+      _say(f"note: skipping damaged checkpoint step {step} (moved aside to {moved}): {err}")
+  _, text_params = convert_weights.load_hf_bert(run.tokenizer.folder)
+  state = train_step.create_train_state(run.model, run.tx, run.config, run.spec.shape,
+                                        jax.random.key(run.config.seed), run.mesh, run.rules,
+                                        text_params)
+  return state, None
+
+
+def _restored_state(run, manager, step):
+  meta = checkpoint.restore_meta(manager, step)
   check_resume_compatible(meta, run)
   abstract = train_step.abstract_train_state(run.model, run.tx, run.config, run.spec.shape,
                                              run.mesh, run.rules)
   variables, opt_state = checkpoint.restore_train(
-      manager, latest, abstract.variables(), abstract.opt_state)
+      manager, step, abstract.variables(), abstract.opt_state)
   trainable, frozen = train_step.split_params(variables["params"], abstract.frozen.keys())
   state = abstract.replace(
       step=sharding.replicate(np.int32(meta["step"]), run.mesh), trainable=trainable,
@@ -211,8 +220,10 @@ def train_and_evaluate(config, workdir=None):
   try:
     return _train(run, manager, ckpt_dir)
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    try:
+      checkpoint.wait_until_finished(manager)
+    finally:
+      manager.close()
 
 
 def _train(run, manager, ckpt_dir):
@@ -317,7 +328,7 @@ class _Loop:
     self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
   def diverged(self, bad, values, first):
-    self.manager.wait_until_finished()
+    checkpoint.wait_until_finished(self.manager)
     last = self.manager.latest_step()
     where = (f"the last good checkpoint is step {last}: "
              f"{os.path.join(str(self.manager.directory), str(last))}" if last is not None

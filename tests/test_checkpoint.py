@@ -141,3 +141,69 @@ def test_a_checkpoint_of_another_format_version_is_refused(tmp_path, trained):
   with pytest.raises(checkpoint.CheckpointError, match="format version 1; this version of "
                                                        "launch.py reads version 2"):
     checkpoint.read_meta(str(tmp_path))
+
+
+def truncate_largest_array_file(step_dir):
+  """Cuts the largest data file of a step's variables to 20 bytes (a copy cut short)."""
+  files = [os.path.join(root, name) for root, _, names in
+           os.walk(os.path.join(step_dir, "variables")) for name in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(20)
+  return largest
+
+
+def test_a_truncated_array_file_is_a_damaged_checkpoint_naming_the_step(tmp_path, trained):
+  _, _, variables, _ = trained
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  write_steps(directory, trained, [(1, None), (2, None)])
+  truncate_largest_array_file(os.path.join(directory, "2"))
+  meta = checkpoint.read_meta(str(tmp_path))               # meta is intact
+  with pytest.raises(checkpoint.DamagedCheckpoint) as err:
+    checkpoint.read_variables(meta["checkpoint_path"], on_one_device(variables))
+  message = str(err.value)
+  assert os.path.join(directory, "2") in message and "cannot read variables" in message
+  assert len(message) < 600 and "\n" not in message         # one line, not orbax's dump
+  restored = checkpoint.read_variables(os.path.join(directory, "1"), on_one_device(variables))
+  np.testing.assert_array_equal(restored["params"]["logit_scale"],
+                                variables["params"]["logit_scale"])
+
+
+def test_a_step_without_its_meta_is_a_damaged_checkpoint(tmp_path, trained):
+  import shutil  # pylint: disable=import-outside-toplevel
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  write_steps(directory, trained, [(1, None), (2, None)])
+  shutil.rmtree(os.path.join(directory, "2", "meta"))
+  with pytest.raises(checkpoint.DamagedCheckpoint, match=r"checkpoints/2: meta/ missing"):
+    checkpoint.read_meta(str(tmp_path))
+  assert checkpoint.read_meta(str(tmp_path), step=1)["step"] == 1
+
+
+def test_a_damaged_step_set_aside_leaves_the_earlier_ones_in_use(tmp_path, trained):
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  write_steps(directory, trained, [(1, None), (2, None)])
+  manager = checkpoint.make_manager(directory)
+  moved = checkpoint.set_aside(manager, 2)
+  assert moved == os.path.join(directory, "2.damaged") and os.path.isdir(moved)
+  assert manager.latest_step() == 1 and manager.all_steps() == [1]
+  manager.close()
+
+
+def test_a_failed_write_is_a_clear_error_and_keeps_the_earlier_steps(tmp_path, trained,
+                                                                    monkeypatch):
+  import errno  # pylint: disable=import-outside-toplevel
+  config, _, variables, opt_state = trained
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  write_steps(directory, trained, [(1, None)])
+  manager = checkpoint.make_manager(directory)
+
+  def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(directory, "2"))
+
+  monkeypatch.setattr(manager, "save", disk_full)
+  with pytest.raises(checkpoint.CheckpointWriteError, match=r"cannot write step 2 \(No space "
+                                                            r"left on device.*steps saved "
+                                                            r"before \(\[1\]\) are intact"):
+    checkpoint.save(manager, 2, variables, opt_state, meta_for(config, 2))
+  manager.close()
+  assert checkpoint.read_meta(str(tmp_path))["step"] == 1

@@ -141,3 +141,23 @@ def test_two_processes_count_every_study_once_with_a_ragged_last_batch(aligned, 
   np.testing.assert_allclose(embeddings["image_embeddings"], aligned.image, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(embeddings["text_embeddings"], aligned.text, rtol=1e-4, atol=1e-5)
   assert json.load(open(tmp_path / "metrics.json"))["t2i"]["R@1"] == 100.0
+
+
+@pytest.mark.parametrize("damage, message", [("truncated", "cannot read variables"),
+                                             ("no_meta", "meta/ missing")])
+def test_a_damaged_checkpoint_names_the_step_and_exits_2(aligned, tmp_path, capsys, damage,
+                                                        message):
+  import shutil  # pylint: disable=import-outside-toplevel
+  from test_checkpoint import truncate_largest_array_file  # pylint: disable=import-outside-toplevel
+  run_dir = shutil.copytree(aligned.run_dir, tmp_path / "run")
+  step_dir = run_dir / "checkpoints" / "7"
+  if damage == "truncated":
+    truncate_largest_array_file(str(step_dir))
+  else:
+    shutil.rmtree(step_dir / "meta")
+  code, out, err = run(["eval", "--model_path", str(run_dir), "--split", "test", "--output_dir",
+                        str(tmp_path / "out"), "--bootstrap", "0",
+                        f"--config.data.tfrecord_dir={aligned.dataset_dir}"], capsys)
+  assert code == 2 and out == "" and "Traceback" not in err
+  assert err.startswith("launch.py eval: error: ") and str(step_dir) in err and message in err
+  assert len(err.splitlines()) == 1

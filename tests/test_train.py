@@ -323,3 +323,21 @@ def test_loss_falls_and_recall_rises_above_chance(tiny_config, tmp_path_factory,
   assert val["n"] == 42
   assert val["t2i"]["MnR"] < 0.8 * chance_mean_rank and val["i2t"]["MnR"] < 0.8 * chance_mean_rank
   assert val["t2i"]["R@10"] > 100 * 10 / 42 + 10
+
+
+def test_resume_skips_a_damaged_latest_step_and_says_which_and_why(tiny_config, tiny_dataset,
+                                                                  tmp_path, capsys):
+  from test_checkpoint import truncate_largest_array_file  # pylint: disable=import-outside-toplevel
+  config = loop_config(tiny_config, tiny_dataset, tmp_path, **{
+      "train.checkpoint_every_steps": 1, "train.max_steps": 2})
+  train.train_and_evaluate(config)
+  directory = checkpoint.checkpoint_dir(config.output_dir)
+  truncate_largest_array_file(os.path.join(directory, "2"))
+  config.train.max_steps = 3
+  capsys.readouterr()
+  summary = train.train_and_evaluate(config)
+  out = capsys.readouterr().out
+  assert "skipping damaged checkpoint step 2" in out and "cannot read variables" in out
+  assert "resuming from step 1" in out
+  assert summary["step"] == 3 and os.path.isdir(os.path.join(directory, "2.damaged"))
+  assert checkpoint.read_meta(config.output_dir)["step"] == 3
