@@ -78,7 +78,7 @@ def build_config(args, overrides):
     released_overrides["wandb.mode"] = "online"
   config_utils.apply_overrides(config, released_overrides)
   config_utils.apply_overrides(config, overrides)
-  return config
+  return config_utils.check_config(config)
 
 
 def make_parser():
@@ -148,14 +148,16 @@ def run_convert(args, config):
   from data_prep import convert  # pylint: disable=g-import-not-at-top
   from data_prep import corpus  # pylint: disable=g-import-not-at-top
   data = config.data
-  overrides = {"tfrecord_dir": args.output_dir, "shape": args.shape, "split_by": args.split_by}
+  overrides = {"tfrecord_dir": args.output_dir, "shape": args.shape, "split_by": args.split_by,
+               "workers": args.workers}
   config_utils.apply_overrides(
-      config, {f"data.{k}": v for k, v in overrides.items() if v is not None})
+      config, {f"data.{k}": str(v) for k, v in overrides.items() if v is not None})
+  config_utils.check_config(config)
   if not data.tfrecord_dir:
     raise corpus.CorpusError("no output directory: pass --output_dir "
                              "(or --config.data.tfrecord_dir)")
   try:
-    report = convert.convert_corpus(data, data.tfrecord_dir, workers=args.workers)
+    report = convert.convert_corpus(data, data.tfrecord_dir)
   except KeyboardInterrupt:
     print("\nlaunch.py convert: interrupted; finished shards are kept, rerun the same command "
           "to resume", file=sys.stderr)
@@ -331,17 +333,9 @@ def run_demo(args, config):
   """phantom -> convert -> train -> test-split evaluation, with the table against chance."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from medfinder_jax.commands import demo  # pylint: disable=import-outside-toplevel
-  defaults = config.get("demo")
-  if defaults is None:
-    print(f"launch.py demo: error: {args.config} has no `demo` section (n, minutes); use "
-          "configs/demo.py or a config that imports it", file=sys.stderr)
-    return 2
-  n = args.n if args.n is not None else defaults["n"]
-  minutes = args.minutes if args.minutes is not None else defaults["minutes"]
-  if n < 20 or minutes <= 0:
-    print("launch.py demo: error: --n must be at least 20 (10 CT folders, 7/1/2 split) and "
-          "--minutes positive", file=sys.stderr)
-    return 2
+  defaults = config.get("demo") or {}
+  n = args.n if args.n is not None else defaults.get("n", 0)
+  minutes = args.minutes if args.minutes is not None else defaults.get("minutes", 0.0)
   try:
     demo.run(config, args.output_dir, n, minutes, workers=args.workers)
   except KeyboardInterrupt:

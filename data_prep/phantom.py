@@ -473,13 +473,18 @@ class PhantomStudy:
   geometry: StudyGeometry
 
 
+def folder_of(index, folders, n):
+  """The CT folder of study `index` of n: CT1..CT<folders> in contiguous blocks."""
+  return f"CT{1 + index * folders // n}"
+
+
 def make_study(seed, index, folders, n, size=512, slices=100):
   """The index-th study of a corpus: its own RNG stream, so studies are independent of order."""
   rng = np.random.default_rng([seed, index])
   geometry = sample_geometry(rng, size, slices)
   findings = sample_findings(rng)
   report = write_report(findings, rng)
-  folder = f"CT{1 + index * folders // n}"
+  folder = folder_of(index, folders, n)
   study = PhantomStudy(f"sub-{index:05d}_ct", folder, findings, report, geometry)
   return study, rng
 

@@ -131,3 +131,74 @@ def to_dict(config):
   if isinstance(config, tuple):
     return [to_dict(v) for v in config]
   return config
+
+
+# --- Checks ---------------------------------------------------------------------------------------
+
+# (dotted key, smallest allowed value, what it means) for the integer and number fields a user
+# sets from flags; each is checked once, before any work (launch.py), when the config has it.
+LOWER_BOUNDS = (
+    ("train.batch_size_per_device", 1, "volumes per device"),
+    ("train.epochs", 0, "epochs (0 with train.max_steps > 0)"),
+    ("train.max_steps", 0, "optimizer steps (0 = train.epochs)"),
+    ("train.grad_accum_steps", 1, "micro-batches per step"),
+    ("train.warmup_steps", 0, "warmup steps"),
+    ("train.log_every_steps", 1, "steps between log points"),
+    ("train.eval_every_steps", 0, "steps between validations (0 = each epoch)"),
+    ("train.checkpoint_every_steps", 0, "steps between checkpoints (0 = each epoch)"),
+    ("train.keep_checkpoints", 1, "checkpoints kept"),
+    ("train.shuffle_buffer", 0, "records in the shuffle buffer"),
+    ("train.max_minutes", 0, "minutes of training (0 = no budget)"),
+    ("train.weight_decay", 0, "weight decay"),
+    ("eval.batch_size_per_device", 1, "volumes per device"),
+    ("eval.search_top_k", 1, "results"),
+    ("eval.excerpt_chars", 1, "characters"),
+    ("data.workers", 0, "worker processes (0 = convert in this process)"),
+    ("data.shard_size", 1, "studies per shard"),
+    ("data.min_shards", 1, "shards per split"),
+    ("text.max_tokens", 2, "tokens ([CLS] and [SEP] included)"),
+    ("text.window_words", 1, "words"),
+    ("model.embed_dim", 1, "embedding width"),
+)
+POSITIVE = (("train.lr", "learning rate"),)
+
+
+def check_config(config):
+  """ConfigError naming the first field of `config` outside its range (LOWER_BOUNDS, POSITIVE),
+  with the flag that sets it; fields the config does not have are skipped."""
+  for key, lowest, meaning in LOWER_BOUNDS:
+    value = _lookup(config, key)
+    if value is not None and not (_is_number(value) and value >= lowest):
+      raise ConfigError(f"--config.{key}={value!r}: expected {meaning}, at least {lowest}"
+                        + _flag_note(key))
+  for key, meaning in POSITIVE:
+    value = _lookup(config, key)
+    if value is not None and not (_is_number(value) and value > 0):
+      raise ConfigError(f"--config.{key}={value!r}: expected a positive {meaning}"
+                        + _flag_note(key))
+  train = config.get("train")
+  if train is not None and int(train.epochs) == 0 and int(train.max_steps) == 0:
+    raise ConfigError("--config.train.epochs=0 and --config.train.max_steps=0: nothing to "
+                      "train; set one of them (--epochs N)")
+  return config
+
+
+_FLAGS = {"train.batch_size_per_device": "--batch_size", "train.epochs": "--epochs",
+          "train.lr": "--lr", "data.workers": "--workers"}
+
+
+def _flag_note(key):
+  return f" (flag {_FLAGS[key]})" if key in _FLAGS else ""
+
+
+def _lookup(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _is_number(value):
+  return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,6 +1,7 @@
 """Config files and --config.key=value overrides."""
 
 import os
+import re
 
 import pytest
 
@@ -54,3 +55,20 @@ def test_released_code_config_is_the_released_behaviour():
   assert config.loss.contrastive == "released" and config.loss.mse_weight == 0.0
   assert not config.model.fusion.enabled and not config.augment.two_views
   assert config.data.preprocess == "released" and config.data.split_by == "rows"
+
+
+@pytest.mark.parametrize("key, value", [("train.batch_size_per_device", 0), ("train.epochs", -1),
+                                        ("data.shard_size", 0), ("data.workers", -1),
+                                        ("train.lr", 0.0), ("text.max_tokens", 1)])
+def test_out_of_range_settings_are_named_with_their_flag(key, value):
+  config = config_utils.load_config_file(DEFAULT)
+  config_utils.check_config(config)                      # the defaults are fine
+  config_utils.apply_overrides(config, {key: value})
+  with pytest.raises(config_utils.ConfigError, match=re.escape(f"--config.{key}={value!r}")):
+    config_utils.check_config(config)
+
+
+def test_typed_overrides_are_set_as_given():
+  config = config_utils.apply_overrides(config_utils.load_config_file(DEFAULT),
+                                        {"data.shape": (8, 8, 4), "train.lr": 0.5})
+  assert config.data.shape == (8, 8, 4) and config.train.lr == 0.5

@@ -19,10 +19,13 @@ import os
 import time
 
 from data_prep import convert as convert_lib
+from data_prep import corpus
 from data_prep import phantom
+from medfinder_jax import errors
 from medfinder_jax import logging as logging_lib
 from medfinder_jax import metrics as metrics_lib
 from medfinder_jax import plots
+from medfinder_jax import sharding
 from medfinder_jax import train as train_lib
 from medfinder_jax.commands import eval as eval_command
 
@@ -42,7 +45,7 @@ def make_corpus(directory, n, seed, log):
     log(f"[1/4] phantom corpus: reusing {directory} ({n} studies)")
     return
   log(f"[1/4] phantom corpus: {n} synthetic chest CT studies with reports -> {directory}")
-  phantom.write_phantom_corpus(directory, n=n, seed=seed, size=PHANTOM_SIZE,
+  phantom.write_phantom_corpus(directory, n=n, seed=seed, folders=FOLDERS, size=PHANTOM_SIZE,
                                slices=PHANTOM_SLICES, progress=True)
 
 
@@ -97,8 +100,43 @@ def summary_lines(result, records):
   return lines
 
 
+class DemoError(errors.UserError):
+  """The demo cannot run with these settings (checked before any stage starts)."""
+
+
+FOLDERS = 10   # the phantom's CT folders: the folder split's 7 / 1 / 2
+
+
+def check_settings(config, n, minutes):
+  """DemoError when the demo could not run to its end: no demo section, a corpus too small for
+  the folder split or for one training batch, no time budget."""
+  if config.get("demo") is None:
+    raise DemoError("the config has no `demo` section (n, minutes); use configs/demo.py or a "
+                    "config that imports it")
+  if n < 2 * FOLDERS or minutes <= 0:
+    raise DemoError(f"--n must be at least {2 * FOLDERS} ({FOLDERS} CT folders, 7/1/2 split) "
+                    f"and --minutes positive; got --n {n}, --minutes {minutes:g}")
+  mesh = sharding.make_mesh(config.mesh)
+  global_batch, _ = sharding.batch_rows(config.train.batch_size_per_device, mesh,
+                                        config.train.grad_accum_steps)
+  if train_studies(n) < global_batch:
+    enough = next(m for m in range(n, 100 * global_batch) if train_studies(m) >= global_batch)
+    raise DemoError(f"--n {n}: the train split would hold {train_studies(n)} studies, fewer than "
+                    f"one global batch of {global_batch} (--config.train.batch_size_per_device="
+                    f"{config.train.batch_size_per_device} x {mesh.size} devices); pass --n "
+                    f"{enough} or more, or a smaller batch")
+
+
+def train_studies(n):
+  """Studies of an n-study phantom corpus in the folder split's train folders."""
+  folders = [f"CT{i}" for i in range(1, FOLDERS + 1)]
+  train_folders = set(corpus.folder_split_assignment(folders)["train"])
+  return sum(phantom.folder_of(index, FOLDERS, n) in train_folders for index in range(n))
+
+
 def run(config, output_dir, n, minutes, workers=2, log=print):
   """Runs the four stages; returns {"metrics": test metrics, "records": training log, "files"}."""
+  check_settings(config, n, minutes)
   start = time.time()
   dirs = stage_dirs(output_dir)
   make_corpus(dirs["phantom"], n, config.seed, log)
