@@ -92,6 +92,7 @@ def make_parser():
 
 def main(argv=None):
   """Runs one command; a user mistake (errors.UserError) is one line on stderr and exit 2."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # TensorFlow's start-up notices
   argv = sys.argv[1:] if argv is None else argv
   command = "launch.py"
   try:
@@ -144,7 +145,6 @@ def add_convert_args(parser):
 
 
 def run_convert(args, config):
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from data_prep import convert  # pylint: disable=g-import-not-at-top
   from data_prep import corpus  # pylint: disable=g-import-not-at-top
   data = config.data
@@ -184,7 +184,6 @@ def run_train(args, config):
       return 2
     args.split, args.plots, args.bootstrap = "val", False, None
     return run_eval(args, config)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from medfinder_jax import train  # pylint: disable=import-outside-toplevel
   try:
     summary = train.train_and_evaluate(config)
@@ -331,7 +330,6 @@ def add_demo_args(parser):
 
 def run_demo(args, config):
   """phantom -> convert -> train -> test-split evaluation, with the table against chance."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from medfinder_jax.commands import demo  # pylint: disable=import-outside-toplevel
   defaults = config.get("demo") or {}
   n = args.n if args.n is not None else defaults.get("n", 0)

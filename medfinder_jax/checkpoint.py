@@ -19,7 +19,6 @@ R@10 (the released code's model selection); every other step is deleted by orbax
 
 import contextlib
 import dataclasses
-import logging
 import os
 import re
 
@@ -35,6 +34,7 @@ from medfinder_jax import config_utils
 from medfinder_jax import distributed
 from medfinder_jax import errors
 from medfinder_jax import interchange
+from medfinder_jax import logging as logging_lib
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("variables", "opt_state", "meta")
@@ -42,19 +42,10 @@ BEST_METRIC = "val_t2i_R@10"   # key of the metrics dict saved with a validated 
 META_VERSION = 2   # 2: loss scalars are model parameters (params["logit_scale"], ...)
 
 
-class _ExpectedOrbaxNotices(logging.Filter):
-  """Drops orbax warnings about what this module does on purpose: steps saved without
-  validation metrics (e.g. at SIGTERM between validations), read-only managers for loading."""
-
-  EXPECTED = ("did not provide metrics", "Given directory is read only",
-              "read_only=True, setting", 'overriding jax.Array')
-
-  def filter(self, record):
-    message = record.getMessage()
-    return not any(text in message for text in self.EXPECTED)
-
-
-logging.getLogger("absl").addFilter(_ExpectedOrbaxNotices())
+# Orbax notices about what this module does on purpose: steps saved without validation metrics
+# (e.g. at SIGTERM between validations), read-only managers for loading.
+logging_lib.drop_library_notices("did not provide metrics", "Given directory is read only",
+                                 "read_only=True, setting", "overriding jax.Array")
 
 
 class CheckpointError(errors.UserError):

@@ -34,11 +34,14 @@ import tensorflow_datasets as tfds
 
 from data_prep import schema
 from medfinder_jax import errors
+from medfinder_jax import logging as logging_lib
 from medfinder_jax import sharding
 from medfinder_jax import text as text_lib
 
 # tf.data must never grab the accelerators, and keeps to the host threads.
 tf.config.set_visible_devices([], "GPU")
+# tfds reads the features' deprecated `dtype` itself when it decodes records (nothing to change here).
+logging_lib.drop_library_notices("`FeatureConnector.dtype` is deprecated")
 
 _SEED_MIX = 0x5EED  # separates the data seed from other uses of config.seed
 

@@ -126,6 +126,25 @@ class MetricsBuffer:
     return first, {k: np.stack([np.asarray(m[k]) for m in pending]) for k in pending[0]}
 
 
+class _DropNotices(std_logging.Filter):
+  """Drops log records whose message contains any of `texts`."""
+
+  def __init__(self, texts):
+    super().__init__()
+    self.texts = tuple(texts)
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not any(text in message for text in self.texts)
+
+
+def drop_library_notices(*texts):
+  """Silences the absl log records (orbax, tfds) that contain any of `texts`: library notices
+  about what this project does on purpose, or cannot change, which would print on every
+  command and hide the messages that matter."""
+  std_logging.getLogger("absl").addFilter(_DropNotices(texts))
+
+
 def start_wandb(mode, project, name, run_config, id_path):
   """A wandb run (resumed when `id_path` holds an earlier run's id), or None after a warning."""
   try:

@@ -36,3 +36,25 @@ def test_nonsense_settings_exit_2_with_one_line_naming_the_field(argv, field, ca
 def test_a_missing_checkpoint_is_named_before_the_dataset(capsys):
   code, _, err = run(["eval", "--model_path", "/nowhere/run"], capsys)   # no dataset either
   assert code == 2 and "/nowhere/run: no such checkpoint" in err
+
+
+def test_commands_print_no_library_start_up_noise(aligned, tmp_path):
+  """TensorFlow's start-up notices and tfds/orbax absl warnings stay out of a command's output."""
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from conftest import TINY_CONFIG  # pylint: disable=import-outside-toplevel
+  from multiprocess import ROOT  # pylint: disable=import-outside-toplevel
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch.py"), "eval", "--model_path",
+       aligned.released_path, "--split", "test", "--output_dir", str(tmp_path), "--bootstrap",
+       "0", "--config", TINY_CONFIG, "--config.model.fusion.enabled=false",
+       f"--config.data.tfrecord_dir={aligned.dataset_dir}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  noise = [line for line in (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
+           if any(word in line for word in ("WARNING:absl", "oneDNN", "deprecated", "W0000",
+                                            "I0000", "E0000"))]
+  assert noise == []
