@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shutil
 
 import jax
 import ml_collections
@@ -119,6 +120,8 @@ def save(manager, step, variables, opt_state, meta, val_metrics=None):
   """
   if step in manager.all_steps():
     return False
+  wait_until_finished(manager)    # orbax waits for the previous save anyway; then measure
+  check_space(manager, step, (variables, opt_state))
   args = ocp.args.Composite(variables=ocp.args.StandardSave(variables),
                             opt_state=ocp.args.StandardSave(opt_state),
                             meta=ocp.args.JsonSave(meta))
@@ -135,12 +138,35 @@ def wait_until_finished(manager):
     manager.wait_until_finished()
 
 
+SPACE_MARGIN = 1.1   # a step's files take at most this much more than its arrays' bytes
+
+
+def check_space(manager, step, trees):
+  """CheckpointWriteError, before anything is written, when the checkpoint directory's
+  filesystem cannot hold one more step of `trees` (their arrays' bytes x SPACE_MARGIN): a
+  clean stop instead of a write failing half way. All processes agree (a collective)."""
+  need = SPACE_MARGIN * sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(trees))
+  free = shutil.disk_usage(str(manager.directory)).free
+  enough = np.int32(free >= need)
+  if jax.process_count() > 1:
+    enough = np.int32(np.all(multihost_utils.process_allgather(enough)))
+  if not enough:
+    done = sorted(manager.all_steps())
+    raise CheckpointWriteError(
+        f"{manager.directory}: not enough space for checkpoint step {step}: it needs about "
+        f"{need / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free; the steps saved before "
+        f"({done or 'none'}) are intact: free space (or use another --output_dir) and rerun the "
+        f"same command to resume")
+
+
 @contextlib.contextmanager
 def _writing(manager, step):
   try:
     yield
   except Exception as err:  # orbax re-raises a failed async write as whatever the writer hit
-    what = f"step {step}" if step is not None else "the last checkpoint"
+    failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(err))   # the step being written
+    what = (f"step {failed.group(1)}" if failed else f"step {step}" if step is not None
+            else "the last checkpoint")
     done = sorted(manager.all_steps())
     raise CheckpointWriteError(
         f"{manager.directory}: cannot write {what} ({_reason(err)}); the steps saved before "
@@ -154,6 +180,10 @@ def _reason(err):
     if isinstance(cause, OSError) and cause.strerror:
       return f"{cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
   text = "\n".join(str(e) for e in (err, err.__cause__, err.__context__) if e is not None)
+  os_error = re.search(r"\[os_error_code='(\d+)'\]", text)
+  if os_error:       # TensorStore's report of an OS error: say it as the OS does
+    written = re.search(r'Failed writing: "([^"]+)"', text)
+    return os.strerror(int(os_error.group(1))) + (f": {written.group(1)}" if written else "")
   status = _STORE_STATUS.search(text)
   first = status.group(0) if status else (text.strip().splitlines() or [type(err).__name__])[0]
   return first[:400]

@@ -278,3 +278,20 @@ def test_volume_queries_need_reports(tmp_path):
   index, embeddings = small_index(tmp_path, ["", ""])
   with pytest.raises(search_command.SearchError, match="no reports to rank"):
     search_command.search_embedding(index, embeddings["image_embeddings"][0], "volume", top_k=1)
+
+
+def test_a_full_disk_stops_embed_with_a_message_and_keeps_the_old_index(aligned, tmp_path):
+  from small_disk import launch as command, read, run_on_small_disk  # pylint: disable=import-outside-toplevel
+  embed = command("embed", "--model_path", aligned.released_path, "--split", "test",
+                  "--tfrecord_dir", aligned.dataset_dir, "--index", "$SMALL/index", *CONFIG)
+  script = (f"{embed} > /dev/null 2> $WORK/first || exit 3; "
+            f"dd if=/dev/zero of=$SMALL/filler bs=4096 2> /dev/null; "
+            f"{embed} --overwrite > $WORK/stdout 2> $WORK/stderr; echo $? > $WORK/code")
+  code, copy = run_on_small_disk(tmp_path, "4m", script)
+  assert code == 0, read(tmp_path, "first")[-2000:]
+  err = read(tmp_path, "stderr")
+  assert read(tmp_path, "code").strip() == "2" and "Traceback" not in err
+  assert "launch.py embed: error: " in err and "No space left on device" in err
+  index = index_lib.load_index(os.path.join(copy, "index"))       # the old one, untouched
+  assert index.n == 8 and list(index.study_ids) == aligned.study_ids
+  assert not [name for name in os.listdir(copy) if name.startswith(".tmp")]   # no debris

@@ -227,3 +227,24 @@ def test_sigterm_to_every_host_stops_all_at_one_agreed_step(tiny_dataset, tmp_pa
   assert stopped, outputs[0][0][-2000:]
   step = int(stopped.group(1))
   assert checkpoint.read_meta(str(out), step=step)["process_count"] == 2
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_training_with_a_message_and_the_saved_steps_resume(tiny_dataset,
+                                                                            tmp_path):
+  """150 MB hold one checkpoint of the tiny model (about 96 MB: the MiniLM text tower) but not
+  two: the run stops cleanly at the second, and step 1 resumes on a larger disk."""
+  from small_disk import launch as command, read, run_on_small_disk  # pylint: disable=import-outside-toplevel
+  train = command(*train_argv(tiny_dataset, "$SMALL/run", "--config.train.max_steps=3",
+                              "--config.train.checkpoint_every_steps=1"))
+  code, copy = run_on_small_disk(tmp_path, "150m", f"{train} > $WORK/stdout 2> $WORK/stderr; "
+                                                   f"echo $? > $WORK/code")
+  assert code == 0 and read(tmp_path, "code").strip() == "2"
+  err = read(tmp_path, "stderr").replace("\r", "\n")
+  assert "launch.py train: error: " in err and "not enough space for checkpoint step 2" in err
+  assert "steps saved before ([1]) are intact" in err and "Traceback" not in err
+  run_dir = os.path.join(copy, "run")
+  assert checkpoint.read_meta(run_dir)["step"] == 1
+  code = launch.main(train_argv(tiny_dataset, run_dir, "--config.train.max_steps=3",
+                                "--config.train.checkpoint_every_steps=1"))
+  assert code == 0 and checkpoint.read_meta(run_dir)["step"] == 3
