@@ -22,6 +22,7 @@ import dataclasses
 import os
 import re
 import shutil
+import sys
 
 import jax
 import ml_collections
@@ -200,8 +201,30 @@ def _restore(manager, step, **items):
   try:
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as err:  # orbax / TensorStore raise bare Exceptions for unreadable data
+    _drop_reports_of_abandoned_reads()
     raise DamagedCheckpoint(f"{step_dir}: cannot read {' and '.join(items)}: "
                             f"{_reason(err)}") from None
+
+
+def _drop_reports_of_abandoned_reads():
+  """After a failed restore, orbax's other reads of the step still finish in TensorStore's
+  threads and report into an event loop orbax has closed, each as an "exception ignored"
+  traceback (dozens, after the one line that says what failed). Those reports say nothing
+  more: drop them, and keep every other unraisable exception reported as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
+      return
+    if "_read_array_index" in repr(unraisable.object):   # a read coroutine left unfinished
+      return
+    previous(unraisable)
+
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
 
 
 def set_aside(manager, step):
