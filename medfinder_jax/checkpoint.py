@@ -201,16 +201,16 @@ def _restore(manager, step, **items):
   try:
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as err:  # orbax / TensorStore raise bare Exceptions for unreadable data
-    _drop_reports_of_abandoned_reads()
     raise DamagedCheckpoint(f"{step_dir}: cannot read {' and '.join(items)}: "
                             f"{_reason(err)}") from None
 
 
-def _drop_reports_of_abandoned_reads():
-  """After a failed restore, orbax's other reads of the step still finish in TensorStore's
+def _drop_reports_of_abandoned_io():
+  """When one read (or write) of a step fails, orbax's others still finish in TensorStore's
   threads and report into an event loop orbax has closed, each as an "exception ignored"
-  traceback (dozens, after the one line that says what failed). Those reports say nothing
-  more: drop them, and keep every other unraisable exception reported as before."""
+  traceback: dozens, around the one line that says what failed, and from the moment the first
+  read fails. They say nothing more: drop them (installed once, before any checkpoint I/O),
+  and keep every other unraisable exception reported as before."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_abandoned_reads", False):
     return
@@ -225,6 +225,9 @@ def _drop_reports_of_abandoned_reads():
 
   hook.drops_abandoned_reads = True
   sys.unraisablehook = hook
+
+
+_drop_reports_of_abandoned_io()
 
 
 def set_aside(manager, step):
