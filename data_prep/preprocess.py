@@ -17,8 +17,11 @@ The parameters of both are a data_prep.schema.PreprocessParams, recorded in the 
 """
 
 import dataclasses
+import errno
 import gzip
+import math
 import os
+import stat
 import zlib
 
 import nibabel as nib
@@ -51,24 +54,138 @@ class SourceVolume:
     return "".join(nib.aff2axcodes(self.affine))
 
 
-def load_source(path):
-  """Reads a NIfTI file (.nii / .nii.gz) without scaling; BadVolume says why it cannot be used."""
+MIB = 1 << 20
+MAX_HEADER_MIB = 64          # header + extensions before the voxels; real files hold kilobytes
+READ_CHUNK = 16 * MIB
+# Operating-system errors that say nothing about the file: the study is retried, not skipped.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.ESTALE,
+                              errno.ETIMEDOUT, errno.EMFILE, errno.ENFILE})
+
+
+class VolumeTooLarge(BadVolume):
+  """A volume whose header declares more voxel bytes than `max_volume_mib`: a skip that depends
+  on a setting (rerunning with a higher data.max_volume_mib converts it)."""
+
+
+def load_source(path, max_volume_mib=None):
+  """Reads a NIfTI file (.nii / .nii.gz) without scaling; BadVolume says why it cannot be used.
+
+  The header is checked before any voxel is decoded (its shape and voxel type, its size against
+  `max_volume_mib`, a voxel size it does not have), so a 70-byte file declaring 17 GiB costs
+  nothing. MemoryError and transient OS errors propagate: they are not the file's fault.
+  """
+  check_regular_file(path)
   try:
+    header = read_raw_header(path)
+    if header is not None:
+      check_header(header, max_volume_mib)
     image = nib.load(path)
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
       raise BadVolume(f"not a NIfTI image (nibabel read it as {type(image).__name__})")
-    raw = np.asanyarray(image.dataobj.get_unscaled())
+    if header is None:
+      check_header(image.header, max_volume_mib)
+    raw = read_voxels(path, image.dataobj)
     slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
     affine = np.asarray(image.affine, dtype=np.float64)
-  except BadVolume:
+  except (BadVolume, MemoryError):
     raise
   except FileNotFoundError:
     raise BadVolume("file not found") from None
-  except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error) as err:
+  except OSError as err:
+    if err.errno in TRANSIENT_ERRNOS:
+      raise
     raise BadVolume(diagnose_unreadable(path, err)) from None
-  except (ValueError, MemoryError) as err:
+  except (nib.filebasedimages.ImageFileError, EOFError, zlib.error) as err:
+    raise BadVolume(diagnose_unreadable(path, err)) from None
+  except (ValueError, ArithmeticError, LookupError, TypeError,
+          nib.spatialimages.HeaderDataError) as err:
     raise BadVolume(f"cannot read the file: {type(err).__name__}: {_first_line(err)}") from None
   return _checked_source(raw, slope, inter, affine)
+
+
+def check_regular_file(path):
+  """Only regular files are opened: a named pipe would block the reader forever."""
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    raise BadVolume("file not found") from None
+  if not stat.S_ISREG(mode):
+    raise BadVolume(f"not a regular file ({file_kind(mode)}); only regular files are read")
+
+
+def file_kind(mode):
+  """What a non-regular file is, in words."""
+  for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                     (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                     (stat.S_ISBLK, "a block device")):
+    if test(mode):
+      return kind
+  return "not a regular file"
+
+
+def read_raw_header(path):
+  """The NIfTI header as stored, or None when the data does not start with one (nib.load then
+  says what the file is). nibabel's loader "fixes" some fields (pixdim 0 -> 1, negative -> abs)
+  and reads the header extensions before anything can be checked."""
+  with nib.openers.ImageOpener(path, "rb") as file:
+    block = file.read(540)
+  for klass, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
+    if len(block) >= size and size in (int.from_bytes(block[:4], "little"),
+                                       int.from_bytes(block[:4], "big")):
+      try:
+        return klass(block[:size], check=False)
+      except (ValueError, nib.spatialimages.HeaderDataError):
+        return None
+  return None
+
+
+def check_header(header, max_volume_mib=None):
+  """Shape, voxel type, declared size and voxel size of a NIfTI header, before decoding."""
+  shape = check_shape(tuple(int(d) for d in header.get_data_shape()))
+  dtype = np.dtype(header.get_data_dtype())
+  check_voxel_type(dtype)
+  mib = math.prod(shape) * dtype.itemsize / MIB
+  if max_volume_mib is not None and mib > max_volume_mib:
+    raise VolumeTooLarge(
+        f"declares {'x'.join(map(str, shape))} {dtype.newbyteorder('=').name} voxels "
+        f"({_mib(mib)} MiB), over data.max_volume_mib={max_volume_mib:g}; raise "
+        f"--config.data.max_volume_mib to convert it")
+  offset = float(header["vox_offset"])
+  if not 0 <= offset <= MAX_HEADER_MIB * MIB:
+    raise BadVolume(f"header: vox_offset={offset:g} places the voxels beyond the header and its "
+                    f"extensions (expected 0 to {MAX_HEADER_MIB} MiB)")
+  qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+  pixdim = np.asarray(header["pixdim"][1:4], np.float64)
+  if sform_code <= 0 and not (np.all(np.isfinite(pixdim)) and np.all(pixdim > 0)):
+    raise BadVolume(
+        f"voxel size unknown: header pixdim[1:4]={tuple(float(p) for p in pixdim)} is not "
+        f"positive and there is no sform (qform_code={qform_code}, sform_code={sform_code}) to "
+        f"take the geometry from (nibabel would silently read 1 mm); fix the header")
+
+
+def _mib(mib):
+  return f"{mib:.0f}" if mib >= 10 else f"{mib:.2f}"
+
+
+def read_voxels(path, proxy):
+  """The stored voxels of `proxy` (a nibabel ArrayProxy), decompressed in chunks straight into
+  the array: nibabel's own read of a .nii.gz holds the whole volume twice. Native byte order."""
+  shape, dtype = tuple(proxy.shape), np.dtype(proxy.dtype)
+  nbytes = math.prod(shape) * dtype.itemsize
+  buffer = np.empty(nbytes, np.uint8)
+  view, done = memoryview(buffer), 0
+  with nib.openers.ImageOpener(path, "rb") as file:
+    file.seek(int(proxy.offset))
+    while done < nbytes:
+      count = file.readinto(view[done:done + READ_CHUNK])
+      if not count:
+        raise BadVolume(f"file is truncated or corrupt (the header declares {nbytes} bytes of "
+                        f"voxels from byte {int(proxy.offset)}, the file holds {done})")
+      done += count
+  raw = buffer.view(dtype).reshape(shape, order="F")
+  if not dtype.isnative:
+    raw = raw.byteswap(inplace=True).view(dtype.newbyteorder("="))
+  return raw
 
 
 def diagnose_unreadable(path, err):
@@ -101,14 +218,28 @@ def _first_line(err):
   return text[0] if text else type(err).__name__
 
 
+def check_shape(shape):
+  """The 3D shape of a stored array of `shape` ((X, Y, Z, 1) exports are 3D), or BadVolume."""
+  while len(shape) > 3 and shape[-1] == 1:
+    shape = shape[:-1]
+  if len(shape) != 3:
+    raise BadVolume(f"expected a 3D volume, found a {len(shape)}D array of shape {shape}")
+  if min(shape) < 2:
+    raise BadVolume(f"expected at least 2 voxels along each axis of a 3D volume, found shape "
+                    f"{shape}")
+  return shape
+
+
+def check_voxel_type(dtype):
+  if dtype.kind not in "iuf":
+    raise BadVolume(f"unsupported voxel type {dtype} (expected integer or float voxels)")
+
+
 def _checked_source(raw, slope, inter, affine):
   """Validates shape, voxel type, finiteness and geometry of a loaded volume."""
-  while raw.ndim > 3 and raw.shape[-1] == 1:    # (X, Y, Z, 1) exports are 3D volumes
-    raw = raw[..., 0]
-  if raw.ndim != 3 or min(raw.shape) < 2:
-    raise BadVolume(f"expected a 3D volume, found a {raw.ndim}D array of shape {raw.shape}")
-  if raw.dtype.kind not in "iuf":
-    raise BadVolume(f"unsupported voxel type {raw.dtype} (expected integer or float voxels)")
+  check_shape(tuple(raw.shape))
+  raw = raw[(Ellipsis,) + (0,) * (raw.ndim - 3)]     # drop trailing singleton axes (a view)
+  check_voxel_type(raw.dtype)
   if not (np.isfinite(slope) and np.isfinite(inter) and slope != 0):
     raise BadVolume(f"invalid intensity scaling scl_slope={slope}, scl_inter={inter}")
   if raw.dtype.kind == "f":
@@ -232,26 +363,39 @@ def released_transform(raw, shape, slope=1.0, inter=0.0):
   """(unit volume, padded size): ScaleIntensity -> CropForeground(> 0) -> SpatialPad -> Resize.
 
   Min-max scaling is affine, so the crop, pad and "area" resize run on the stored values (padded
-  with the stored value of the minimum) and the scaling runs on the small result.
+  with the stored value of the minimum) and the scaling runs on the small result. A constant
+  volume is BadVolume: MONAI scales it to all zeros, a record that carries nothing.
   """
   low_raw, high_raw = (raw.min(), raw.max()) if slope > 0 else (raw.max(), raw.min())
   low, high = float(low_raw) * slope + inter, float(high_raw) * slope + inter
-  if not high > low:     # MONAI scales a constant image to zeros
-    return np.zeros(shape, np.float32), tuple(int(s) for s in np.maximum(raw.shape, shape))
-  mask = raw > low_raw if slope > 0 else raw < low_raw
-  box = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-         for axis in range(3)]
-  cropped = raw[tuple(slice(b[0], b[-1] + 1) for b in box)]
-  padded = _pad_symmetric(cropped, shape, low_raw)
-  zyx = np.ascontiguousarray(padded.transpose(2, 1, 0))
+  if not high > low:
+    raise BadVolume(f"constant volume (every voxel = {low:g}): nothing to scale (the released "
+                    f"preprocessing maps min..max to 0..1)")
+  box = _foreground_box(raw, low_raw, slope)
+  cropped = raw[tuple(slice(lo, hi) for lo, hi in box)]
+  zyx = _padded_zyx(cropped, shape, low_raw)
   resized = resample.resize(zyx, tuple(shape)[::-1], method="area").transpose(2, 1, 0)
   unit = (resized * np.float32(slope) + np.float32(inter - low)) * np.float32(1.0 / (high - low))
-  return np.clip(unit, 0.0, 1.0), padded.shape
+  return np.clip(unit, 0.0, 1.0), zyx.shape[::-1]
 
 
-def _pad_symmetric(x, shape, value):
-  """MONAI SpatialPad(method="symmetric"): pad to at least `shape`, floor(d/2) before."""
+def _foreground_box(raw, low_raw, slope):
+  """[(lo, hi)] per axis of the voxels above the minimum (its mask is freed on return)."""
+  mask = raw > low_raw if slope > 0 else raw < low_raw
+  box = []
+  for axis in range(3):
+    inside = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+    box.append((int(inside[0]), int(inside[-1]) + 1))
+  return box
+
+
+def _padded_zyx(x, shape, value):
+  """MONAI SpatialPad(method="symmetric") of `x` (X, Y, Z) to at least `shape` (floor(d/2)
+  before), as one C-contiguous (Z, Y, X) copy: the layout the resize reads fastest."""
   pads = [(max(s - n, 0) // 2, max(s - n, 0) - max(s - n, 0) // 2) for s, n in zip(shape, x.shape)]
+  size = tuple(n + b + a for n, (b, a) in zip(x.shape, pads))
   if not any(b or a for b, a in pads):
-    return x
-  return np.pad(x, pads, constant_values=value)
+    return np.ascontiguousarray(x.transpose(2, 1, 0))
+  out = np.full(size[::-1], value, dtype=x.dtype)
+  out[tuple(slice(b, b + n) for n, (b, _) in zip(x.shape, pads))[::-1]] = x.transpose(2, 1, 0)
+  return out
