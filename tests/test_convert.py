@@ -262,10 +262,10 @@ def test_a_study_that_failed_unexpectedly_is_retried_by_a_rerun(phantom_root, re
   target = shards[1].studies[0]
   load_source = preprocess.load_source
 
-  def fail_at_target(path):
+  def fail_at_target(path, *args):
     if path.endswith(target.source_path):
       raise RuntimeError("disk hiccup")
-    return load_source(path)
+    return load_source(path, *args)
 
   monkeypatch.setattr(preprocess, "load_source", fail_at_target)   # workers=0: in this process
   report = run_convert(phantom_root, tmp_path, workers=0)
