@@ -21,12 +21,12 @@ import errno
 import gzip
 import math
 import os
-import stat
 import zlib
 
 import nibabel as nib
 import numpy as np
 
+from data_prep import corpus
 from data_prep import resample
 from medfinder_jax import errors
 
@@ -105,22 +105,11 @@ def load_source(path, max_volume_mib=None):
 
 def check_regular_file(path):
   """Only regular files are opened: a named pipe would block the reader forever."""
-  try:
-    mode = os.stat(path).st_mode
-  except FileNotFoundError:
-    raise BadVolume("file not found") from None
-  if not stat.S_ISREG(mode):
-    raise BadVolume(f"not a regular file ({file_kind(mode)}); only regular files are read")
-
-
-def file_kind(mode):
-  """What a non-regular file is, in words."""
-  for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                     (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                     (stat.S_ISBLK, "a block device")):
-    if test(mode):
-      return kind
-  return "not a regular file"
+  kind = corpus.file_kind(path)
+  if kind is not None and kind.startswith("missing"):
+    raise BadVolume("file not found")
+  if kind is not None:
+    raise BadVolume(f"not a regular file ({kind}); only regular files are read")
 
 
 def read_raw_header(path):
@@ -155,10 +144,10 @@ def check_header(header, max_volume_mib=None):
     raise BadVolume(f"header: vox_offset={offset:g} places the voxels beyond the header and its "
                     f"extensions (expected 0 to {MAX_HEADER_MIB} MiB)")
   qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
-  pixdim = np.asarray(header["pixdim"][1:4], np.float64)
+  pixdim = np.asarray(header["pixdim"][1:4], np.float32)
   if sform_code <= 0 and not (np.all(np.isfinite(pixdim)) and np.all(pixdim > 0)):
     raise BadVolume(
-        f"voxel size unknown: header pixdim[1:4]={tuple(float(p) for p in pixdim)} is not "
+        f"voxel size unknown: header pixdim[1:4]=({', '.join(f'{p:g}' for p in pixdim)}) is not "
         f"positive and there is no sform (qform_code={qform_code}, sform_code={sform_code}) to "
         f"take the geometry from (nibabel would silently read 1 mm); fix the header")
 
