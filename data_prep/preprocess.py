@@ -57,6 +57,8 @@ class SourceVolume:
 MIB = 1 << 20
 MAX_HEADER_MIB = 64          # header + extensions before the voxels; real files hold kilobytes
 READ_CHUNK = 16 * MIB
+MAX_INTENSITY = 1e30         # stored or scaled; float32 arithmetic stays finite below it
+VOXEL_MM = (1e-3, 1e3)       # plausible voxel sizes: micro-CT to absurd; outside, a header bug
 # Operating-system errors that say nothing about the file: the study is retried, not skipped.
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.ESTALE,
                               errno.ETIMEDOUT, errno.EMFILE, errno.ENFILE})
@@ -224,6 +226,28 @@ def check_voxel_type(dtype):
     raise BadVolume(f"unsupported voxel type {dtype} (expected integer or float voxels)")
 
 
+def check_intensities(raw, slope, inter):
+  """Finite float voxels, and stored and scaled values that float32 arithmetic (the resample,
+  the scaling) carries without overflowing to inf and NaN. Integer voxels are bounded by their
+  type, so only float volumes cost a pass (min and max)."""
+  if raw.dtype.kind == "f":
+    low, high = float(raw.min()), float(raw.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+      finite = np.isfinite(raw)
+      n_nan = int(np.isnan(raw).sum())
+      n_inf = int(raw.size - finite.sum()) - n_nan
+      raise BadVolume(f"volume has {n_nan} NaN and {n_inf} infinite voxels")
+    stored, bound = max(abs(low), abs(high)), ""
+  else:
+    info = np.iinfo(raw.dtype)
+    stored, bound = float(max(-int(info.min), int(info.max))), f" ({raw.dtype}'s range)"
+  scaled = stored * abs(slope) + abs(inter)
+  if max(stored, scaled) > MAX_INTENSITY:
+    raise BadVolume(f"intensities out of range: stored values up to {stored:g}{bound}, with "
+                    f"scl_slope={slope:g} and scl_inter={inter:g}, reach {scaled:g}; expected at "
+                    f"most {MAX_INTENSITY:g}")
+
+
 def _checked_source(raw, slope, inter, affine):
   """Validates shape, voxel type, finiteness and geometry of a loaded volume."""
   check_shape(tuple(raw.shape))
@@ -231,14 +255,16 @@ def _checked_source(raw, slope, inter, affine):
   check_voxel_type(raw.dtype)
   if not (np.isfinite(slope) and np.isfinite(inter) and slope != 0):
     raise BadVolume(f"invalid intensity scaling scl_slope={slope}, scl_inter={inter}")
-  if raw.dtype.kind == "f":
-    finite = np.isfinite(raw)
-    if not finite.all():
-      n_nan = int(np.isnan(raw).sum())
-      n_inf = int(raw.size - finite.sum()) - n_nan
-      raise BadVolume(f"volume has {n_nan} NaN and {n_inf} infinite voxels")
+  check_intensities(raw, slope, inter)
   if not np.all(np.isfinite(affine)) or np.min(nib.affines.voxel_sizes(affine)) <= 0:
     raise BadVolume(f"invalid affine (voxel-to-mm matrix) {affine.tolist()}")
+  sizes = nib.affines.voxel_sizes(affine)
+  if not np.all((sizes >= VOXEL_MM[0]) & (sizes <= VOXEL_MM[1])):
+    raise BadVolume(f"implausible voxel size ({', '.join(f'{v:g}' for v in sizes)}) mm; expected "
+                    f"{VOXEL_MM[0]:g} to {VOXEL_MM[1]:g} mm (a header in other units, or broken)")
+  if np.isnan(nib.orientations.io_orientation(affine)).any():
+    raise BadVolume(f"invalid affine (voxel-to-mm matrix) {affine.tolist()}: its voxel axes do "
+                    f"not point in three distinct directions (a degenerate sform or qform)")
   return SourceVolume(raw=raw, slope=slope, inter=inter, affine=affine)
 
 
@@ -360,6 +386,8 @@ def released_transform(raw, shape, slope=1.0, inter=0.0):
   if not high > low:
     raise BadVolume(f"constant volume (every voxel = {low:g}): nothing to scale (the released "
                     f"preprocessing maps min..max to 0..1)")
+  if (high - low) * MAX_INTENSITY < 1:     # 1 / (high - low) would overflow float32
+    raise BadVolume(f"intensity range {low:g}..{high:g} is too narrow to scale to 0..1")
   box = _foreground_box(raw, low_raw, slope)
   cropped = raw[tuple(slice(lo, hi) for lo, hi in box)]
   zyx = _padded_zyx(cropped, shape, low_raw)

@@ -382,3 +382,47 @@ def test_out_of_memory_is_not_a_bad_volume(tmp_path, monkeypatch):
   monkeypatch.setattr(nib, "load", no_memory)
   with pytest.raises(MemoryError):
     preprocess.load_source(path)
+
+
+def raw_nifti(path, data, **fields):
+  """A .nii.gz of `data` with header `fields` exactly as given (nib.save would rewrite them)."""
+  header = nib.Nifti1Header()
+  header.set_data_shape(data.shape)
+  header.set_data_dtype(data.dtype)
+  header["vox_offset"], header["magic"] = 352, b"n+1"
+  for name, value in fields.items():
+    header[name] = value
+  path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + data.tobytes(order="F")))
+  return str(path)
+
+
+@pytest.mark.parametrize("make,reason", [
+    ("degenerate_sform", "its voxel axes do not point in three distinct directions"),
+    ("huge_pixdim", "implausible voxel size (3e+30, 1, 1) mm; expected 0.001 to 1000 mm"),
+    ("huge_values", "intensities out of range: stored values up to 9e+34"),
+    ("huge_slope", "stored values up to 32768 (int16's range), with scl_slope=1e+28"),
+])
+def test_geometry_and_intensities_that_float32_cannot_carry_are_refused(tmp_path, make, reason):
+  # found by tests/test_fuzz_readers.py: these crashed the reorientation or became NaN voxels
+  data = np.full((8, 8, 8), 40, np.int16)
+  data[2:6, 2:6, 2:6] = 900
+  fields = {"pixdim": [1, 0.7, 0.7, 2, 1, 1, 1, 1], "qform_code": 0, "sform_code": 0}
+  if make == "degenerate_sform":     # two voxel axes along the same direction
+    fields.update(sform_code=1, srow_x=[1, 1, 0, 0], srow_y=[0, 0, 0, 0], srow_z=[0, 0, 2, 0])
+  elif make == "huge_pixdim":
+    fields["pixdim"] = [1, 3e30, 1, 1, 1, 1, 1, 1]
+  elif make == "huge_values":
+    data = data.astype(np.float32) * np.float32(1e32)
+  else:
+    fields.update(scl_slope=1e28, scl_inter=0)
+  path = raw_nifti(tmp_path / "v.nii.gz", data, **fields)
+  with pytest.raises(preprocess.BadVolume) as err:
+    preprocess.load_source(path)
+  assert reason in str(err.value)
+
+
+def test_a_range_too_narrow_to_scale_is_a_skip_under_the_released_preprocessing():
+  raw = np.zeros((8, 8, 8), np.float32)
+  raw[2:5, 2:5, 2:5] = 1e-35
+  with pytest.raises(preprocess.BadVolume, match="intensity range 0..1e-35 is too narrow"):
+    preprocess.released_transform(raw, (8, 8, 8))
