@@ -57,6 +57,7 @@ class SourceVolume:
 MIB = 1 << 20
 MAX_HEADER_MIB = 64          # header + extensions before the voxels; real files hold kilobytes
 READ_CHUNK = 16 * MIB
+MASK_SLAB = 1 << 24          # voxels per slab of the foreground masks
 MAX_INTENSITY = 1e30         # stored or scaled; float32 arithmetic stays finite below it
 VOXEL_MM = (1e-3, 1e3)       # plausible voxel sizes: micro-CT to absurd; outside, a header bug
 # Operating-system errors that say nothing about the file: the study is retried, not skipped.
@@ -297,7 +298,7 @@ def preprocess_ct(source, params):
   spacing = np.empty(3)
   spacing[ornt[:, 0].astype(int)] = source.spacing
   size = target_size(canonical.shape, spacing, params)
-  zyx = np.ascontiguousarray(canonical.transpose(2, 1, 0))   # slowest axis first: cache-friendly
+  zyx = canonical.transpose(2, 1, 0)   # a view (slowest axis first); a copy cost 1x the crop
   stored = resample.resize(zyx, size[::-1]).transpose(2, 1, 0)
   hu = stored * np.float32(source.slope) + np.float32(source.inter)
   volume = quantize_hu(hu, params)
@@ -309,18 +310,30 @@ def body_box(source, threshold_hu):
   """[(lo, hi)] per file axis: the bounding box of voxels above `threshold_hu` (0-based, hi
   exclusive). Planes with fewer than 0.1% foreground voxels (noise, wires) are ignored."""
   raw_threshold = (threshold_hu - source.inter) / source.slope
-  mask = source.raw > raw_threshold if source.slope > 0 else source.raw < raw_threshold
-  counts_xy = mask.sum(axis=2, dtype=np.int64)
-  profiles = (counts_xy.sum(axis=1), counts_xy.sum(axis=0), mask.sum(axis=(0, 1), dtype=np.int64))
+  counts_xy = np.zeros(source.raw.shape[:2], np.int64)
+  counts_z = np.zeros(source.raw.shape[2], np.int64)
+  for z, mask in _masks_by_slab(source.raw, raw_threshold, source.slope > 0):
+    counts_xy += mask.sum(axis=2, dtype=np.int64)
+    counts_z[z] = mask.sum(axis=(0, 1), dtype=np.int64)
+  profiles = (counts_xy.sum(axis=1), counts_xy.sum(axis=0), counts_z)
   box = []
   for axis, profile in enumerate(profiles):
-    plane = mask.size // mask.shape[axis]
+    plane = source.raw.size // source.raw.shape[axis]
     inside = np.flatnonzero(profile > max(1, 1e-3 * plane))
     if inside.size == 0:
       raise BadVolume(f"no body found: no voxel above {threshold_hu:g} HU "
                       f"(blank or non-CT volume?)")
     box.append((int(inside[0]), int(inside[-1]) + 1))
   return box
+
+
+def _masks_by_slab(raw, threshold, above):
+  """(z slice, raw[:, :, z] > threshold (or <)) over slabs of about MASK_SLAB voxels: a mask of
+  the whole volume would cost another half of an int16 volume."""
+  step = max(1, MASK_SLAB // (raw.shape[0] * raw.shape[1]))
+  for start in range(0, raw.shape[2], step):
+    z = slice(start, start + step)
+    yield z, raw[:, :, z] > threshold if above else raw[:, :, z] < threshold
 
 
 def target_size(size, spacing, params):
@@ -397,22 +410,27 @@ def released_transform(raw, shape, slope=1.0, inter=0.0):
 
 
 def _foreground_box(raw, low_raw, slope):
-  """[(lo, hi)] per axis of the voxels above the minimum (its mask is freed on return)."""
-  mask = raw > low_raw if slope > 0 else raw < low_raw
+  """[(lo, hi)] per axis of the voxels above the minimum (below it for a negative slope)."""
+  any_x, any_y = np.zeros(raw.shape[0], bool), np.zeros(raw.shape[1], bool)
+  any_z = np.zeros(raw.shape[2], bool)
+  for z, mask in _masks_by_slab(raw, low_raw, slope > 0):
+    any_x |= mask.any(axis=(1, 2))
+    any_y |= mask.any(axis=(0, 2))
+    any_z[z] = mask.any(axis=(0, 1))
   box = []
-  for axis in range(3):
-    inside = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+  for profile in (any_x, any_y, any_z):
+    inside = np.flatnonzero(profile)
     box.append((int(inside[0]), int(inside[-1]) + 1))
   return box
 
 
 def _padded_zyx(x, shape, value):
   """MONAI SpatialPad(method="symmetric") of `x` (X, Y, Z) to at least `shape` (floor(d/2)
-  before), as one C-contiguous (Z, Y, X) copy: the layout the resize reads fastest."""
+  before), as a (Z, Y, X) array: a view when nothing is padded, else one copy."""
   pads = [(max(s - n, 0) // 2, max(s - n, 0) - max(s - n, 0) // 2) for s, n in zip(shape, x.shape)]
   size = tuple(n + b + a for n, (b, a) in zip(x.shape, pads))
   if not any(b or a for b, a in pads):
-    return np.ascontiguousarray(x.transpose(2, 1, 0))
+    return x.transpose(2, 1, 0)
   out = np.full(size[::-1], value, dtype=x.dtype)
   out[tuple(slice(b, b + n) for n, (b, _) in zip(x.shape, pads))[::-1]] = x.transpose(2, 1, 0)
   return out
