@@ -40,6 +40,10 @@ def get_config(arg=None):
   c.data.workers = 1
   c.data.shard_size = 64             # studies per TFRecord shard
   c.data.min_shards = 4              # per split (if it has that many studies): one per reading process
+  # Limits (skips beyond them name the flag; they do not change any record):
+  c.data.max_volume_mib = 2048.0     # decoded voxels a header may declare; a worker peaks at ~1.6x
+  c.data.max_field_chars = 1_000_000  # longest CSV field (a report); longer rows are skipped
+  c.data.study_timeout_s = 600.0     # per study; a study still running is skipped, retry: true
 
   # --- Text ---------------------------------------------------------------------------------
   c.text = ml_collections.ConfigDict()

@@ -16,14 +16,22 @@ own is skipped with that reason.
 
 Skips are of two kinds. Bad input (an unreadable or malformed volume, a bad CSV row) is final: a
 rerun keeps the shard as it is. A failure that need not recur (a worker that died, out of memory,
-an unexpected error) is skipped with `retry: true` in the report, and its shard does not count as
-finished: rerunning the same command (e.g. with fewer --workers, or after fixing a bug) converts
-that shard again.
+a study past data.study_timeout_s, an unexpected error) is skipped with `retry: true` in the
+report, and its shard does not count as finished: rerunning the same command (e.g. with fewer
+--workers, or after fixing a bug) converts that shard again. A volume over data.max_volume_mib is
+a final skip too, but its shard is redone by a rerun with a higher limit.
+
+Limits (`Limits`: data.max_volume_mib, data.study_timeout_s) decide what is skipped, never what a
+record holds, so they are not part of the settings a rerun must match. A failure to write the
+output (disk full) stops the conversion with one OutputError naming the file; the shards finished
+before are kept, and rerunning the same command resumes.
 """
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -31,6 +39,8 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 
 import numpy as np
@@ -43,12 +53,50 @@ from tensorflow_datasets.core import naming
 from data_prep import corpus as corpus_lib
 from data_prep import preprocess
 from data_prep import schema
+from medfinder_jax import errors
 
 STATE_DIR = ".convert_state"
 REPORT_NAME = "conversion_report.json"
 SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"   # tfds' default template
 WORKER_DIED = "the worker process converting it died (killed, or out of memory)"
 OUT_OF_MEMORY = "out of memory while converting"
+
+
+class OutputError(errors.UserError):
+  """The output cannot be written (disk full, no permission): fatal; finished shards are kept."""
+
+
+def output_error(path, err):
+  """OutputError naming `path` and the system's words for `err` (OSError or a TensorFlow
+  OpError), with what to do."""
+  if isinstance(err, OSError) and err.strerror:
+    name = errno.errorcode.get(err.errno, "")
+    text = f"{err.strerror} ({name})" if name else err.strerror
+  else:
+    text = str(getattr(err, "message", err)).rsplit("; ", 1)[-1]
+  return OutputError(f"cannot write {path}: {text}; the shards finished before are kept: free "
+                     f"space (or fix the output directory) and rerun the same command to resume")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """What a worker may spend on one study. They decide what is skipped, never what a record
+  holds, so they are not part of the settings a rerun must match."""
+  max_volume_mib: float = 2048.0     # decoded voxels a header may declare
+  study_timeout_s: float = 600.0     # wall-clock time of one study
+
+  @classmethod
+  def from_config(cls, data_config):
+    values = {}
+    for field in dataclasses.fields(cls):
+      value = data_config.get(field.name, field.default)
+      try:
+        values[field.name] = float(value)
+      except (TypeError, ValueError):
+        values[field.name] = math.nan
+      if not (math.isfinite(values[field.name]) and values[field.name] > 0):
+        raise corpus_lib.CorpusError(f"data.{field.name}={value!r}; expected a positive number")
+    return cls(**values)
 
 
 @dataclasses.dataclass
@@ -117,29 +165,82 @@ def features_dict(shape, volume_dtype, label_columns=()):
 _WORKER = {}
 
 
-def init_worker(data_root, params, label_columns):
+def init_worker(data_root, params, label_columns, limits=None):
   """Per-process setup: the feature spec and serializer (no TensorFlow needed here)."""
   features = features_dict(params.shape, params.volume_dtype, label_columns)
   _WORKER.update(data_root=data_root, params=params, features=features,
-                 serializer=example_serializer.ExampleSerializer(features.get_serialized_info()))
+                 serializer=example_serializer.ExampleSerializer(features.get_serialized_info()),
+                 limits=limits or Limits())
 
 
 def convert_study(study):
-  """("ok", serialized record bytes), ("skip", reason) for bad input (final), or
-  ("retry", reason) for a failure that need not recur (a rerun tries again). Never raises."""
+  """("ok", serialized record bytes), ("skip", reason) for bad input (final), ("limit", reason)
+  for a volume over data.max_volume_mib (final at this limit), or ("retry", reason) for a
+  failure that need not recur (a rerun tries again). Never raises."""
   try:
-    source = preprocess.load_source(os.path.join(_WORKER["data_root"], study.source_path))
+    source = preprocess.load_source(os.path.join(_WORKER["data_root"], study.source_path),
+                                    _WORKER["limits"].max_volume_mib)
     volume, volume_spacing = preprocess.preprocess(source, _WORKER["params"])
     example = make_example(study, source, volume, volume_spacing)
     encoded = encode_example(_WORKER["features"], example, _WORKER["params"])
     record = _WORKER["serializer"].get_tf_example(encoded).SerializeToString(deterministic=True)
     return "ok", record
+  except preprocess.VolumeTooLarge as err:
+    return "limit", str(err)
   except preprocess.BadVolume as err:
     return "skip", str(err)
   except MemoryError:
     return "retry", OUT_OF_MEMORY
   except Exception as err:  # pylint: disable=broad-except
     return "retry", f"unexpected error: {type(err).__name__}: {err}"
+
+
+class StudyTimeout(BaseException):
+  """Raised by SIGALRM in a study past data.study_timeout_s; a BaseException so that no
+  `except Exception` on the way turns it into another kind of failure."""
+
+
+def run_study(convert_fn, study):
+  """convert_fn(study) within the worker's data.study_timeout_s: a study still running then (a
+  file system that stopped answering, a pathological file) is ("retry", reason)."""
+  seconds = _WORKER["limits"].study_timeout_s
+  try:
+    with time_limit(seconds):
+      return convert_fn(study)
+  except StudyTimeout:
+    return "retry", (f"still running after data.study_timeout_s={seconds:g} s (a stalled file "
+                     f"system?); rerun to retry it, or raise --config.data.study_timeout_s")
+
+
+def _raise_timeout(signum, frame):
+  del signum, frame
+  raise StudyTimeout()
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+  """Raises StudyTimeout in this (main) thread after `seconds` (SIGALRM). Nests: an outer alarm
+  (pytest-timeout's, a caller's) that is due sooner is left to fire; a later one is restored.
+  No limit off the main thread or without SIGALRM, where signals cannot interrupt the study."""
+  if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous_handler = signal.signal(signal.SIGALRM, _raise_timeout)
+  outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+  start = time.monotonic()
+  if outer_delay and outer_delay <= seconds:      # the outer alarm comes first: keep it
+    signal.setitimer(signal.ITIMER_REAL, outer_delay, outer_interval)
+    signal.signal(signal.SIGALRM, previous_handler)
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous_handler)
+    if outer_delay:
+      left = outer_delay - (time.monotonic() - start)
+      signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), outer_interval)
 
 
 def encode_example(features, example, params):
@@ -175,7 +276,7 @@ def _ordered_results(studies, workers, init_args, convert_fn):
   if workers == 0:
     init_worker(*init_args)
     for study in studies:
-      yield study, convert_fn(study)
+      yield study, run_study(convert_fn, study)
     return
   window = 2 * workers
   pending, done, suspects = {}, {}, set()
@@ -188,10 +289,10 @@ def _ordered_results(studies, workers, init_args, convert_fn):
         if suspects:
           if not pending:
             i = min(suspects)
-            pending[i] = pool.submit(convert_fn, studies[i])
+            pending[i] = pool.submit(run_study, convert_fn, studies[i])
         else:
           while next_submit < len(studies) and len(pending) < window:
-            pending[next_submit] = pool.submit(convert_fn, studies[next_submit])
+            pending[next_submit] = pool.submit(run_study, convert_fn, studies[next_submit])
             next_submit += 1
       except concurrent.futures.process.BrokenProcessPool:
         broken = True
@@ -239,11 +340,22 @@ def _new_pool(workers, init_args):
 # --- Shard files and state ----------------------------------------------------------------------
 
 def _write_json_atomic(path, value):
+  """Writes `value` to `path` via a temporary file: `path` is the old or the new file, never a
+  part. OutputError (the temporary file removed) when it cannot be written."""
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as file:
-    json.dump(value, file, indent=1, sort_keys=True, ensure_ascii=False)
-    file.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as file:
+      json.dump(value, file, indent=1, sort_keys=True, ensure_ascii=False)
+      file.write("\n")
+    os.replace(tmp, path)
+  except OSError as err:
+    _remove_quietly(tmp)
+    raise output_error(path, err) from None
+
+
+def _remove_quietly(path):
+  with contextlib.suppress(OSError):
+    os.remove(path)
 
 
 def _read_json(path):
@@ -258,9 +370,10 @@ def _marker_path(output_dir, shard):
   return os.path.join(output_dir, STATE_DIR, shard.filename + ".json")
 
 
-def _finished_marker(output_dir, shard, fingerprint):
+def _finished_marker(output_dir, shard, fingerprint, limits):
   """The shard's marker if the shard is complete for these inputs, else None. A shard with a
-  study to retry (worker death, out of memory, unexpected error) is not complete."""
+  study to retry (worker death, out of memory, unexpected error) is not complete, nor one with a
+  volume skipped under a lower data.max_volume_mib than `limits` has."""
   marker = _read_json(_marker_path(output_dir, shard))
   path = os.path.join(output_dir, shard.filename)
   if not (marker and marker.get("fingerprint") == fingerprint and os.path.isfile(path)
@@ -268,6 +381,8 @@ def _finished_marker(output_dir, shard, fingerprint):
     return None
   # A skip without the flag comes from an older marker: redo its shard to be safe.
   if any(s.get("retry", True) for s in marker.get("skipped", [])):
+    return None
+  if marker.get("skipped_over_max_volume_mib", math.inf) < limits.max_volume_mib:
     return None
   return marker
 
@@ -286,33 +401,59 @@ def _check_plan(output_dir, plan_digest, shards):
 
 
 class _ShardWriter:
-  """Writes one shard to a temporary file; `commit` renames it into place, then the marker."""
+  """Writes one shard to a temporary file; `commit` renames it into place, then the marker. A
+  write that fails (disk full) removes the temporary file and raises OutputError: the final name
+  only ever holds a complete shard."""
 
-  def __init__(self, output_dir, shard, fingerprint):
+  def __init__(self, output_dir, shard, fingerprint, limits):
     self.output_dir, self.shard, self.fingerprint = output_dir, shard, fingerprint
+    self.limits = limits
+    self.path = os.path.join(output_dir, shard.filename)
     self.tmp = os.path.join(output_dir, STATE_DIR, "tmp", f"{shard.filename}.{os.getpid()}")
-    self.writer = tf.io.TFRecordWriter(self.tmp)
-    self.study_ids, self.skipped = [], []
+    self.writer = None
+    self.study_ids, self.skipped, self.over_limit = [], [], False
+    with self._failing_as_output_error():
+      self.writer = tf.io.TFRecordWriter(self.tmp)
+
+  @contextlib.contextmanager
+  def _failing_as_output_error(self):
+    try:
+      yield
+    except (OSError, tf.errors.OpError) as err:
+      self.discard()
+      raise output_error(self.path, err) from None
 
   def add(self, study, result):
     status, payload = result
     if status == "ok":
-      self.writer.write(payload)
+      with self._failing_as_output_error():
+        self.writer.write(payload)
       self.study_ids.append(study.study_id)
     else:
+      self.over_limit |= status == "limit"
       self.skipped.append(dataclasses.asdict(corpus_lib.Skipped(
           study.row, study.source_path, payload, study.split, study.study_id,
           retry=status == "retry")))
 
   def commit(self):
-    self.writer.close()
-    path = os.path.join(self.output_dir, self.shard.filename)
-    os.replace(self.tmp, path)
+    with self._failing_as_output_error():
+      self.writer.close()
+      os.replace(self.tmp, self.path)
+      num_bytes = os.path.getsize(self.path)
     marker = {"fingerprint": self.fingerprint, "num_examples": len(self.study_ids),
-              "num_bytes": os.path.getsize(path), "study_ids": self.study_ids,
-              "skipped": self.skipped}
+              "num_bytes": num_bytes, "study_ids": self.study_ids, "skipped": self.skipped}
+    if self.over_limit:       # a rerun with a higher limit redoes the shard
+      marker["skipped_over_max_volume_mib"] = self.limits.max_volume_mib
     _write_json_atomic(_marker_path(self.output_dir, self.shard), marker)
     return marker
+
+  def discard(self):
+    """Closes and removes the temporary file (after a failure or an interruption)."""
+    if self.writer is not None:
+      with contextlib.suppress(Exception):
+        self.writer.close()
+      self.writer = None
+    _remove_quietly(self.tmp)
 
 
 # --- Metadata and report ------------------------------------------------------------------------
@@ -406,8 +547,8 @@ def format_summary(report, seconds=None):
     lines.append(f"  skipped {count:4d} x {reason}")
   if report["num_to_retry"]:
     lines.append(f"  {report['num_to_retry']} of the skipped failed for a reason that need not "
-                 f"recur (worker died, out of memory, unexpected error): rerun the same command "
-                 f"to retry them")
+                 f"recur (worker died, out of memory, timed out, unexpected error): rerun the "
+                 f"same command to retry them")
   empty = [split for split in schema.SPLITS if not report["converted"][split]]
   if empty:
     lines.append(f"  warning: no studies in split(s) {', '.join(empty)}")
@@ -423,12 +564,14 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
 
   workers: processes (None = data_config.workers; 0 = convert in this process). Returns the
   report dict (also written to output_dir/conversion_report.json). Raises CorpusError for
-  unusable input as a whole; bad studies are skipped and reported. `convert_fn` (study ->
-  result, run in the workers, importable by name) is where tests inject faults.
+  unusable input as a whole and OutputError when the output cannot be written; bad studies are
+  skipped and reported. `convert_fn` (study -> result, run in the workers under the study time
+  limit, importable by name) is where tests inject faults.
   """
   start = time.time()
   try:
     params = schema.PreprocessParams.from_config(data_config)
+    limits = Limits.from_config(data_config)
     corpus = corpus_lib.read_corpus(data_config)
     schema.feature_specs(params.shape, params.volume_dtype, corpus.label_columns)  # name clashes
   except corpus_lib.CorpusError:
@@ -441,48 +584,71 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
   settings_digest = _digest({"schema": schema.SCHEMA_VERSION, "params": params.to_dict(),
                              "labels": list(corpus.label_columns)})
   fingerprints = {s.filename: s.fingerprint(settings_digest) for s in shards}
-  os.makedirs(os.path.join(output_dir, STATE_DIR, "tmp"), exist_ok=True)
+  tmp_dir = os.path.join(output_dir, STATE_DIR, "tmp")
+  try:
+    os.makedirs(tmp_dir, exist_ok=True)
+  except OSError as err:
+    raise output_error(tmp_dir, err) from None
   _check_plan(output_dir, _digest(sorted(fingerprints.items())), shards)
-  shutil.rmtree(os.path.join(output_dir, STATE_DIR, "tmp"))
-  os.makedirs(os.path.join(output_dir, STATE_DIR, "tmp"))
+  _fresh_tmp_dir(tmp_dir)
   markers = {}
   for shard in shards:
-    marker = _finished_marker(output_dir, shard, fingerprints[shard.filename])
+    marker = _finished_marker(output_dir, shard, fingerprints[shard.filename], limits)
     if marker is not None:
       markers[shard.filename] = marker
   todo = [s for s in shards if s.filename not in markers]
   if markers:
     log(f"resuming: {len(markers)} of {len(shards)} shards already done")
-  init_args = (str(data_config.data_root), params, corpus.label_columns)
+  init_args = (str(data_config.data_root), params, corpus.label_columns, limits)
   markers.update(_convert_shards(output_dir, todo, fingerprints, workers, progress, init_args,
                                  convert_fn))
   lengths, sizes = split_totals(shards, markers)
   if any(m["num_examples"] for m in markers.values()):
-    _write_tfds_metadata(output_dir, params, corpus, lengths, sizes)
+    try:
+      _write_tfds_metadata(output_dir, params, corpus, lengths, sizes)
+    except (OSError, tf.errors.OpError) as err:
+      raise output_error(f"the dataset metadata in {output_dir}", err) from None
   report = build_report(output_dir, params, corpus, shards, markers, lengths)
   _write_json_atomic(os.path.join(output_dir, REPORT_NAME), report)
   log(format_summary(report, time.time() - start))
   return report
 
 
+def _fresh_tmp_dir(tmp):
+  """Empties STATE_DIR/tmp: what an interrupted run left there is incomplete."""
+  try:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  except OSError as err:
+    raise output_error(tmp, err) from None
+
+
 def _convert_shards(output_dir, shards, fingerprints, workers, progress, init_args,
                     convert_fn):
-  """Converts the studies of `shards` in order; writes and commits each shard when complete."""
+  """Converts the studies of `shards` in order; writes and commits each shard when complete.
+  On any failure (OutputError, Ctrl-C) the shard being written is discarded and the workers
+  are stopped; the committed shards stay."""
   studies = [study for shard in shards for study in shard.studies]
   owner = [shard for shard in shards for _ in shard.studies]
+  limits = init_args[3]
   markers, writer, skipped = {}, None, 0
   bar = tqdm.tqdm(total=len(studies), unit="study", desc="convert", disable=not progress)
-  with bar:
-    for i, (study, result) in enumerate(_ordered_results(studies, workers, init_args,
-                                                                  convert_fn)):
-      shard = owner[i]
-      if writer is None:
-        writer = _ShardWriter(output_dir, shard, fingerprints[shard.filename])
-      writer.add(study, result)
-      skipped += result[0] != "ok"
-      bar.update(1)
-      bar.set_postfix(skipped=skipped, refresh=False)
-      if i + 1 == len(studies) or owner[i + 1] is not shard:
-        markers[shard.filename] = writer.commit()
-        writer = None
+  results = _ordered_results(studies, workers, init_args, convert_fn)
+  try:
+    with bar, contextlib.closing(results):
+      for i, (study, result) in enumerate(results):
+        shard = owner[i]
+        if writer is None:
+          writer = _ShardWriter(output_dir, shard, fingerprints[shard.filename], limits)
+        writer.add(study, result)
+        skipped += result[0] != "ok"
+        bar.update(1)
+        bar.set_postfix(skipped=skipped, refresh=False)
+        if i + 1 == len(studies) or owner[i + 1] is not shard:
+          markers[shard.filename] = writer.commit()
+          writer = None
+  except BaseException:
+    if writer is not None:
+      writer.discard()
+    raise
   return markers

@@ -3,7 +3,16 @@
 Layout (BIMCV-R): `data_root/CT*/ct/<name>.nii.gz` and `data_root/meta/<csv>`. A CSV row's volume
 is found as the released code code does, by the basename of its `path` among the CT*/ct/ files (so the
 CSV may hold paths from another machine); a relative path that names a CT*/ct/ file exactly wins
-over a basename match. Row numbers in messages are 1-based data rows (the header is row 0).
+over a basename match. Only regular files are used (a named pipe would block the reader). Row
+numbers are 1-based data rows (the header is row 0); problems with the CSV's structure name the
+file's line (the header is line 1), as an editor shows it.
+
+The CSV is read record by record and every data line ends up in a row or in a skip: a record
+that is not exactly the header's fields (a stray quote, a missing or extra comma, a field over
+data.max_field_chars) is skipped with its line number, and reading goes on at the next line.
+A quoted field that swallows following lines which, read alone, are complete rows naming a
+volume file marks an unbalanced quote: its opening line is skipped and the swallowed rows are
+read as rows. Legitimate multi-line quoted reports are one row.
 
 Splits (recorded in the dataset metadata):
 - `folders` (default, the paper's split as stated by the dataset author): CT folders in natural
@@ -21,6 +30,7 @@ import io
 import os
 import posixpath
 import re
+import stat
 
 from medfinder_jax import errors
 
@@ -29,6 +39,7 @@ CSV_CANDIDATES = ("curated_ct_report_path_En.csv", "BIMCV-R.csv")
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 SPLIT_RULES = ("folders", "rows")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")   # what the csv module ends lines at
 
 
 class CorpusError(errors.UserError):
@@ -71,6 +82,15 @@ class Corpus:
   num_rows: int
 
 
+@dataclasses.dataclass
+class CsvRecord:
+  """One data record of the CSV, or the line that could not be read as one."""
+  line: int              # 1-based line of the file where it starts (the header is line 1)
+  values: dict           # column -> text; {} when `problem`
+  problem: str = ""      # why it is not a row of the header's fields (the skip reason)
+  path_text: str = ""    # the path column's text as far as it can be told (for the report)
+
+
 def natural_key(name):
   """Sort key that orders CT2 before CT10."""
   return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -93,9 +113,10 @@ def find_csv(data_root, csv=""):
                     f"(found: {found}); set data.csv to choose another file")
 
 
-def read_csv_table(csv_path, encoding="utf-8"):
-  """(columns, rows as {column: text}). Bytes that are not valid `encoding` are kept as surrogate
-  characters (U+DC80..U+DCFF) so the affected rows can be reported and the others still used."""
+def read_csv_table(csv_path, encoding="utf-8", path_column=None, max_field_chars=None):
+  """(columns, [CsvRecord]) with every data line accounted for (module docstring). Bytes that
+  are not valid `encoding` are kept as surrogate characters (U+DC80..U+DCFF) so the affected
+  rows can be reported and the others still used."""
   with open(csv_path, "rb") as file:
     data = file.read()
   if data.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -106,14 +127,98 @@ def read_csv_table(csv_path, encoding="utf-8"):
     text = data.decode(encoding, errors="surrogateescape")
   except LookupError:
     raise CorpusError(f"unknown CSV encoding {encoding!r} (data.csv_encoding)") from None
-  try:
-    reader = csv.DictReader(io.StringIO(text, newline=""), restval="")
-    rows = list(reader)
-  except csv.Error as err:
-    raise CorpusError(f"cannot parse CSV {csv_path!r}: {err}") from None
-  if not reader.fieldnames:
+  except UnicodeError as err:     # utf-16 of an odd length: surrogateescape cannot help
+    raise CorpusError(f"cannot decode CSV {csv_path!r} as {encoding}: {err}") from None
+  # No field can be longer than the file: the module's 131072 default stopped whole conversions.
+  csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+  lines = _LINE.findall(text)
+  first = next((i for i, line in enumerate(lines) if line.strip()), None)
+  if first is None:
     raise CorpusError(f"CSV {csv_path!r} is empty")
-  return list(reader.fieldnames), [{k: v for k, v in row.items() if k is not None} for row in rows]
+  columns, end, error = _read_record(lines, first)
+  if error:
+    raise CorpusError(f"cannot parse the header (line {first + 1}) of CSV {csv_path!r}: {error}")
+  path_index = columns.index(path_column) if path_column in columns else None
+  records = []
+  while end < len(lines):
+    start = end
+    if not lines[start].strip():   # a blank line holds no row
+      end += 1
+      continue
+    fields, end, error = _read_record(lines, start)
+    problem = _quote_problem(lines, start, end, error, len(columns), path_index)
+    if problem:
+      end = start + 1              # read on from the next line
+      path_text = _path_text_alone(lines[start], path_index)
+      records.append(CsvRecord(start + 1, {}, problem, path_text))
+      continue
+    problem = (_width_problem(fields, columns, start, end)
+               or _length_problem(fields, columns, start, max_field_chars))
+    path_text = fields[path_index] if path_index is not None and path_index < len(fields) else ""
+    records.append(CsvRecord(start + 1, {} if problem else dict(zip(columns, fields)), problem,
+                             path_text))
+  return columns, records
+
+
+def _read_record(lines, start):
+  """(fields, end, error): the record that starts at lines[start], the index after its last
+  line, and csv's complaint (strict: a quote inside a quoted field, an unclosed quote)."""
+  reader = csv.reader((lines[j] for j in range(start, len(lines))), strict=True)
+  try:
+    return next(reader), start + reader.line_num, None
+  except csv.Error as err:
+    return None, start + max(reader.line_num, 1), str(err)
+
+
+def _parse_alone(line):
+  """The fields of `line` read on its own, or None if it is not a complete record."""
+  try:
+    return next(csv.reader([line], strict=True), None)
+  except csv.Error:
+    return None
+
+
+def _quote_problem(lines, start, end, error, width, path_index):
+  """Why the record at lines[start:end] is not to be trusted as one row, or ""."""
+  line = start + 1
+  if error and end == line:
+    return f"line {line}: malformed CSV ({error}); fix the quoting"
+  if error:
+    return (f"line {line}: unbalanced quote: a quoted field opened on this line runs on to line "
+            f"{end} ({error}); fix the quoting")
+  if end - start > 1 and path_index is not None:
+    for j in range(start + 1, end):
+      fields = _parse_alone(lines[j])
+      if (fields is not None and len(fields) == width
+          and fields[path_index].strip().endswith(VOLUME_SUFFIXES)):
+        return (f"line {line}: unbalanced quote: a quoted field opened on this line swallows the "
+                f"next lines (line {j + 1} and on are rows of their own); fix the quoting")
+  return ""
+
+
+def _path_text_alone(line, path_index):
+  try:
+    fields = next(csv.reader([line]), [])
+  except csv.Error:
+    return ""
+  return fields[path_index] if path_index is not None and path_index < len(fields) else ""
+
+
+def _width_problem(fields, columns, start, end):
+  if len(fields) == len(columns):
+    return ""
+  where = f"line {start + 1}" if end - start == 1 else f"lines {start + 1}-{end}"
+  return (f"{where}: {len(fields)} fields, the header has {len(columns)} "
+          f"({', '.join(columns)}); fix the row")
+
+
+def _length_problem(fields, columns, start, max_field_chars):
+  for column, value in zip(columns, fields):
+    if max_field_chars is not None and len(value) > max_field_chars:
+      return (f"line {start + 1}: column {column!r} holds {len(value)} characters, over "
+              f"data.max_field_chars={max_field_chars}; raise --config.data.max_field_chars to "
+              f"keep the row")
+  return ""
 
 
 def index_volumes(data_root):
@@ -123,7 +228,11 @@ def index_volumes(data_root):
                    key=natural_key)
   files = {}
   for folder in folders:
-    names = sorted(os.listdir(os.path.join(data_root, folder, "ct")), key=natural_key)
+    try:
+      names = sorted(os.listdir(os.path.join(data_root, folder, "ct")), key=natural_key)
+    except OSError as err:
+      raise CorpusError(f"cannot list {os.path.join(data_root, folder, 'ct')!r}: "
+                        f"{err.strerror}") from None
     for name in names:
       if name.endswith(VOLUME_SUFFIXES):
         files.setdefault(name, []).append(f"{folder}/ct/{name}")
@@ -181,11 +290,38 @@ def match_volume(path_text, files, data_root):
   if not candidates:
     return None, f"no volume file named {basename!r} under {data_root}/CT*/ct/"
   exact = [c for c in candidates if normalized.endswith(c)]
-  source = (exact or candidates)[0]
+  kinds = {c: file_kind(os.path.join(data_root, c)) for c in exact or candidates}
+  source = next((c for c in kinds if kinds[c] is None), next(iter(kinds)))
   real_root = os.path.realpath(data_root)
   if not os.path.realpath(os.path.join(data_root, source)).startswith(real_root + os.sep):
     return None, f"{source} resolves outside data_root (symbolic link); refused"
+  if kinds[source] is not None:
+    return None, f"{source} is {kinds[source]}, not a regular file; refused"
   return source, None
+
+
+def file_kind(path):
+  """None for a regular file (or a link to one), else what `path` is, in words. Only regular
+  files are read: opening a named pipe blocks until someone writes to it."""
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    return "missing (a broken symbolic link?)"
+  except OSError as err:
+    return f"unreadable ({err.strerror})"
+  if stat.S_ISREG(mode):
+    return None
+  for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                     (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                     (stat.S_ISBLK, "a block device")):
+    if test(mode):
+      return kind
+  return "a special file"
+
+
+def shown(text):
+  """`text` with undecodable bytes (surrogates) as U+FFFD: safe to write to a UTF-8 report."""
+  return _UNDECODABLE.sub("\ufffd", text)
 
 
 def _undecodable(column, value, encoding):
@@ -208,8 +344,11 @@ def read_corpus(data_config):
     raise CorpusError(f"data.split_by={split_by!r}; expected one of {SPLIT_RULES}")
   encoding = str(data_config.get("csv_encoding", "utf-8"))
   csv_path = find_csv(data_root, str(data_config.csv))
-  columns, table = read_csv_table(csv_path, encoding)
   path_column, report_column = str(data_config.path_column), str(data_config.report_column)
+  max_field_chars = data_config.get("max_field_chars", 1_000_000)
+  if not isinstance(max_field_chars, int) or max_field_chars < 1:
+    raise CorpusError(f"data.max_field_chars={max_field_chars!r}; expected a positive integer")
+  columns, table = read_csv_table(csv_path, encoding, path_column, max_field_chars)
   for column, field in ((path_column, "path_column"), (report_column, "report_column")):
     if column not in columns:
       raise CorpusError(f"CSV {csv_path!r} has no column {column!r} (data.{field}); "
@@ -225,9 +364,13 @@ def read_corpus(data_config):
     bounds = row_split_bounds(len(table))
     assignment = {"train": [0, bounds[0]], "val": list(bounds), "test": [bounds[1], len(table)]}
   studies, skipped, used = [], [], {}
-  for index, record in enumerate(table):
-    row, path_text = index + 1, record[path_column]
+  for index, csv_record in enumerate(table):
+    row, path_text = index + 1, csv_record.path_text
     split = split_of_row(index, bounds) if split_by == "rows" else ""
+    if csv_record.problem:
+      skipped.append(Skipped(row, shown(path_text), csv_record.problem, split))
+      continue
+    record = csv_record.values
     reason = next(filter(None, (_undecodable(c, record[c], encoding)
                                 for c in (path_column, report_column, *label_columns))), None)
     source = None
@@ -241,7 +384,7 @@ def read_corpus(data_config):
       elif not record[report_column].strip():
         reason = f"empty report (column {report_column!r})"
     if reason is not None:
-      skipped.append(Skipped(row, source or path_text, reason, split, study_id))
+      skipped.append(Skipped(row, source or shown(path_text), reason, split, study_id))
       continue
     used[study_id] = row
     studies.append(Study(

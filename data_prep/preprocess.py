@@ -17,13 +17,16 @@ The parameters of both are a data_prep.schema.PreprocessParams, recorded in the 
 """
 
 import dataclasses
+import errno
 import gzip
+import math
 import os
 import zlib
 
 import nibabel as nib
 import numpy as np
 
+from data_prep import corpus
 from data_prep import resample
 from medfinder_jax import errors
 
@@ -51,24 +54,130 @@ class SourceVolume:
     return "".join(nib.aff2axcodes(self.affine))
 
 
-def load_source(path):
-  """Reads a NIfTI file (.nii / .nii.gz) without scaling; BadVolume says why it cannot be used."""
+MIB = 1 << 20
+MAX_HEADER_MIB = 64          # header + extensions before the voxels; real files hold kilobytes
+READ_CHUNK = 16 * MIB
+MASK_SLAB = 1 << 24          # voxels per slab of the foreground masks
+MAX_INTENSITY = 1e30         # stored or scaled; float32 arithmetic stays finite below it
+VOXEL_MM = (1e-3, 1e3)       # plausible voxel sizes: micro-CT to absurd; outside, a header bug
+# Operating-system errors that say nothing about the file: the study is retried, not skipped.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.ESTALE,
+                              errno.ETIMEDOUT, errno.EMFILE, errno.ENFILE})
+
+
+class VolumeTooLarge(BadVolume):
+  """A volume whose header declares more voxel bytes than `max_volume_mib`: a skip that depends
+  on a setting (rerunning with a higher data.max_volume_mib converts it)."""
+
+
+def load_source(path, max_volume_mib=None):
+  """Reads a NIfTI file (.nii / .nii.gz) without scaling; BadVolume says why it cannot be used.
+
+  The header is checked before any voxel is decoded (its shape and voxel type, its size against
+  `max_volume_mib`, a voxel size it does not have), so a 70-byte file declaring 17 GiB costs
+  nothing. MemoryError and transient OS errors propagate: they are not the file's fault.
+  """
+  check_regular_file(path)
   try:
+    header = read_raw_header(path)
+    if header is not None:
+      check_header(header, max_volume_mib)
     image = nib.load(path)
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
       raise BadVolume(f"not a NIfTI image (nibabel read it as {type(image).__name__})")
-    raw = np.asanyarray(image.dataobj.get_unscaled())
+    if header is None:
+      check_header(image.header, max_volume_mib)
+    raw = read_voxels(path, image.dataobj)
     slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
     affine = np.asarray(image.affine, dtype=np.float64)
-  except BadVolume:
+  except (BadVolume, MemoryError):
     raise
   except FileNotFoundError:
     raise BadVolume("file not found") from None
-  except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error) as err:
+  except OSError as err:
+    if err.errno in TRANSIENT_ERRNOS:
+      raise
     raise BadVolume(diagnose_unreadable(path, err)) from None
-  except (ValueError, MemoryError) as err:
+  except (nib.filebasedimages.ImageFileError, EOFError, zlib.error) as err:
+    raise BadVolume(diagnose_unreadable(path, err)) from None
+  except (ValueError, ArithmeticError, LookupError, TypeError,
+          nib.spatialimages.HeaderDataError) as err:
     raise BadVolume(f"cannot read the file: {type(err).__name__}: {_first_line(err)}") from None
   return _checked_source(raw, slope, inter, affine)
+
+
+def check_regular_file(path):
+  """Only regular files are opened: a named pipe would block the reader forever."""
+  kind = corpus.file_kind(path)
+  if kind is not None and kind.startswith("missing"):
+    raise BadVolume("file not found")
+  if kind is not None:
+    raise BadVolume(f"not a regular file ({kind}); only regular files are read")
+
+
+def read_raw_header(path):
+  """The NIfTI header as stored, or None when the data does not start with one (nib.load then
+  says what the file is). nibabel's loader "fixes" some fields (pixdim 0 -> 1, negative -> abs)
+  and reads the header extensions before anything can be checked."""
+  with nib.openers.ImageOpener(path, "rb") as file:
+    block = file.read(540)
+  for klass, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
+    if len(block) >= size and size in (int.from_bytes(block[:4], "little"),
+                                       int.from_bytes(block[:4], "big")):
+      try:
+        return klass(block[:size], check=False)
+      except (ValueError, nib.spatialimages.HeaderDataError):
+        return None
+  return None
+
+
+def check_header(header, max_volume_mib=None):
+  """Shape, voxel type, declared size and voxel size of a NIfTI header, before decoding."""
+  shape = check_shape(tuple(int(d) for d in header.get_data_shape()))
+  dtype = np.dtype(header.get_data_dtype())
+  check_voxel_type(dtype)
+  mib = math.prod(shape) * dtype.itemsize / MIB
+  if max_volume_mib is not None and mib > max_volume_mib:
+    raise VolumeTooLarge(
+        f"declares {'x'.join(map(str, shape))} {dtype.newbyteorder('=').name} voxels "
+        f"({_mib(mib)} MiB), over data.max_volume_mib={max_volume_mib:g}; raise "
+        f"--config.data.max_volume_mib to convert it")
+  offset = float(header["vox_offset"])
+  if not 0 <= offset <= MAX_HEADER_MIB * MIB:
+    raise BadVolume(f"header: vox_offset={offset:g} places the voxels beyond the header and its "
+                    f"extensions (expected 0 to {MAX_HEADER_MIB} MiB)")
+  qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+  pixdim = np.asarray(header["pixdim"][1:4], np.float32)
+  if sform_code <= 0 and not (np.all(np.isfinite(pixdim)) and np.all(pixdim > 0)):
+    raise BadVolume(
+        f"voxel size unknown: header pixdim[1:4]=({', '.join(f'{p:g}' for p in pixdim)}) is not "
+        f"positive and there is no sform (qform_code={qform_code}, sform_code={sform_code}) to "
+        f"take the geometry from (nibabel would silently read 1 mm); fix the header")
+
+
+def _mib(mib):
+  return f"{mib:.0f}" if mib >= 10 else f"{mib:.2f}"
+
+
+def read_voxels(path, proxy):
+  """The stored voxels of `proxy` (a nibabel ArrayProxy), decompressed in chunks straight into
+  the array: nibabel's own read of a .nii.gz holds the whole volume twice. Native byte order."""
+  shape, dtype = tuple(proxy.shape), np.dtype(proxy.dtype)
+  nbytes = math.prod(shape) * dtype.itemsize
+  buffer = np.empty(nbytes, np.uint8)
+  view, done = memoryview(buffer), 0
+  with nib.openers.ImageOpener(path, "rb") as file:
+    file.seek(int(proxy.offset))
+    while done < nbytes:
+      count = file.readinto(view[done:done + READ_CHUNK])
+      if not count:
+        raise BadVolume(f"file is truncated or corrupt (the header declares {nbytes} bytes of "
+                        f"voxels from byte {int(proxy.offset)}, the file holds {done})")
+      done += count
+  raw = buffer.view(dtype).reshape(shape, order="F")
+  if not dtype.isnative:
+    raw = raw.byteswap(inplace=True).view(dtype.newbyteorder("="))
+  return raw
 
 
 def diagnose_unreadable(path, err):
@@ -101,24 +210,62 @@ def _first_line(err):
   return text[0] if text else type(err).__name__
 
 
-def _checked_source(raw, slope, inter, affine):
-  """Validates shape, voxel type, finiteness and geometry of a loaded volume."""
-  while raw.ndim > 3 and raw.shape[-1] == 1:    # (X, Y, Z, 1) exports are 3D volumes
-    raw = raw[..., 0]
-  if raw.ndim != 3 or min(raw.shape) < 2:
-    raise BadVolume(f"expected a 3D volume, found a {raw.ndim}D array of shape {raw.shape}")
-  if raw.dtype.kind not in "iuf":
-    raise BadVolume(f"unsupported voxel type {raw.dtype} (expected integer or float voxels)")
-  if not (np.isfinite(slope) and np.isfinite(inter) and slope != 0):
-    raise BadVolume(f"invalid intensity scaling scl_slope={slope}, scl_inter={inter}")
+def check_shape(shape):
+  """The 3D shape of a stored array of `shape` ((X, Y, Z, 1) exports are 3D), or BadVolume."""
+  while len(shape) > 3 and shape[-1] == 1:
+    shape = shape[:-1]
+  if len(shape) != 3:
+    raise BadVolume(f"expected a 3D volume, found a {len(shape)}D array of shape {shape}")
+  if min(shape) < 2:
+    raise BadVolume(f"expected at least 2 voxels along each axis of a 3D volume, found shape "
+                    f"{shape}")
+  return shape
+
+
+def check_voxel_type(dtype):
+  if dtype.kind not in "iuf":
+    raise BadVolume(f"unsupported voxel type {dtype} (expected integer or float voxels)")
+
+
+def check_intensities(raw, slope, inter):
+  """Finite float voxels, and stored and scaled values that float32 arithmetic (the resample,
+  the scaling) carries without overflowing to inf and NaN. Integer voxels are bounded by their
+  type, so only float volumes cost a pass (min and max)."""
   if raw.dtype.kind == "f":
-    finite = np.isfinite(raw)
-    if not finite.all():
+    low, high = float(raw.min()), float(raw.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+      finite = np.isfinite(raw)
       n_nan = int(np.isnan(raw).sum())
       n_inf = int(raw.size - finite.sum()) - n_nan
       raise BadVolume(f"volume has {n_nan} NaN and {n_inf} infinite voxels")
+    stored, bound = max(abs(low), abs(high)), ""
+  else:
+    info = np.iinfo(raw.dtype)
+    stored, bound = float(max(-int(info.min), int(info.max))), f" ({raw.dtype}'s range)"
+  scaled = stored * abs(slope) + abs(inter)
+  if max(stored, scaled) > MAX_INTENSITY:
+    raise BadVolume(f"intensities out of range: stored values up to {stored:g}{bound}, with "
+                    f"scl_slope={slope:g} and scl_inter={inter:g}, reach {scaled:g}; expected at "
+                    f"most {MAX_INTENSITY:g}")
+
+
+def _checked_source(raw, slope, inter, affine):
+  """Validates shape, voxel type, finiteness and geometry of a loaded volume."""
+  check_shape(tuple(raw.shape))
+  raw = raw[(Ellipsis,) + (0,) * (raw.ndim - 3)]     # drop trailing singleton axes (a view)
+  check_voxel_type(raw.dtype)
+  if not (np.isfinite(slope) and np.isfinite(inter) and slope != 0):
+    raise BadVolume(f"invalid intensity scaling scl_slope={slope}, scl_inter={inter}")
+  check_intensities(raw, slope, inter)
   if not np.all(np.isfinite(affine)) or np.min(nib.affines.voxel_sizes(affine)) <= 0:
     raise BadVolume(f"invalid affine (voxel-to-mm matrix) {affine.tolist()}")
+  sizes = nib.affines.voxel_sizes(affine)
+  if not np.all((sizes >= VOXEL_MM[0]) & (sizes <= VOXEL_MM[1])):
+    raise BadVolume(f"implausible voxel size ({', '.join(f'{v:g}' for v in sizes)}) mm; expected "
+                    f"{VOXEL_MM[0]:g} to {VOXEL_MM[1]:g} mm (a header in other units, or broken)")
+  if np.isnan(nib.orientations.io_orientation(affine)).any():
+    raise BadVolume(f"invalid affine (voxel-to-mm matrix) {affine.tolist()}: its voxel axes do "
+                    f"not point in three distinct directions (a degenerate sform or qform)")
   return SourceVolume(raw=raw, slope=slope, inter=inter, affine=affine)
 
 
@@ -151,7 +298,7 @@ def preprocess_ct(source, params):
   spacing = np.empty(3)
   spacing[ornt[:, 0].astype(int)] = source.spacing
   size = target_size(canonical.shape, spacing, params)
-  zyx = np.ascontiguousarray(canonical.transpose(2, 1, 0))   # slowest axis first: cache-friendly
+  zyx = canonical.transpose(2, 1, 0)   # a view (slowest axis first); a copy cost 1x the crop
   stored = resample.resize(zyx, size[::-1]).transpose(2, 1, 0)
   hu = stored * np.float32(source.slope) + np.float32(source.inter)
   volume = quantize_hu(hu, params)
@@ -163,18 +310,30 @@ def body_box(source, threshold_hu):
   """[(lo, hi)] per file axis: the bounding box of voxels above `threshold_hu` (0-based, hi
   exclusive). Planes with fewer than 0.1% foreground voxels (noise, wires) are ignored."""
   raw_threshold = (threshold_hu - source.inter) / source.slope
-  mask = source.raw > raw_threshold if source.slope > 0 else source.raw < raw_threshold
-  counts_xy = mask.sum(axis=2, dtype=np.int64)
-  profiles = (counts_xy.sum(axis=1), counts_xy.sum(axis=0), mask.sum(axis=(0, 1), dtype=np.int64))
+  counts_xy = np.zeros(source.raw.shape[:2], np.int64)
+  counts_z = np.zeros(source.raw.shape[2], np.int64)
+  for z, mask in _masks_by_slab(source.raw, raw_threshold, source.slope > 0):
+    counts_xy += mask.sum(axis=2, dtype=np.int64)
+    counts_z[z] = mask.sum(axis=(0, 1), dtype=np.int64)
+  profiles = (counts_xy.sum(axis=1), counts_xy.sum(axis=0), counts_z)
   box = []
   for axis, profile in enumerate(profiles):
-    plane = mask.size // mask.shape[axis]
+    plane = source.raw.size // source.raw.shape[axis]
     inside = np.flatnonzero(profile > max(1, 1e-3 * plane))
     if inside.size == 0:
       raise BadVolume(f"no body found: no voxel above {threshold_hu:g} HU "
                       f"(blank or non-CT volume?)")
     box.append((int(inside[0]), int(inside[-1]) + 1))
   return box
+
+
+def _masks_by_slab(raw, threshold, above):
+  """(z slice, raw[:, :, z] > threshold (or <)) over slabs of about MASK_SLAB voxels: a mask of
+  the whole volume would cost another half of an int16 volume."""
+  step = max(1, MASK_SLAB // (raw.shape[0] * raw.shape[1]))
+  for start in range(0, raw.shape[2], step):
+    z = slice(start, start + step)
+    yield z, raw[:, :, z] > threshold if above else raw[:, :, z] < threshold
 
 
 def target_size(size, spacing, params):
@@ -232,26 +391,46 @@ def released_transform(raw, shape, slope=1.0, inter=0.0):
   """(unit volume, padded size): ScaleIntensity -> CropForeground(> 0) -> SpatialPad -> Resize.
 
   Min-max scaling is affine, so the crop, pad and "area" resize run on the stored values (padded
-  with the stored value of the minimum) and the scaling runs on the small result.
+  with the stored value of the minimum) and the scaling runs on the small result. A constant
+  volume is BadVolume: MONAI scales it to all zeros, a record that carries nothing.
   """
   low_raw, high_raw = (raw.min(), raw.max()) if slope > 0 else (raw.max(), raw.min())
   low, high = float(low_raw) * slope + inter, float(high_raw) * slope + inter
-  if not high > low:     # MONAI scales a constant image to zeros
-    return np.zeros(shape, np.float32), tuple(int(s) for s in np.maximum(raw.shape, shape))
-  mask = raw > low_raw if slope > 0 else raw < low_raw
-  box = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-         for axis in range(3)]
-  cropped = raw[tuple(slice(b[0], b[-1] + 1) for b in box)]
-  padded = _pad_symmetric(cropped, shape, low_raw)
-  zyx = np.ascontiguousarray(padded.transpose(2, 1, 0))
+  if not high > low:
+    raise BadVolume(f"constant volume (every voxel = {low:g}): nothing to scale (the released "
+                    f"preprocessing maps min..max to 0..1)")
+  if (high - low) * MAX_INTENSITY < 1:     # 1 / (high - low) would overflow float32
+    raise BadVolume(f"intensity range {low:g}..{high:g} is too narrow to scale to 0..1")
+  box = _foreground_box(raw, low_raw, slope)
+  cropped = raw[tuple(slice(lo, hi) for lo, hi in box)]
+  zyx = _padded_zyx(cropped, shape, low_raw)
   resized = resample.resize(zyx, tuple(shape)[::-1], method="area").transpose(2, 1, 0)
   unit = (resized * np.float32(slope) + np.float32(inter - low)) * np.float32(1.0 / (high - low))
-  return np.clip(unit, 0.0, 1.0), padded.shape
+  return np.clip(unit, 0.0, 1.0), zyx.shape[::-1]
 
 
-def _pad_symmetric(x, shape, value):
-  """MONAI SpatialPad(method="symmetric"): pad to at least `shape`, floor(d/2) before."""
+def _foreground_box(raw, low_raw, slope):
+  """[(lo, hi)] per axis of the voxels above the minimum (below it for a negative slope)."""
+  any_x, any_y = np.zeros(raw.shape[0], bool), np.zeros(raw.shape[1], bool)
+  any_z = np.zeros(raw.shape[2], bool)
+  for z, mask in _masks_by_slab(raw, low_raw, slope > 0):
+    any_x |= mask.any(axis=(1, 2))
+    any_y |= mask.any(axis=(0, 2))
+    any_z[z] = mask.any(axis=(0, 1))
+  box = []
+  for profile in (any_x, any_y, any_z):
+    inside = np.flatnonzero(profile)
+    box.append((int(inside[0]), int(inside[-1]) + 1))
+  return box
+
+
+def _padded_zyx(x, shape, value):
+  """MONAI SpatialPad(method="symmetric") of `x` (X, Y, Z) to at least `shape` (floor(d/2)
+  before), as a (Z, Y, X) array: a view when nothing is padded, else one copy."""
   pads = [(max(s - n, 0) // 2, max(s - n, 0) - max(s - n, 0) // 2) for s, n in zip(shape, x.shape)]
+  size = tuple(n + b + a for n, (b, a) in zip(x.shape, pads))
   if not any(b or a for b, a in pads):
-    return x
-  return np.pad(x, pads, constant_values=value)
+    return x.transpose(2, 1, 0)
+  out = np.full(size[::-1], value, dtype=x.dtype)
+  out[tuple(slice(b, b + n) for n, (b, _) in zip(x.shape, pads))[::-1]] = x.transpose(2, 1, 0)
+  return out

@@ -1,5 +1,6 @@
 """Conversion: TFDS round trip, bad input, resume after interruption, worker deaths, CLI."""
 
+import errno
 import gzip
 import json
 import os
@@ -7,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +20,7 @@ from data_prep import corpus
 from data_prep import phantom
 from data_prep import preprocess
 from data_prep import schema
+from medfinder_jax import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (24, 24, 12)
@@ -262,10 +265,10 @@ def test_a_study_that_failed_unexpectedly_is_retried_by_a_rerun(phantom_root, re
   target = shards[1].studies[0]
   load_source = preprocess.load_source
 
-  def fail_at_target(path):
+  def fail_at_target(path, *args):
     if path.endswith(target.source_path):
       raise RuntimeError("disk hiccup")
-    return load_source(path)
+    return load_source(path, *args)
 
   monkeypatch.setattr(preprocess, "load_source", fail_at_target)   # workers=0: in this process
   report = run_convert(phantom_root, tmp_path, workers=0)
@@ -356,3 +359,200 @@ def always_die(study):
 def test_workers_that_always_die_stop_the_conversion_with_advice(phantom_root, tmp_path):
   with pytest.raises(corpus.CorpusError, match="--workers 0"):
     run_convert(phantom_root, tmp_path, workers=1, convert_fn=always_die)
+
+
+# --- Reliability: limits, memory, special files, time, full disks, CSV accounting -----------------
+
+def add_rows(root, rows):
+  """Appends `rows` (lines of CSV text) to the phantom CSV."""
+  csv_path = root / "meta" / phantom.CSV_NAME
+  csv_path.write_text(csv_path.read_text() + "".join(f"{row}\n" for row in rows))
+
+
+def header_bomb(path, shape=(3000, 3000, 1000)):
+  """A .nii.gz holding only a NIfTI header that declares `shape` int16 voxels."""
+  header = nib.Nifti1Header()
+  header.set_data_shape(shape)
+  header.set_data_dtype(np.int16)
+  header["vox_offset"], header["magic"] = 352, b"n+1"
+  path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+
+
+def test_volumes_over_max_volume_mib_are_skipped_until_the_limit_is_raised(phantom_root,
+                                                                           tmp_path):
+  root = tmp_path / "corpus"
+  shutil.copytree(phantom_root, root)
+  header_bomb(root / "CT1" / "ct" / "bomb.nii.gz")
+  body = np.full((64, 64, 32), -1000, np.int16)                    # 0.25 MiB of voxels
+  body[8:56, 12:52, 4:28] = 40
+  nib.save(nib.Nifti1Image(body, np.diag([0.8, 0.8, 2.0, 1.0])), str(root / "CT1/ct/big.nii.gz"))
+  add_rows(root, ['CT1/ct/bomb.nii.gz,"r",', 'CT1/ct/big.nii.gz,"r",'])
+  report = run_convert(root, tmp_path / "default")
+  assert [(s["study_id"], s["reason"], s["retry"]) for s in report["skipped"]] == [
+      ("bomb", "declares 3000x3000x1000 int16 voxels (17166 MiB), over data.max_volume_mib=2048; "
+               "raise --config.data.max_volume_mib to convert it", False)]
+  out = tmp_path / "limited"
+  limited = run_convert(root, out, max_volume_mib=0.2)
+  assert [(s["study_id"], s["retry"]) for s in limited["skipped"]] == [("bomb", False),
+                                                                         ("big", False)]
+  assert limited["skipped"][1]["reason"].startswith(
+      "declares 64x64x32 int16 voxels (0.25 MiB), over data.max_volume_mib=0.2;")
+  stamps = shard_stamps(out)
+  run_convert(root, out, max_volume_mib=0.2)                     # the same limit: nothing redone
+  assert shard_stamps(out) == stamps
+  raised = run_convert(root, out, max_volume_mib=0.3)            # redoes the shards of those two
+  assert [s["study_id"] for s in raised["skipped"]] == ["bomb"]
+  last_train = train_shards(root)[-1].filename
+  assert {n for n, t in shard_stamps(out).items() if t != stamps[n]} == {last_train}
+  shards = {n: b for n, b in dataset_files(out).items() if ".tfrecord-" in n}
+  assert shards == {n: b for n, b in dataset_files(tmp_path / "default").items() if ".tfrecord-" in n}
+
+
+@pytest.mark.parametrize("where", ["header", "decoding"])
+def test_out_of_memory_is_retried_by_a_rerun(phantom_root, reference, tmp_path, monkeypatch,
+                                             where):
+  target = train_shards(phantom_root)[1].studies[0]
+  if where == "header":
+    load = nib.load
+
+    def fail(path, *args, **kwargs):
+      if str(path).endswith(target.source_path):
+        raise MemoryError("Unable to allocate 17.6 GiB")
+      return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(nib, "load", fail)
+  else:
+    readinto = nib.openers.Opener.readinto
+
+    def fail(self, buffer):     # zlib running out of memory half-way through the voxels
+      if str(self.name).endswith(target.source_path):
+        raise MemoryError()
+      return readinto(self, buffer)
+
+    monkeypatch.setattr(nib.openers.Opener, "readinto", fail)
+  report = run_convert(phantom_root, tmp_path, workers=0)
+  monkeypatch.undo()
+  assert [(s["study_id"], s["reason"], s["retry"]) for s in report["skipped"]] == [
+      (target.study_id, convert.OUT_OF_MEMORY, True)]
+  run_convert(phantom_root, tmp_path, workers=0)
+  assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+@pytest.mark.timeout(120)
+def test_a_named_pipe_named_like_a_volume_is_skipped_without_hanging(phantom_root, tmp_path):
+  root = tmp_path / "corpus"
+  shutil.copytree(phantom_root, root)
+  os.mkfifo(root / "CT1" / "ct" / "x_ct.nii.gz")
+  add_rows(root, ['CT1/ct/x_ct.nii.gz,"r",'])
+  report = run_convert(root, tmp_path / "out", workers=0)
+  assert [(s["path"], s["reason"], s["retry"]) for s in report["skipped"]] == [
+      ("CT1/ct/x_ct.nii.gz", "CT1/ct/x_ct.nii.gz is a named pipe (FIFO), not a regular file; refused", False)]
+  assert report["num_converted"] == 14
+
+
+def sleep_at_target(study):
+  """Hangs (sleeps a minute) at the study named by $SLEEP_AT_STUDY."""
+  if study.study_id == os.environ.get("SLEEP_AT_STUDY"):
+    time.sleep(60)
+  return convert.convert_study(study)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_study_past_its_time_limit_is_retried_while_the_others_convert(
+    phantom_root, reference, tmp_path, monkeypatch, workers):
+  target = train_shards(phantom_root)[1].studies[1].study_id
+  monkeypatch.setenv("SLEEP_AT_STUDY", target)
+  start = time.monotonic()
+  report = run_convert(phantom_root, tmp_path, workers=workers, convert_fn=sleep_at_target,
+                       study_timeout_s=3.0)
+  assert time.monotonic() - start < 50
+  assert [(s["study_id"], s["retry"]) for s in report["skipped"]] == [(target, True)]
+  assert report["skipped"][0]["reason"].startswith(
+      "still running after data.study_timeout_s=3 s")
+  assert report["num_converted"] == 13
+  run_convert(phantom_root, tmp_path, workers=0)             # the rerun converts it
+  assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+def test_a_full_disk_stops_with_one_message_and_a_rerun_resumes(phantom_root, reference,
+                                                                 tmp_path, monkeypatch):
+  shards = train_shards(phantom_root)
+  full = shards[2].filename
+  real_writer = convert.tf.io.TFRecordWriter
+
+  class FullDisk:
+    def __init__(self, path):
+      self.path, self.writer = path, real_writer(path)
+
+    def write(self, record):
+      if full in self.path:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      self.writer.write(record)
+
+    def close(self):
+      self.writer.close()
+
+  monkeypatch.setattr(convert.tf.io, "TFRecordWriter", FullDisk)
+  with pytest.raises(convert.OutputError) as err:
+    run_convert(phantom_root, tmp_path, workers=2)
+  monkeypatch.undo()
+  assert isinstance(err.value, errors.UserError)
+  assert str(err.value).startswith(f"cannot write {tmp_path / full}: No space left on device "
+                                   f"(ENOSPC); the shards finished before are kept")
+  stamps = shard_stamps(tmp_path)
+  assert sorted(stamps) == [shards[0].filename, shards[1].filename]
+  assert os.listdir(tmp_path / convert.STATE_DIR / "tmp") == []
+  assert not os.path.exists(tmp_path / convert.REPORT_NAME)
+  run_convert(phantom_root, tmp_path, workers=0)
+  assert {n: shard_stamps(tmp_path)[n] for n in stamps} == stamps
+  assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+FSIZE_SCRIPT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))  # python ignores SIGXFSZ: EFBIG
+sys.path.insert(0, {root!r})
+import launch
+sys.exit(launch.main(sys.argv[1:]))
+"""
+
+
+def test_cli_on_a_file_size_limit_exits_2_with_one_line_and_valid_shards(phantom_root, reference,
+                                                                         tmp_path):
+  sizes = {n: len(b) for n, b in dataset_files(reference).items() if ".tfrecord-" in n}
+  limit = max(sizes.values()) - 1                  # the first shard of that size fails
+  args = ["convert", "--data_root", str(phantom_root), "--output_dir", str(tmp_path),
+          "--shape", ",".join(map(str, SHAPE)), "--workers", "0",
+          "--config.data.shard_size=2", "--config.data.min_shards=2"]
+  result = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT.format(limit=limit, root=ROOT),
+                           *args], capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  (message,) = [line for line in result.stderr.splitlines() if "error:" in line]
+  assert message.startswith(f"launch.py convert: error: cannot write {tmp_path}{os.sep}")
+  assert ": File too large; the shards finished before are kept" in message
+  assert os.listdir(tmp_path / convert.STATE_DIR / "tmp") == []
+  assert shard_stamps(tmp_path)                                   # some finished before
+  for name in shard_stamps(tmp_path):                             # what is there is complete
+    marker = json.loads((tmp_path / convert.STATE_DIR / f"{name}.json").read_text())
+    assert marker["num_bytes"] == sizes[name] == os.path.getsize(tmp_path / name)
+  run_convert(phantom_root, tmp_path, workers=0)
+  assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+def test_the_summary_counts_every_csv_row(phantom_root, tmp_path):
+  root = tmp_path / "corpus"
+  shutil.copytree(phantom_root, root)
+  add_rows(root, ['CT1/ct/gone.nii.gz,"a "stray" quote",', 'CT1/ct/gone.nii.gz,"r",x,extra'])
+  report = run_convert(root, tmp_path / "out")
+  assert report["csv_rows"] == 16 == report["num_converted"] + report["num_skipped"]
+  assert [s["reason"].split(":")[0] for s in report["skipped"]] == ["line 16", "line 17"]
+  assert "converted 14 of 16 CSV rows" in convert.format_summary(report)
+
+
+@pytest.mark.parametrize("field,value", [("max_volume_mib", 0.0), ("study_timeout_s", -1.0),
+                                         ("max_field_chars", 0)])
+def test_limits_must_be_positive(phantom_root, tmp_path, field, value):
+  with pytest.raises(corpus.CorpusError, match=f"data.{field}="):
+    run_convert(phantom_root, tmp_path, **{field: value})

@@ -167,3 +167,113 @@ def test_unusable_corpora_are_one_clear_error(tmp_path, setup, message):
     make_corpus(root, {"path": ["a.nii.gz"], "report": ["r"]})
   with pytest.raises(corpus.CorpusError, match=message.replace("*", r"\*")):
     corpus.read_corpus(data_config(root))
+
+
+# --- Every CSV line accounted for -----------------------------------------------------------------
+
+def write_csv_lines(root, lines, files):
+  """A corpus whose CSV is exactly `lines` (the header first), with empty volume files."""
+  make_corpus(root, {"path": [], "Report_en": []}, files=files)
+  (root / "meta" / "curated_ct_report_path_En.csv").write_text("\n".join(lines) + "\n")
+
+
+def twenty_rows(quoted=True):
+  files = [f"CT{1 + i % 3}/ct/s{i}.nii.gz" for i in range(20)]
+  report = '"report {i}, normal"' if quoted else "report {i} normal"
+  return files, ["path,Report_en,findings"] + [f"{f},{report.format(i=i)},x" for i, f in
+                                               enumerate(files)]
+
+
+@pytest.mark.parametrize("case", ["stray_quote", "unclosed_quote", "swallow_closed_later"])
+def test_a_bad_quote_skips_its_line_and_the_following_rows_are_read(tmp_path, case):
+  files, lines = twenty_rows(quoted=case != "swallow_closed_later")
+  if case == "stray_quote":           # csv error on the line itself
+    lines[7] = 'CT2/ct/s6.nii.gz,"report 6 with a "stray" quote",x'
+  elif case == "unclosed_quote":      # the field runs into the next line, then fails
+    lines[7] = 'CT2/ct/s6.nii.gz,"report 6 never closed,x'
+  else:                               # parses cleanly as one record of 15 lines
+    lines[7] = 'CT2/ct/s6.nii.gz,"report 6 never closed,x'
+    lines.append('CT2/ct/s20.nii.gz,report 20",x')
+    files.append("CT2/ct/s20.nii.gz")
+  write_csv_lines(tmp_path, lines, files)
+  result = corpus.read_corpus(data_config(tmp_path))
+  assert result.num_rows == len(lines) - 1 == len(result.studies) + len(result.skipped)
+  (skipped,) = [s for s in result.skipped if s.row == 7]
+  assert skipped.reason.startswith("line 8: ") and "fix the quoting" in skipped.reason
+  assert "unbalanced quote" in skipped.reason or case == "stray_quote"
+  assert ("swallows the next lines (line 9 and on are rows of their own)" in skipped.reason) == (
+      case == "swallow_closed_later")
+  assert skipped.path == "CT2/ct/s6.nii.gz"
+  reports = {s.study_id: s.report for s in result.studies}
+  assert reports["s7"] == "report 7, normal" if case != "swallow_closed_later" else \
+      reports["s7"] == "report 7 normal"
+  assert len(reports) == len(lines) - 1 - len(result.skipped)
+
+
+def test_quoted_multi_line_reports_are_one_row(tmp_path):
+  files = ["CT1/ct/a.nii.gz", "CT2/ct/b.nii.gz", "CT3/ct/c.nii.gz"]
+  text = ('path,Report_en,findings\r\n'
+          'CT1/ct/a.nii.gz,"Findings:\r\n- nodule, 4 mm, ""stable""\r\n\r\nImpression: benign",x\r\n'
+          'CT2/ct/b.nii.gz,"one line",y\r\n'
+          'CT3/ct/c.nii.gz,"ends with a line\nthat has, commas, too",z\r\n')
+  make_corpus(tmp_path, {"path": [], "Report_en": []}, files=files)
+  (tmp_path / "meta" / "curated_ct_report_path_En.csv").write_bytes(text.encode())
+  result = corpus.read_corpus(data_config(tmp_path))
+  assert result.skipped == [] and result.num_rows == 3
+  assert [s.report for s in result.studies] == [
+      'Findings:\r\n- nodule, 4 mm, "stable"\r\n\r\nImpression: benign', "one line",
+      "ends with a line\nthat has, commas, too"]
+
+
+def test_records_with_the_wrong_field_count_are_skipped_with_their_line(tmp_path):
+  files, lines = twenty_rows()
+  lines[3] = 'CT3/ct/s2.nii.gz,"report 2"'
+  lines[5] = 'CT2/ct/s4.nii.gz,"report 4",x,extra'
+  lines.insert(9, "")                   # a blank line is not a row
+  write_csv_lines(tmp_path, lines, files)
+  result = corpus.read_corpus(data_config(tmp_path))
+  assert result.num_rows == 20 and len(result.studies) == 18
+  assert [(s.row, s.path, s.reason) for s in result.skipped] == [
+      (3, "CT3/ct/s2.nii.gz", "line 4: 2 fields, the header has 3 (path, Report_en, findings); "
+                              "fix the row"),
+      (5, "CT2/ct/s4.nii.gz", "line 6: 4 fields, the header has 3 (path, Report_en, findings); "
+                              "fix the row")]
+
+
+def test_long_reports_are_read_and_absurd_fields_are_skipped(tmp_path):
+  files = ["CT1/ct/a.nii.gz", "CT2/ct/b.nii.gz", "CT3/ct/c.nii.gz"]
+  long, absurd = "x" * 200_000, "y" * 1_000_001      # csv's default limit is 131072
+  make_corpus(tmp_path, {"path": ["a.nii.gz", "b.nii.gz", "c.nii.gz"],
+                         "Report_en": [long, absurd, "short"]}, files=files)
+  result = corpus.read_corpus(data_config(tmp_path))
+  assert [(s.study_id, len(s.report)) for s in result.studies] == [("a", 200_000), ("c", 5)]
+  (skipped,) = result.skipped
+  assert skipped.row == 2 and skipped.path == "b.nii.gz"
+  assert skipped.reason == ("line 3: column 'Report_en' holds 1000001 characters, over "
+                            "data.max_field_chars=1000000; raise --config.data.max_field_chars "
+                            "to keep the row")
+  lower = corpus.read_corpus(data_config(tmp_path, max_field_chars=10))
+  assert [s.study_id for s in lower.studies] == ["c"] and lower.num_rows == 3
+
+
+@pytest.mark.timeout(30)
+def test_special_files_named_like_volumes_are_refused(tmp_path):
+  make_corpus(tmp_path, {"path": ["pipe.nii.gz", "dir.nii.gz", "dangling.nii.gz", "twice.nii.gz"],
+                         "Report_en": ["r"] * 4}, files=["CT2/ct/twice.nii.gz"])
+  os.mkfifo(tmp_path / "CT1" / "ct" / "pipe.nii.gz")
+  os.mkdir(tmp_path / "CT1" / "ct" / "dir.nii.gz")
+  os.symlink(tmp_path / "nowhere.nii.gz", tmp_path / "CT1" / "ct" / "dangling.nii.gz")
+  os.mkfifo(tmp_path / "CT1" / "ct" / "twice.nii.gz")   # a regular file of that name wins
+  result = corpus.read_corpus(data_config(tmp_path))
+  assert [s.source_path for s in result.studies] == ["CT2/ct/twice.nii.gz"]
+  assert [s.reason for s in result.skipped] == [
+      "CT1/ct/pipe.nii.gz is a named pipe (FIFO), not a regular file; refused",
+      "CT1/ct/dir.nii.gz is a directory, not a regular file; refused",
+      "CT1/ct/dangling.nii.gz is missing (a broken symbolic link?), not a regular file; refused"]
+
+
+def test_an_undecodable_path_is_reported_as_text_a_report_file_can_hold(tmp_path):
+  make_corpus(tmp_path, {"path": ["caf\xe9.nii.gz"], "Report_en": ["r"]}, encoding="latin-1")
+  (skipped,) = corpus.read_corpus(data_config(tmp_path)).skipped
+  assert skipped.path == "caf\ufffd.nii.gz" and "byte 0xE9" in skipped.reason
+  skipped.path.encode("utf-8")

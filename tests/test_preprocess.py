@@ -2,6 +2,9 @@
 
 import gzip
 import os
+import subprocess
+import sys
+import tracemalloc
 
 import nibabel as nib
 import numpy as np
@@ -216,3 +219,210 @@ def test_a_2d_image_or_a_missing_file_is_not_a_volume(tmp_path):
     preprocess.volume_from_file(str(path), schema.PreprocessParams(shape=(16, 16, 8)))
   with pytest.raises(preprocess.BadVolume, match=r"absent.nii.gz: no such volume file"):
     preprocess.volume_from_file(str(tmp_path / "absent.nii.gz"), schema.PreprocessParams())
+
+
+# --- Reading safely: header checks before decoding, memory, special files -----------------------
+
+def header_only_file(path, shape, dtype=np.int16, **fields):
+  """A .nii.gz of a NIfTI header declaring `shape` and no voxels at all (a "header bomb")."""
+  header = nib.Nifti1Header()
+  header.set_data_shape(shape)
+  header.set_data_dtype(dtype)
+  header["vox_offset"], header["magic"] = 352, b"n+1"
+  for name, value in fields.items():
+    header[name] = value
+  path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+  return str(path)
+
+
+# Peak RSS from /proc (VmHWM, this process image's high-water mark): getrusage's ru_maxrss keeps
+# the forking parent's peak across exec, so under pytest it reports pytest's own size.
+BOMB_SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from data_prep import preprocess
+start = time.time()
+for path in sys.argv[1:]:
+  try:
+    preprocess.load_source(path, max_volume_mib=2048)
+    print("loaded", path)
+  except preprocess.BadVolume as err:
+    print("skip", err)
+print("seconds", time.time() - start)
+with open("/proc/self/status") as status:
+  peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print("peak_mib", peak_kib / 1024)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_a_header_bomb_is_refused_before_anything_is_decoded(tmp_path):
+  # 3000x3000x1000 int16 is 17166 MiB: the old reader allocated all of it for a 57-byte file.
+  # The second declares 1500 MiB (under the limit) and holds nothing: it must fail without
+  # touching those 1500 MiB.
+  over = header_only_file(tmp_path / "over.nii.gz", (3000, 3000, 1000))
+  under = header_only_file(tmp_path / "under.nii.gz", (1000, 1000, 786))
+  assert os.path.getsize(over) < 100
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", BOMB_SCRIPT.format(root=root), over, under],
+                          capture_output=True, text=True, timeout=120, check=True)
+  lines = result.stdout.splitlines()
+  assert lines[0] == ("skip declares 3000x3000x1000 int16 voxels (17166 MiB), over "
+                      "data.max_volume_mib=2048; raise --config.data.max_volume_mib to convert it")
+  assert lines[1].startswith("skip file is truncated or corrupt (the header declares "
+                             "1572000000 bytes")
+  assert float(lines[2].split()[1]) < 10
+  peak_mib = float(lines[3].split()[1])
+  assert peak_mib < 400, result.stdout         # python + numpy + nibabel: about 100 MiB
+
+
+def test_the_size_limit_counts_every_declared_voxel_byte(tmp_path):
+  path = save(tmp_path / "v.nii.gz", np.zeros((64, 64, 32), np.float32), np.eye(4))   # 0.5 MiB
+  assert preprocess.load_source(path, max_volume_mib=0.5).raw.shape == (64, 64, 32)
+  with pytest.raises(preprocess.VolumeTooLarge, match=r"64x64x32 float32 voxels \(0.50 MiB\), "
+                     r"over data.max_volume_mib=0.4;"):
+    preprocess.load_source(path, max_volume_mib=0.4)
+
+
+def test_loading_and_preprocessing_allocate_a_small_multiple_of_the_volume(tmp_path, monkeypatch):
+  hu = np.full((384, 384, 96), -1000, np.int16)
+  hu[20:330, 30:320, 5:90] = 40
+  hu[::7, ::5, ::3] = 900
+  path = save(tmp_path / "big.nii.gz", hu, np.diag([-0.7, -0.7, 1.2, 1.0]))   # 27 MiB of voxels
+  monkeypatch.setattr(preprocess, "READ_CHUNK", 1 << 20)
+  for mode in ("ct", "released"):
+    tracemalloc.start()
+    try:
+      source = preprocess.load_source(path)
+      load_peak = tracemalloc.get_traced_memory()[1]
+      tracemalloc.reset_peak()
+      before = tracemalloc.get_traced_memory()[0]
+      preprocess.preprocess(source, params(mode=mode, shape=(64, 64, 32),
+                                           spacing=(1.5, 1.5, 3.0) if mode == "ct" else ()))
+      extra = tracemalloc.get_traced_memory()[1] - before
+    finally:
+      tracemalloc.stop()
+    # nibabel's read of a .nii.gz held 2x, a whole-volume mask and a copy of the crop (here the
+    # whole volume) cost 1.5x more; what is left is the first resample pass (float32, reduced)
+    assert load_peak < 1.25 * hu.nbytes, (mode, load_peak / hu.nbytes)
+    assert extra < 0.75 * hu.nbytes, (mode, extra / hu.nbytes)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", ">f4", "<f8", "|u1"])
+def test_voxels_read_in_chunks_equal_nibabels_reading(tmp_path, monkeypatch, suffix, dtype):
+  monkeypatch.setattr(preprocess, "READ_CHUNK", 1000)    # many chunks, some splitting a voxel
+  data = np.random.default_rng(6).integers(0, 200, size=(13, 11, 7, 1)).astype(dtype)
+  image = nib.Nifti1Image(data, np.diag([0.8, 0.9, 2.5, 1.0]))
+  image.header.set_data_dtype(dtype)
+  path = str(tmp_path / f"v{suffix}")
+  nib.save(image, path)
+  source = preprocess.load_source(path)
+  expected = np.asanyarray(nib.load(path).dataobj.get_unscaled())[..., 0]
+  assert source.raw.dtype.isnative and source.raw.dtype == np.dtype(dtype).newbyteorder("=")
+  np.testing.assert_array_equal(source.raw, expected)
+
+
+@pytest.mark.parametrize("shape,fields,reason", [
+    ((1, 1, 1), {}, "expected at least 2 voxels along each axis of a 3D volume, found shape "
+                    "(1, 1, 1)"),
+    ((64, 64, 1), {}, "found shape (64, 64, 1)"),
+    ((8, 8, 8), {"pixdim": [1, 0, 0, 0, 1, 0, 0, 0], "qform_code": 0, "sform_code": 0},
+     "voxel size unknown: header pixdim[1:4]=(0, 0, 0) is not positive and there is no "
+     "sform (qform_code=0, sform_code=0)"),
+    ((8, 8, 8), {"pixdim": [1, -0.7, 0.7, 2, 1, 0, 0, 0], "qform_code": 0, "sform_code": 0},
+     "pixdim[1:4]=(-0.7, 0.7, 2)"),
+    ((8, 8, 8), {"pixdim": [1, 0.7, 0.7, 0, 1, 0, 0, 0], "qform_code": 1, "sform_code": 0},
+     "(qform_code=1, sform_code=0)"),
+    ((8, 8, 8), {"vox_offset": 3e9}, "header: vox_offset=3e+09"),
+])
+def test_bad_headers_are_refused_with_the_fields_named(tmp_path, shape, fields, reason):
+  path = header_only_file(tmp_path / "h.nii.gz", shape, **fields)   # no voxels: never read
+  with pytest.raises(preprocess.BadVolume) as err:
+    preprocess.load_source(path)
+  assert reason in str(err.value)
+
+
+def test_a_pixdim_is_not_needed_when_the_sform_gives_the_geometry(tmp_path):
+  image = nib.Nifti1Image(np.full((8, 8, 8), 40, np.int16), np.diag([0.7, 0.7, 2.0, 1.0]))
+  image.header["pixdim"][1:4] = 0
+  nib.save(image, str(tmp_path / "s.nii.gz"))
+  source = preprocess.load_source(str(tmp_path / "s.nii.gz"))
+  np.testing.assert_allclose(source.spacing, (0.7, 0.7, 2.0))
+
+
+def test_a_complex_volume_is_refused_from_its_header(tmp_path):
+  path = header_only_file(tmp_path / "c.nii.gz", (64, 64, 64), dtype=np.complex64)
+  with pytest.raises(preprocess.BadVolume, match="unsupported voxel type complex64"):
+    preprocess.load_source(path)
+
+
+def test_a_constant_volume_is_a_skip_under_the_released_preprocessing(tmp_path):
+  source = preprocess.load_source(save_scaled(tmp_path / "k.nii.gz", np.full((8, 8, 8), 40.0),
+                                              (1.0, 1.0, 1.0)))
+  with pytest.raises(preprocess.BadVolume, match=r"constant volume \(every voxel = 40\): "
+                                                 r"nothing to scale"):
+    preprocess.preprocess(source, params(mode="released", shape=(8, 8, 8)))
+  assert preprocess.preprocess(source, params(shape=(8, 8, 8)))[0].max() > 0    # ct: a body
+
+
+@pytest.mark.timeout(30)
+def test_a_named_pipe_is_not_opened(tmp_path):
+  os.mkfifo(tmp_path / "pipe.nii.gz")
+  with pytest.raises(preprocess.BadVolume, match=r"not a regular file \(a named pipe \(FIFO\)\)"):
+    preprocess.load_source(str(tmp_path / "pipe.nii.gz"))
+
+
+def test_out_of_memory_is_not_a_bad_volume(tmp_path, monkeypatch):
+  path = save(tmp_path / "v.nii.gz", np.zeros((8, 8, 8), np.int16), np.eye(4))
+
+  def no_memory(*args, **kwargs):
+    raise MemoryError("Unable to allocate 17.6 GiB")
+
+  monkeypatch.setattr(nib, "load", no_memory)
+  with pytest.raises(MemoryError):
+    preprocess.load_source(path)
+
+
+def raw_nifti(path, data, **fields):
+  """A .nii.gz of `data` with header `fields` exactly as given (nib.save would rewrite them)."""
+  header = nib.Nifti1Header()
+  header.set_data_shape(data.shape)
+  header.set_data_dtype(data.dtype)
+  header["vox_offset"], header["magic"] = 352, b"n+1"
+  for name, value in fields.items():
+    header[name] = value
+  path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + data.tobytes(order="F")))
+  return str(path)
+
+
+@pytest.mark.parametrize("make,reason", [
+    ("degenerate_sform", "its voxel axes do not point in three distinct directions"),
+    ("huge_pixdim", "implausible voxel size (3e+30, 1, 1) mm; expected 0.001 to 1000 mm"),
+    ("huge_values", "intensities out of range: stored values up to 9e+34"),
+    ("huge_slope", "stored values up to 32768 (int16's range), with scl_slope=1e+28"),
+])
+def test_geometry_and_intensities_that_float32_cannot_carry_are_refused(tmp_path, make, reason):
+  # found by tests/test_fuzz_readers.py: these crashed the reorientation or became NaN voxels
+  data = np.full((8, 8, 8), 40, np.int16)
+  data[2:6, 2:6, 2:6] = 900
+  fields = {"pixdim": [1, 0.7, 0.7, 2, 1, 1, 1, 1], "qform_code": 0, "sform_code": 0}
+  if make == "degenerate_sform":     # two voxel axes along the same direction
+    fields.update(sform_code=1, srow_x=[1, 1, 0, 0], srow_y=[0, 0, 0, 0], srow_z=[0, 0, 2, 0])
+  elif make == "huge_pixdim":
+    fields["pixdim"] = [1, 3e30, 1, 1, 1, 1, 1, 1]
+  elif make == "huge_values":
+    data = data.astype(np.float32) * np.float32(1e32)
+  else:
+    fields.update(scl_slope=1e28, scl_inter=0)
+  path = raw_nifti(tmp_path / "v.nii.gz", data, **fields)
+  with pytest.raises(preprocess.BadVolume) as err:
+    preprocess.load_source(path)
+  assert reason in str(err.value)
+
+
+def test_a_range_too_narrow_to_scale_is_a_skip_under_the_released_preprocessing():
+  raw = np.zeros((8, 8, 8), np.float32)
+  raw[2:5, 2:5, 2:5] = 1e-35
+  with pytest.raises(preprocess.BadVolume, match="intensity range 0..1e-35 is too narrow"):
+    preprocess.released_transform(raw, (8, 8, 8))
