@@ -269,13 +269,14 @@ def _checked_source(raw, slope, inter, affine):
   return SourceVolume(raw=raw, slope=slope, inter=inter, affine=affine)
 
 
-def volume_from_file(path, params):
+def volume_from_file(path, params, max_volume_mib=None):
   """A NIfTI file -> its record volume (params.shape, params.volume_dtype), exactly as conversion
-  makes it. BadVolume naming the file when it cannot be used (missing, not a 3D CT volume)."""
+  makes it. BadVolume naming the file when it cannot be used (missing, not a 3D CT volume, or
+  declaring more than `max_volume_mib` of voxels: config data.max_volume_mib)."""
   if not os.path.isfile(path):
     raise BadVolume(f"{path}: no such volume file")
   try:
-    return preprocess(load_source(path), params)[0]
+    return preprocess(load_source(path, max_volume_mib), params)[0]
   except BadVolume as err:
     raise BadVolume(f"{path}: {err}") from None
 

@@ -112,7 +112,8 @@ def _embed_volume_folder(config, model_path, directory, log):
   loaded = loading.load_model(model_path, config, spec=spec, mesh=mesh)
   eval_command.log_notes(loaded.notes, log)
   paths = [os.path.join(directory, f) for f in files]
-  image, ok, reasons = _embed_files(loaded, paths, mesh, int(config.eval.batch_size_per_device))
+  image, ok, reasons = _embed_files(loaded, paths, mesh, int(config.eval.batch_size_per_device),
+                                    config.data.get("max_volume_mib"))
   skipped = [(files[i], reasons[i]) for i in np.flatnonzero(~ok)]
   if not ok.any():
     raise EmbedError(f"--volumes {directory}: none of the {len(files)} files could be used; "
@@ -135,7 +136,7 @@ def _embed_volume_folder(config, model_path, directory, log):
   return embeddings, record, skipped
 
 
-def _embed_files(loaded, paths, mesh, batch_size_per_device):
+def _embed_files(loaded, paths, mesh, batch_size_per_device, max_volume_mib=None):
   """Image embeddings of NIfTI files: (N, D) float32, ok (N,) bool, reasons (N,) str.
 
   Each process preprocesses only its own rows of each global batch; unreadable files become
@@ -152,7 +153,7 @@ def _embed_files(loaded, paths, mesh, batch_size_per_device):
     why = [""] * local_rows
     for row, path in enumerate(mine):
       try:
-        volumes[row] = preprocess.volume_from_file(path, params)
+        volumes[row] = preprocess.volume_from_file(path, params, max_volume_mib)
         status[row] = True
       except preprocess.BadVolume as err:
         why[row] = str(err).removeprefix(f"{path}: ")

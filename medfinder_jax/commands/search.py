@@ -37,7 +37,7 @@ def run(config, index_dir, *, text=None, keyword=None, volume=None, top_k=None,
   index = index_lib.load_index(index_dir)
   if kind == "volume":   # read before the model loads: a bad file fails fast
     params = index_preprocessing(index)
-    stored = preprocess.volume_from_file(value, params)
+    stored = preprocess.volume_from_file(value, params, config.data.get("max_volume_mib"))
   mesh = sharding.single_device_mesh()
   loaded = load_index_model(index, config, model_path, mesh)
   if kind == "volume":
