@@ -23,9 +23,11 @@ rewarded here; the rule is `ties`:
   "best": 1 + greater (an optimistic bound); "worst": 1 + greater + tied (a pessimistic one).
 Every result records how many queries had a tie, and the table warns when any had one.
 
-S is never materialized: query rows are processed in chunks (chunk × N scores at a time), and the
-chunks can be spread over a device mesh (rows sharded, gallery replicated). Results do not depend
-on the chunking or the mesh except through float rounding of the matmul itself.
+One pass, S never materialized: S is visited in square tiles (BLOCK_SIZE² scores at a time);
+t2i counts by the rows and i2t by the columns of the same tiles, so each score is computed once,
+and the paired scores are read from the same kind of tile (bit-identical to their rows and
+columns). Tile rows can be spread over a device mesh (gallery replicated). Results do not depend
+on the tiling or the mesh except through float rounding of the matmul itself.
 
 Keyword retrieval: P@K of keyword queries against the image gallery, relevance labels from
 findings.keyword_relevance, which does not count negated mentions.
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from medfinder_jax import bootstrap
 from medfinder_jax import errors
 from medfinder_jax import findings
 
@@ -51,7 +54,7 @@ RECALL_KS = (1, 5, 10)
 PRECISION_KS = (20, 50, 100)
 DIRECTIONS = ("t2i", "i2t")
 TIE_RULES = ("mid", "best", "worst")
-BLOCK_ELEMENTS = 1 << 24   # similarity entries held per chunk by default (64 MiB of float32)
+BLOCK_SIZE = 1024   # rows and columns of one score tile by default (4 MiB of float32)
 
 
 class DirectionRanks(NamedTuple):
@@ -83,29 +86,54 @@ def l2_normalize(x, eps=1e-12):
   return x / jnp.maximum(norm, eps)
 
 
-def default_chunk_size(n):
-  """Query rows per chunk so that one chunk of scores holds about BLOCK_ELEMENTS floats."""
-  return int(max(8, min(4096, BLOCK_ELEMENTS // max(n, 1))) // 8 * 8)
+def default_block_size(n):
+  """Rows (and columns) of one score tile: BLOCK_SIZE, or N rounded up to 8 when smaller."""
+  return int(min(BLOCK_SIZE, math.ceil(max(n, 1) / 8) * 8))
 
 
-def _block_counts(queries, gallery, pair_cols):
-  """Scores one chunk of queries against the whole gallery and counts, per query row,
-  the gallery items scoring strictly more than / exactly as much as its paired item
-  (column `pair_cols[r]`; the pair itself is not counted as equal)."""
-  scores = jnp.matmul(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)   # (chunk, N)
-  # The paired score is read from the same matmul output, so it compares exactly with its row.
-  paired = jnp.take_along_axis(scores, pair_cols[:, None], axis=1)
-  greater = jnp.sum(scores > paired, axis=1, dtype=jnp.int32)
-  equal = jnp.sum(scores == paired, axis=1, dtype=jnp.int32) - 1
-  return greater, equal
+def _scores(queries, gallery):
+  """One tile of the score matrix. Every score, the paired ones included, comes from this one
+  function on equal-shaped blocks, so a paired score compares exactly with its row and column."""
+  return jnp.matmul(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def _local_counts(queries, gallery, pair_cols, chunk_size):
-  """_block_counts over consecutive chunks of the (local) query rows, one chunk in memory."""
-  dim = queries.shape[-1]
-  chunks = (queries.reshape(-1, chunk_size, dim), pair_cols.reshape(-1, chunk_size))
-  greater, equal = jax.lax.map(lambda c: _block_counts(c[0], gallery, c[1]), chunks)
-  return greater.reshape(-1), equal.reshape(-1)
+def _diagonal(text_blocks, image_blocks):
+  """(blocks, b) paired scores S_ii, read from the diagonal tiles (one tile per block row)."""
+  eye = jnp.eye(text_blocks.shape[1], dtype=bool)
+  return jax.lax.map(lambda x: jnp.sum(jnp.where(eye, _scores(x[0], x[1]), 0.0), axis=1),
+                     (text_blocks, image_blocks))
+
+
+def _tile_counts(tile, row_paired, col_paired, row_valid, col_valid):
+  """Counts of one tile: for each row (t2i query) the valid columns scoring > / == its paired
+  score, and for each column (i2t query) the valid rows scoring > / == its paired score."""
+  rows_greater = jnp.sum((tile > row_paired[:, None]) & col_valid[None, :], axis=1, dtype=jnp.int32)
+  rows_equal = jnp.sum((tile == row_paired[:, None]) & col_valid[None, :], axis=1, dtype=jnp.int32)
+  cols_greater = jnp.sum((tile > col_paired[None, :]) & row_valid[:, None], axis=0, dtype=jnp.int32)
+  cols_equal = jnp.sum((tile == col_paired[None, :]) & row_valid[:, None], axis=0, dtype=jnp.int32)
+  return rows_greater, rows_equal, cols_greater, cols_equal
+
+
+def _grid_counts(text_blocks, row_paired, row_valid, image_blocks, col_paired, col_valid):
+  """Both directions' counts over the tiles (text block r) x (every image block c), one tile in
+  memory at a time. Returns row counts (r, b) for these text blocks and column counts (c, b)
+  summed over them."""
+
+  def row_of_tiles(col_totals, row):
+    text, paired, valid = row
+
+    def tile_step(row_totals, col):
+      image, c_paired, c_valid = col
+      rg, re, cg, ce = _tile_counts(_scores(text, image), paired, c_paired, valid, c_valid)
+      return (row_totals[0] + rg, row_totals[1] + re), (cg, ce)
+
+    zeros = jnp.zeros(text.shape[0], jnp.int32)
+    rows, cols = jax.lax.scan(tile_step, (zeros, zeros), (image_blocks, col_paired, col_valid))
+    return (col_totals[0] + cols[0], col_totals[1] + cols[1]), rows
+
+  zeros = jnp.zeros(col_paired.shape, jnp.int32)
+  cols, rows = jax.lax.scan(row_of_tiles, (zeros, zeros), (text_blocks, row_paired, row_valid))
+  return rows, cols
 
 
 def _place(x, mesh, spec):
@@ -116,34 +144,60 @@ def _place(x, mesh, spec):
   return jax.lax.with_sharding_constraint(x, sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "mesh"))
-def rank_counts(queries, gallery, chunk_size=None, mesh=None):
-  """Counts for paired rows (query i <-> gallery i), without forming the N×N score matrix.
+def _sharded_grid_counts(mesh):
+  """_grid_counts with the text blocks spread over every device of `mesh` (image blocks
+  replicated); each device's column counts are summed over the mesh."""
+  axes = tuple(mesh.axis_names)
+  rows = P(axes)
 
-  queries, gallery: (N, D) float, compared by dot product as given (normalize first for cosine).
-  chunk_size: query rows scored at once (per device); None = default_chunk_size(N).
-  mesh: optional jax.sharding.Mesh; query rows are sharded over all of its axes, the gallery is
-    replicated. Any N works: rows are padded to a multiple of chunk_size × devices and dropped.
-  Returns (greater, equal), int32 (N,): how many gallery items score > / == the paired item
-  (the pair itself excluded).
+  def local(text_blocks, row_paired, row_valid, image_blocks, col_paired, col_valid):
+    row_counts, col_counts = _grid_counts(text_blocks, row_paired, row_valid, image_blocks,
+                                          col_paired, col_valid)
+    return row_counts, jax.tree.map(lambda x: jax.lax.psum(x, axes), col_counts)
+
+  # check_vma=False: the scans' zero-initialized carries start replicated and become per-device.
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P(), P(), P()),
+                       out_specs=(rows, P()), check_vma=False)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "mesh"))
+def rank_counts(text, image, block_size=None, mesh=None):
+  """Both directions' counts for paired rows (text i <-> image i) in one pass over S = T·Iᵀ.
+
+  S is visited tile by tile (block_size x block_size scores at a time, never N x N): t2i counts
+  by rows, i2t by columns of the same tiles, so each score is computed once. text, image: (N, D)
+  float, compared by dot product as given (normalize first for cosine).
+  block_size: rows/columns per tile; None = default_block_size(N).
+  mesh: optional jax.sharding.Mesh; block rows are spread over all of its devices. Any N works:
+    rows are padded to whole tiles, and padding never counts.
+  Returns {"t2i": (greater, equal), "i2t": (greater, equal)}, each int32 (N,): how many gallery
+  items score > / == the paired item (the pair itself excluded).
   """
-  n = queries.shape[0]
-  shards = 1 if mesh is None else mesh.size
-  chunk = min(chunk_size or default_chunk_size(n), math.ceil(n / shards))
-  padded = math.ceil(n / (chunk * shards)) * chunk * shards
-  queries = jnp.pad(jnp.asarray(queries, jnp.float32), ((0, padded - n), (0, 0)))
-  gallery = jnp.asarray(gallery, jnp.float32)
-  pair_cols = jnp.minimum(jnp.arange(padded, dtype=jnp.int32), n - 1)   # padding rows: discarded
-  count = functools.partial(_local_counts, chunk_size=chunk)
+  n = text.shape[0]
+  devices = 1 if mesh is None else mesh.size
+  block = block_size or default_block_size(n)
+  col_blocks = math.ceil(n / block)
+  row_blocks = math.ceil(col_blocks / devices) * devices
+  blocks = lambda x, count: jnp.pad(jnp.asarray(x, jnp.float32), (  # noqa: E731
+      (0, count * block - n), (0, 0))).reshape(count, block, -1)
+  text_blocks, image_blocks = blocks(text, row_blocks), blocks(image, col_blocks)
+  valid = jnp.arange(row_blocks * block).reshape(row_blocks, block) < n
+  paired = _diagonal(text_blocks[:col_blocks], image_blocks)
+  row_paired = jnp.pad(paired, ((0, row_blocks - col_blocks), (0, 0)))
+  count = _grid_counts
   if mesh is not None:
-    rows = P(tuple(mesh.axis_names))
-    queries, pair_cols = (_place(x, mesh, rows) for x in (queries, pair_cols))
-    gallery = _place(gallery, mesh, P())
-    count = jax.shard_map(count, mesh=mesh, in_specs=(rows, P(), rows), out_specs=(rows, rows))
-  greater, equal = count(queries, gallery, pair_cols)
+    text_blocks, row_paired, valid_rows = (_place(x, mesh, P(tuple(mesh.axis_names)))
+                                           for x in (text_blocks, row_paired, valid))
+    count = _sharded_grid_counts(mesh)
+  else:
+    valid_rows = valid
+  (rows_greater, rows_equal), (cols_greater, cols_equal) = count(
+      text_blocks, row_paired, valid_rows, image_blocks, paired, valid[:col_blocks])
+  flat = lambda x: x.reshape(-1)[:n]   # noqa: E731
   if mesh is not None:   # gather the (N,) counts before dropping the padding rows
-    greater, equal = (_place(x, mesh, P()) for x in (greater, equal))
-  return greater[:n], equal[:n]
+    rows_greater, rows_equal = (_place(x, mesh, P()) for x in (rows_greater, rows_equal))
+  return {"t2i": (flat(rows_greater), flat(rows_equal) - 1),
+          "i2t": (flat(cols_greater), flat(cols_equal) - 1)}
 
 
 def similarity_ranks(similarity, ties="mid"):
@@ -215,24 +269,19 @@ def _check_pairs(text_embeddings, image_embeddings):
                      f"got text {text} and image {image}")
 
 
-def direction_ranks(queries, gallery, *, ties="mid", chunk_size=None, mesh=None):
-  """DirectionRanks of one direction from (already normalized) paired query/gallery rows."""
-  _check_ties(ties)
-  greater, equal = (np.asarray(a, np.int64) for a in
-                    rank_counts(queries, gallery, chunk_size=chunk_size, mesh=mesh))
-  return DirectionRanks(greater=greater, tied=equal, rule=ties)
-
-
-def paired_ranks(text_embeddings, image_embeddings, *, ties="mid", chunk_size=None, mesh=None):
+def paired_ranks(text_embeddings, image_embeddings, *, ties="mid", block_size=None, mesh=None):
   """{"t2i": DirectionRanks, "i2t": DirectionRanks} for paired (N, D) text/image embeddings.
 
-  Both are L2-normalized first; t2i ranks images for each text (S), i2t texts for each image (Sᵀ).
+  Both are L2-normalized first; t2i ranks images for each text (rows of S), i2t texts for each
+  image (columns of S), both from one pass over S (rank_counts).
   """
+  _check_ties(ties)
   _check_pairs(text_embeddings, image_embeddings)
-  text, image = l2_normalize(text_embeddings), l2_normalize(image_embeddings)
-  options = dict(ties=ties, chunk_size=chunk_size, mesh=mesh)
-  return {"t2i": direction_ranks(text, image, **options),
-          "i2t": direction_ranks(image, text, **options)}
+  counts = rank_counts(l2_normalize(text_embeddings), l2_normalize(image_embeddings),
+                       block_size=block_size, mesh=mesh)
+  return {d: DirectionRanks(greater=np.asarray(counts[d][0], np.int64),
+                            tied=np.asarray(counts[d][1], np.int64), rule=ties)
+          for d in DIRECTIONS}
 
 
 # --- Summaries ------------------------------------------------------------------------------------
@@ -254,36 +303,11 @@ def chance_levels(n, ks=RECALL_KS):
   return chance
 
 
-def _resample_counts(key, n):
-  """How many times each of n items is drawn in one bootstrap resample of size n (float32)."""
-  draws = jax.random.randint(key, (n,), 0, n)
-  return jnp.zeros((n,), jnp.float32).at[draws].add(1.0)
-
-
 def _order_statistic(sorted_values, cumulative_counts, m):
   """The m-th smallest (1-based) value of a multiset given as sorted values + cumulative counts
   (along the last axis): the first position whose cumulative count reaches m."""
   position = jnp.sum(cumulative_counts < m, axis=-1, keepdims=True)
   return jnp.take_along_axis(sorted_values, position, axis=-1)[..., 0]
-
-
-BOOTSTRAP_BATCH = 32   # replicates computed per device call (memory: ~4 x BATCH x M x N floats)
-
-
-def _replicate_keys(seed, num_samples):
-  """Per-batch key arrays: batch b gets split(fold_in(key(seed), b)). Replicate j is the same
-  whatever num_samples is (fewer samples = a prefix), and shapes stay fixed, so nothing
-  recompiles when num_samples changes."""
-  base = jax.random.key(seed)
-  for b in range(math.ceil(num_samples / BOOTSTRAP_BATCH)):
-    yield jax.random.split(jax.random.fold_in(base, b), BOOTSTRAP_BATCH)
-
-
-def _run_replicates(kernel, seed, num_samples, *args):
-  """Concatenated {name: (num_samples, ...)} outputs of kernel(keys, *args) over key batches."""
-  batches = [kernel(keys, *args) for keys in _replicate_keys(seed, num_samples)]
-  return {name: np.concatenate([np.asarray(b[name]) for b in batches])[:num_samples]
-          for name in batches[0]}
 
 
 @functools.partial(jax.jit, static_argnames=("ks",))
@@ -300,7 +324,7 @@ def _rank_replicates(keys, order, sorted_ranks, sorted_hits, ks):
   middle = ((n + 1) // 2, n // 2 + 1)   # np.median's order statistics (equal when N is odd)
 
   def replicate(key):
-    weights = _resample_counts(key, n)[order]                       # (M, N), sorted by rank
+    weights = bootstrap.resample_counts(key, n)[order]              # (M, N), sorted by rank
     out = {f"R@{k}": jnp.sum(weights * sorted_hits[i], axis=1) for i, k in enumerate(ks)}
     out["MnR"] = jnp.sum(weights * sorted_ranks, axis=1)
     cumulative = jnp.cumsum(weights, axis=1)
@@ -318,15 +342,9 @@ def _bootstrap_rank_totals(directions, seed, ks, num_samples):
   order = np.argsort(ranks, axis=1, kind="stable")
   sort = lambda x: np.take_along_axis(x, order, axis=1).astype(np.float32)  # noqa: E731
   hits = np.stack([sort(np.stack([d.hits(k) for d in directions])) for k in ks])
-  return _run_replicates(functools.partial(_rank_replicates, ks=tuple(ks)), seed, num_samples,
-                         jnp.asarray(order, jnp.int32), jnp.asarray(sort(ranks)),
-                         jnp.asarray(hits))
-
-
-def _percentile_interval(samples, level):
-  """Percentile bootstrap interval [lo, hi] along axis 0."""
-  tail = 100.0 * (1.0 - level) / 2
-  return np.percentile(np.asarray(samples, np.float64), [tail, 100.0 - tail], axis=0)
+  kernel = functools.partial(_rank_replicates, ks=tuple(ks))
+  return bootstrap.run_replicates(kernel, seed, num_samples, jnp.asarray(order, jnp.int32),
+                                  jnp.asarray(sort(ranks)), jnp.asarray(hits))
 
 
 def bootstrap_rank_intervals(ranks_by_direction, *, ks=RECALL_KS, num_samples=1000, seed=0,
@@ -344,7 +362,8 @@ def bootstrap_rank_intervals(ranks_by_direction, *, ks=RECALL_KS, num_samples=10
   per_query = {f"R@{k}": 100.0 / n for k in ks} | {"MnR": 1.0 / n, "MdR": 1.0}
   intervals = {name: {} for name in names}
   for metric, values in totals.items():
-    lo_hi = _percentile_interval(np.asarray(values, np.float64) * per_query[metric], level)
+    lo_hi = bootstrap.percentile_interval(np.asarray(values, np.float64) * per_query[metric],
+                                          level)
     for m, name in enumerate(names):
       intervals[name][metric] = [float(lo_hi[0, m]), float(lo_hi[1, m])]
   return {name: {key: intervals[name][key] for key in _metric_names(ks)} for name in names}
@@ -386,7 +405,7 @@ def metrics_from_ranks(ranks_by_direction, *, ks=RECALL_KS, bootstrap_samples=0,
 
 
 def retrieval_metrics(text_embeddings, image_embeddings, *, ks=RECALL_KS, bootstrap_samples=0,
-                      seed=0, level=0.95, ties="mid", chunk_size=None, mesh=None):
+                      seed=0, level=0.95, ties="mid", block_size=None, mesh=None):
   """Text<->image retrieval metrics of N paired embeddings (row i of each = study i).
 
   text_embeddings, image_embeddings: (N, D) float, finite. Returns the metrics_from_ranks dict:
@@ -395,7 +414,7 @@ def retrieval_metrics(text_embeddings, image_embeddings, *, ks=RECALL_KS, bootst
   for name, x in (("text_embeddings", text_embeddings), ("image_embeddings", image_embeddings)):
     if not np.all(np.isfinite(np.asarray(x))):
       raise ValueError(f"{name} contains NaN or Inf values")
-  ranks = paired_ranks(text_embeddings, image_embeddings, ties=ties, chunk_size=chunk_size,
+  ranks = paired_ranks(text_embeddings, image_embeddings, ties=ties, block_size=block_size,
                        mesh=mesh)
   return metrics_from_ranks(ranks, ks=ks, bootstrap_samples=bootstrap_samples, seed=seed,
                             level=level)
@@ -434,7 +453,7 @@ def _precision_replicates(keys, order, relevant_sorted, ks):
   n = order.shape[-1]
 
   def replicate(key):
-    copies = _resample_counts(key, n)[order]              # (Q, N), in ranking order
+    copies = bootstrap.resample_counts(key, n)[order]       # (Q, N), in ranking order
     before = jnp.cumsum(copies, axis=-1) - copies         # places taken by higher-scoring items
     return {k: jnp.sum(jnp.clip(k - before, 0.0, copies) * relevant_sorted, axis=-1) for k in ks}
 
@@ -445,8 +464,9 @@ def _bootstrap_precisions(scores, relevant, seed, ks, num_samples):
   """{K: (num_samples, Q) relevant-in-top-K counts} for (Q, N) scores and relevance."""
   order = np.argsort(-np.asarray(scores), axis=-1, kind="stable")
   relevant_sorted = np.take_along_axis(np.asarray(relevant), order, axis=-1).astype(np.float32)
-  return _run_replicates(functools.partial(_precision_replicates, ks=tuple(ks)), seed,
-                         num_samples, jnp.asarray(order, jnp.int32), jnp.asarray(relevant_sorted))
+  kernel = functools.partial(_precision_replicates, ks=tuple(ks))
+  return bootstrap.run_replicates(kernel, seed, num_samples, jnp.asarray(order, jnp.int32),
+                                  jnp.asarray(relevant_sorted))
 
 
 def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords, *,
@@ -469,7 +489,8 @@ def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords,
   intervals = {}
   if bootstrap_samples and valid:
     hits = _bootstrap_precisions(scores, relevance, seed, valid, int(bootstrap_samples))
-    intervals = {f"P@{k}": _percentile_interval(100.0 * np.asarray(v, np.float64) / k, level)
+    intervals = {f"P@{k}": bootstrap.percentile_interval(100.0 * np.asarray(v, np.float64) / k,
+                                                         level)
                  for k, v in hits.items()}
   results = {}
   for q, keyword in enumerate(keywords):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medfinder_jax import bootstrap
 from medfinder_jax import metrics
 
 
@@ -73,7 +74,8 @@ def separated_pairs(n, seed):
 
 def ranks_of(similarity):
   """rank_counts over a given matrix: queries = S and gallery = identity, so queries·galleryᵀ = S."""
-  greater, _ = metrics.rank_counts(similarity, np.eye(similarity.shape[0], dtype=np.float32))
+  greater, _ = metrics.rank_counts(similarity,
+                                   np.eye(similarity.shape[0], dtype=np.float32))["t2i"]
   return 1 + np.asarray(greater)
 
 
@@ -178,28 +180,87 @@ def test_non_finite_or_unpaired_embeddings_are_rejected():
     metrics.retrieval_metrics(good, np.ones((5, 3)))
 
 
-# --- Chunks and devices ---------------------------------------------------------------------------
+# --- One pass, tiles and devices ------------------------------------------------------------------
 
-def test_chunked_counts_equal_unchunked_for_any_chunk_size():
+def two_pass_counts(text, image, chunk=64):
+  """The earlier two-pass computation, an independent reference: each direction scores chunks of
+  its queries against the whole gallery (chunk x N) and reads the paired score from the same
+  output."""
+  def direction(queries, gallery):
+    greater, equal = [], []
+    for start in range(0, len(queries), chunk):
+      scores = jnp.matmul(queries[start:start + chunk], gallery.T,
+                          precision=jax.lax.Precision.HIGHEST)
+      rows = np.arange(start, min(start + chunk, len(queries)))
+      paired = np.asarray(scores)[np.arange(len(rows)), rows][:, None]
+      greater.append(np.sum(np.asarray(scores) > paired, axis=1))
+      equal.append(np.sum(np.asarray(scores) == paired, axis=1) - 1)
+    return np.concatenate(greater), np.concatenate(equal)
+  return {"t2i": direction(text, image), "i2t": direction(image, text)}
+
+
+@pytest.mark.parametrize("n", [1, 5, 203, 1000])
+@pytest.mark.parametrize("block_size", [None, 8, 96])
+def test_one_pass_counts_equal_two_passes_exactly(n, block_size):
+  """Both directions from one pass over S equal one pass per direction, count for count (random
+  float embeddings: the paired score must compare bit-exactly with its row and its column)."""
+  rng = np.random.default_rng(n)
+  text = metrics.l2_normalize(rng.standard_normal((n, 32), dtype=np.float32))
+  image = metrics.l2_normalize(np.asarray(text) + rng.standard_normal((n, 32), dtype=np.float32))
+  ours = metrics.rank_counts(text, image, block_size=block_size)
+  reference = two_pass_counts(np.asarray(text), np.asarray(image))
+  for direction in metrics.DIRECTIONS:
+    for got, want in zip(ours[direction], reference[direction]):
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=direction)
+
+
+def unit_sign_vectors(n, d, seed):
+  """Rows with four entries of ±1/2 and zeros elsewhere: unit norm exactly, and every dot product
+  a multiple of 1/4, exact in float32, so scores tie often and exactly."""
+  rng = np.random.default_rng(seed)
+  rows = np.zeros((n, d), np.float32)
+  for row in rows:
+    row[rng.choice(d, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+  return rows
+
+
+@pytest.mark.parametrize("ties", metrics.TIE_RULES)
+def test_one_pass_metrics_equal_two_passes_under_every_tie_rule(ties):
+  text, image = unit_sign_vectors(150, 8, seed=3), unit_sign_vectors(150, 8, seed=4)
+  text, image = np.concatenate([text, text[:50]]), np.concatenate([image, image[:50]])
+  reference = two_pass_counts(text, image)
+  expected = metrics.metrics_from_ranks(
+      {d: metrics.DirectionRanks(greater=reference[d][0], tied=reference[d][1], rule=ties)
+       for d in metrics.DIRECTIONS})
+  assert expected["ties"]["t2i_tied_queries"] > 100
+  assert metrics.retrieval_metrics(text, image, ties=ties, block_size=16) == expected
+
+
+def test_tiled_counts_equal_exact_ranks_for_any_tile_size():
   text, image = quantized_embeddings(203, 24, seed=1)
   exact = text.astype(np.float64) @ image.astype(np.float64).T
-  expected = metrics.similarity_ranks(exact, ties="best").ranks
-  for chunk_size in (1, 7, 64, 203, 1024):
-    greater, _ = metrics.rank_counts(text, image, chunk_size=chunk_size)
-    np.testing.assert_array_equal(1 + np.asarray(greater), expected, err_msg=str(chunk_size))
+  for block_size in (1, 7, 64, 203, 1024):
+    counts = metrics.rank_counts(text, image, block_size=block_size)
+    for direction, matrix in (("t2i", exact), ("i2t", exact.T)):
+      expected = metrics.similarity_ranks(matrix)
+      np.testing.assert_array_equal(np.asarray(counts[direction][0]), expected.greater,
+                                    err_msg=f"{direction} {block_size}")
+      np.testing.assert_array_equal(np.asarray(counts[direction][1]), expected.tied,
+                                    err_msg=f"{direction} {block_size}")
 
 
 @pytest.mark.parametrize("n", [203, 5])     # not divisible by 8; fewer rows than devices
-def test_rows_sharded_over_8_devices_equal_one_device(n):
+def test_tiles_spread_over_8_devices_equal_one_device(n):
   assert jax.device_count() == 8
   text, image = quantized_embeddings(n, 24, seed=2)
-  single = metrics.rank_counts(text, image, chunk_size=8)
+  single = metrics.rank_counts(text, image, block_size=8)
   for mesh in (jax.make_mesh((8,), ("data",)),
                jax.make_mesh((4, 2), ("data", "fsdp"),
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)):
-    sharded = metrics.rank_counts(text, image, chunk_size=8, mesh=mesh)
-    for ours, theirs in zip(sharded, single):
-      np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    sharded = metrics.rank_counts(text, image, block_size=8, mesh=mesh)
+    for direction in metrics.DIRECTIONS:
+      for ours, theirs in zip(sharded[direction], single[direction]):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 def test_retrieval_metrics_on_a_mesh_equal_one_device():
@@ -211,15 +272,14 @@ def test_retrieval_metrics_on_a_mesh_equal_one_device():
 
 def test_rank_counts_composes_under_jit():
   text, image = quantized_embeddings(37, 8, seed=5)
-  jitted = jax.jit(lambda q, g: metrics.rank_counts(q, g, chunk_size=8)[0] + 1)
+  jitted = jax.jit(lambda q, g: metrics.rank_counts(q, g, block_size=8)["i2t"][0] + 1)
   np.testing.assert_array_equal(np.asarray(jitted(text, image)),
-                                metrics.similarity_ranks(text @ image.T, ties="best").ranks)
+                                metrics.similarity_ranks(image @ text.T, ties="best").ranks)
 
 
-def test_default_chunk_keeps_a_chunk_of_scores_within_the_block_budget():
-  for n in (10, 1000, 100_000):
-    chunk = metrics.default_chunk_size(n)
-    assert 8 <= chunk and (chunk * n <= metrics.BLOCK_ELEMENTS or chunk == 8)
+def test_default_tile_is_the_block_size_or_n_rounded_up_to_8():
+  assert metrics.default_block_size(10) == 16
+  assert metrics.default_block_size(100_000) == metrics.BLOCK_SIZE
 
 
 # --- Bootstrap ------------------------------------------------------------------------------------
@@ -242,7 +302,7 @@ def tied_directions(n, seed):
 def test_bootstrap_replicates_equal_metrics_of_explicitly_resampled_queries():
   directions = tied_directions(300, seed=2)
   totals = metrics._bootstrap_rank_totals(directions, seed=9, ks=(1, 5, 10), num_samples=4)
-  keys = next(metrics._replicate_keys(9, 4))
+  keys = next(bootstrap.replicate_keys(9, 4))
   for b in range(4):
     draws = np.asarray(jax.random.randint(keys[b], (300,), 0, 300))
     for m, d in enumerate(directions):
