@@ -203,10 +203,14 @@ def run_train(args, config):
 def add_metrics_args(parser):
   parser.add_argument("--embeddings", required=True, metavar="FILE.npz",
                       help="paired embeddings in the interchange format (see README)")
+  parser.add_argument("--output_dir", default=None, metavar="DIR",
+                      help="write metrics.json (and plots) into DIR, like the other commands "
+                           "(default: next to the npz)")
   parser.add_argument("--output", default=None, metavar="metrics.json",
-                      help="where to write the metrics (default: metrics.json next to the npz)")
-  parser.add_argument("--plots", default=None, metavar="DIR",
-                      help="also write rank_histogram.png and recall_at_k.png into DIR")
+                      help="the metrics file itself (overrides --output_dir for it)")
+  parser.add_argument("--plots", nargs="?", const=True, default=None, metavar="DIR",
+                      help="also write rank_histogram.png, recall_at_k.png and one ROC curve per "
+                           "zero-shot label, into DIR (default: beside metrics.json)")
   parser.add_argument("--bootstrap", type=int, default=None, metavar="N",
                       help="bootstrap resamples for confidence intervals (default: config "
                            "eval.bootstrap_samples; 0 = none)")
@@ -218,7 +222,8 @@ def add_metrics_args(parser):
 def run_metrics(args, config):
   from medfinder_jax.commands import metrics  # pylint: disable=import-outside-toplevel
   result, written = metrics.run(config, args.embeddings, output_path=args.output,
-                                plots_dir=args.plots, bootstrap_samples=args.bootstrap)
+                                output_dir=args.output_dir, plots_dir=args.plots,
+                                bootstrap_samples=args.bootstrap)
   print(metrics.format_result(result, show_chance=args.chance, as_json=args.json))
   print("wrote " + ", ".join(written), file=sys.stderr if args.json else sys.stdout)
   return 0

@@ -132,6 +132,21 @@ def get_config(arg=None):
   c.eval.ci_level = 0.95
   c.eval.ties = "mid"                # a pair tied with others: "mid" (expected under random
                                      # tie-breaking) | "best" | "worst" (see metrics.py)
+  c.eval.gallery = "volume"          # one gallery item per volume | "scan": the reconstructions
+                                     # of a scan merged (records' scan_id), identical reports once
+  c.eval.volume_retrieval = ml_collections.ConfigDict()   # volume -> volume (needs labels)
+  c.eval.volume_retrieval.ks = (1, 5, 10, 50)   # P@K, MAP@K, Jaccard@K; () = off
+  c.eval.volume_retrieval.exclude_self = True   # the query is not in its own gallery
+  c.eval.volume_retrieval.gallery = "all"       # | "with_findings": volumes with a positive label
+  c.eval.zeroshot = ml_collections.ConfigDict()   # zero-shot classification (zeroshot.py)
+  c.eval.zeroshot.enabled = True
+  c.eval.zeroshot.templates = (("{label}.", "No {label}."),)   # (positive, negative) pairs;
+                                     # several = an ensemble averaged in embedding space
+  c.eval.zeroshot.findings = ("nodule", "mass", "consolidation", "pleural effusion",
+                              "atelectasis", "adenopathy", "emphysema", "cardiomegaly")
+                                     # labels read from the reports (negation-aware) when the
+                                     # records carry no label vector
+  c.eval.zeroshot.threshold_split = "val"   # Youden's J operating points chosen on this split
   c.eval.search_top_k = 10           # launch.py search: results shown (--top_k)
   c.eval.excerpt_chars = 200         # launch.py search: report excerpt length per result
 

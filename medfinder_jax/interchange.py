@@ -12,13 +12,30 @@ embeddings.npz — a numpy .npz archive (np.savez; strings as unicode arrays, no
   keyword_embeddings  (Q, D) float   with keywords: the text embedding of each keyword query
   keyword_relevance   (Q, N) bool    optional with keywords: relevance labels; without it they come
                                      from `reports` via findings.keyword_relevance (negation-aware)
+  scan_ids            (N,)   str     optional: the scan each volume is a reconstruction of (CT-RATE);
+                                     the "scan" gallery merges the rows of one scan
+  labels              (N, L) 0/1     optional: finding labels per study (zero-shot classification,
+                                     volume->volume relevance)
+  label_names         (L,)   str     with labels or prompt_embeddings: the finding of each column
+  prompt_embeddings   (L, 2, D) float  optional: text embeddings of each label's positive and
+                                     negative prompt (after any ensembling)
+  label_thresholds    (L,)   float   optional: each label's operating point on P(present), chosen
+                                     on a validation split (NaN: none); without it, Youden's J on
+                                     this file's own scores
+  logit_scale         ()     float   optional: the model's similarity scale (inverse temperature)
+                                     for P(present); default 1
 All embeddings must be finite; they need not be normalized (metrics L2-normalize them).
 
 metrics.json — metrics.embedding_metrics's dict (+ "keywords" when keyword queries are present,
 + "embeddings": the source file), R@K and P@K in percent, ranks 1-based:
   {"t2i": {"R@1", "R@5", "R@10", "MdR", "MnR"}, "i2t": {...}, "n": N,
    "chance": {...}, "ties": {...}, "ci": {"level", "samples", "seed", "t2i": {m: [lo, hi]}, ...},
-   "keywords": {kw: {"P@20", "P@50", "P@100", "n_relevant", "chance", "ci"}}}
+   "keywords": {kw: {"P@20", "P@50", "P@100", "n_relevant", "chance", "ci"}},
+   "gallery": {"unit": "volume" | "scan", "size"},
+   "volume_retrieval": {"P@K", "MAP@K", "Jaccard@K", "n_queries", "gallery", ...},
+   "zeroshot": {label: {"AUROC", "AUPRC", "F1", "accuracy", "sensitivity", "specificity",
+                "threshold", "n_positive", "prevalence", "ci"}, "macro": {...},
+                "weighted": {...}, ...}}   (AUROC and AUPRC are fractions in [0, 1])
 """
 
 import dataclasses
@@ -35,7 +52,8 @@ from medfinder_jax import errors
 
 REQUIRED_FIELDS = ("image_embeddings", "text_embeddings", "study_ids")
 OPTIONAL_FIELDS = ("reports", "source_paths", "keywords", "keyword_embeddings",
-                   "keyword_relevance")
+                   "keyword_relevance", "scan_ids", "labels", "label_names", "prompt_embeddings",
+                   "label_thresholds", "logit_scale")
 
 
 class InterchangeError(errors.UserError):
@@ -65,6 +83,12 @@ class EmbeddingSet(PairedEmbeddings):
   keywords: Optional[np.ndarray] = None
   keyword_embeddings: Optional[np.ndarray] = None
   keyword_relevance: Optional[np.ndarray] = None
+  scan_ids: Optional[np.ndarray] = None
+  labels: Optional[np.ndarray] = None
+  label_names: Optional[np.ndarray] = None
+  prompt_embeddings: Optional[np.ndarray] = None
+  label_thresholds: Optional[np.ndarray] = None
+  logit_scale: Optional[np.ndarray] = None
 
   def fields(self):
     """{name: array} of the fields that are present."""
@@ -142,11 +166,55 @@ def validate(fields, path="<arrays>"):
                                           rows=n, dim=dim),
          "study_ids": _check_strings(path, "study_ids", arrays["study_ids"], n)}
   _check_unique_ids(path, out["study_ids"])
-  for field in ("reports", "source_paths"):
+  for field in ("reports", "source_paths", "scan_ids"):
     if field in arrays:
       out[field] = _check_strings(path, field, arrays[field], n)
   out.update(_validate_keywords(path, arrays, n, dim, has_reports="reports" in out))
+  out.update(_validate_labels(path, arrays, n, dim))
   return EmbeddingSet(**out)
+
+
+def _validate_labels(path, arrays, n, dim):
+  """labels, label_names, prompt_embeddings, label_thresholds, logit_scale, checked together."""
+  out = {}
+  needs_names = [f for f in ("labels", "prompt_embeddings", "label_thresholds") if f in arrays]
+  if needs_names and "label_names" not in arrays:
+    _fail(path, None, f"found {needs_names} but no 'label_names' (L strings naming the finding "
+                      f"of each label column)")
+  if "label_names" in arrays:
+    names = arrays["label_names"]
+    if names.ndim != 1 or names.shape[0] == 0:
+      _fail(path, "label_names", f"expected a 1-D array of L >= 1 strings, found shape "
+                                 f"{names.shape}")
+    out["label_names"] = _check_strings(path, "label_names", names, names.shape[0])
+    num_labels = names.shape[0]
+  if "labels" in arrays:
+    labels = arrays["labels"]
+    if labels.shape != (n, num_labels) or labels.dtype.kind not in "bui" or (
+        labels.size and not np.all((labels == 0) | (labels == 1))):
+      _fail(path, "labels", f"expected an ({n}, {num_labels}) array of 0/1 (study x label), "
+                            f"found shape {labels.shape} dtype {labels.dtype}")
+    out["labels"] = labels.astype(np.int8)
+  if "prompt_embeddings" in arrays:
+    prompts = arrays["prompt_embeddings"]
+    if prompts.shape != (num_labels, 2, dim):
+      _fail(path, "prompt_embeddings", f"expected shape ({num_labels}, 2, {dim}) (label x "
+                                       f"positive/negative x D), found {prompts.shape}")
+    out["prompt_embeddings"] = _check_matrix(path, "prompt_embeddings",
+                                             prompts.reshape(-1, dim)).reshape(prompts.shape)
+  if "label_thresholds" in arrays:
+    thresholds = arrays["label_thresholds"]
+    if thresholds.shape != (num_labels,) or thresholds.dtype.kind != "f":
+      _fail(path, "label_thresholds", f"expected ({num_labels},) floats, found shape "
+                                      f"{thresholds.shape} dtype {thresholds.dtype}")
+    out["label_thresholds"] = thresholds.astype(np.float32)
+  if "logit_scale" in arrays:
+    scale = arrays["logit_scale"]
+    if scale.shape != () or scale.dtype.kind not in "fi" or not np.isfinite(scale) or scale <= 0:
+      _fail(path, "logit_scale", f"expected one positive number (the similarity scale), found "
+                                 f"{scale!r}")
+    out["logit_scale"] = np.asarray(scale, np.float32)
+  return out
 
 
 def _validate_keywords(path, arrays, n, dim, has_reports):

@@ -114,6 +114,11 @@ class LoadedModel:
   def preprocess(self):
     return self.spec.preprocess
 
+  @property
+  def similarity_scale(self):
+    """The model's inverse temperature on cosine similarities (zero-shot P(present))."""
+    return losses.similarity_scale(self.variables["params"], self.config.loss)
+
   def preprocessing_note(self, spec):
     """A note when volumes of dataset `spec` were prepared otherwise than this model's, else
     None (embedding them still works: their own preprocessing is what they are)."""

@@ -39,6 +39,22 @@ def learnable_scalars(loss_config):
   return {}
 
 
+def similarity_scale(params, loss_config):
+  """The factor the trained loss applies to cosine similarities (its inverse temperature), as a
+  float: what turns similarities into the model's logits, e.g. for zero-shot P(present).
+
+  clip: exp(logit_scale) clipped as the loss clips it; siglip: exp(logit_scale); released: the
+  fixed 1 / loss.temperature_init. `params`: the model's params (holding the loss scalars).
+  """
+  kind = _check_kind(loss_config.contrastive)
+  if kind == "released" or "logit_scale" not in params:
+    return 1.0 / float(loss_config.temperature_init)
+  logit_scale = float(params["logit_scale"])
+  if kind == "clip":
+    logit_scale = min(max(logit_scale, 0.0), math.log(loss_config.max_logit_scale))
+  return math.exp(logit_scale)
+
+
 def l2_normalize(x, eps=1e-6):
   """Rows of `x` scaled to unit L2 norm (float32); eps keeps zero rows finite."""
   x = x.astype(jnp.float32)

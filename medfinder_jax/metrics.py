@@ -48,9 +48,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from medfinder_jax import bootstrap
 from medfinder_jax import errors
 from medfinder_jax import findings
+from medfinder_jax import interchange
+from medfinder_jax import zeroshot as zeroshot_lib
 
 
 RECALL_KS = (1, 5, 10)
+VOLUME_KS = (1, 5, 10, 50)
 PRECISION_KS = (20, 50, 100)
 DIRECTIONS = ("t2i", "i2t")
 TIE_RULES = ("mid", "best", "worst")
@@ -217,9 +220,14 @@ class SettingsError(errors.UserError):
   """Metric settings (config `eval`, or flags) that cannot be used; names the field."""
 
 
+GALLERIES = ("volume", "scan")
+VOLUME_GALLERIES = ("all", "with_findings")
+
+
 @dataclasses.dataclass(frozen=True)
 class MetricSettings:
-  """How retrieval is scored: R@K cut-offs, keyword P@K cut-offs, the tie rule and the bootstrap.
+  """How an embedding set is scored: R@K cut-offs, keyword P@K cut-offs, the tie rule, the
+  bootstrap, the gallery unit, volume->volume retrieval and zero-shot classification.
 
   Built from config `eval` by `from_config`, which checks every field before any expensive work
   (a whole epoch, or embedding a split) rather than after it.
@@ -230,14 +238,21 @@ class MetricSettings:
   bootstrap_samples: int = 0
   level: float = 0.95
   seed: int = 0
+  gallery: str = "volume"
+  volume_ks: tuple = VOLUME_KS
+  volume_exclude_self: bool = True
+  volume_gallery: str = "all"
+  zeroshot: zeroshot_lib.ZeroShotSettings = zeroshot_lib.ZeroShotSettings(enabled=False)
 
   def __post_init__(self):
-    for name, field in (("ks", "eval.recall_ks"), ("keyword_ks", "eval.keyword_topk")):
+    for name, field, example in (("ks", "eval.recall_ks", RECALL_KS),
+                                 ("keyword_ks", "eval.keyword_topk", PRECISION_KS),
+                                 ("volume_ks", "eval.volume_retrieval.ks", VOLUME_KS)):
       values = tuple(getattr(self, name))
-      if not values or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
-                               for k in values):
+      if (not values and name != "volume_ks") or not all(
+          isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in values):
         raise SettingsError(f"config {field}={values!r}: expected positive integers, e.g. "
-                            f"{RECALL_KS if name == 'ks' else PRECISION_KS}")
+                            f"{example}")
     if self.ties not in TIE_RULES:
       raise SettingsError(f"config eval.ties={self.ties!r}: expected one of {TIE_RULES}")
     if not isinstance(self.bootstrap_samples, int) or self.bootstrap_samples < 0:
@@ -246,15 +261,29 @@ class MetricSettings:
     if not 0.0 < float(self.level) < 1.0:
       raise SettingsError(f"config eval.ci_level={self.level}: expected a level between 0 and 1 "
                           f"(exclusive), e.g. 0.95")
+    if self.gallery not in GALLERIES:
+      raise SettingsError(f"config eval.gallery={self.gallery!r}: expected one of {GALLERIES} "
+                          f"(one gallery item per volume, or per scan with its reconstructions "
+                          f"merged)")
+    if self.volume_gallery not in VOLUME_GALLERIES:
+      raise SettingsError(f"config eval.volume_retrieval.gallery={self.volume_gallery!r}: "
+                          f"expected one of {VOLUME_GALLERIES}")
 
   @classmethod
   def from_config(cls, eval_config, seed=0, bootstrap_samples=None):
-    """From config `eval` (recall_ks, keyword_topk, ties, bootstrap_samples, ci_level);
-    `bootstrap_samples` (e.g. a --bootstrap flag) replaces the config's when given."""
+    """From config `eval` (recall_ks, keyword_topk, ties, bootstrap_samples, ci_level, gallery,
+    volume_retrieval, zeroshot); `bootstrap_samples` (e.g. a --bootstrap flag) replaces the
+    config's when given."""
     samples = eval_config.bootstrap_samples if bootstrap_samples is None else bootstrap_samples
+    volume = eval_config.get("volume_retrieval")
     return cls(ks=tuple(eval_config.recall_ks), keyword_ks=tuple(eval_config.keyword_topk),
                ties=str(eval_config.ties), bootstrap_samples=samples,
-               level=float(eval_config.ci_level), seed=int(seed))
+               level=float(eval_config.ci_level), seed=int(seed),
+               gallery=str(eval_config.get("gallery", "volume")),
+               volume_ks=tuple(volume.ks) if volume is not None else (),
+               volume_exclude_self=bool(volume.exclude_self) if volume is not None else True,
+               volume_gallery=str(volume.gallery) if volume is not None else "all",
+               zeroshot=zeroshot_lib.ZeroShotSettings.from_config(eval_config.get("zeroshot")))
 
 
 def _check_ties(ties):
@@ -504,19 +533,160 @@ def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords,
   return results
 
 
+# --- Volume -> volume retrieval ------------------------------------------------------------------
+
+def _rows_per_block(n):
+  return int(max(8, min(BLOCK_SIZE, (1 << 24) // max(n, 1))))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "exclude_self"))
+def _volume_neighbours(image, labels, in_gallery, k, exclude_self):
+  """Per query volume: the k best gallery volumes (ties to the lower index) and how many gallery
+  volumes share a finding with it. image: (N, D) normalized; labels: (N, L) float32 0/1."""
+  n = image.shape[0]
+  rows = _rows_per_block(n)
+  blocks = math.ceil(n / rows)
+  pad = lambda x: jnp.pad(x, ((0, blocks * rows - n),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
+  queries = (pad(image).reshape(blocks, rows, -1), pad(labels).reshape(blocks, rows, -1),
+             jnp.arange(blocks * rows).reshape(blocks, rows))
+
+  def block(x):
+    vectors, query_labels, index = x
+    allowed = in_gallery[None, :] & ~(exclude_self & (index[:, None] == jnp.arange(n)[None, :]))
+    scores = jnp.where(allowed, _scores(vectors, image), -jnp.inf)
+    shares = (jnp.matmul(query_labels, labels.T) > 0) & allowed
+    return jax.lax.top_k(scores, k)[1], jnp.sum(shares, axis=1)
+
+  top, relevant = jax.lax.map(block, queries)
+  return top.reshape(-1, k)[:n], relevant.reshape(-1)[:n]
+
+
+def volume_retrieval(image_embeddings, labels, ks=VOLUME_KS, *, exclude_self=True,
+                     gallery="all"):
+  """Volume -> volume retrieval with label-overlap relevance (as CT-CLIP and CT-FM report it).
+
+  Each volume queries the gallery (every volume, or with gallery="with_findings" only those with
+  at least one positive label, as CT-CLIP; the query itself is left out unless exclude_self is
+  False). A gallery volume is relevant when it shares at least one positive label with the query.
+  Returns, in percent, averaged over the queries that have at least one relevant volume:
+    P@K    relevant volumes among the top K, / K;
+    MAP@K  mean over queries of AP@K = (1 / min(K, R)) Σ_{k ≤ K} P(k)·rel(k), R = the query's
+           relevant volumes in the gallery;
+  and over every query, as a fraction in [0, 1]:
+    Jaccard@K  the mean Jaccard index of the label sets of the query and each of its top K (what
+               CT-CLIP's volume-to-volume script reports as "MAP@K").
+  Ties in score go to the lower gallery index.
+  """
+  labels = np.asarray(labels) > 0
+  n = labels.shape[0]
+  in_gallery = labels.any(axis=1) if gallery == "with_findings" else np.ones(n, bool)
+  size = int(in_gallery.sum()) - (1 if exclude_self else 0)
+  valid = tuple(k for k in ks if k <= size)
+  result = {"gallery": gallery, "gallery_size": max(size, 0), "exclude_self": bool(exclude_self),
+            "relevance": "shares a positive label"}
+  if not valid:
+    return {**result, "n_queries": 0, **{f"{m}@{k}": None for k in ks
+                                         for m in ("P", "MAP", "Jaccard")}}
+  top, relevant = (np.asarray(x) for x in _volume_neighbours(
+      l2_normalize(image_embeddings), jnp.asarray(labels, jnp.float32), jnp.asarray(in_gallery),
+      k=max(valid), exclude_self=bool(exclude_self)))
+  retrieved = labels[top]                                         # (N, K, L)
+  hits = np.any(retrieved & labels[:, None, :], axis=-1)          # (N, K)
+  union = np.sum(retrieved | labels[:, None, :], axis=-1)
+  jaccard = np.where(union > 0, np.sum(retrieved & labels[:, None, :], axis=-1) /
+                     np.maximum(union, 1), 0.0)
+  queries = relevant > 0
+  precision_at = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
+  for k in ks:
+    if k not in valid:
+      result.update({f"P@{k}": None, f"MAP@{k}": None, f"Jaccard@{k}": None})
+      continue
+    ap = np.sum(precision_at[:, :k] * hits[:, :k], axis=1) / np.maximum(
+        np.minimum(k, relevant), 1)
+    result[f"P@{k}"] = float(100.0 * hits[queries, :k].mean()) if queries.any() else None
+    result[f"MAP@{k}"] = float(100.0 * ap[queries].mean()) if queries.any() else None
+    result[f"Jaccard@{k}"] = float(jaccard[:, :k].mean())
+  result["n_queries"] = int(queries.sum())
+  return result
+
+
 # --- A whole embedding set ------------------------------------------------------------------------
+
+def scan_gallery(embeddings):
+  """One row per scan: the reconstructions of a scan (rows with the same `scan_ids`) merged into
+  one gallery item, so that their identical reports count once. The image embedding is the mean
+  of the normalized image embeddings; text, report, labels and source path are the first row's
+  (identical within a scan; labels are OR-ed); the study id becomes the scan id. Without
+  scan_ids every row is its own scan."""
+  if embeddings.scan_ids is None:
+    return embeddings
+  scans, first, inverse = np.unique(embeddings.scan_ids, return_index=True, return_inverse=True)
+  keep = np.sort(first)
+  position = np.empty(len(scans), np.int64)
+  position[np.argsort(first)] = np.arange(len(scans))
+  group = position[inverse]                                  # merged row of each original row
+  image = np.zeros((len(keep), embeddings.dim), np.float64)
+  np.add.at(image, group, np.asarray(l2_normalize(embeddings.image_embeddings)))
+  image /= np.bincount(group)[:, None]
+  merged = dict(embeddings.fields())
+  merged.update(image_embeddings=image.astype(np.float32),
+                text_embeddings=embeddings.text_embeddings[keep],
+                study_ids=embeddings.scan_ids[keep], scan_ids=embeddings.scan_ids[keep])
+  for name in ("reports", "source_paths"):
+    if merged.get(name) is not None:
+      merged[name] = merged[name][keep]
+  if embeddings.labels is not None:
+    labels = np.zeros((len(keep), embeddings.labels.shape[1]), np.int8)
+    np.maximum.at(labels, group, embeddings.labels)
+    merged["labels"] = labels
+  if embeddings.keyword_relevance is not None:
+    relevance = np.zeros((embeddings.keyword_relevance.shape[0], len(keep)), bool)
+    np.logical_or.at(relevance.T, group, embeddings.keyword_relevance.T)
+    merged["keyword_relevance"] = relevance
+  return interchange.validate(merged)
+
+
+def zeroshot_scores(embeddings):
+  """(N, L) P(present) of an embedding set with prompt_embeddings (else None)."""
+  if embeddings.prompt_embeddings is None:
+    return None
+  scale = 1.0 if embeddings.logit_scale is None else float(embeddings.logit_scale)
+  return zeroshot_lib.probabilities(embeddings.image_embeddings, embeddings.prompt_embeddings,
+                                    scale)
+
+
+def zeroshot_metrics(embeddings, settings):
+  """The "zeroshot" section, or a reason why there is none (labels or prompts missing)."""
+  if embeddings.labels is None or embeddings.prompt_embeddings is None:
+    missing = [f for f in ("labels", "prompt_embeddings") if getattr(embeddings, f) is None]
+    return {"skipped": f"no {' or '.join(missing)} in the embedding set"}
+  thresholds, source = embeddings.label_thresholds, "validation split"
+  if thresholds is None:
+    source = "evaluated split itself (no validation thresholds given: optimistic)"
+  return zeroshot_lib.classification_metrics(
+      zeroshot_scores(embeddings), embeddings.labels, list(embeddings.label_names),
+      thresholds=thresholds, threshold_source=source,
+      bootstrap_samples=settings.bootstrap_samples, seed=settings.seed, level=settings.level)
+
 
 def embedding_metrics(embeddings, settings, mesh=None):
   """Every metric of paired embeddings: (the metrics.json dict, {direction: DirectionRanks}).
 
   embeddings: an interchange.EmbeddingSet (image/text embeddings, and optionally keyword queries
-  with their relevance labels or the reports to derive them from: findings.relevance_matrix);
-  settings: a MetricSettings. Keyword P@K (keyword -> image) goes under "keywords".
+  with their relevance labels or the reports to derive them from: findings.relevance_matrix;
+  labels, label_names and prompt_embeddings for zero-shot classification and volume->volume
+  retrieval); settings: a MetricSettings. With settings.gallery "scan", the reconstructions of a
+  scan are merged first (scan_gallery). Keyword P@K (keyword -> image) goes under "keywords",
+  volume->volume retrieval under "volume_retrieval", zero-shot under "zeroshot".
   """
+  if settings.gallery == "scan":
+    embeddings = scan_gallery(embeddings)
   ranks = paired_ranks(embeddings.text_embeddings, embeddings.image_embeddings,
                        ties=settings.ties, mesh=mesh)
   result = metrics_from_ranks(ranks, ks=settings.ks, bootstrap_samples=settings.bootstrap_samples,
                               seed=settings.seed, level=settings.level)
+  result["gallery"] = {"unit": settings.gallery, "size": embeddings.n,
+                       "merged": settings.gallery == "scan" and embeddings.scan_ids is not None}
   if embeddings.keywords is not None:
     relevance = embeddings.keyword_relevance
     if relevance is None:
@@ -527,6 +697,12 @@ def embedding_metrics(embeddings, settings, mesh=None):
         seed=settings.seed, level=settings.level)
     result["keyword_relevance_from"] = ("file" if embeddings.keyword_relevance is not None
                                         else "reports")
+  if embeddings.labels is not None and settings.volume_ks:
+    result["volume_retrieval"] = volume_retrieval(
+        embeddings.image_embeddings, embeddings.labels, settings.volume_ks,
+        exclude_self=settings.volume_exclude_self, gallery=settings.volume_gallery)
+  if settings.zeroshot.enabled:
+    result["zeroshot"] = zeroshot_metrics(embeddings, settings)
   return result, ranks
 
 
@@ -555,7 +731,8 @@ def format_metrics_table(metrics, show_chance=False, digits=2):
   a row with a random ranking's values; keyword P@K follows as a second table when present.
   """
   names = [k for k in metrics["t2i"]]
-  header = ["N=%d" % metrics["n"]] + names
+  unit = (metrics.get("gallery") or {}).get("unit", "volume")
+  header = [f"N={metrics['n']}" + (" scans" if unit == "scan" else "")] + names
   rows = []
   for d in DIRECTIONS:
     ci = metrics.get("ci", {}).get(d, {})
@@ -569,7 +746,23 @@ def format_metrics_table(metrics, show_chance=False, digits=2):
     text += "\n" + warning
   if metrics.get("keywords"):
     text += "\n\n" + format_keyword_table(metrics["keywords"], show_chance, digits)
+  if metrics.get("volume_retrieval", {}).get("n_queries"):
+    text += "\n\n" + format_volume_table(metrics["volume_retrieval"], digits)
+  if (metrics.get("zeroshot") or {}).get("labels"):
+    text += "\n\n" + zeroshot_lib.format_table(metrics["zeroshot"])
   return text
+
+
+def format_volume_table(section, digits=2):
+  """Volume -> volume retrieval: P@K and MAP@K (percent) and Jaccard@K per K."""
+  ks = [name[2:] for name in section if name.startswith("P@")]
+  header = ["volume->volume"] + [f"@{k}" for k in ks]
+  rows = [[metric] + [_cell(section[f"{metric}@{k}"], None, digits if metric != "Jaccard" else 3)
+                      for k in ks] for metric in ("P", "MAP", "Jaccard")]
+  note = (f"volume->volume over {section['n_queries']} queries, gallery {section['gallery']} "
+          f"({section['gallery_size']} volumes{', query excluded' if section['exclude_self'] else ''}"
+          f"), relevant = {section['relevance']}")
+  return note + "\n" + _render(header, rows)
 
 
 def tie_warning(metrics):

@@ -1,4 +1,5 @@
-"""Retrieval plots as PNG files: rank histogram and recall@K curve (matplotlib, Agg, no display).
+"""Evaluation plots as PNG files: rank histogram, recall@K curve, zero-shot ROC curves and the
+training curves (matplotlib, Agg, no display).
 
 Inputs are the ranks per direction, {"t2i": ..., "i2t": ...}, as metrics.paired_ranks returns
 them (metrics.DirectionRanks: `.ranks` 1-based under the tie rule, `.hits(k)` per query).
@@ -68,6 +69,46 @@ def save_retrieval_plots(ranks_by_direction, directory):
   """Writes rank_histogram.png and recall_at_k.png into `directory`; returns their paths."""
   return [plot_rank_histogram(ranks_by_direction, os.path.join(directory, "rank_histogram.png")),
           plot_recall_curve(ranks_by_direction, os.path.join(directory, "recall_at_k.png"))]
+
+
+def roc_curve(scores, labels):
+  """(false positive rates, true positive rates) at every distinct threshold, from (0, 0)."""
+  order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+  ordered, positive = np.asarray(scores)[order], np.asarray(labels)[order] > 0
+  last = np.r_[np.flatnonzero(ordered[1:] != ordered[:-1]), len(ordered) - 1]
+  tp, fp = np.cumsum(positive)[last], np.cumsum(~positive)[last]
+  return (np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)])
+
+
+def plot_roc(scores, labels, name, entry, path):
+  """One label's zero-shot ROC curve with its AUROC (and CI) and Youden operating point."""
+  figure = Figure(figsize=(4.5, 4.5))
+  axes = figure.add_subplot()
+  fpr, tpr = roc_curve(scores, labels)
+  ci = (entry.get("ci") or {}).get("AUROC")
+  text = f"AUROC {entry['AUROC']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+  axes.plot(fpr, tpr, label=text)
+  if entry.get("sensitivity") is not None and entry.get("specificity") is not None:
+    axes.plot([1 - entry["specificity"]], [entry["sensitivity"]], "o", color="black",
+              label="operating point (Youden's J)")
+  axes.plot([0, 1], [0, 1], linestyle="--", color="gray", label="chance")
+  axes.set_xlabel("false positive rate")
+  axes.set_ylabel("true positive rate")
+  axes.set_title(f"{name} (n+ = {entry['n_positive']} of {len(labels)})")
+  axes.legend(loc="lower right", fontsize=8)
+  return _save(figure, path)
+
+
+def save_roc_plots(scores, labels, section, directory):
+  """roc_<label>.png per defined label of a zero-shot section into `directory`; their paths."""
+  written = []
+  for j, name in enumerate(section["labels"]):
+    if section[name]["AUROC"] is None:
+      continue
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or f"label{j}"
+    written.append(plot_roc(scores[:, j], labels[:, j], name, section[name],
+                            os.path.join(directory, f"roc_{slug}.png")))
+  return written
 
 
 def plot_training_curves(records, path):

@@ -31,6 +31,7 @@ from medfinder_jax import metrics as metrics_lib
 from medfinder_jax import sharding
 from medfinder_jax import stopping
 from medfinder_jax import train_step
+from medfinder_jax import zeroshot
 
 # Config fields that fix the shapes of the saved state or the order of the data: a resumed run
 # must keep them (anything else, e.g. epochs, lr, log cadence, may change).
@@ -176,12 +177,15 @@ def first_nonfinite(first_step, values):
 def validate(run, state):
   """Retrieval metrics of the validation split (config train.val_split) for the current state,
   or None when the dataset has no such split: evaluate.evaluate_split, as `launch.py eval`
-  computes them, without bootstrap intervals or keyword queries."""
+  computes them, without bootstrap intervals, keyword queries, volume->volume retrieval or
+  zero-shot classification (model selection uses retrieval only)."""
   split = run.config.train.val_split
   if split not in run.spec.split_sizes:
     return None
-  settings = metrics_lib.MetricSettings.from_config(run.config.eval, run.config.seed,
-                                                    bootstrap_samples=0)
+  settings = dataclasses.replace(
+      metrics_lib.MetricSettings.from_config(run.config.eval, run.config.seed,
+                                             bootstrap_samples=0),
+      volume_ks=(), zeroshot=zeroshot.ZeroShotSettings(enabled=False))
   return evaluate.evaluate_split(
       run.model, state.variables(), run.builder, run.spec, split, run.tokenizer, run.mesh,
       settings, batch_size_per_device=int(run.config.eval.batch_size_per_device)).metrics

@@ -59,16 +59,35 @@ def run(config, model_path, *, split=None, plots=False, bootstrap_samples=None, 
   _, local_rows = sharding.batch_rows(per_device, mesh)
   total = input_pipeline.num_eval_batches(input_pipeline.split_files(builder, split), local_rows,
                                           jax.process_count())
+  thresholds = validation_thresholds(loaded, builder, spec, split, mesh, settings, per_device, log)
   with logging_lib.progress_bar(total, desc=f"embed {split}", leave=False) as bar:
     evaluation = evaluate.evaluate_split(
         loaded.model, loaded.variables, builder, spec, split, loaded.tokenizer, mesh, settings,
         keywords=tuple(config.eval.keywords), batch_size_per_device=per_device,
-        progress=lambda done: bar.update(1))
+        progress=lambda done: bar.update(1), similarity_scale=loaded.similarity_scale,
+        label_thresholds=thresholds)
   if not distributed.is_main_process():
     return None
   extra = {"split": split, "dataset": os.path.abspath(spec.directory),
            "model": {k: v for k, v in loaded.identity.items() if k != "config"}}
   return write_evaluation(config.output_dir or ".", evaluation, extra, plots)
+
+
+def validation_thresholds(loaded, builder, spec, split, mesh, settings, per_device, log):
+  """Zero-shot operating points from config eval.zeroshot.threshold_split (Youden's J there),
+  or None: zero-shot off, that split is the evaluated one or absent (then chosen on the
+  evaluated split, and the result says so)."""
+  source = settings.zeroshot.threshold_split
+  if not settings.zeroshot.enabled or not source or source == split:
+    return None
+  if source not in spec.split_sizes:
+    log_notes([f"zero-shot thresholds: the dataset has no {source!r} split "
+               f"(eval.zeroshot.threshold_split); choosing them on {split!r} itself"], log)
+    return None
+  return evaluate.operating_points(loaded.model, loaded.variables, builder, spec, source,
+                                   loaded.tokenizer, mesh, settings,
+                                   similarity_scale=loaded.similarity_scale,
+                                   batch_size_per_device=per_device)
 
 
 def write_evaluation(directory, evaluation, extra, plots):
@@ -78,15 +97,23 @@ def write_evaluation(directory, evaluation, extra, plots):
   written = [_written(npz, lambda: interchange.save_embeddings(npz, evaluation.embeddings))]
   metrics = {**evaluation.metrics, "embeddings": os.path.abspath(npz), **extra}
   return metrics, written + write_metrics(os.path.join(directory, METRICS_FILE), metrics,
-                                          evaluation.ranks, directory if plots else None)
+                                          evaluation.ranks, directory if plots else None,
+                                          evaluation.embeddings)
 
 
-def write_metrics(path, metrics, ranks, plots_dir=None):
-  """metrics.json at `path` and, with `plots_dir`, rank_histogram.png and recall_at_k.png."""
+def write_metrics(path, metrics, ranks, plots_dir=None, embeddings=None):
+  """metrics.json at `path` and, with `plots_dir`, rank_histogram.png and recall_at_k.png (+ one
+  ROC curve per zero-shot label when `embeddings` carry labels and prompts)."""
   written = [_written(path, lambda: interchange.write_metrics_json(path, metrics))]
   if plots_dir:
     from medfinder_jax import plots   # matplotlib only when plots are asked for
     written += _written(plots_dir, lambda: plots.save_retrieval_plots(ranks, plots_dir))
+    section = metrics.get("zeroshot") or {}
+    if embeddings is not None and section.get("labels"):
+      if metrics.get("gallery", {}).get("unit") == "scan":
+        embeddings = metrics_lib.scan_gallery(embeddings)
+      written += _written(plots_dir, lambda: plots.save_roc_plots(
+          metrics_lib.zeroshot_scores(embeddings), embeddings.labels, section, plots_dir))
   return written
 
 
@@ -98,6 +125,6 @@ def _written(path, write):
 
 
 def format_result(metrics, written):
-  """The table (with chance levels) and the files written."""
+  """The tables (with chance levels) and the files written."""
   return metrics_lib.format_metrics_table(metrics, show_chance=True) + "\nwrote " + \
       ", ".join(written)

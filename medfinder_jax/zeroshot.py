@@ -1,0 +1,425 @@
+"""Zero-shot abnormality classification: prompts, P(present), AUROC, AUPRC and operating points.
+
+The field's protocol (CT-CLIP, and the systems compared with it): for each label, a positive and a
+negative prompt ("{label}." / "No {label}." by default; CT-CLIP's are "{label} is present." /
+"{label} is not present."). A volume's P(present) is the softmax over its two cosine similarities
+scaled by the model's temperature, i.e. sigmoid(scale · (cos(v, positive) − cos(v, negative))).
+With several phrasings (an ensemble), each prompt embedding is L2-normalized, the phrasings of a
+side are averaged and the mean normalized again.
+
+Per label, from the (N, L) probabilities and the (N, L) 0/1 labels:
+- AUROC: exact, ties counted one half (the Mann-Whitney statistic; scikit-learn's
+  roc_auc_score). AUPRC: average precision over distinct thresholds (average_precision_score).
+- An operating point chosen by Youden's J (max sensitivity + specificity − 1, ties to the
+  highest threshold) on a validation split and applied to the evaluated split (predicted
+  present when P ≥ threshold): F1, accuracy, sensitivity, specificity.
+- Prevalence and the number of positives. A label with no positives or no negatives in the split
+  has no AUROC or AUPRC: it is reported as undefined (None), never as 0.5.
+- Macro (mean over defined labels) and weighted (by positives) averages; percentile-bootstrap
+  CIs resampling studies (one resample shared by every label), seeded.
+
+Everything is vectorized over labels: one sort per label, then cumulative sums over the sorted
+scores, with weights (1 for the point estimates, bootstrap draw counts for replicates).
+"""
+
+import dataclasses
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medfinder_jax import bootstrap
+from medfinder_jax import errors
+
+DEFAULT_TEMPLATES = (("{label}.", "No {label}."),)
+THRESHOLD_METRICS = ("F1", "accuracy", "sensitivity", "specificity")
+BOOTSTRAP_METRICS = ("AUROC", "AUPRC", "F1")
+REPLICATE_ELEMENTS = 1 << 22   # study x replicate entries per label and batch (bounds memory)
+
+
+class ZeroShotError(errors.UserError):
+  """Zero-shot settings or inputs that cannot be used; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotSettings:
+  """How zero-shot classification is run (config `eval.zeroshot`).
+
+  enabled: compute it when labels are available; templates: (positive, negative) pairs, each with
+  "{label}", averaged when several; findings: the labels read from the reports (negation-aware,
+  findings.py) for a corpus whose records carry no label vector; threshold_split: the split whose
+  Youden's J picks each label's operating point ("" = the evaluated split itself).
+  """
+  enabled: bool = True
+  templates: tuple = DEFAULT_TEMPLATES
+  findings: tuple = ()
+  threshold_split: str = "val"
+
+  def __post_init__(self):
+    templates = tuple(tuple(pair) for pair in self.templates)
+    if not templates or any(len(pair) != 2 or not all(
+        isinstance(t, str) and "{label}" in t for t in pair) for pair in templates):
+      raise ZeroShotError(f"config eval.zeroshot.templates={self.templates!r}: expected "
+                          f"(positive, negative) pairs of strings containing '{{label}}', e.g. "
+                          f"{DEFAULT_TEMPLATES!r}")
+    object.__setattr__(self, "templates", templates)
+    if any(not isinstance(f, str) or not f.strip() for f in self.findings):
+      raise ZeroShotError(f"config eval.zeroshot.findings={self.findings!r}: expected finding "
+                          f"names, e.g. ('pleural effusion', 'emphysema')")
+    object.__setattr__(self, "findings", tuple(self.findings))
+
+  @classmethod
+  def from_config(cls, zeroshot_config):
+    if zeroshot_config is None:
+      return cls(enabled=False)
+    return cls(enabled=bool(zeroshot_config.enabled), templates=tuple(zeroshot_config.templates),
+               findings=tuple(zeroshot_config.findings),
+               threshold_split=str(zeroshot_config.threshold_split or ""))
+
+
+# --- Prompts and probabilities --------------------------------------------------------------------
+
+def prompts(label_names, templates=DEFAULT_TEMPLATES):
+  """The prompt texts, flat, in (label, template, positive/negative) order: L·T·2 strings."""
+  return [template.format(label=name) for name in label_names for pair in templates
+          for template in pair]
+
+
+def _normalize(x):
+  x = np.asarray(x, np.float64)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def ensemble(prompt_embeddings, num_labels, num_templates):
+  """(L·T·2, D) embeddings of `prompts` -> (L, 2, D) float32: each normalized, the T phrasings
+  of a side averaged, the mean normalized again."""
+  embeddings = _normalize(prompt_embeddings).reshape(num_labels, num_templates, 2, -1)
+  return _normalize(embeddings.mean(axis=1)).astype(np.float32)
+
+
+@jax.jit
+def _probabilities(image_embeddings, prompt_embeddings, scale):
+  image = image_embeddings / jnp.maximum(
+      jnp.linalg.norm(image_embeddings, axis=-1, keepdims=True), 1e-12)
+  prompt = prompt_embeddings / jnp.maximum(
+      jnp.linalg.norm(prompt_embeddings, axis=-1, keepdims=True), 1e-12)
+  cosines = jnp.einsum("nd,lsd->nls", image, prompt, precision=jax.lax.Precision.HIGHEST)
+  return jax.nn.softmax(scale * cosines, axis=-1)[..., 0]
+
+
+def probabilities(image_embeddings, prompt_embeddings, scale):
+  """(N, L) float32 P(present): softmax over (positive, negative) of scale · cosine.
+
+  image_embeddings (N, D); prompt_embeddings (L, 2, D) (positive, negative); scale: the model's
+  inverse temperature (losses.similarity_scale)."""
+  return np.asarray(_probabilities(jnp.asarray(image_embeddings, jnp.float32),
+                                   jnp.asarray(prompt_embeddings, jnp.float32),
+                                   jnp.float32(scale)))
+
+
+# --- Sorted scores ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SortedScores:
+  """Each label's scores sorted ascending, (L, N), and the tie groups among them.
+
+  Statistics are computed over the sorted order as if untied and then corrected at the tied
+  positions only (few, for continuous scores). Per label, tied positions are listed padded to
+  the same length K: tie_position, tie_start (the first position of its group of equal scores),
+  tie_group (the group's number within the label) and tie_valid (0 for padding).
+  """
+  order: np.ndarray        # (L, N) int32 study indices, ascending score
+  scores: np.ndarray       # (L, N) float32 sorted scores
+  positive: np.ndarray     # (L, N) float32 0/1 in sorted order
+  tie_position: np.ndarray  # (L, K) int32
+  tie_start: np.ndarray
+  tie_group: np.ndarray
+  tie_valid: np.ndarray    # (L, K) float32
+  num_groups: int          # the most tie groups of any label (at least 1)
+
+  @classmethod
+  def of(cls, scores, labels):
+    """scores, labels: (N, L) (studies x labels)."""
+    scores = np.asarray(scores, np.float32).T
+    order = np.argsort(scores, axis=1, kind="stable")
+    ordered = np.take_along_axis(scores, order, axis=1)
+    positive = np.take_along_axis(np.asarray(labels).T, order, axis=1).astype(np.float32)
+    ties = [_tie_groups(row) for row in ordered]
+    width = max([1] + [len(t[0]) for t in ties])
+    pad = lambda values, dtype: np.stack([np.pad(v, (0, width - len(v))) for v in values]  # noqa
+                                         ).astype(dtype)
+    return cls(order=order.astype(np.int32), scores=ordered, positive=positive,
+               tie_position=pad([t[0] for t in ties], np.int32),
+               tie_start=pad([t[1] for t in ties], np.int32),
+               tie_group=pad([t[2] for t in ties], np.int32),
+               tie_valid=pad([np.ones(len(t[0])) for t in ties], np.float32),
+               num_groups=max([1] + [int(t[2].max()) + 1 for t in ties if len(t[2])]))
+
+  def arrays(self, cut):
+    """The per-label arrays _label_stats reads, in its argument order, for lax.map."""
+    return tuple(jnp.asarray(x) for x in (self.order, self.positive, self.tie_position,
+                                          self.tie_start, self.tie_group, self.tie_valid, cut))
+
+  def cut(self, thresholds):
+    """(L,) int32: per label, the first sorted position with score >= its threshold."""
+    return np.array([np.searchsorted(row, t, side="left") for row, t in
+                     zip(self.scores, np.asarray(thresholds, np.float32))], np.int32)
+
+
+def _tie_groups(row):
+  """(positions, group starts, group numbers) of the tied entries of one sorted row."""
+  same = row[1:] == row[:-1]                       # position i+1 ties with position i
+  tied = np.zeros(len(row), bool)
+  tied[1:] |= same
+  tied[:-1] |= same
+  position = np.flatnonzero(tied)
+  opens = ~((position > 0) & same[np.maximum(position - 1, 0)])    # the first of its group
+  group = np.cumsum(opens) - 1
+  return position, position[opens][group], group
+
+
+def _label_stats(weights, positive, tie_position, tie_start, tie_group, tie_valid, cut,
+                 num_groups):
+  """Weighted statistics of one label over its sorted scores, for R weightings at once.
+
+  weights: (N, R) in this label's sorted order (1 for the point estimate, bootstrap draw counts
+  for replicates); positive: (N,) 0/1. Returns {"AUROC", "AUPRC", "tp", "fp", "fn", "tn"}, each
+  (R,); AUROC/AUPRC are NaN without positive or negative weight.
+  """
+  wp = weights * positive[:, None]
+  wn = weights - wp
+  cum_p, cum_n = jnp.cumsum(wp, axis=0), jnp.cumsum(wn, axis=0)
+  total_p, total_n = cum_p[-1], cum_n[-1]
+  below_p, below_n = cum_p - wp, cum_n - wn          # weight strictly before each position
+
+  def precision(before_p, before_n):   # of everything from a position up
+    above_p = total_p - before_p
+    return above_p / jnp.maximum(above_p + total_n - before_n, 1e-30)
+
+  # As if untied: each positive beats the negatives before it and takes the precision of
+  # everything from it up. Tied positions: a positive beats the negatives below its group and
+  # half of its group's, and takes the precision at the group's threshold.
+  auroc = jnp.sum(wp * below_n, axis=0)
+  auprc = jnp.sum(wp * precision(below_p, below_n), axis=0)
+  tied_p = wp[tie_position] * tie_valid[:, None]
+  group_n = jax.ops.segment_sum(wn[tie_position] * tie_valid[:, None], tie_group, num_groups)
+  start_p, start_n = below_p[tie_start], below_n[tie_start]
+  own_p, own_n = below_p[tie_position], below_n[tie_position]
+  auroc += jnp.sum(tied_p * (start_n - own_n + 0.5 * group_n[tie_group]), axis=0)
+  auprc += jnp.sum(tied_p * (precision(start_p, start_n) - precision(own_p, own_n)), axis=0)
+  # Called present: positions from `cut` up.
+  fn = jnp.where(cut > 0, cum_p[jnp.maximum(cut - 1, 0)], 0.0)
+  tn = jnp.where(cut > 0, cum_n[jnp.maximum(cut - 1, 0)], 0.0)
+  defined = (total_p > 0) & (total_n > 0)
+  return {"AUROC": jnp.where(defined, auroc / (total_p * total_n), jnp.nan),
+          "AUPRC": jnp.where(defined, auprc / total_p, jnp.nan),
+          "tp": total_p - fn, "fp": total_n - tn, "fn": fn, "tn": tn}
+
+
+def _all_labels(weights, per_label, num_groups):
+  """_label_stats of every label (one at a time: memory N x R), as {name: (R, L)}.
+  weights: (N, R) by study; per_label: SortedScores.arrays()."""
+
+  def one(x):
+    order, rest = x[0], x[1:]
+    return _label_stats(weights[order], *rest, num_groups)
+
+  return {k: v.T for k, v in jax.lax.map(one, per_label).items()}
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups",))
+def _point_stats(per_label, num_groups):
+  n = per_label[0].shape[1]
+  return {k: v[0] for k, v in _all_labels(jnp.ones((n, 1)), per_label, num_groups).items()}
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups",))
+def _replicate_stats(keys, per_label, num_groups):
+  """Bootstrap replicates: each key resamples the N studies (shared by every label); returns
+  {"AUROC", "AUPRC", "F1"}, each (keys, L)."""
+  n = per_label[0].shape[1]
+  weights = jax.vmap(lambda key: bootstrap.resample_counts(key, n))(keys).T     # (N, R)
+  stats = _all_labels(weights, per_label, num_groups)
+  return {"AUROC": stats["AUROC"], "AUPRC": stats["AUPRC"], "F1": _f1(stats)}
+
+
+def _f1(stats):
+  denominator = 2 * stats["tp"] + stats["fp"] + stats["fn"]
+  return jnp.where(denominator > 0, 2 * stats["tp"] / jnp.maximum(denominator, 1e-30), jnp.nan)
+
+
+# --- Operating points ------------------------------------------------------------------------------
+
+def youden_thresholds(scores, labels):
+  """(L,) float32: per label, the score that maximizes sensitivity + specificity − 1 when P ≥
+  threshold is called present (ties to the highest threshold); NaN for a label without
+  positives or negatives."""
+  sorted_scores = SortedScores.of(scores, labels)
+  positive = sorted_scores.positive.astype(np.float64)
+  total_p = positive.sum(axis=1, keepdims=True)
+  total_n = positive.shape[1] - total_p
+  below_p = np.cumsum(positive, axis=1) - positive
+  below_n = np.cumsum(1.0 - positive, axis=1) - (1.0 - positive)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    j = (total_p - below_p) / total_p - (total_n - below_n) / total_n
+  thresholds = np.full(len(positive), np.nan, np.float32)
+  for label in range(len(positive)):
+    if total_p[label, 0] == 0 or total_n[label, 0] == 0:
+      continue
+    row = sorted_scores.scores[label]
+    starts = np.flatnonzero(np.concatenate([[True], row[1:] != row[:-1]]))  # distinct scores
+    best = starts[::-1][np.argmax(j[label, starts][::-1])]   # last maximum: highest threshold
+    thresholds[label] = sorted_scores.scores[label, best]
+  return thresholds
+
+
+# --- Results ---------------------------------------------------------------------------------------
+
+def _none_if_nan(value):
+  value = float(value)
+  return None if math.isnan(value) else value
+
+
+def _threshold_metrics(stats):
+  """F1, accuracy, sensitivity, specificity (L,) from counts; NaN where undefined."""
+  tp, fp, fn, tn = (np.asarray(stats[k], np.float64) for k in ("tp", "fp", "fn", "tn"))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return {"F1": np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan),
+            "accuracy": (tp + tn) / (tp + fp + fn + tn),
+            "sensitivity": np.where(tp + fn > 0, tp / (tp + fn), np.nan),
+            "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan)}
+
+
+def _averages(per_label, weights):
+  """{"macro": {...}, "weighted": {...}} over labels whose value is defined (not NaN)."""
+  out = {"macro": {}, "weighted": {}}
+  for name, values in per_label.items():
+    values = np.asarray(values, np.float64)
+    defined = ~np.isnan(values)
+    out["macro"][name] = _none_if_nan(values[defined].mean()) if defined.any() else None
+    w = weights * defined
+    out["weighted"][name] = (_none_if_nan(np.sum(values[defined] * w[defined]) / w.sum())
+                             if w.sum() > 0 else None)
+  return out
+
+
+def _replicate_batch(n):
+  """Replicates per device call: a label's (N, R) arrays stay near REPLICATE_ELEMENTS entries."""
+  return max(1, min(bootstrap.BATCH, REPLICATE_ELEMENTS // max(n, 1)))
+
+
+def _bootstrap_intervals(sorted_scores, cut, num_samples, seed, level):
+  """{metric: (L, 2)} per-label and {metric: [lo, hi]} macro percentile intervals."""
+  n = sorted_scores.positive.shape[1]
+  kernel = functools.partial(_replicate_stats, num_groups=sorted_scores.num_groups)
+  samples = bootstrap.run_replicates(kernel, seed, num_samples, sorted_scores.arrays(cut),
+                                     batch=_replicate_batch(n))
+  per_label, macro = {}, {}
+  with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)   # undefined labels: all-NaN replicates
+    for name, values in samples.items():
+      values = np.asarray(values, np.float64)
+      per_label[name] = bootstrap.percentile_interval(values, level).T      # (L, 2)
+      macro[name] = bootstrap.percentile_interval(np.nanmean(values, axis=1), level)
+  return per_label, macro
+
+
+def _interval(pair):
+  lo, hi = (_none_if_nan(v) for v in pair)
+  return None if lo is None or hi is None else [lo, hi]
+
+
+def classification_metrics(scores, labels, label_names, *, thresholds=None,
+                           threshold_source="evaluated split", bootstrap_samples=0, seed=0,
+                           level=0.95):
+  """The metrics.json "zeroshot" section from (N, L) P(present) and (N, L) 0/1 labels.
+
+  thresholds: (L,) operating points (e.g. youden_thresholds on the validation split); None =
+  Youden's J on these scores themselves (optimistic; `threshold_source` says which was used).
+  Returns {label: {"AUROC", "AUPRC", "F1", "accuracy", "sensitivity", "specificity",
+  "threshold", "n_positive", "prevalence", "defined", "ci": {...}}, "macro": {...},
+  "weighted": {...}, "n", "threshold_source", "ci": {"level", "samples", "seed"}}; AUROC and
+  AUPRC are fractions in [0, 1], None where undefined.
+  """
+  scores, labels = np.asarray(scores, np.float32), np.asarray(labels)
+  if scores.shape != labels.shape or scores.ndim != 2:
+    raise ZeroShotError(f"zero-shot scores {scores.shape} and labels {labels.shape} must both be "
+                        f"(N, L)")
+  if len(label_names) != labels.shape[1]:
+    raise ZeroShotError(f"{len(label_names)} label names for {labels.shape[1]} label columns")
+  labels = (labels > 0).astype(np.int8)
+  if thresholds is None:
+    thresholds = youden_thresholds(scores, labels)
+  thresholds = np.asarray(thresholds, np.float32)
+  sorted_scores = SortedScores.of(scores, labels)
+  cut = sorted_scores.cut(np.where(np.isnan(thresholds), np.inf, thresholds))
+  stats = {k: np.asarray(v, np.float64) for k, v in _point_stats(
+      sorted_scores.arrays(cut), num_groups=sorted_scores.num_groups).items()}
+  per_label = {"AUROC": stats["AUROC"], "AUPRC": stats["AUPRC"], **_threshold_metrics(stats)}
+  n_positive = labels.sum(axis=0)
+  n = labels.shape[0]
+  if bootstrap_samples:
+    label_ci, macro_ci = _bootstrap_intervals(sorted_scores, cut, int(bootstrap_samples), seed,
+                                              level)
+  result = {}
+  for j, name in enumerate(label_names):
+    entry = {metric: _none_if_nan(values[j]) for metric, values in per_label.items()}
+    entry.update(threshold=_none_if_nan(thresholds[j]), n_positive=int(n_positive[j]),
+                 prevalence=float(n_positive[j] / n),
+                 defined=bool(0 < n_positive[j] < n))
+    if bootstrap_samples:
+      entry["ci"] = {metric: _interval(label_ci[metric][j]) for metric in BOOTSTRAP_METRICS}
+    result[str(name)] = entry
+  result.update(_averages(per_label, n_positive.astype(np.float64)))
+  if bootstrap_samples:
+    result["macro"]["ci"] = {metric: _interval(macro_ci[metric]) for metric in BOOTSTRAP_METRICS}
+    result["ci"] = {"level": level, "samples": int(bootstrap_samples), "seed": int(seed)}
+  result["labels"] = [str(name) for name in label_names]
+  result["n"] = int(n)
+  result["threshold_source"] = threshold_source
+  return result
+
+
+# --- Table -----------------------------------------------------------------------------------------
+
+def _cell(value, interval=None, digits=3):
+  if value is None:
+    return "undefined"
+  text = f"{value:.{digits}f}"
+  if interval:
+    text += f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+  return text
+
+
+def format_table(section, digits=3):
+  """Text table of a "zeroshot" section: label, n+, AUROC [CI], AUPRC, F1, with chance levels
+  (AUROC 0.5; AUPRC and the F1 of calling every study present follow from the prevalence)."""
+  header = ["finding", "n+", "AUROC", "AUPRC (chance)", "F1 (chance)", "sens", "spec"]
+  rows = []
+  for name in section["labels"] + ["macro"]:
+    entry = section[name]
+    ci = entry.get("ci") or {}
+    if name == "macro":
+      chance_ap = chance_f1 = None
+      positives = ""
+    else:
+      p = entry["prevalence"]
+      chance_ap, chance_f1 = p, (2 * p / (1 + p) if p > 0 else 0.0)
+      positives = str(entry["n_positive"])
+    with_chance = lambda v, c: _cell(v, None, digits) + (  # noqa: E731
+        "" if c is None else f" ({c:.{digits}f})")
+    rows.append([name, positives, _cell(entry["AUROC"], ci.get("AUROC"), digits),
+                 with_chance(entry["AUPRC"], chance_ap), with_chance(entry["F1"], chance_f1),
+                 _cell(entry.get("sensitivity"), None, 2), _cell(entry.get("specificity"), None, 2)])
+  widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+  lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
+                     for c, (cell, w) in enumerate(zip(row, widths))) for row in [header] + rows]
+  level = section.get("ci", {}).get("level")
+  note = (f"zero-shot on N={section['n']} (AUROC chance 0.5"
+          + (f"; [{level:.0%} CI]" if level else "")
+          + f"; thresholds: Youden's J on the {section['threshold_source']})")
+  return note + "\n" + "\n".join(lines)
+
