@@ -235,7 +235,8 @@ def load_series(folder, max_volume_mib=None):
   check_decoder(ordered[0].transfer_syntax)
   try:
     raw, slope, inter = read_pixels(ordered)
-  except (ValueError, AttributeError, pydicom.errors.InvalidDicomError, EOFError) as err:
+  except (ValueError, AttributeError, RuntimeError, pydicom.errors.InvalidDicomError,
+          EOFError) as err:
     raise SeriesProblem(f"cannot decode the pixel data: {type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
   return preprocess.checked_source(raw, slope, inter, series_affine(ordered), series_uid=uid,
