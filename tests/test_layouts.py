@@ -276,3 +276,16 @@ def test_schema_version_is_bumped_and_records_carry_the_new_features(layouts):
   record = next(iter(records(out).values()))
   assert record["scan_id"] == record["study_id"] and record["patient_id"] == b""
   assert record["series_uid"] == b"" and "labels" not in record
+
+
+def test_cli_writes_each_layout_and_convert_says_which_it_detected(tmp_path, capsys):
+  import launch  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "ct"
+  assert launch.main(["phantom", "--out", str(root), "--n", "4", "--folders", "3", "--size",
+                      "32", "--slices", "12", "--layout", "ctrate"]) == 0
+  assert launch.main(["convert", "--data_root", str(root), "--output_dir", str(tmp_path / "o"),
+                      "--shape", "16,16,8", "--workers", "0"]) == 0
+  assert "layout: ctrate (detected: found dataset/" in capsys.readouterr().out
+  assert launch.main(["convert", "--data_root", str(root), "--output_dir", str(tmp_path / "p"),
+                      "--layout", "bimcv", "--workers", "0"]) == 2
+  assert "no CSV in" in capsys.readouterr().err
