@@ -25,6 +25,7 @@ read into the result, and no message quotes a header value that could identify a
 import dataclasses
 import math
 import os
+import sys
 
 import numpy as np
 import pydicom
@@ -58,6 +59,7 @@ class Slice:
   slope: float
   inter: float
   transfer_syntax: str
+  native_offset: int = -1     # file offset of uncompressed pixels that can be read as they are
 
 
 def read_headers(folder):
@@ -84,7 +86,7 @@ def _read_header(path):
   if "PixelData" not in ds or "ImagePositionPatient" not in ds:
     return None
   try:
-    return Slice(
+    slice_ = Slice(
         path=path, series_uid=str(ds.get("SeriesInstanceUID", "")),
         modality=str(ds.get("Modality", "")).upper(),
         position=np.asarray([float(v) for v in ds.ImagePositionPatient], np.float64),
@@ -94,8 +96,29 @@ def _read_header(path):
         signed=int(ds.get("PixelRepresentation", 0)) == 1,
         slope=float(ds.get("RescaleSlope", 1.0)), inter=float(ds.get("RescaleIntercept", 0.0)),
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")))
+    slice_.native_offset = _native_offset(ds, slice_)
+    return slice_
   except (AttributeError, ValueError, TypeError, KeyError):
     return None
+
+
+NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")   # implicit / explicit VR LE
+
+
+def _native_offset(ds, item):
+  """Where the pixels start in the file when they are exactly Rows x Columns little-endian
+  samples that need no unpacking (all bits stored, one sample per pixel), else -1. Such
+  pixels are read straight into the volume: decoding them through pydicom parses every file a
+  second time and copies each slice twice."""
+  element = ds.get_item("PixelData", keep_deferred=True)
+  value_tell = getattr(element, "value_tell", None)
+  if (item.transfer_syntax not in NATIVE_SYNTAXES or value_tell is None
+      or getattr(element, "value", b"") is not None
+      or int(ds.get("BitsStored", 0)) != item.bits or item.bits not in (8, 16, 32)
+      or int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1
+      or int(element.length) != item.rows * item.columns * item.bits // 8):
+    return -1
+  return int(value_tell)
 
 
 def choose_series(slices):
@@ -210,6 +233,9 @@ def read_pixels(ordered):
   dtype = np.dtype(("i" if first.signed else "u") + str(first.bits // 8)) if uniform else np.float32
   out = np.empty((len(ordered), first.rows, first.columns), dtype)
   for k, item in enumerate(ordered):
+    if uniform and item.native_offset >= 0:
+      _read_native(item, out[k])
+      continue
     pixels = pydicom.dcmread(item.path).pixel_array
     if pixels.shape != (first.rows, first.columns):
       raise SeriesProblem(f"slice {k + 1} holds {pixels.shape} pixels, not one frame of "
@@ -217,6 +243,17 @@ def read_pixels(ordered):
     out[k] = pixels if uniform else pixels * np.float32(item.slope) + np.float32(item.inter)
   slope, inter = (first.slope, first.inter) if uniform else (1.0, 0.0)
   return out.transpose(2, 1, 0), slope, inter
+
+
+def _read_native(item, target):
+  """Reads an uncompressed little-endian slice straight into `target` (Rows x Columns)."""
+  view = memoryview(target.reshape(-1).view(np.uint8))
+  with open(item.path, "rb") as file:
+    file.seek(item.native_offset)
+    if file.readinto(view) != view.nbytes:
+      raise SeriesProblem("a DICOM file ends inside its pixel data (truncated)")
+  if sys.byteorder == "big":
+    target.byteswap(inplace=True)
 
 
 def load_series(folder, max_volume_mib=None):
