@@ -112,7 +112,10 @@ def main(argv=None):
 # Each entry: name -> (help, add_arguments(parser), run(args, config) -> exit code).
 
 def add_phantom_args(parser):
-  parser.add_argument("--out", required=True, help="output folder (BIMCV-R layout)")
+  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--layout", choices=("bimcv", "ctrate", "dicom"), default="bimcv",
+                      help="bimcv: CT*/ct/*.nii.gz + meta/*.csv; ctrate: CT-RATE's dataset/ "
+                           "folders and CSVs; dicom: one DICOM series folder per study")
   parser.add_argument("--n", type=int, required=True, help="number of studies")
   parser.add_argument("--seed", type=int, default=0, help="corpus seed (deterministic output)")
   parser.add_argument("--folders", type=int, default=10, help="CT folders (10: 7/1/2 split)")
@@ -127,14 +130,19 @@ def run_phantom(args, config):
   del config
   from data_prep import phantom  # pylint: disable=g-import-not-at-top
   csv_path = phantom.write_phantom_corpus(args.out, args.n, seed=args.seed, folders=args.folders,
-                                          size=args.size, slices=args.slices, progress=True)
-  print(f"wrote {args.n} phantom studies under {args.out} (CSV: {csv_path})")
+                                          size=args.size, slices=args.slices, progress=True,
+                                          layout=args.layout)
+  print(f"wrote {args.n} phantom studies under {args.out} in the {args.layout} layout "
+        f"(CSV: {csv_path})")
   return 0
 
 
 def add_convert_args(parser):
   add_config_args(parser)
-  parser.add_argument("--data_root", default=None, help="corpus root: CT*/ct/*.nii.gz, meta/*.csv")
+  parser.add_argument("--data_root", default=None,
+                      help="corpus root (BIMCV-R: CT*/ct/*.nii.gz, meta/*.csv; CT-RATE: dataset/)")
+  parser.add_argument("--layout", choices=("auto", "bimcv", "ctrate", "dicom"), default=None,
+                      help="corpus layout (data.layout; default auto: detected, and printed)")
   parser.add_argument("--output_dir", default=None,
                       help="where the TFRecords go (sets data.tfrecord_dir)")
   parser.add_argument("--shape", default=None, help="X,Y,Z voxels (data.shape)")
@@ -149,7 +157,7 @@ def run_convert(args, config):
   from data_prep import corpus  # pylint: disable=g-import-not-at-top
   data = config.data
   overrides = {"tfrecord_dir": args.output_dir, "shape": args.shape, "split_by": args.split_by,
-               "workers": args.workers}
+               "workers": args.workers, "layout": args.layout}
   config_utils.apply_overrides(
       config, {f"data.{k}": str(v) for k, v in overrides.items() if v is not None})
   config_utils.check_config(config)
@@ -348,7 +356,7 @@ def run_demo(args, config):
 
 
 COMMANDS = {
-    "phantom": ("write a synthetic chest-CT corpus in the BIMCV-R layout",
+    "phantom": ("write a synthetic chest-CT corpus (BIMCV-R, CT-RATE or DICOM layout)",
                 add_phantom_args, run_phantom),
     "convert": ("convert a CT + report corpus into TFRecord shards (TFDS-readable)",
                 add_convert_args, run_convert),

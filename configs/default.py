@@ -24,6 +24,9 @@ def get_config(arg=None):
   # --- Raw corpus -> TFRecords (data_prep/) ------------------------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.data_root = ""              # BIMCV-R layout: CT*/ct/*.nii.gz and meta/*.csv
+  c.data.layout = "auto"             # "auto" (detect, and say which) | "bimcv" | "ctrate" | "dicom"
+  c.data.val_fraction = 0.1          # ctrate: train patients carved out as val (by patient)
+  c.data.ctrate_report_columns = ("Findings_EN", "Impressions_EN")  # ctrate: joined into the report
   c.data.csv = ""                    # "" = auto: meta/curated_ct_report_path_En.csv, else meta/BIMCV-R.csv
   c.data.csv_encoding = "utf-8"      # rows with bytes invalid in this encoding are skipped and reported
   c.data.path_column = "path"
@@ -36,6 +39,9 @@ def get_config(arg=None):
   c.data.hu_window = (-1000.0, 1000.0)
   c.data.body_threshold_hu = -500.0  # ct mode: body crop = bounding box of voxels above this HU
   c.data.volume_dtype = "uint8"      # "uint8" ([0,1] * 255) | "int16" (HU)
+  c.data.body_crop = True            # ct mode: crop to the body first (CT-CLIP's preset: False)
+  c.data.fit = "shrink"              # ct mode, a body larger than shape: "shrink" | "crop" (centre)
+  c.data.intensity_mapping = "unit"  # model input: "unit" (window -> [0,1]) | "hu/1000" (int16 only)
   c.data.tfrecord_dir = ""           # converted dataset (output of `launch.py convert`)
   c.data.workers = 1
   c.data.shard_size = 64             # studies per TFRecord shard

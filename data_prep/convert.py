@@ -114,7 +114,8 @@ class Shard:
 
   def fingerprint(self, settings_digest):
     """Changes when the settings or any of the shard's inputs change."""
-    inputs = [(s.study_id, s.source_path, s.file_size, s.report, sorted(s.labels.items()))
+    inputs = [(s.study_id, s.source_path, s.file_size, s.report, sorted(s.labels.items()),
+               s.scan_id, s.patient_id, list(s.label_vector), s.source_meta)
               for s in self.studies]
     return _digest([settings_digest, self.filename, inputs])
 
@@ -144,11 +145,11 @@ def plan_shards(studies, shard_size, min_shards):
 
 # --- Records ------------------------------------------------------------------------------------
 
-def features_dict(shape, volume_dtype, label_columns=()):
+def features_dict(shape, volume_dtype, label_columns=(), num_labels=0):
   """The tfds FeaturesDict for records of this shape/dtype (the volume zlib-compressed)."""
   features = {}
-  for name, (kind, dtype, dims) in schema.feature_specs(shape, volume_dtype,
-                                                        label_columns).items():
+  for name, (kind, dtype, dims) in schema.feature_specs(shape, volume_dtype, label_columns,
+                                                        num_labels).items():
     if kind == "text":
       features[name] = tfds.features.Text()
     elif name == schema.VOLUME:
@@ -165,9 +166,9 @@ def features_dict(shape, volume_dtype, label_columns=()):
 _WORKER = {}
 
 
-def init_worker(data_root, params, label_columns, limits=None):
+def init_worker(data_root, params, label_columns, limits=None, num_labels=0):
   """Per-process setup: the feature spec and serializer (no TensorFlow needed here)."""
-  features = features_dict(params.shape, params.volume_dtype, label_columns)
+  features = features_dict(params.shape, params.volume_dtype, label_columns, num_labels)
   _WORKER.update(data_root=data_root, params=params, features=features,
                  serializer=example_serializer.ExampleSerializer(features.get_serialized_info()),
                  limits=limits or Limits())
@@ -180,6 +181,8 @@ def convert_study(study):
   try:
     source = preprocess.load_source(os.path.join(_WORKER["data_root"], study.source_path),
                                     _WORKER["limits"].max_volume_mib)
+    if study.source_meta:
+      source = preprocess.with_metadata(source, study.source_meta)
     volume, volume_spacing = preprocess.preprocess(source, _WORKER["params"])
     example = make_example(study, source, volume, volume_spacing)
     encoded = encode_example(_WORKER["features"], example, _WORKER["params"])
@@ -261,7 +264,14 @@ def make_example(study, source, volume, volume_spacing):
       schema.REPORT: study.report,
       schema.STUDY_ID: study.study_id,
       schema.SOURCE_PATH: study.source_path,
+      schema.SCAN_ID: study.scan_id or study.study_id,
+      schema.PATIENT_ID: study.patient_id,
+      schema.SERIES_UID: source.series_uid,
+      schema.HU_SCALING: np.asarray([source.slope, source.inter], np.float32),
+      schema.HU_SOURCE: source.hu_source,
   }
+  if study.label_vector:
+    example[schema.LABELS] = np.asarray(study.label_vector, np.int8)
   example.update(study.labels)
   return example
 
@@ -466,6 +476,9 @@ def dataset_metadata(params, corpus):
                  "max(1, round(n/10)) before them val, the rest train (7/1/2 of 10)",
       "rows": "CSV rows: [0, int(n*0.7)) train, [int(n*0.7), int(n*(0.7+0.1))) val, rest test "
               "(the released code's slicing)",
+      "patients": "CT-RATE: the valid folder is test; val = the train patients first in "
+                  "sha256(patient id) order, max(1, round(n * data.val_fraction)) of them; "
+                  "every scan and reconstruction of a patient in the patient's split",
   }[corpus.split_by]
   return {
       "schema_version": schema.SCHEMA_VERSION,
@@ -479,7 +492,10 @@ def dataset_metadata(params, corpus):
       "split_rule": split_rule,
       "split_assignment": corpus.split_assignment,
       "label_columns": list(corpus.label_columns),
+      "label_names": list(corpus.label_names),
+      "layout": corpus.layout,
       "csv": os.path.basename(corpus.csv_path),
+      "sources": {role: os.path.basename(path) for role, path in corpus.sources.items()},
   }
 
 
@@ -502,7 +518,8 @@ def _write_tfds_metadata(output_dir, params, corpus, lengths, sizes):
       for split in schema.SPLITS if split in lengths]
   tfds.folder_dataset.write_metadata(
       data_dir=output_dir,
-      features=features_dict(params.shape, params.volume_dtype, corpus.label_columns),
+      features=features_dict(params.shape, params.volume_dtype, corpus.label_columns,
+                             len(corpus.label_names)),
       split_infos=split_infos, filename_template=SHARD_TEMPLATE, check_data=False,
       description="CT volumes and radiology reports converted by MedFinder-JAX "
                   "(data_prep/convert.py); see metadata.json for the preprocessing.",
@@ -523,6 +540,7 @@ def build_report(output_dir, params, corpus, shards, markers, shard_lengths):
       "output_dir": os.path.abspath(output_dir),
       "csv": os.path.abspath(corpus.csv_path),
       "csv_rows": corpus.num_rows,
+      "layout": corpus.layout,
       "split_by": corpus.split_by,
       "split_assignment": corpus.split_assignment,
       "converted": converted,
@@ -572,7 +590,7 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
   try:
     params = schema.PreprocessParams.from_config(data_config)
     limits = Limits.from_config(data_config)
-    corpus = corpus_lib.read_corpus(data_config)
+    corpus = corpus_lib.read_corpus(data_config, log=log)
     schema.feature_specs(params.shape, params.volume_dtype, corpus.label_columns)  # name clashes
   except corpus_lib.CorpusError:
     raise
@@ -582,7 +600,8 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
   shards = plan_shards(corpus.studies, int(data_config.shard_size),
                        int(data_config.get("min_shards", 1)))
   settings_digest = _digest({"schema": schema.SCHEMA_VERSION, "params": params.to_dict(),
-                             "labels": list(corpus.label_columns)})
+                             "labels": list(corpus.label_columns),
+                             "label_names": list(corpus.label_names)})
   fingerprints = {s.filename: s.fingerprint(settings_digest) for s in shards}
   tmp_dir = os.path.join(output_dir, STATE_DIR, "tmp")
   try:
@@ -599,7 +618,8 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
   todo = [s for s in shards if s.filename not in markers]
   if markers:
     log(f"resuming: {len(markers)} of {len(shards)} shards already done")
-  init_args = (str(data_config.data_root), params, corpus.label_columns, limits)
+  init_args = (str(data_config.data_root), params, corpus.label_columns, limits,
+               len(corpus.label_names))
   markers.update(_convert_shards(output_dir, todo, fingerprints, workers, progress, init_args,
                                  convert_fn))
   lengths, sizes = split_totals(shards, markers)

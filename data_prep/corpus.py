@@ -1,9 +1,16 @@
 """The raw corpus: CSV rows matched to volume files, checked, and assigned to splits.
 
-Layout (BIMCV-R): `data_root/CT*/ct/<name>.nii.gz` and `data_root/meta/<csv>`. A CSV row's volume
+Every layout gives the same Corpus of Studies (convert.py is one converter): `read_corpus` picks
+the reader by data.layout ("auto": `detect_layout`). This module holds the shared types and the
+BIMCV-R reader; data_prep/corpus_ctrate.py reads CT-RATE.
+
+Layout `bimcv` (BIMCV-R): `data_root/CT*/ct/<name>.nii.gz` and `data_root/meta/<csv>`. A CSV row's volume
 is found as the released code code does, by the basename of its `path` among the CT*/ct/ files (so the
 CSV may hold paths from another machine); a relative path that names a CT*/ct/ file exactly wins
-over a basename match. Only regular files are used (a named pipe would block the reader). Row
+over a basename match. A `path` that names a directory relative to data_root is one DICOM
+series (data_prep/dicom.py); its study id is the directory's name and its split folder the
+path's first component. Layout `dicom` is the same reader for a corpus of DICOM folders only
+(no CT*/ct/ folders needed), e.g. `CT1/dicom/<study>/*.dcm` with `meta/<csv>`. Only regular files are used (a named pipe would block the reader). Row
 numbers are 1-based data rows (the header is row 0); problems with the CSV's structure name the
 file's line (the header is line 1), as an editor shows it.
 
@@ -36,6 +43,7 @@ from medfinder_jax import errors
 
 
 CSV_CANDIDATES = ("curated_ct_report_path_En.csv", "BIMCV-R.csv")
+LAYOUTS = ("auto", "bimcv", "ctrate", "dicom")
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 SPLIT_RULES = ("folders", "rows")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
@@ -56,7 +64,11 @@ class Study:
   report: str
   labels: dict           # label column -> text
   split: str
-  file_size: int = 0
+  file_size: int = 0     # bytes of the file (of the folder's files for a DICOM series)
+  scan_id: str = ""      # groups reconstructions of one scan (CT-RATE); "" = the study id
+  patient_id: str = ""   # CT-RATE's patient key (the split unit); "" when the corpus has none
+  label_vector: tuple = ()   # multi-hot labels in the order of Corpus.label_names
+  source_meta: dict = None   # CT-RATE metadata overriding the header: slope, intercept, spacing
 
 
 @dataclasses.dataclass
@@ -80,6 +92,9 @@ class Corpus:
   split_assignment: dict  # folders: {split: [folders]}; rows: {split: [first_row, end_row)}
   label_columns: tuple    # configured label columns present in the CSV
   num_rows: int
+  layout: str = "bimcv"
+  label_names: tuple = ()   # the entries of every Study.label_vector, in order
+  sources: dict = dataclasses.field(default_factory=dict)   # role -> CSV file read
 
 
 @dataclasses.dataclass
@@ -285,6 +300,8 @@ def match_volume(path_text, files, data_root):
   if ".." in text.split("/"):
     return None, f"path {path_text!r} escapes data_root (contains '..'); refused"
   normalized = posixpath.normpath(text)
+  if normalized not in (".", "") and os.path.isdir(os.path.join(data_root, normalized)):
+    return dicom_folder(normalized, data_root)
   basename = posixpath.basename(normalized)
   candidates = files.get(basename, [])
   if not candidates:
@@ -298,6 +315,26 @@ def match_volume(path_text, files, data_root):
   if kinds[source] is not None:
     return None, f"{source} is {kinds[source]}, not a regular file; refused"
   return source, None
+
+
+def dicom_folder(relative, data_root):
+  """(source_path, None) for a DICOM series folder inside data_root, else (None, reason)."""
+  real_root = os.path.realpath(data_root)
+  if not os.path.realpath(os.path.join(data_root, relative)).startswith(real_root + os.sep):
+    return None, f"{relative} resolves outside data_root (symbolic link); refused"
+  return relative.strip("/"), None
+
+
+def folder_bytes(path):
+  """Bytes of a file, or of the regular files directly in a folder (a DICOM series)."""
+  if not os.path.isdir(path):
+    return os.path.getsize(path)
+  total = 0
+  with os.scandir(path) as entries:
+    for entry in entries:
+      if entry.is_file():
+        total += entry.stat().st_size
+  return total
 
 
 def file_kind(path):
@@ -333,12 +370,44 @@ def _undecodable(column, value, encoding):
           f"{match.start()}); save the CSV as UTF-8 or set data.csv_encoding")
 
 
-def read_corpus(data_config):
-  """Reads, matches and checks every CSV row; assigns splits. Raises CorpusError when the
-  corpus as a whole is unusable, otherwise lists bad rows in `skipped` with the reason."""
+def detect_layout(data_root):
+  """(layout, why): `ctrate` when data_root holds CT-RATE's dataset/ folder (its volumes or its
+  report CSVs), else `bimcv` when it holds CT*/ct/ folders, else `dicom` when it has meta/."""
+  dataset = os.path.join(data_root, "dataset")
+  for name in ("radiology_text_reports", "train", "valid"):
+    if os.path.isdir(os.path.join(dataset, name)):
+      return "ctrate", f"found dataset/{name}/"
+  if glob.glob(os.path.join(glob.escape(data_root), "CT*", "ct", "")):
+    return "bimcv", "found CT*/ct/ folders"
+  if os.path.isdir(os.path.join(data_root, "meta")):
+    return "dicom", "found meta/ without CT*/ct/ folders (CSV paths naming DICOM folders)"
+  raise CorpusError(f"cannot tell the layout of data_root {data_root!r}: no dataset/ folder "
+                    f"(CT-RATE), no CT*/ct/ folders (BIMCV-R) and no meta/ folder (a CSV of "
+                    f"DICOM folders); set --layout")
+
+
+def read_corpus(data_config, log=None):
+  """The Corpus of data.layout (LAYOUTS; "auto" detects it and says which via `log`)."""
   data_root = str(data_config.data_root)
   if not data_root or not os.path.isdir(data_root):
     raise CorpusError(f"data_root {data_root!r} is not a directory (set --data_root)")
+  layout = str(data_config.get("layout", "auto"))
+  if layout not in LAYOUTS:
+    raise CorpusError(f"data.layout={layout!r}; expected one of {LAYOUTS}")
+  if layout == "auto":
+    layout, why = detect_layout(data_root)
+    if log is not None:
+      log(f"layout: {layout} (detected: {why}; set --layout to choose)")
+  if layout == "ctrate":
+    from data_prep import corpus_ctrate  # pylint: disable=import-outside-toplevel
+    return corpus_ctrate.read_ctrate(data_config)
+  return read_csv_corpus(data_config, layout)
+
+
+def read_csv_corpus(data_config, layout="bimcv"):
+  """Reads, matches and checks every CSV row; assigns splits. Raises CorpusError when the
+  corpus as a whole is unusable, otherwise lists bad rows in `skipped` with the reason."""
+  data_root = str(data_config.data_root)
   split_by = str(data_config.split_by)
   if split_by not in SPLIT_RULES:
     raise CorpusError(f"data.split_by={split_by!r}; expected one of {SPLIT_RULES}")
@@ -355,8 +424,10 @@ def read_corpus(data_config):
                         f"its columns are {columns}")
   label_columns = tuple(c for c in data_config.label_columns if c in columns)
   folders, files = index_volumes(data_root)
+  folders = sorted(set(folders) | _dicom_split_folders(table, data_root), key=natural_key)
   if not folders:
-    raise CorpusError(f"no CT*/ct/ folders under data_root {data_root!r}")
+    raise CorpusError(f"no CT*/ct/ folders under data_root {data_root!r}, nor CSV paths naming "
+                      f"DICOM folders")
   if split_by == "folders":
     assignment = folder_split_assignment(folders)
     split_of_folder = {f: s for s, names in assignment.items() for f in names}
@@ -391,7 +462,20 @@ def read_corpus(data_config):
         row=row, study_id=study_id, source_path=source,
         folder=source.split("/")[0], report=record[report_column].strip(),
         labels={c: record[c] for c in label_columns}, split=split,
-        file_size=os.path.getsize(os.path.join(data_root, source))))
+        file_size=folder_bytes(os.path.join(data_root, source))))
   return Corpus(csv_path=csv_path, studies=studies, skipped=skipped, folders=folders,
                 split_by=split_by, split_assignment=assignment, label_columns=label_columns,
-                num_rows=len(table))
+                num_rows=len(table), layout=layout, sources={"reports": csv_path})
+
+
+def _dicom_split_folders(table, data_root):
+  """First path components of CSV paths that name DICOM folders (their split folders)."""
+  found = set()
+  for record in table:
+    text = record.path_text.strip().replace("\\", "/")
+    if not text or record.problem or ".." in text.split("/"):
+      continue
+    normalized = posixpath.normpath(text)
+    if normalized not in (".", "") and os.path.isdir(os.path.join(data_root, normalized)):
+      found.add(normalized.strip("/").split("/")[0])
+  return found

@@ -358,23 +358,38 @@ def canonical_affine(geometry):
   return affine
 
 
-def write_nifti(path, hu, geometry):
-  """Stores a canonical HU volume as int16 NIfTI with scl_slope/scl_inter and the geometry's
-  orientation (LPS = first two axes flipped). Byte-identical for identical input (gzip mtime 0).
-  """
+def stored_volume(hu, geometry, slope=None, inter=None):
+  """(raw int16 in the file's voxel order, RAS affine) of a canonical HU volume: the
+  geometry's orientation (LPS = first two axes flipped), HU = raw * slope + inter (the
+  geometry's scaling unless given). The one source of every layout's voxels."""
+  slope = geometry.slope if slope is None else slope
+  inter = geometry.inter if inter is None else inter
   affine = canonical_affine(geometry)
   target = nib.orientations.axcodes2ornt(tuple(geometry.orientation))
   transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), target)
   data = nib.orientations.apply_orientation(hu, transform)
   affine = affine @ nib.orientations.inv_ornt_aff(transform, hu.shape)
-  raw = np.clip(np.rint((data - geometry.inter) / geometry.slope), -32768, 32767).astype(np.int16)
+  raw = np.clip(np.rint((data - inter) / slope), -32768, 32767).astype(np.int16)
+  return raw, affine
+
+
+def write_nifti(path, hu, geometry):
+  """Stores a canonical HU volume as int16 NIfTI with scl_slope/scl_inter and the geometry's
+  orientation (LPS = first two axes flipped). Byte-identical for identical input (gzip mtime 0).
+  """
+  raw, affine = stored_volume(hu, geometry)
+  write_raw_nifti(path, raw, affine, geometry.slope, geometry.inter)
+
+
+def write_raw_nifti(path, raw, affine, slope=1.0, inter=0.0):
+  """int16 `raw` as a NIfTI file with this affine and scaling; byte-identical per input."""
   header = nib.Nifti1Header()
   header.set_data_dtype(np.int16)
   header.set_data_shape(raw.shape)
   header.set_qform(affine, code=1)
   header.set_sform(affine, code=1)
   header.set_xyzt_units("mm")
-  header.set_slope_inter(geometry.slope, geometry.inter)
+  header.set_slope_inter(slope, inter)
   with open(path, "wb") as file, gzip.GzipFile(fileobj=file, mode="wb", compresslevel=1,
                                                mtime=0, filename="") as stream:
     header.write_to(stream)
@@ -489,15 +504,26 @@ def make_study(seed, index, folders, n, size=512, slices=100):
   return study, rng
 
 
-def write_phantom_corpus(out_dir, n, seed=0, folders=10, size=512, slices=100, progress=False):
-  """Writes n studies in the BIMCV-R layout under `out_dir`; returns the CSV path.
+LAYOUTS = ("bimcv", "ctrate", "dicom")
 
-  Deterministic per (seed, n, folders, size, slices): files are byte-identical across runs.
+
+def write_phantom_corpus(out_dir, n, seed=0, folders=10, size=512, slices=100, progress=False,
+                         layout="bimcv"):
+  """Writes n studies in `layout` (LAYOUTS) under `out_dir`; returns the (report) CSV path.
+
+  Deterministic per (seed, n, folders, size, slices): files are byte-identical across runs,
+  and every layout holds the same studies (the same voxels in HU, the same findings):
+  `bimcv` (below), `dicom` and `ctrate` (data_prep/phantom_layouts.py).
   Studies fill CT1..CT<folders> in contiguous blocks; CSV rows are shuffled (row order is not
   folder order, as in a real export, so the `rows` and `folders` splits differ).
   """
   if n < 1 or folders < 1:
     raise errors.UserError(f"need n >= 1 studies and folders >= 1, got n={n}, folders={folders}")
+  if layout not in LAYOUTS:
+    raise errors.UserError(f"phantom layout {layout!r}; expected one of {LAYOUTS}")
+  if layout != "bimcv":
+    from data_prep import phantom_layouts  # pylint: disable=import-outside-toplevel
+    return phantom_layouts.write(out_dir, n, seed, folders, size, slices, progress, layout)
   rows = []
   indices = range(n)
   if progress:

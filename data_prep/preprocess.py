@@ -37,11 +37,14 @@ class BadVolume(errors.UserError):
 
 @dataclasses.dataclass
 class SourceVolume:
-  """A loaded NIfTI volume: stored values plus what maps them to HU and to patient space."""
+  """A loaded volume (a NIfTI file or a DICOM series): stored values plus what maps them to HU
+  and to patient space."""
   raw: np.ndarray        # stored values, file voxel order (X, Y, Z); HU = raw * slope + inter
   slope: float
   inter: float
   affine: np.ndarray     # 4x4 voxel -> RAS+ mm
+  series_uid: str = ""   # SeriesInstanceUID of a DICOM series
+  hu_source: str = "header"   # where slope/inter came from (the NIfTI header, DICOM tags, ...)
 
   @property
   def spacing(self):
@@ -71,12 +74,16 @@ class VolumeTooLarge(BadVolume):
 
 
 def load_source(path, max_volume_mib=None):
-  """Reads a NIfTI file (.nii / .nii.gz) without scaling; BadVolume says why it cannot be used.
+  """Reads a NIfTI file (.nii / .nii.gz), or a DICOM series when `path` is a directory
+  (data_prep/dicom.py), without scaling; BadVolume says why it cannot be used.
 
   The header is checked before any voxel is decoded (its shape and voxel type, its size against
   `max_volume_mib`, a voxel size it does not have), so a 70-byte file declaring 17 GiB costs
   nothing. MemoryError and transient OS errors propagate: they are not the file's fault.
   """
+  if os.path.isdir(path):
+    from data_prep import dicom  # pylint: disable=import-outside-toplevel  (pydicom, on demand)
+    return dicom.load_series(path, max_volume_mib)
   check_regular_file(path)
   try:
     header = read_raw_header(path)
@@ -249,7 +256,7 @@ def check_intensities(raw, slope, inter):
                     f"most {MAX_INTENSITY:g}")
 
 
-def _checked_source(raw, slope, inter, affine):
+def _checked_source(raw, slope, inter, affine, **details):
   """Validates shape, voxel type, finiteness and geometry of a loaded volume."""
   check_shape(tuple(raw.shape))
   raw = raw[(Ellipsis,) + (0,) * (raw.ndim - 3)]     # drop trailing singleton axes (a view)
@@ -266,7 +273,59 @@ def _checked_source(raw, slope, inter, affine):
   if np.isnan(nib.orientations.io_orientation(affine)).any():
     raise BadVolume(f"invalid affine (voxel-to-mm matrix) {affine.tolist()}: its voxel axes do "
                     f"not point in three distinct directions (a degenerate sform or qform)")
-  return SourceVolume(raw=raw, slope=slope, inter=inter, affine=affine)
+  return SourceVolume(raw=raw, slope=slope, inter=inter, affine=affine, **details)
+
+
+def checked_source(raw, slope, inter, affine, **details):
+  """A SourceVolume from another reader (DICOM, CT-RATE's metadata), with the checks of the
+  NIfTI path: the same BadVolume reasons for the same problems."""
+  return _checked_source(raw, float(slope), float(inter), np.asarray(affine, np.float64),
+                         **details)
+
+
+# --- Scaling and spacing from a corpus's metadata (CT-RATE) --------------------------------------
+
+AIR_BAND_HU = (-1100.0, -900.0)    # air outside the body and in the airways
+IMPLAUSIBLE_HU = -1100.0           # below it: only a padding value (the most common stored one)
+SCALING_SAMPLE = 4                 # every 4th voxel along each axis decides the scaling
+
+
+def with_metadata(source, meta):
+  """`source` with a corpus's metadata applied: its spacing replaces the header's (the
+  directions of the header's axes are kept), and its RescaleSlope/Intercept are applied when
+  the stored values are raw, not when they are HU already (a later CT-RATE release stores HU:
+  applying the intercept again would shift every voxel by it). `hu_source` says which."""
+  directions = source.affine[:3, :3] / np.linalg.norm(source.affine[:3, :3], axis=0)
+  affine = source.affine.copy()
+  affine[:3, :3] = directions * np.asarray(meta["spacing"], np.float64)
+  slope, inter, why = choose_scaling(source, meta["slope"], meta["intercept"])
+  return checked_source(source.raw, slope, inter, affine, series_uid=source.series_uid,
+                        hu_source=why)
+
+
+def choose_scaling(source, meta_slope, meta_inter):
+  """(slope, intercept, why): of the candidate mappings (the metadata's; none, i.e. stored
+  values are HU; the header's when it has one), the one under which the volume looks most like
+  CT: the largest fraction of voxels in the air band minus the fraction below -1100 HU (apart
+  from the padding value). Raw values read as HU put the air near 0 HU; HU values shifted by
+  the intercept again put air, lungs and fat below -1100 HU."""
+  candidates = [(float(meta_slope), float(meta_inter), "metadata RescaleSlope/RescaleIntercept "
+                 "(stored values are raw)"),
+                (1.0, 0.0, "none: stored values are HU already (metadata intercept not applied)")]
+  if (source.slope, source.inter) != (1.0, 0.0):
+    candidates.append((source.slope, source.inter, "the header's scl_slope/scl_inter"))
+  step = SCALING_SAMPLE
+  sample = source.raw[::step, ::step, ::step].ravel()
+  values, counts = np.unique(sample, return_counts=True)
+  padding = values[np.argmax(counts)]
+  unpadded = sample[sample != padding].astype(np.float32)
+  def score(candidate):
+    slope, inter, _ = candidate
+    hu = unpadded * np.float32(slope) + np.float32(inter)
+    air = np.count_nonzero((hu >= AIR_BAND_HU[0]) & (hu <= AIR_BAND_HU[1]))
+    low = np.count_nonzero(hu < IMPLAUSIBLE_HU)
+    return (air - low) / max(sample.size, 1)
+  return max(candidates, key=score)
 
 
 def volume_from_file(path, params, max_volume_mib=None):
@@ -291,8 +350,11 @@ def preprocess(source, params):
 # --- ct mode ------------------------------------------------------------------------------------
 
 def preprocess_ct(source, params):
-  """The default pipeline (module docstring); volume axes are RAS+ canonical X, Y, Z."""
-  box = body_box(source, params.body_threshold_hu)
+  """The default pipeline (module docstring); volume axes are RAS+ canonical X, Y, Z. With
+  params.body_crop False the whole field of view is kept; with params.fit "crop" a volume
+  larger than the shape is centre-cropped at the target spacing instead of shrunk (CT-CLIP)."""
+  box = (body_box(source, params.body_threshold_hu) if params.body_crop
+         else [(0, n) for n in source.raw.shape])
   cropped = source.raw[tuple(slice(lo, hi) for lo, hi in box)]
   ornt = nib.orientations.io_orientation(source.affine)
   canonical = nib.orientations.apply_orientation(cropped, ornt)
@@ -301,10 +363,17 @@ def preprocess_ct(source, params):
   size = target_size(canonical.shape, spacing, params)
   zyx = canonical.transpose(2, 1, 0)   # a view (slowest axis first); a copy cost 1x the crop
   stored = resample.resize(zyx, size[::-1]).transpose(2, 1, 0)
+  stored = crop_center(stored, params.shape)
   hu = stored * np.float32(source.slope) + np.float32(source.inter)
   volume = quantize_hu(hu, params)
   volume_spacing = np.asarray(canonical.shape) * spacing / np.asarray(size)
   return pad_center(volume, params.shape, pad_value(params)), volume_spacing.astype(np.float32)
+
+
+def crop_center(volume, shape):
+  """The middle `shape` of `volume` along every axis where it is larger (a view)."""
+  starts = [max(v - s, 0) // 2 for v, s in zip(volume.shape, shape)]
+  return volume[tuple(slice(b, b + min(v, s)) for b, v, s in zip(starts, volume.shape, shape))]
 
 
 def body_box(source, threshold_hu):
@@ -343,6 +412,8 @@ def target_size(size, spacing, params):
   if not params.spacing:
     return tuple(int(s) for s in shape)
   natural = np.asarray(size) * spacing / np.asarray(params.spacing)
+  if params.fit == "crop":
+    return tuple(int(s) for s in np.maximum(np.round(natural), 1))
   shrink = min(1.0, float(np.min(shape / natural)))
   fitted = np.clip(np.round(natural * shrink), 1, shape)
   return tuple(int(s) for s in fitted)

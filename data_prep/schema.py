@@ -18,7 +18,7 @@ import zlib
 
 import numpy as np
 
-SCHEMA_VERSION = 2                      # 2: preprocessing mode "released" (was "seed")
+SCHEMA_VERSION = 3                      # 3: labels, scan/patient ids, series, HU scaling; 2: "released"
 DATASET_NAME = "medfinder_ct"           # files: medfinder_ct-<split>.tfrecord-<i>-of-<n>
 FILE_FORMAT = "tfrecord"
 SPLITS = ("train", "val", "test")
@@ -32,16 +32,23 @@ SHAPE = "shape"                         # source voxel counts, in the source fil
 SPACING = "spacing"                     # source voxel size in mm, in the source file's axis order
 ORIENTATION = "orientation"             # source axis codes (nibabel aff2axcodes), e.g. "LPS"
 VOLUME_SPACING = "volume_spacing"       # mm per voxel of `volume` along X, Y, Z (before padding)
+SCAN_ID = "scan_id"                     # groups reconstructions of one scan (CT-RATE); else study_id
+PATIENT_ID = "patient_id"               # the corpus's pseudonymous patient key (CT-RATE); else ""
+SERIES_UID = "series_uid"               # SeriesInstanceUID of a DICOM series; "" for NIfTI
+HU_SCALING = "hu_scaling"               # (slope, intercept) applied: HU = stored * slope + intercept
+HU_SOURCE = "hu_source"                 # where that scaling came from ("header", "metadata", ...)
+LABELS = "labels"                       # multi-hot int8 (L,), names in DatasetSpec.label_names
 
 VOLUME_DTYPES = ("uint8", "int16")
 VOLUME_ENCODING = "zlib"                # volume bytes (C order) compressed with zlib
 VOLUME_ZLIB_LEVEL = 1                   # 4-5x faster than zlib's default 6, files ~15% larger
 
 
-def feature_specs(shape, volume_dtype, label_columns=()):
+def feature_specs(shape, volume_dtype, label_columns=(), num_labels=0):
   """{name: (kind, dtype, shape)} for every feature; kind is "tensor" or "text".
 
-  `shape` is the stored volume's (X, Y, Z); `label_columns` are extra CSV columns kept as text.
+  `shape` is the stored volume's (X, Y, Z); `label_columns` are extra CSV columns kept as text;
+  `num_labels` > 0 adds the multi-hot LABELS vector (a corpus with label names, e.g. CT-RATE).
   """
   check_volume_dtype(volume_dtype)
   specs = {
@@ -53,7 +60,14 @@ def feature_specs(shape, volume_dtype, label_columns=()):
       REPORT: ("text", "string", ()),
       STUDY_ID: ("text", "string", ()),
       SOURCE_PATH: ("text", "string", ()),
+      SCAN_ID: ("text", "string", ()),
+      PATIENT_ID: ("text", "string", ()),
+      SERIES_UID: ("text", "string", ()),
+      HU_SCALING: ("tensor", "float32", (2,)),
+      HU_SOURCE: ("text", "string", ()),
   }
+  if num_labels:
+    specs[LABELS] = ("tensor", "int8", (int(num_labels),))
   for column in label_columns:
     if column in specs:
       raise ValueError(f"label column {column!r} collides with the built-in feature of that name; "
@@ -75,7 +89,7 @@ def encode_volume(volume, shape, volume_dtype):
 
 def label_columns_of(feature_names):
   """The label columns among a dataset's feature names (everything that is not built in)."""
-  built_in = set(feature_specs((1, 1, 1), "uint8"))
+  built_in = set(feature_specs((1, 1, 1), "uint8", num_labels=1))
   return tuple(name for name in feature_names if name not in built_in)
 
 
@@ -88,12 +102,15 @@ def check_volume_dtype(volume_dtype):
 # --- Preprocessing and the dataset spec -----------------------------------------------------------
 
 PREPROCESS_MODES = ("ct", "released")
+FIT_RULES = ("shrink", "crop")          # a body larger than `shape`: shrink it (ours) | centre crop
+INTENSITIES = ("unit", "hu/1000")       # model input: window -> [0, 1] | HU / 1000 (CT-CLIP)
 
 
 @dataclasses.dataclass(frozen=True)
 class Intensity:
-  """Stored voxels -> the model's input: `volume * scale + offset` in [0, 1] as float32, with a
-  trailing channel axis, (B, X, Y, Z) -> (B, X, Y, Z, 1). Works on numpy and jax arrays, so the
+  """Stored voxels -> the model's input: `volume * scale + offset` as float32 ([0, 1] for the
+  "unit" mapping, [-1, 1] for CT-CLIP's "hu/1000" of a [-1000, 1000] window), with a trailing
+  channel axis, (B, X, Y, Z) -> (B, X, Y, Z, 1). Works on numpy and jax arrays, so the
   train step, the encoders and the tests all apply the one mapping."""
   scale: float
   offset: float
@@ -112,6 +129,9 @@ class PreprocessParams:
   hu_window: tuple = (-1000.0, 1000.0)   # HU mapped to [0, 1]
   volume_dtype: str = "uint8"            # "uint8" | "int16"
   body_threshold_hu: float = -500.0      # body = voxels above this HU (ct mode)
+  body_crop: bool = True                 # ct mode: crop to the body before fitting (CT-CLIP: no)
+  fit: str = "shrink"                    # ct mode: FIT_RULES, for a volume larger than `shape`
+  intensity_mapping: str = "unit"        # INTENSITIES: what the model sees of the stored HU
 
   def __post_init__(self):
     problem = self.problem()
@@ -135,6 +155,15 @@ class PreprocessParams:
     if self.mode == "released" and self.volume_dtype != "uint8":
       return ("data.preprocess='released' scales each volume to [0, 1] (no HU); it needs "
               "data.volume_dtype='uint8'")
+    if self.fit not in FIT_RULES:
+      return f"data.fit={self.fit!r}; expected one of {FIT_RULES}"
+    if self.intensity_mapping not in INTENSITIES:
+      return f"data.intensity_mapping={self.intensity_mapping!r}; expected one of {INTENSITIES}"
+    if self.intensity_mapping == "hu/1000" and self.volume_dtype != "int16":
+      return ("data.intensity_mapping='hu/1000' maps stored HU to the model's input; it needs "
+              "data.volume_dtype='int16'")
+    if not isinstance(self.body_crop, bool):
+      return f"data.body_crop={self.body_crop!r}; expected true or false"
     return None
 
   @classmethod
@@ -146,7 +175,11 @@ class PreprocessParams:
                hu_window=tuple(float(v) for v in data_config.hu_window),
                volume_dtype=str(data_config.volume_dtype),
                body_threshold_hu=float(data_config.get("body_threshold_hu",
-                                                       cls.body_threshold_hu)))
+                                                       cls.body_threshold_hu)),
+               body_crop=data_config.get("body_crop", cls.body_crop),
+               fit=str(data_config.get("fit", cls.fit)),
+               intensity_mapping=str(data_config.get("intensity_mapping",
+                                                     cls.intensity_mapping)))
 
   @classmethod
   def from_dict(cls, values, source):
@@ -167,7 +200,10 @@ class PreprocessParams:
   @property
   def intensity(self):
     """Intensity of the stored volumes: uint8 stores round(255 u); int16 stores the HU value
-    clipped to hu_window (lo, hi), so u = (HU - lo) / (hi - lo). Both map air to 0."""
+    clipped to hu_window (lo, hi), so u = (HU - lo) / (hi - lo). Both map air to 0. The
+    "hu/1000" mapping (CT-CLIP) gives HU / 1000 of the int16 HU instead (air -1)."""
+    if self.intensity_mapping == "hu/1000":
+      return Intensity(1.0 / 1000.0, 0.0)
     if self.volume_dtype == "uint8":
       return Intensity(1.0 / 255.0, 0.0)
     lo, hi = (float(v) for v in self.hu_window)
@@ -178,7 +214,8 @@ class PreprocessParams:
     spacing = "x".join(f"{s:g}" for s in self.spacing) + " mm" if self.spacing else "none"
     return (f"preprocess={self.mode}, shape={list(self.shape)}, spacing={spacing}, "
             f"hu_window={list(self.hu_window)}, body_threshold_hu={self.body_threshold_hu:g}, "
-            f"volume_dtype={self.volume_dtype}")
+            f"volume_dtype={self.volume_dtype}, body_crop={self.body_crop}, fit={self.fit}, "
+            f"intensity_mapping={self.intensity_mapping}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +228,7 @@ class DatasetSpec:
   preprocess: PreprocessParams
   split_sizes: dict = dataclasses.field(default_factory=dict)   # split -> number of studies
   label_columns: tuple = ()
+  label_names: tuple = ()       # the LABELS vector's entries, in order (e.g. CT-RATE's 18)
 
   @property
   def shape(self):
@@ -207,7 +245,8 @@ class DatasetSpec:
 
   def to_dict(self):
     return {"directory": self.directory, "preprocess": self.preprocess.to_dict(),
-            "split_sizes": dict(self.split_sizes), "label_columns": list(self.label_columns)}
+            "split_sizes": dict(self.split_sizes), "label_columns": list(self.label_columns),
+            "label_names": list(self.label_names)}
 
   @classmethod
   def from_dict(cls, values, source):
@@ -217,4 +256,5 @@ class DatasetSpec:
     return cls(directory=str(values.get("directory", "")),
                preprocess=PreprocessParams.from_dict(values["preprocess"], source),
                split_sizes={str(k): int(v) for k, v in (values.get("split_sizes") or {}).items()},
-               label_columns=tuple(values.get("label_columns") or ()))
+               label_columns=tuple(values.get("label_columns") or ()),
+               label_names=tuple(values.get("label_names") or ()))

@@ -121,7 +121,8 @@ def open_dataset(directory):
   spec = DatasetSpec(
       directory=directory, preprocess=preprocess,
       split_sizes={name: int(info.num_examples) for name, info in builder.info.splits.items()},
-      label_columns=schema.label_columns_of(builder.info.features.keys()))
+      label_columns=schema.label_columns_of(builder.info.features.keys()),
+      label_names=tuple(metadata.get("label_names") or ()))
   return builder, spec
 
 
@@ -260,7 +261,16 @@ def _padded_eval_batch(batch, local_batch, tokenizer):
 
 
 _SPLIT_TEXTS = {}
-TEXT_COLUMNS = (schema.STUDY_ID, schema.REPORT, schema.SOURCE_PATH)
+_SPLIT_LABELS = {}
+# scan_id groups reconstructions of one scan (CT-RATE; the study id elsewhere), patient_id is
+# CT-RATE's patient key ("" elsewhere): evaluation may merge a scan's reconstructions.
+TEXT_COLUMNS = (schema.STUDY_ID, schema.REPORT, schema.SOURCE_PATH, schema.SCAN_ID,
+                schema.PATIENT_ID)
+
+
+def _files_key(split, files):
+  return (split, tuple((path, os.stat(path).st_size, os.stat(path).st_mtime_ns)
+                       for path in files.paths))
 
 
 def split_texts(builder, split):
@@ -268,11 +278,36 @@ def split_texts(builder, split):
   (volumes not decoded). Read once per split's files (as they are on disk): a run validates
   the same split at every epoch."""
   files = split_files(builder, split)
-  key = (split, tuple((path, os.stat(path).st_size, os.stat(path).st_mtime_ns)
-                      for path in files.paths))
+  key = _files_key(split, files)
   if key not in _SPLIT_TEXTS:
     _SPLIT_TEXTS[key] = _read_split_texts(builder, files, TEXT_COLUMNS)
   return _SPLIT_TEXTS[key]
+
+
+def split_labels(builder, split):
+  """(N, L) int8 multi-hot labels of every study of `split` in dataset order (the order of
+  split_texts); the names of the L columns are the DatasetSpec's `label_names` (the dataset
+  metadata's "label_names"). A dataset without label names gives an (N, 0) array."""
+  files = split_files(builder, split)
+  key = _files_key(split, files)
+  if key not in _SPLIT_LABELS:
+    _SPLIT_LABELS[key] = _read_split_labels(builder, files)
+  return _SPLIT_LABELS[key]
+
+
+def _read_split_labels(builder, files):
+  features = builder.info.features
+  if schema.LABELS not in features:
+    return np.zeros((sum(files.lengths), 0), np.int8)
+  decoders = {name: tfds.decode.SkipDecoding() for name in features.keys()
+              if name != schema.LABELS}
+
+  def labels_of(record):
+    return features.deserialize_example(record, decoders=decoders)[schema.LABELS]
+
+  rows = list(tf.data.TFRecordDataset(list(files.paths)).map(labels_of).as_numpy_iterator())
+  width = int(features[schema.LABELS].shape[0])
+  return np.asarray(rows, np.int8).reshape(len(rows), width)
 
 
 def _read_split_texts(builder, files, columns):

@@ -426,3 +426,38 @@ def test_a_range_too_narrow_to_scale_is_a_skip_under_the_released_preprocessing(
   raw[2:5, 2:5, 2:5] = 1e-35
   with pytest.raises(preprocess.BadVolume, match="intensity range 0..1e-35 is too narrow"):
     preprocess.released_transform(raw, (8, 8, 8))
+
+
+# --- CT-CLIP's preset (configs/ctrate_ctclip.py) -----------------------------------------------
+
+def ctclip_params(shape=(20, 20, 10), spacing=(1.5, 1.5, 3.0)):
+  from medfinder_jax import config_utils  # pylint: disable=import-outside-toplevel
+  data = config_utils.load_config_file(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+      "ctrate_ctclip.py")).data
+  data.shape, data.spacing = shape, spacing
+  return schema.PreprocessParams.from_config(data)
+
+
+def test_ctclip_preset_centre_crops_at_the_spacing_pads_with_minus_one_and_divides_by_1000():
+  """A 40x40x10-voxel HU ramp at 1.5 mm (60 mm wide) into a 20x20x10 grid at 1.5 mm: the middle
+  20 voxels of x and y, exactly (no resampling, no body crop, no shrinking); z is padded."""
+  params = ctclip_params(spacing=(1.5, 1.5, 1.5))
+  x = np.arange(40, dtype=np.float32)
+  hu = np.broadcast_to((x * 100 - 2000)[:, None, None], (40, 40, 6)).astype(np.int16)
+  source = preprocess.SourceVolume(hu, 1.0, 0.0, np.diag([1.5, 1.5, 1.5, 1.0]))
+  volume, spacing = preprocess.preprocess(source, params)
+  assert volume.dtype == np.int16 and volume.shape == (20, 20, 10)
+  np.testing.assert_allclose(spacing, 1.5)
+  np.testing.assert_array_equal(volume[:, 0, 2], np.clip(x[10:30] * 100 - 2000, -1000, 1000))
+  assert (volume[:, :, :2] == -1000).all() and (volume[:, :, 8:] == -1000).all()  # z padding
+  model_input = params.intensity(volume)
+  assert model_input.min() == -1.0 and model_input.max() == pytest.approx(0.9)   # HU 900
+  np.testing.assert_allclose(model_input[..., 0], volume / 1000.0)
+
+
+def test_ctclip_preset_needs_int16_for_its_mapping():
+  with pytest.raises(ValueError, match="intensity_mapping='hu/1000'.*int16"):
+    schema.PreprocessParams(volume_dtype="uint8", intensity_mapping="hu/1000")
+  with pytest.raises(ValueError, match="data.fit="):
+    schema.PreprocessParams(fit="squeeze")
