@@ -1,0 +1,173 @@
+"""Zero-shot classification: AUROC/AUPRC against scikit-learn, operating points, undefined labels,
+prompts, ensembling and the bootstrap."""
+
+import numpy as np
+import pytest
+from sklearn import metrics as sk
+
+from medfinder_jax import bootstrap
+from medfinder_jax import zeroshot
+
+
+def labelled_scores(n, num_labels, seed, tie_levels=None):
+  """(scores, labels) (N, L): scores shifted up for positives; with tie_levels, rounded onto that
+  many levels so that many scores tie."""
+  rng = np.random.default_rng(seed)
+  labels = rng.random((n, num_labels)) < rng.uniform(0.1, 0.6, num_labels)
+  scores = rng.random((n, num_labels)) + 0.4 * labels
+  if tie_levels:
+    scores = np.round(scores * tie_levels) / tie_levels
+  return scores.astype(np.float32), labels.astype(np.int8)
+
+
+def names(num_labels):
+  return [f"finding {j}" for j in range(num_labels)]
+
+
+@pytest.mark.parametrize("tie_levels", [None, 7, 2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_auroc_and_auprc_equal_scikit_learn_per_label(seed, tie_levels):
+  scores, labels = labelled_scores(400, 5, seed, tie_levels)
+  result = zeroshot.classification_metrics(scores, labels, names(5))
+  for j, name in enumerate(names(5)):
+    assert result[name]["AUROC"] == pytest.approx(sk.roc_auc_score(labels[:, j], scores[:, j]),
+                                                  abs=1e-6)
+    assert result[name]["AUPRC"] == pytest.approx(
+        sk.average_precision_score(labels[:, j], scores[:, j]), abs=1e-6)
+
+
+def test_every_score_tied_is_chance_not_a_perfect_classifier():
+  labels = np.array([[0], [1], [0], [1], [1]], np.int8)
+  result = zeroshot.classification_metrics(np.full((5, 1), 0.5, np.float32), labels, ["x"])
+  assert result["x"]["AUROC"] == 0.5
+  assert result["x"]["AUPRC"] == pytest.approx(0.6)   # = prevalence
+
+
+def test_label_without_positives_or_negatives_is_undefined_not_half():
+  scores, labels = labelled_scores(100, 3, seed=2)
+  labels[:, 1] = 0
+  labels[:, 2] = 1
+  result = zeroshot.classification_metrics(scores, labels, names(3), bootstrap_samples=50)
+  for name in names(3)[1:]:
+    assert result[name]["AUROC"] is None and result[name]["AUPRC"] is None
+    assert result[name]["defined"] is False
+    assert result[name]["ci"]["AUROC"] is None
+  assert result["finding 1"]["n_positive"] == 0 and result["finding 2"]["prevalence"] == 1.0
+  assert result["macro"]["AUROC"] == pytest.approx(result["finding 0"]["AUROC"])
+  assert "undefined" in zeroshot.format_table(result)
+
+
+def test_macro_and_weighted_averages_over_defined_labels():
+  scores, labels = labelled_scores(300, 4, seed=3)
+  result = zeroshot.classification_metrics(scores, labels, names(4))
+  aurocs = np.array([result[n]["AUROC"] for n in names(4)])
+  positives = labels.sum(axis=0)
+  assert result["macro"]["AUROC"] == pytest.approx(aurocs.mean())
+  assert result["weighted"]["AUROC"] == pytest.approx(np.sum(aurocs * positives) /
+                                                      positives.sum())
+
+
+def test_youden_threshold_maximizes_sensitivity_plus_specificity():
+  scores, labels = labelled_scores(250, 3, seed=4, tie_levels=50)
+  thresholds = zeroshot.youden_thresholds(scores, labels)
+  for j in range(3):
+    fpr, tpr, cuts = sk.roc_curve(labels[:, j], scores[:, j])
+    j_stat = tpr - fpr
+    best = np.flatnonzero(j_stat == j_stat.max())
+    assert thresholds[j] == pytest.approx(cuts[best[0]])   # ties: the highest threshold
+
+
+def test_operating_point_from_validation_is_applied_to_the_evaluated_split():
+  val_scores, val_labels = labelled_scores(300, 2, seed=5)
+  test_scores, test_labels = labelled_scores(300, 2, seed=6)
+  test_scores = test_scores + 0.2                            # a shift the validation did not see
+  thresholds = zeroshot.youden_thresholds(val_scores, val_labels)
+  result = zeroshot.classification_metrics(test_scores, test_labels, names(2),
+                                           thresholds=thresholds, threshold_source="val")
+  for j, name in enumerate(names(2)):
+    predicted = test_scores[:, j] >= thresholds[j]
+    truth = test_labels[:, j] > 0
+    assert result[name]["threshold"] == pytest.approx(float(thresholds[j]))
+    assert result[name]["F1"] == pytest.approx(sk.f1_score(truth, predicted))
+    assert result[name]["accuracy"] == pytest.approx(sk.accuracy_score(truth, predicted))
+    assert result[name]["sensitivity"] == pytest.approx(sk.recall_score(truth, predicted))
+    assert result[name]["specificity"] == pytest.approx(
+        sk.recall_score(~truth, ~predicted))
+  own = zeroshot.classification_metrics(test_scores, test_labels, names(2))
+  assert own["finding 0"]["threshold"] != result["finding 0"]["threshold"]
+  assert result["threshold_source"] == "val"
+
+
+def test_bootstrap_replicate_is_the_weighted_metric_of_resampled_studies():
+  scores, labels = labelled_scores(200, 3, seed=7, tie_levels=20)
+  sorted_scores = zeroshot.SortedScores.of(scores, labels)
+  cut = sorted_scores.cut(np.full(3, 0.5))
+  keys = next(bootstrap.replicate_keys(11, 2))
+  replicates = zeroshot._replicate_stats(keys, sorted_scores.arrays(cut),
+                                         num_groups=sorted_scores.num_groups)
+  for b in range(2):
+    counts = np.asarray(bootstrap.resample_counts(keys[b], 200))
+    for j in range(3):
+      assert float(replicates["AUROC"][b, j]) == pytest.approx(
+          sk.roc_auc_score(labels[:, j], scores[:, j], sample_weight=counts), abs=1e-5)
+      assert float(replicates["AUPRC"][b, j]) == pytest.approx(
+          sk.average_precision_score(labels[:, j], scores[:, j], sample_weight=counts), abs=1e-5)
+      assert float(replicates["F1"][b, j]) == pytest.approx(
+          sk.f1_score(labels[:, j], scores[:, j] >= 0.5, sample_weight=counts), abs=1e-5)
+
+
+def test_bootstrap_intervals_are_seeded_and_hold_the_point_estimate():
+  scores, labels = labelled_scores(300, 2, seed=8)
+  first = zeroshot.classification_metrics(scores, labels, names(2), bootstrap_samples=200, seed=3)
+  again = zeroshot.classification_metrics(scores, labels, names(2), bootstrap_samples=200, seed=3)
+  other = zeroshot.classification_metrics(scores, labels, names(2), bootstrap_samples=200, seed=4)
+  assert first == again and first != other
+  for name in names(2) + ["macro"]:
+    lo, hi = first[name]["ci"]["AUROC"]
+    assert lo < first[name]["AUROC"] < hi and hi - lo < 0.2
+  assert first["ci"] == {"level": 0.95, "samples": 200, "seed": 3}
+
+
+def test_probability_is_the_softmax_of_the_scaled_prompt_similarities():
+  rng = np.random.default_rng(9)
+  image, prompts = rng.normal(size=(6, 8)), rng.normal(size=(3, 2, 8))
+  got = zeroshot.probabilities(image, prompts, scale=20.0)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  cosine = np.einsum("nd,lsd->nls", unit(image), unit(prompts))
+  logits = 20.0 * cosine
+  expected = np.exp(logits[..., 0]) / np.exp(logits).sum(axis=-1)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_prompt_ensembling_averages_normalized_embeddings():
+  rng = np.random.default_rng(10)
+  flat = rng.normal(size=(2 * 3 * 2, 5))                      # 2 labels, 3 templates
+  flat[0] *= 100.0                                            # a long vector must not dominate
+  merged = zeroshot.ensemble(flat, num_labels=2, num_templates=3)
+  unit = flat / np.linalg.norm(flat, axis=-1, keepdims=True)
+  mean = unit.reshape(2, 3, 2, 5).mean(axis=1)
+  np.testing.assert_allclose(merged, mean / np.linalg.norm(mean, axis=-1, keepdims=True),
+                             rtol=1e-5)
+
+
+def test_prompts_come_in_label_template_side_order():
+  templates = (("{label}.", "No {label}."), ("{label} is present.", "{label} is not present."))
+  assert zeroshot.prompts(["Emphysema", "Lung nodule"], templates) == [
+      "Emphysema.", "No Emphysema.", "Emphysema is present.", "Emphysema is not present.",
+      "Lung nodule.", "No Lung nodule.", "Lung nodule is present.", "Lung nodule is not present."]
+
+
+@pytest.mark.parametrize("templates", [(), (("{label}",),), (("no label", "No {label}."),)])
+def test_templates_need_pairs_with_the_label_placeholder(templates):
+  with pytest.raises(zeroshot.ZeroShotError, match="eval.zeroshot.templates"):
+    zeroshot.ZeroShotSettings(templates=templates)
+
+
+def test_table_lists_each_label_with_positives_ci_and_chance():
+  scores, labels = labelled_scores(200, 2, seed=12)
+  table = zeroshot.format_table(zeroshot.classification_metrics(scores, labels, names(2),
+                                                                bootstrap_samples=50))
+  assert "AUROC chance 0.5" in table
+  row = next(line for line in table.splitlines() if line.startswith("finding 0"))
+  assert str(int(labels[:, 0].sum())) in row and "[" in row
+
