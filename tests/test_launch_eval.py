@@ -49,18 +49,42 @@ def test_eval_of_a_released_checkpoint_writes_embeddings_metrics_and_the_table(a
   assert metrics["model"]["checkpoint"] == os.path.abspath(aligned.released_path)
   for name in ("rank_histogram.png", "recall_at_k.png"):
     assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+  # Zero-shot: labels read from the reports for the configured findings, thresholds from val.
+  findings = ["nodule", "mass", "consolidation", "pleural effusion", "atelectasis", "adenopathy",
+              "emphysema", "cardiomegaly"]
+  assert list(embeddings["label_names"]) == findings
+  assert embeddings["labels"].shape == (8, 8) and embeddings["label_thresholds"].shape == (8,)
+  assert embeddings["prompt_embeddings"].shape == (8, 2, embeddings["image_embeddings"].shape[1])
+  zeroshot = metrics["zeroshot"]
+  assert zeroshot["labels"] == findings and zeroshot["threshold_source"] == "validation split"
+  for name in findings:
+    entry = zeroshot[name]
+    assert entry["n_positive"] == int(embeddings["labels"][:, findings.index(name)].sum())
+    assert entry["AUROC"] is None or 0.0 <= entry["AUROC"] <= 1.0
+    if entry["AUROC"] is not None:
+      assert (tmp_path / f"roc_{name.replace(' ', '_')}.png").read_bytes()[:4] == b"\x89PNG"
+  assert "AUROC chance 0.5" in out and out.count("[") > 10
+  assert metrics["volume_retrieval"]["gallery_size"] == 7      # the query left out
+
+
+def zeroshot_lines(out):
+  lines = out.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("zero-shot on"))
+  return lines[start:start + 11]
 
 
 def test_metrics_command_on_the_written_npz_gives_the_same_numbers(aligned, tmp_path, capsys):
-  assert run(eval_argv(aligned.released_path, tmp_path, "--bootstrap", "0",
-                       dataset=aligned.dataset_dir), capsys)[0] == 0
-  written = json.load(open(tmp_path / "metrics.json"))
-  code, _, _ = run(["metrics", "--embeddings", str(tmp_path / "embeddings.npz"), "--bootstrap",
-                    "0", "--output", str(tmp_path / "again.json")], capsys)
-  again = json.load(open(tmp_path / "again.json"))
+  code, printed, _ = run(eval_argv(aligned.released_path, tmp_path / "eval", "--bootstrap", "0",
+                                   dataset=aligned.dataset_dir), capsys)
   assert code == 0
-  for field in ("t2i", "i2t", "keywords"):
-    assert again[field] == written[field]
+  written = json.load(open(tmp_path / "eval" / "metrics.json"))
+  code, out, _ = run(["metrics", "--embeddings", str(tmp_path / "eval" / "embeddings.npz"),
+                      "--bootstrap", "0", "--output_dir", str(tmp_path / "again")], capsys)
+  again = json.load(open(tmp_path / "again" / "metrics.json"))
+  assert code == 0
+  for field in ("t2i", "i2t", "keywords", "volume_retrieval", "zeroshot", "gallery"):
+    assert again[field] == written[field], field
+  assert zeroshot_lines(out) == zeroshot_lines(printed)   # the table eval printed
 
 
 def test_released_checkpoint_with_fusion_configured_runs_unfused_and_says_so(aligned, tmp_path,
