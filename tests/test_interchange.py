@@ -184,3 +184,41 @@ def test_byte_string_ids_must_be_utf8_text(tmp_path):
   ids[5] = b"\xff\xfebad"
   with pytest.raises(interchange.InterchangeError, match=r"'study_ids': row 5 is not UTF-8"):
     interchange.load_embeddings(write_npz(tmp_path / "bad.npz", embedding_fields(study_ids=ids)))
+
+
+def label_fields(n=12, d=6, num_labels=3):
+  rng = np.random.default_rng(4)
+  return embedding_fields(
+      n, d, labels=(rng.random((n, num_labels)) < 0.4).astype(np.int8),
+      label_names=np.array(["effusion", "nodule", "emphysema"][:num_labels]),
+      prompt_embeddings=rng.normal(size=(num_labels, 2, d)).astype(np.float32),
+      label_thresholds=np.array([0.4, np.nan, 0.6][:num_labels], np.float32),
+      logit_scale=np.float32(14.3), scan_ids=np.array([f"scan{i // 2}" for i in range(n)]))
+
+
+def test_zero_shot_fields_round_trip(tmp_path):
+  fields = label_fields()
+  loaded = interchange.load_embeddings(write_npz(tmp_path / "e.npz", fields))
+  for name in ("labels", "label_names", "prompt_embeddings", "label_thresholds", "scan_ids"):
+    np.testing.assert_array_equal(getattr(loaded, name), fields[name])
+  assert float(loaded.logit_scale) == pytest.approx(14.3)
+
+
+@pytest.mark.parametrize("change,field,message", [
+    ({"label_names": None}, None, "no 'label_names'"),
+    ({"labels": np.full((12, 3), 2, np.int8)}, "labels", r"\(12, 3\) array of 0/1"),
+    ({"labels": np.zeros((12, 2), np.int8)}, "labels", r"found shape \(12, 2\)"),
+    ({"prompt_embeddings": np.zeros((3, 6), np.float32)}, "prompt_embeddings",
+     r"expected shape \(3, 2, 6\)"),
+    ({"label_thresholds": np.zeros(2, np.float32)}, "label_thresholds", r"expected \(3,\)"),
+    ({"logit_scale": np.float32(-1.0)}, "logit_scale", "one positive number"),
+])
+def test_zero_shot_fields_are_checked_together(tmp_path, change, field, message):
+  fields = label_fields()
+  fields.update(change)
+  fields = {k: v for k, v in fields.items() if v is not None}
+  with pytest.raises(interchange.InterchangeError, match=message) as err:
+    interchange.load_embeddings(write_npz(tmp_path / "e.npz", fields))
+  assert str(tmp_path / "e.npz") in str(err.value)
+  if field:
+    assert f"field {field!r}" in str(err.value)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from medfinder_jax import bootstrap
+from medfinder_jax import interchange
 from medfinder_jax import metrics
 
 
@@ -450,3 +451,90 @@ def test_an_embedding_set_with_keywords_derives_relevance_from_reports():
   assert result["keywords"]["atelectasis"]["n_relevant"] == 10
   assert result["keywords"]["atelectasis"]["P@20"] == 50.0
   assert result["keyword_relevance_from"] == "reports"
+
+
+# --- Volume -> volume retrieval ------------------------------------------------------------------
+
+def brute_force_volume_retrieval(image, labels, ks, exclude_self, with_findings):
+  """Full argsort per query (ties to the lower index), then the textbook P@K / AP@K / Jaccard."""
+  unit = image / np.linalg.norm(image, axis=1, keepdims=True)
+  labels = labels > 0
+  n = len(labels)
+  gallery = labels.any(axis=1) if with_findings else np.ones(n, bool)
+  out = {f"{m}@{k}": [] for k in ks for m in ("P", "MAP", "Jaccard")}
+  for q in range(n):
+    candidates = [j for j in range(n) if gallery[j] and not (exclude_self and j == q)]
+    scores = unit[candidates] @ unit[q]
+    ranked = [candidates[i] for i in np.argsort(-scores, kind="stable")]
+    relevant = [bool(np.any(labels[q] & labels[j])) for j in ranked]
+    jaccard = [np.sum(labels[q] & labels[j]) / max(np.sum(labels[q] | labels[j]), 1)
+               for j in ranked]
+    total = sum(relevant)
+    for k in ks:
+      out[f"Jaccard@{k}"].append(np.mean(jaccard[:k]))
+      if total:
+        hits = relevant[:k]
+        precisions = [np.mean(hits[:i + 1]) for i in range(k)]
+        out[f"P@{k}"].append(100 * np.mean(hits))
+        out[f"MAP@{k}"].append(100 * sum(p for p, h in zip(precisions, hits) if h) /
+                               min(k, total))
+  return {name: float(np.mean(values)) for name, values in out.items()}
+
+
+@pytest.mark.parametrize("exclude_self,gallery", [(True, "all"), (False, "with_findings")])
+def test_volume_retrieval_equals_a_brute_force_reference(exclude_self, gallery):
+  rng = np.random.default_rng(20)
+  labels = (rng.random((300, 6)) < 0.25).astype(np.int8)
+  image = labels @ rng.normal(size=(6, 16)) + rng.normal(size=(300, 16))
+  ks = (1, 5, 10, 50)
+  ours = metrics.volume_retrieval(image, labels, ks, exclude_self=exclude_self, gallery=gallery)
+  reference = brute_force_volume_retrieval(image, labels, ks, exclude_self,
+                                           gallery == "with_findings")
+  for name, value in reference.items():
+    assert ours[name] == pytest.approx(value), name
+  assert ours["n_queries"] == int(sum(
+      (labels @ labels.T > 0).sum(axis=1) - (labels.any(axis=1) if exclude_self else 0) > 0))
+
+
+def test_volume_retrieval_with_k_above_the_gallery_is_none():
+  labels = np.eye(4, dtype=np.int8)[[0, 0, 1, 1]]
+  result = metrics.volume_retrieval(np.eye(4)[[0, 0, 1, 1]], labels, ks=(1, 5))
+  assert result["P@1"] == 100.0 and result["MAP@1"] == 100.0
+  assert result["P@5"] is None and result["gallery_size"] == 3
+
+
+# --- Scans with several reconstructions ------------------------------------------------------------
+
+def reconstructions():
+  """Three scans; scan "a" has three reconstructions with one (identical) report."""
+  rng = np.random.default_rng(21)
+  text = rng.normal(size=(3, 8)).astype(np.float32)
+  scan_of_row = [0, 0, 0, 1, 2]
+  image = (text[scan_of_row] + 0.1 * rng.normal(size=(5, 8))).astype(np.float32)
+  return interchange.validate({
+      "image_embeddings": image, "text_embeddings": text[scan_of_row],
+      "study_ids": np.array(["a_1", "a_2", "a_3", "b_1", "c_1"]),
+      "scan_ids": np.array(["a", "a", "a", "b", "c"]),
+      "reports": np.array(["effusion.", "effusion.", "effusion.", "nodule.", "no findings."]),
+      "labels": np.array([[1, 0], [1, 0], [0, 1], [0, 1], [0, 0]], np.int8),
+      "label_names": np.array(["effusion", "nodule"])})
+
+
+def test_scan_gallery_merges_reconstructions_and_counts_identical_reports_once():
+  embeddings = reconstructions()
+  merged = metrics.scan_gallery(embeddings)
+  assert list(merged.study_ids) == ["a", "b", "c"]
+  unit = np.asarray(metrics.l2_normalize(embeddings.image_embeddings))
+  np.testing.assert_allclose(merged.image_embeddings[0], unit[:3].mean(axis=0), rtol=1e-6)
+  np.testing.assert_array_equal(merged.labels, [[1, 1], [0, 1], [0, 0]])
+  per_volume, _ = metrics.embedding_metrics(embeddings, metrics.MetricSettings())
+  per_scan, _ = metrics.embedding_metrics(embeddings, metrics.MetricSettings(gallery="scan"))
+  assert per_volume["n"] == 5 and per_volume["ties"]["i2t_tied_queries"] == 3
+  assert per_scan["n"] == 3 and per_scan["gallery"] == {"unit": "scan", "size": 3,
+                                                        "merged": True}
+  assert per_scan["t2i"]["R@1"] == per_scan["i2t"]["R@1"] == 100.0
+
+
+def test_unknown_gallery_is_refused_naming_the_field():
+  with pytest.raises(metrics.SettingsError, match="eval.gallery"):
+    metrics.MetricSettings(gallery="study")
