@@ -86,3 +86,51 @@ def test_missing_embeddings_flag_is_a_usage_error():
   with pytest.raises(SystemExit) as exit_info:
     launch.main(["metrics"])
   assert exit_info.value.code == 2
+
+
+def with_ctrate_labels(n=120, d=8, seed=1):
+  """An npz as another system would write it for CT-RATE: labels, names and prompt embeddings,
+  images leaning towards their positive labels' prompts."""
+  rng = np.random.default_rng(seed)
+  names = np.array(["Emphysema", "Lung nodule", "Pleural effusion"])
+  labels = (rng.random((n, 3)) < 0.3).astype(np.int8)
+  prompts = rng.normal(size=(3, 2, d)).astype(np.float32)
+  image = (labels @ (prompts[:, 0] - prompts[:, 1]) + rng.normal(size=(n, d))).astype(np.float32)
+  return dict(image_embeddings=image,
+              text_embeddings=image + 0.3 * rng.normal(size=(n, d)).astype(np.float32),
+              study_ids=np.array([f"valid_{i}_a_1" for i in range(n)]), labels=labels,
+              label_names=names, prompt_embeddings=prompts, logit_scale=np.float32(10.0))
+
+
+def test_any_systems_npz_gets_a_zeroshot_section_under_the_ctrate_protocol(tmp_path, capsys):
+  npz = tmp_path / "other.npz"
+  np.savez(npz, **with_ctrate_labels())
+  code, out, _ = run(["metrics", "--embeddings", str(npz), "--bootstrap", "50", "--config",
+                      "configs/eval_ctrate.py", "--output_dir", str(tmp_path / "out"), "--plots"],
+                     capsys)
+  assert code == 0
+  data = json.load(open(tmp_path / "out" / "metrics.json"))
+  assert list(data["t2i"]) == ["R@5", "R@10", "R@50", "R@100", "MdR", "MnR"]
+  assert data["gallery"] == {"unit": "volume", "size": 120, "merged": False}
+  section = data["zeroshot"]
+  assert section["labels"] == ["Emphysema", "Lung nodule", "Pleural effusion"]
+  for name in section["labels"]:
+    assert 0.5 < section[name]["AUROC"] <= 1.0 and section[name]["ci"]["AUROC"][0] > 0.5
+    assert set(section[name]) >= {"AUROC", "AUPRC", "F1", "accuracy", "sensitivity",
+                                  "specificity", "threshold", "n_positive", "prevalence"}
+  assert "evaluated split itself" in section["threshold_source"]    # no validation thresholds
+  assert data["volume_retrieval"]["gallery"] == "with_findings"
+  assert data["volume_retrieval"]["exclude_self"] is False
+  assert "zero-shot on N=120" in out and "Lung nodule" in out
+  assert (tmp_path / "out" / "roc_lung_nodule.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_labels_without_prompt_embeddings_skip_zeroshot_with_the_reason(tmp_path, capsys):
+  fields = with_ctrate_labels()
+  del fields["prompt_embeddings"]
+  npz = tmp_path / "labels_only.npz"
+  np.savez(npz, **fields)
+  assert run(["metrics", "--embeddings", str(npz), "--bootstrap", "0"], capsys)[0] == 0
+  data = json.load(open(tmp_path / "metrics.json"))
+  assert data["zeroshot"] == {"skipped": "no prompt_embeddings in the embedding set"}
+  assert data["volume_retrieval"]["n_queries"] > 0
