@@ -287,3 +287,15 @@ def test_the_web_page_shows_ranked_results_with_thumbnails(aligned, live_server)
       page.screenshot(path=os.path.join(ARTIFACTS, "search_page.png"), full_page=True)
     finally:
       browser.close()
+
+
+def test_search_uses_a_current_ann_index_and_exact_forces_brute_force(aligned, index_dir,
+                                                                     tmp_path, capsys):
+  index = str(tmp_path / "index")
+  shutil.copytree(index_dir, index)
+  assert run(["index-ann", "--index", index], capsys)[0] == 0
+  approximate = cli_search(index, capsys, "--text", aligned.reports[5])
+  exact = cli_search(index, capsys, "--text", aligned.reports[5], "--exact")
+  assert approximate["search"]["method"] == "ann" and exact["search"] == {"method": "exact"}
+  assert approximate["search"]["recall_at_10"] == 1.0          # 8 studies: every list probed
+  assert approximate["results"] == exact["results"]            # exact scores, same ranking
