@@ -66,7 +66,7 @@ def test_a_studys_report_finds_that_study_at_rank_1(aligned, split_index, capsys
   result = search(split_index, capsys, "--text", aligned.reports[row])
   assert result["ranked"] == "studies" and len(result["results"]) == 8
   assert result["results"][0]["study_id"] == aligned.study_ids[row]
-  assert result["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+  assert result["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)   # float16 storage
 
 
 def test_a_studys_ct_volume_finds_its_report_at_rank_1(aligned, split_index, capsys):
