@@ -4,7 +4,7 @@ Why IVF-SQ8 (faiss `IVF<nlist>,SQ8`, inner product on the unit rows): at a milli
 its codes take 512 MB (HNSW over float vectors would take 2 GB plus its graph, and its build is
 an order of magnitude slower on a few cores); the coarse quantizer trains on a sample in seconds;
 a query scans nprobe of nlist lists, so its cost is set by one number that the build tunes; and
-the index file is memory-mapped by faiss when loaded. The few candidates it returns (2 x top_k)
+the index file is memory-mapped by faiss when loaded. The few candidates it returns (4 x top_k)
 are re-scored exactly from the index's own embeddings, so scores are the exact cosines and
 quantization only decides which rows are candidates.
 
@@ -33,7 +33,7 @@ ANN_FILE = "ivf.faiss"
 ANN_META = "ann.json"
 ANN_FORMAT = "medfinder-ann"
 ANN_VERSION = 1
-RERANK_FACTOR = 2     # candidates per result re-scored exactly
+RERANK_FACTOR = 4     # candidates per result re-scored exactly
 ADD_ROWS = 65536      # rows converted and added at once
 
 
@@ -78,7 +78,7 @@ def build(index, nlist=None, target_recall=0.95, queries=1000, seed=0, log=print
     for first in range(0, shard.image.shape[0], ADD_ROWS):
       rows = shard.global_rows[first:first + ADD_ROWS]
       keep = rows >= 0
-      block = np.asarray(shard.image[first:first + ADD_ROWS][keep], np.float32)
+      block = index_lib.as_float32(shard.image[first:first + ADD_ROWS])[keep]
       ivf.add_with_ids(block, rows[keep])
   log(f"added {index.n} studies; measuring recall@10 against exact search")
   recall = _tune(index, ivf, nlist, target_recall, min(queries, index.n), rng)
@@ -102,7 +102,7 @@ def _rows(index, rows, against):
     local = locations[picked, 1]
     order = np.argsort(local)
     gallery = index.shards[ordinal].gallery(against)
-    out[picked[order]] = np.asarray(gallery[local[order]], np.float32)
+    out[picked[order]] = index_lib.as_float32(gallery[local[order]])
   return out
 
 
