@@ -397,17 +397,26 @@ class ArchiveIndex(interchange.PairedEmbeddings):
   def dim(self):
     return int(self.meta["dim"])
 
+  def column(self, name):
+    """One metadata column of the live rows, in row order, as a list (one pass per shard)."""
+    out = [None] * self.n
+    for shard in self.shards:
+      values = shard.table.column(name).to_pylist()
+      for local in np.flatnonzero(shard.global_rows >= 0):
+        out[shard.global_rows[local]] = values[local]
+    return out
+
   @property
   def study_ids(self):
-    return np.asarray([self.study_id(r) for r in range(self.n)], dtype=str)
+    return np.asarray(self.column("study_id"), dtype=str)
 
   @property
   def reports(self):
-    return np.asarray([self.field(r, "report") for r in range(self.n)], dtype=str)
+    return np.asarray(self.column("report"), dtype=str)
 
   @property
   def source_paths(self):
-    return np.asarray([self.field(r, "source_path") for r in range(self.n)], dtype=str)
+    return np.asarray(self.column("source_path"), dtype=str)
 
   @property
   def image_embeddings(self):
@@ -443,7 +452,7 @@ class ArchiveIndex(interchange.PairedEmbeddings):
   def row_of(self, study_id):
     """The row of a study id, or None (ids are dictionary keys here, never paths)."""
     if self._row_of is None:
-      self._row_of = {self.study_id(r): r for r in range(self.n)}
+      self._row_of = {str(s): r for r, s in enumerate(self.column("study_id"))}
     return self._row_of.get(str(study_id))
 
   def study(self, row):

@@ -215,7 +215,7 @@ def keyword_relevance(index, keyword):
   if key not in index.cache:
     if len(index.cache) > 64:
       index.cache.clear()
-    index.cache[key] = findings.keyword_relevance(index.reports, keyword)
+    index.cache[key] = findings.keyword_relevance(index.column("report"), keyword)
   return index.cache[key]
 
 
