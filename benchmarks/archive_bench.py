@@ -167,6 +167,14 @@ def rss_mib(pid):
   return int(fields["VmRSS"].split()[0]) / 1024
 
 
+def rss_split_mib(pid):
+  """(anonymous, file-backed) resident MiB: mapped index pages are file-backed page cache."""
+  with open(f"/proc/{pid}/status") as f:
+    fields = dict(line.split(":", 1) for line in f)
+  return (round(int(fields["RssAnon"].split()[0]) / 1024),
+          round(int(fields["RssFile"].split()[0]) / 1024))
+
+
 def hwm_mib(pid):
   with open(f"/proc/{pid}/status") as f:
     fields = dict(line.split(":", 1) for line in f)
@@ -209,10 +217,13 @@ def serve_rss(index_dir, config, args):
     for i in range(20):
       get(base, text=QUERIES[i % len(QUERIES)] + f" {i}")
     after_ann = rss_mib(process.pid)
+    ann_split = rss_split_mib(process.pid)
     for i in range(5):
       get(base, text=QUERIES[i % len(QUERIES)], exact="1")
     return {"rss_started_mib": round(started), "rss_after_ann_queries_mib": round(after_ann),
             "rss_after_exact_queries_mib": round(rss_mib(process.pid)),
+            "anon_file_after_ann_mib": ann_split,
+            "anon_file_after_exact_mib": rss_split_mib(process.pid),
             "peak_rss_mib": round(hwm_mib(process.pid)),
             "method": get(base, text=QUERIES[0])["search"]["method"]}
   finally:

@@ -255,3 +255,18 @@ def test_thumbnails_are_stored_by_row_and_read_back(tmp_path):
                                                      thumbnails=pngs))
   assert [index.thumbnail(r) for r in range(3)] == pngs
   assert [index.study(r)["has_thumbnail"] for r in range(3)] == [True, False, True]
+
+
+def test_single_float16_queries_rank_as_the_batched_blas_path(tmp_path, monkeypatch):
+  """A few queries go through faiss's fused float16 kernel, a batch through BLAS: same rows."""
+  monkeypatch.setattr(index_lib, "BLOCK_ROWS", 64)
+  data = constructed_set(n=300)
+  directory = index_lib.build_index(str(tmp_path / "index"), data, MODEL)
+  index_lib.remove_studies(directory, [f"sub-{i:04d}" for i in range(0, 300, 7)])
+  index = index_lib.load_index(directory)
+  queries = index_lib.query_vectors(index, data.text_embeddings[:20])
+  batched = index_lib.exact_top_k(index, queries, 10)              # 20 > FUSED_MAX_QUERIES
+  for q in range(20):
+    rows, scores = index_lib.exact_top_k(index, queries[q:q + 1], 10)
+    np.testing.assert_array_equal(rows[0], batched[0][q])
+    np.testing.assert_allclose(scores[0], batched[1][q], rtol=1e-5)
