@@ -74,10 +74,10 @@ def model_files(directory):
   return config, path, loaded.identity
 
 
-def synthetic_chunk(first, rows, dim, clusters, rng, reports):
+def synthetic_chunk(first, rows, dim, clusters, rng, reports, spread=0.5):
   centres = np.random.default_rng(12345).standard_normal((clusters, dim), dtype=np.float32)
   image = centres[rng.integers(0, clusters, rows)]
-  image += 0.5 * rng.standard_normal((rows, dim), dtype=np.float32)
+  image += spread * rng.standard_normal((rows, dim), dtype=np.float32)
   text = image + 0.3 * rng.standard_normal((rows, dim), dtype=np.float32)
   from medfinder_jax import interchange  # pylint: disable=import-outside-toplevel
   return interchange.EmbeddingSet(
@@ -100,7 +100,7 @@ def build(index_dir, n, args, identity):
   for first in range(0, n, args.shard_rows):
     rows = min(args.shard_rows, n - first)
     index_lib.add_studies(index_dir, synthetic_chunk(first, rows, args.dim, args.clusters, rng,
-                                                     reports))
+                                                     reports, args.spread))
   seconds = time.perf_counter() - start
   return {"n": n, "dim": args.dim, "dtype": args.dtype, "shards": -(-n // args.shard_rows),
           "build_s": round(seconds, 1), "size_mib": round(du_mib(index_dir), 1)}
@@ -289,6 +289,9 @@ def main():
   parser.add_argument("--dtype", default="float16")
   parser.add_argument("--clusters", type=int, default=2000)
   parser.add_argument("--shard_rows", type=int, default=100_000)
+  parser.add_argument("--spread", type=float, default=0.5,
+                      help="within-cluster noise per dimension (centres are unit normal); "
+                           "larger = clusters overlap = harder for ANN")
   parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "archive_bench"))
   parser.add_argument("--phases", default="build,ann,search,serve,http")
   parser.add_argument("--single_queries", type=int, default=200)
