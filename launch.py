@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""MedFinder-JAX command line: phantom | convert | train | eval | metrics | embed | search | demo.
+"""MedFinder-JAX command line: phantom | convert | train | eval | metrics | embed | search |
+index | index-ann | serve | demo.
 
 Thin by design: parse flags, build the config, call one function per command
 (medfinder_jax/commands/, data_prep/ and medfinder_jax/train.py do the work). Each command's
@@ -286,6 +287,14 @@ def add_embed_args(parser):
   parser.add_argument("--backbone", default=None, help="model.backbone of a released-code .pt file")
   parser.add_argument("--index", required=True, metavar="OUT", help="index directory to write")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing index")
+  parser.add_argument("--append", action="store_true",
+                      help="add the studies to the index as one more shard (created when absent; "
+                           "several hosts may append to one index at once)")
+  parser.add_argument("--replace", action="store_true",
+                      help="with --append (implied): studies already in the index are replaced "
+                           "(else they are an error)")
+  parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                      help="stored embedding precision of a new index (default float16)")
   add_config_args(parser)
   add_distributed_args(parser)
 
@@ -295,7 +304,8 @@ def run_embed(args, config):
   if args.tfrecord_dir:
     config.data.tfrecord_dir = args.tfrecord_dir
   done = embed.run(config, args.model_path, args.index, split=args.split,
-                   volumes_dir=args.volumes, overwrite=args.overwrite)
+                   volumes_dir=args.volumes, overwrite=args.overwrite, append=args.append,
+                   replace=args.replace, dtype=args.dtype)
   if done is not None:
     skipped, summary = embed.format_result(done)
     for line in skipped:
@@ -317,14 +327,72 @@ def add_search_args(parser):
   parser.add_argument("--model_path", default=None, metavar="CKPT",
                       help="the model that built the index, at another place (default: the "
                            "checkpoint recorded in the index); checked against its fingerprint")
+  parser.add_argument("--exact", action="store_true",
+                      help="brute-force search even when the index has an ANN index")
   add_config_args(parser)
 
 
 def run_search(args, config):
   from medfinder_jax.commands import search  # pylint: disable=import-outside-toplevel
   result = search.run(config, args.index, text=args.text, keyword=args.keyword,
-                      volume=args.volume, top_k=args.top_k, model_path=args.model_path)
+                      volume=args.volume, top_k=args.top_k, model_path=args.model_path,
+                      exact=args.exact)
   print(json.dumps(result, indent=2) if args.json else search.format_result(result))
+  return 0
+
+
+def add_index_args(parser):
+  parser.add_argument("--index", required=True, help="index directory (launch.py embed)")
+  action = parser.add_mutually_exclusive_group(required=True)
+  action.add_argument("--remove", nargs="+", metavar="STUDY_ID", help="remove these studies")
+  action.add_argument("--remove_file", metavar="FILE", help="remove the study ids in FILE "
+                                                             "(one a line)")
+  action.add_argument("--info", action="store_true", help="print studies, shards, size, ANN")
+
+
+def run_index(args, config):
+  del config
+  from medfinder_jax.commands import archive  # pylint: disable=import-outside-toplevel
+  print(archive.run_index(args.index, remove=args.remove, remove_file=args.remove_file))
+  return 0
+
+
+def add_index_ann_args(parser):
+  parser.add_argument("--index", required=True, help="index directory (launch.py embed)")
+  parser.add_argument("--nlist", type=int, default=None,
+                      help="IVF lists (default: about sqrt(N), a power of two)")
+  parser.add_argument("--target_recall", type=float, default=0.95,
+                      help="recall@10 against exact search that nprobe is tuned to reach")
+  parser.add_argument("--queries", type=int, default=1000,
+                      help="sampled report queries used to measure recall@10")
+
+
+def run_index_ann(args, config):
+  del config
+  from medfinder_jax.commands import archive  # pylint: disable=import-outside-toplevel
+  print(archive.run_index_ann(args.index, nlist=args.nlist, target_recall=args.target_recall,
+                              queries=args.queries))
+  return 0
+
+
+def add_serve_args(parser):
+  parser.add_argument("--index", required=True, help="index directory (launch.py embed)")
+  parser.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (default 127.0.0.1: this machine only)")
+  parser.add_argument("--port", type=int, default=8080)
+  parser.add_argument("--model_path", default=None, metavar="CKPT",
+                      help="the model that built the index, at another place (see search)")
+  parser.add_argument("--max_top_k", type=int, default=100, help="largest top_k a request gets")
+  parser.add_argument("--max_upload_mib", type=float, default=256.0,
+                      help="largest uploaded volume (MiB)")
+  add_config_args(parser)
+
+
+def run_serve(args, config):
+  from medfinder_jax import serve  # pylint: disable=import-outside-toplevel
+  serve.serve(config, args.index, host=args.host, port=args.port, model_path=args.model_path,
+              limits=serve.Limits(max_top_k=args.max_top_k,
+                                  max_upload_bytes=int(args.max_upload_mib * 2**20)))
   return 0
 
 
@@ -369,6 +437,11 @@ COMMANDS = {
     "embed": ("build a search index from a converted split or a folder of NIfTI files",
               add_embed_args, run_embed),
     "search": ("search an index by text, keyword or CT volume", add_search_args, run_search),
+    "index": ("remove studies from an index, or describe it", add_index_args, run_index),
+    "index-ann": ("build the approximate-search (faiss IVF) index of an index, measuring its "
+                  "recall@10", add_index_ann_args, run_index_ann),
+    "serve": ("serve an index over HTTP: a JSON API and a web page (127.0.0.1 by default)",
+              add_serve_args, run_serve),
     "demo": ("the whole chain on a phantom corpus, on CPU in minutes: phantom -> convert -> "
              "train -> test metrics", add_demo_args, run_demo),
 }

@@ -12,11 +12,13 @@ preprocessing -> records):
   loading.py          a model from our checkpoints or the released code's files
   encode.py           a loaded model's encoders on a mesh
   evaluate.py         a split's embeddings + metrics in memory (metrics.py: the math)
-  index.py            an index of embeddings on disk and exact search over it
+  index.py            the archive index on disk (shards, removals) and exact search over it
+  ann.py              approximate search over an index (faiss IVF-SQ8)
   commands/           what each launch.py command does, with its files and output
+  serve.py            the search server (HTTP API + web/index.html) over a commands/search Session
 
 Beside the path: errors.py (the user-error base), config_utils.py, distributed.py
 (multi-process start-up), convert_weights.py (PyTorch/HF state dicts), text.py (tokenizer),
-findings.py (negation-aware keyword relevance), interchange.py (embeddings.npz, metrics.json),
+findings.py (negation-aware keyword relevance and mentions), thumbnails.py (study thumbnails), interchange.py (embeddings.npz, metrics.json),
 plots.py.
 """

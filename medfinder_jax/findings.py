@@ -131,3 +131,33 @@ def relevance_matrix(reports, keywords):
   """(Q, N) bool: keyword_relevance of each of Q keywords over N reports."""
   return np.stack([keyword_relevance(reports, k) for k in keywords]) if len(keywords) else (
       np.zeros((0, len(reports)), bool))
+
+
+# --- Mentions with their place, for highlighting (search results) -------------------------------
+
+def _pieces(pattern, text, start, end):
+  """(start, end) of the parts of text[start:end] between matches of `pattern` (as re.split)."""
+  position = start
+  for match in pattern.finditer(text, start, end):
+    yield position, match.start()
+    position = match.end()
+  yield position, end
+
+
+def mentions(report, keyword):
+  """[(start, end, negated)] of every mention of `keyword` in `report` (character offsets into
+  `report`), by the rules of states_finding: states_finding is True exactly when one of them is
+  not negated."""
+  if not isinstance(report, str) or not report:
+    return []
+  pattern = keyword_pattern(keyword)
+  text = _PSEUDO_NEGATION.sub(lambda m: " " * len(m.group()), report.lower())
+  found = []
+  for s_start, s_end in _pieces(_SENTENCE_BREAK, text, 0, len(text)):
+    for c_start, c_end in _pieces(_CLAUSE_BREAK, text, s_start, s_end):
+      clause = text[c_start:c_end]
+      for mention in pattern.finditer(clause):
+        negated = (_negated_before(clause, mention.start())
+                   or _negated_after(clause, mention.end()))
+        found.append((c_start + mention.start(), c_start + mention.end(), bool(negated)))
+  return found

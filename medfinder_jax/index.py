@@ -1,22 +1,42 @@
-"""Embedding index on disk, and exact search over it (a query embedding -> ranked rows).
+"""The archive index on disk (format version 3), and exact search over it.
 
-An index is a directory:
-  index.json      {"format": "medfinder-index", "version": 2, "n": N, "dim": D,
-                   "created": "2025-01-01T00:00:00Z" (UTC),
-                   "model": the identity of the model that made the embeddings
-                            (loading.make_identity: backbone, embed_dim, fingerprint, checkpoint,
-                            kind, step, config, preprocess) + "embedded_from"}
-  embeddings.npz  the interchange format (interchange.py): image_embeddings and text_embeddings
-                  (L2-normalized float32, row i = study i), study_ids, reports, source_paths.
-Queries must come from the same model; commands/search.py checks that against "model".
+An index is a directory that grows by whole shards; nothing written is ever rewritten:
+
+  index.json            {"format": "medfinder-index", "version": 3, "dim": D,
+                         "dtype": "float16" | "float32", "created": UTC time,
+                         "model": the identity of the model that made the embeddings
+                                  (loading.make_identity + "embedded_from")}
+  shards/<commit>/      one per `launch.py embed` run (per process or host that writes):
+    shard.json          {"n", "dim", "dtype", "created", "writer": {"host", "pid"},
+                         "replaces": [study ids this shard replaces in earlier commits]}
+    image.npy           (n, D) unit image embeddings, memory-mapped when searched
+    text.npy            (n, D) unit report embeddings
+    studies.arrow       the metadata table (Arrow IPC file, memory-mapped): study_id,
+                        source_path, report, has_report, thumbnail (file name or ""),
+                        thumbnail_offset, thumbnail_length
+    thumbnails.bin      the shard's thumbnails (PNG files end to end; see thumbnails.py)
+  removals/<commit>.json  {"created", "study_ids": [...]}: studies removed from earlier commits
+
+A commit name is `<UTC time>-<host>-<pid>-<random>`: writers on several hosts never collide, and
+the index is whatever is listed, in name order (a shard appears complete or not at all: it is
+written under shards/.tmp-* and renamed). Reading replays the commits in that order: a shard's
+rows add studies; a later row of a study id already present (a replacement, or two hosts that
+embedded the same study) supersedes the earlier one; a removal drops the ids live before it.
+So each study is in the index once, whichever shards hold copies of it.
+
+The metadata table is Arrow IPC rather than Parquet: it is memory-mapped like the embeddings, so
+a million reports cost no memory until a result shows them (Parquet would be decoded into RAM).
 An index of another format version is refused (rebuild it with launch.py embed).
 """
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 from typing import NamedTuple
 
@@ -26,14 +46,28 @@ from medfinder_jax import interchange
 from medfinder_jax import metrics as metrics_lib
 
 INDEX_FORMAT = "medfinder-index"
-INDEX_VERSION = 2   # 2: the model record of loading.make_identity (kind "released", loss section)
+INDEX_VERSION = 3   # 3: shards, memory-mapped float16/32, Arrow metadata, removals (2: one npz)
 META_FILE = "index.json"
-EMBEDDINGS_FILE = "embeddings.npz"
+SHARDS_DIR = "shards"
+REMOVALS_DIR = "removals"
+SHARD_META = "shard.json"
+IMAGE_FILE = "image.npy"
+TEXT_FILE = "text.npy"
+TABLE_FILE = "studies.arrow"
+THUMBNAILS_FILE = "thumbnails.bin"
+DTYPES = ("float16", "float32")
 TARGETS = ("image", "text")
+BLOCK_ROWS = 32768       # rows scored at once by exact search (a float32 block of 64 MiB at 512)
+STAGING_PREFIX = ".tmp-"
+FUSED_MAX_QUERIES = 8    # batches up to this size use faiss's fused float16 scoring
 
 
 class IndexFileError(interchange.InterchangeError):
   """An index that cannot be used: missing, corrupt or inconsistent files."""
+
+
+class DuplicateStudyError(IndexFileError):
+  """Studies to add that the index already holds (and replacing was not asked for)."""
 
 
 class SearchResult(NamedTuple):
@@ -42,34 +76,50 @@ class SearchResult(NamedTuple):
   score: float        # cosine similarity between the query and the item
   excerpt: str        # start of the study's report (whitespace collapsed)
   source_path: str    # the study's volume file ("" when unknown)
-  row: int            # 0-based row of the study in the index
+  row: int            # 0-based row of the study among the index's live studies
 
 
-@dataclasses.dataclass
-class EmbeddingIndex(interchange.PairedEmbeddings):
-  directory: str
-  meta: dict
-  image_embeddings: np.ndarray   # (N, D) float32, unit rows
-  text_embeddings: np.ndarray    # (N, D) float32, unit rows
-  study_ids: np.ndarray          # (N,) str
-  reports: np.ndarray            # (N,) str ("" when unknown)
-  source_paths: np.ndarray       # (N,) str ("" when unknown)
+def _now():
+  return datetime.datetime.now(datetime.timezone.utc)
 
 
-# --- Writing and reading --------------------------------------------------------------------------
+def _stamp(moment=None):
+  return (moment or _now()).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def commit_name():
+  """A name that sorts by time and is unique across hosts and processes."""
+  host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:40]
+  return f"{_now().strftime('%Y%m%dT%H%M%S%fZ')}-{host or 'host'}-{os.getpid()}-" \
+         f"{secrets.token_hex(3)}"
+
 
 def _unit_rows(x):
   """Rows scaled to unit L2 norm, as numpy float32 (all-zero rows stay zero)."""
-  return np.asarray(metrics_lib.l2_normalize(x))
+  return np.asarray(metrics_lib.l2_normalize(np.asarray(x, np.float32)))
 
 
-def check_index_target(directory, overwrite=False):
+def _write_json_atomic(path, value):
+  staging = f"{path}.tmp-{secrets.token_hex(4)}"
+  with open(staging, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2)
+  os.replace(staging, path)
+
+
+# --- Creating, adding, removing -------------------------------------------------------------------
+
+def check_index_target(directory, overwrite=False, append=False):
   """Raises IndexFileError unless an index may be written to `directory`: it does not exist, or
-  overwrite is set and it is an index (or an empty directory). Cheap: call it before the work."""
+  append is set and it is an index, or overwrite is set and it is an index (or an empty
+  directory). Cheap: call it before the work."""
   if not os.path.exists(directory):
     return
+  if append:
+    _read_meta(directory)
+    return
   if not overwrite:
-    raise IndexFileError(f"{directory}: already exists; pass --overwrite to replace the index")
+    raise IndexFileError(f"{directory}: already exists; pass --append to add studies to it or "
+                         f"--overwrite to replace the index")
   if not os.path.isdir(directory):
     raise IndexFileError(f"{directory}: exists and is not a directory; refusing to replace it")
   if os.listdir(directory) and not os.path.isfile(os.path.join(directory, META_FILE)):
@@ -77,33 +127,48 @@ def check_index_target(directory, overwrite=False):
                          f"refusing to replace it")
 
 
-def build_index(directory, embeddings, model, overwrite=False):
-  """Writes an index directory from an interchange.EmbeddingSet (or its {name: array} fields).
+def _index_meta(dim, model, dtype):
+  if dtype not in DTYPES:
+    raise IndexFileError(f"index dtype {dtype!r}: expected one of {DTYPES}")
+  return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "dim": int(dim), "dtype": dtype,
+          "created": _stamp(), "model": dict(model)}
 
-  Embeddings are L2-normalized before storing; missing reports/source paths are stored as "".
-  The directory appears complete or not at all (written next to it, then renamed).
-  """
-  if not isinstance(embeddings, interchange.EmbeddingSet):
-    embeddings = interchange.validate(embeddings, directory)
+
+def open_or_create(directory, dim, model, dtype="float16"):
+  """The meta of the index at `directory`, created (empty) when absent. Safe when several
+  writers start at once: index.json is linked into place, never replaced; a writer that finds
+  one already there uses it (its dim must match)."""
+  os.makedirs(os.path.join(directory, SHARDS_DIR), exist_ok=True)
+  os.makedirs(os.path.join(directory, REMOVALS_DIR), exist_ok=True)
+  path = os.path.join(directory, META_FILE)
+  if not os.path.exists(path):
+    staging = f"{path}.tmp-{secrets.token_hex(4)}"
+    with open(staging, "w", encoding="utf-8") as f:
+      json.dump(_index_meta(dim, model, dtype), f, indent=2)
+    try:
+      os.link(staging, path)
+    except FileExistsError:
+      pass
+    finally:
+      os.remove(staging)
+  meta = _read_meta(directory)
+  if meta["dim"] != int(dim):
+    raise IndexFileError(f"{path}: the index holds {meta['dim']}-d embeddings, the studies to add "
+                         f"are {dim}-d (another model); use another index directory")
+  return meta
+
+
+def build_index(directory, embeddings, model, overwrite=False, dtype="float16", thumbnails=None):
+  """A new index at `directory` holding `embeddings` (an interchange.EmbeddingSet or its fields)
+  in one shard. The directory appears complete or not at all (written next to it, renamed)."""
+  embeddings = _as_set(embeddings, directory)
   check_index_target(directory, overwrite)
-  blank = np.full((embeddings.n,), "", dtype=str)
-  stored = interchange.EmbeddingSet(
-      image_embeddings=_unit_rows(embeddings.image_embeddings),
-      text_embeddings=_unit_rows(embeddings.text_embeddings),
-      study_ids=embeddings.study_ids,
-      reports=blank if embeddings.reports is None else embeddings.reports,
-      source_paths=blank if embeddings.source_paths is None else embeddings.source_paths)
-  meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "n": embeddings.n,
-          "dim": embeddings.dim,
-          "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-          "model": dict(model)}
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(dir=parent, prefix=".tmp-index-")
   try:
-    interchange.save_embeddings(os.path.join(staging, EMBEDDINGS_FILE), stored)
-    with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as f:
-      json.dump(meta, f, indent=2)
+    open_or_create(staging, embeddings.dim, model, dtype)
+    add_studies(staging, embeddings, thumbnails=thumbnails)
     if os.path.exists(directory):
       shutil.rmtree(directory)
     os.replace(staging, directory)
@@ -112,6 +177,93 @@ def build_index(directory, embeddings, model, overwrite=False):
       shutil.rmtree(staging)
   return directory
 
+
+def _as_set(embeddings, source):
+  if isinstance(embeddings, interchange.EmbeddingSet):
+    return embeddings
+  return interchange.validate(embeddings, source)
+
+
+def add_studies(directory, embeddings, thumbnails=None, replace=False):
+  """Adds one shard of studies to the index at `directory` (it must exist: open_or_create).
+
+  A study id the index already holds is a DuplicateStudyError naming some of them, unless
+  `replace` (the new rows then supersede the old ones). thumbnails: None or one PNG (bytes,
+  b"" for none) per study. Returns the shard's commit name."""
+  embeddings = _as_set(embeddings, directory)
+  meta = _read_meta(directory)
+  if embeddings.dim != meta["dim"]:
+    raise IndexFileError(f"{directory}: the index holds {meta['dim']}-d embeddings, the studies "
+                         f"to add are {embeddings.dim}-d")
+  ids = [str(s) for s in embeddings.study_ids]
+  present = sorted(set(ids) & live_study_ids(directory))
+  if present and not replace:
+    shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+    raise DuplicateStudyError(f"{directory}: {len(present)} of the {len(ids)} studies to add are "
+                              f"already in the index ({shown}); pass --replace to replace them")
+  name = commit_name()
+  shards = os.path.join(directory, SHARDS_DIR)
+  staging = os.path.join(shards, STAGING_PREFIX + name)
+  os.makedirs(staging)
+  try:
+    _write_shard(staging, embeddings, meta["dtype"], thumbnails, replaces=present)
+    os.replace(staging, os.path.join(shards, name))
+  finally:
+    if os.path.exists(staging):
+      shutil.rmtree(staging)
+  return name
+
+
+def _write_shard(folder, embeddings, dtype, thumbnails, replaces):
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel  (only index users pay for it)
+  n = embeddings.n
+  blank = [""] * n
+  reports = blank if embeddings.reports is None else [str(r) for r in embeddings.reports]
+  paths = blank if embeddings.source_paths is None else [str(p) for p in embeddings.source_paths]
+  thumbnails = [b""] * n if thumbnails is None else [bytes(t or b"") for t in thumbnails]
+  if len(thumbnails) != n:
+    raise ValueError(f"{len(thumbnails)} thumbnails for {n} studies")
+  lengths = np.array([len(t) for t in thumbnails], np.int64)
+  offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+  with open(os.path.join(folder, THUMBNAILS_FILE), "wb") as f:
+    for t in thumbnails:
+      f.write(t)
+  for name, values in ((IMAGE_FILE, embeddings.image_embeddings),
+                       (TEXT_FILE, embeddings.text_embeddings)):
+    np.save(os.path.join(folder, name), _unit_rows(values).astype(dtype))
+  table = pa.table({
+      "study_id": pa.array([str(s) for s in embeddings.study_ids], pa.string()),
+      "source_path": pa.array(paths, pa.string()),
+      "report": pa.array(reports, pa.string()),
+      "has_report": pa.array([bool(r.strip()) for r in reports], pa.bool_()),
+      "thumbnail": pa.array([THUMBNAILS_FILE if k else "" for k in lengths], pa.string()),
+      "thumbnail_offset": pa.array(offsets, pa.int64()),
+      "thumbnail_length": pa.array(lengths, pa.int64())})
+  with pa.OSFile(os.path.join(folder, TABLE_FILE), "wb") as sink:
+    with pa.ipc.new_file(sink, table.schema) as writer:
+      writer.write_table(table)
+  _write_json_atomic(os.path.join(folder, SHARD_META), {
+      "n": n, "dim": embeddings.dim, "dtype": dtype, "created": _stamp(),
+      "writer": {"host": socket.gethostname(), "pid": os.getpid()}, "replaces": list(replaces)})
+
+
+def remove_studies(directory, study_ids):
+  """Removes studies by id (a removal commit; the shards stay as written). An id the index does
+  not hold is an IndexFileError naming it, and nothing is removed. Returns the count."""
+  _read_meta(directory)
+  ids = sorted({str(s) for s in study_ids})
+  if not ids:
+    raise IndexFileError(f"{directory}: no study ids to remove")
+  missing = sorted(set(ids) - live_study_ids(directory))
+  if missing:
+    raise IndexFileError(f"{directory}: {len(missing)} of the study ids to remove are not in the "
+                         f"index: {', '.join(missing[:5])}")
+  _write_json_atomic(os.path.join(directory, REMOVALS_DIR, commit_name() + ".json"),
+                     {"created": _stamp(), "study_ids": ids})
+  return len(ids)
+
+
+# --- Reading --------------------------------------------------------------------------------------
 
 def _read_meta(directory):
   path = os.path.join(directory, META_FILE)
@@ -125,28 +277,240 @@ def _read_meta(directory):
                          f"with launch.py embed") from None
   except (OSError, json.JSONDecodeError) as err:
     raise IndexFileError(f"{path}: unreadable ({err})") from None
-  if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
-    raise IndexFileError(f"{path}: format {meta.get('format')!r} version "
-                         f"{meta.get('version')!r}, this version of launch.py reads "
+  if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT or (
+      meta.get("version") != INDEX_VERSION):
+    found = meta if isinstance(meta, dict) else {}
+    raise IndexFileError(f"{path}: format {found.get('format')!r} version "
+                         f"{found.get('version')!r}, this version of launch.py reads "
                          f"{INDEX_FORMAT!r} version {INDEX_VERSION}: rebuild the index with "
                          f"launch.py embed")
   return meta
 
 
+def _commits(directory):
+  """[(name, "shard" | "removal")] in commit order (staging folders and files ignored)."""
+  found = []
+  shards = os.path.join(directory, SHARDS_DIR)
+  if os.path.isdir(shards):
+    found += [(n, "shard") for n in os.listdir(shards) if not n.startswith(".")
+              and os.path.isdir(os.path.join(shards, n))]
+  removals = os.path.join(directory, REMOVALS_DIR)
+  if os.path.isdir(removals):
+    found += [(n[:-5], "removal") for n in os.listdir(removals) if n.endswith(".json")
+              and not n.startswith(".")]
+  return sorted(found)
+
+
+def _shard_ids(folder):
+  return [str(s) for s in _open_table(folder).column("study_id").to_pylist()]
+
+
+def _open_table(folder):
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  path = os.path.join(folder, TABLE_FILE)
+  try:
+    return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+  except (OSError, pa.ArrowInvalid) as err:
+    raise IndexFileError(f"{path}: unreadable metadata table ({err}); remove this shard or "
+                         f"rebuild the index") from None
+
+
+def _read_removal(path):
+  try:
+    with open(path, encoding="utf-8") as f:
+      return [str(s) for s in json.load(f)["study_ids"]]
+  except (OSError, ValueError, KeyError, TypeError) as err:
+    raise IndexFileError(f"{path}: unreadable removal record ({err})") from None
+
+
+def _replay(directory):
+  """{study id: (commit name, local row)} of the live studies, and the commit list."""
+  live = {}
+  commits = _commits(directory)
+  for name, kind in commits:
+    if kind == "removal":
+      for study in _read_removal(os.path.join(directory, REMOVALS_DIR, name + ".json")):
+        live.pop(study, None)
+      continue
+    for row, study in enumerate(_shard_ids(os.path.join(directory, SHARDS_DIR, name))):
+      live.pop(study, None)          # a later copy supersedes (and goes to the end)
+      live[study] = (name, row)
+  return live, commits
+
+
+def live_study_ids(directory):
+  return set(_replay(directory)[0])
+
+
+@dataclasses.dataclass
+class Shard:
+  """One shard, memory-mapped: embeddings, metadata, and which of its rows are live."""
+  name: str
+  folder: str
+  image: np.ndarray          # (n, D) memmap
+  text: np.ndarray           # (n, D) memmap
+  table: object              # pyarrow.Table (memory-mapped)
+  global_rows: np.ndarray    # (n,) int64: the row among the index's live studies, -1 if dead
+  has_report: np.ndarray     # (n,) bool
+
+  def gallery(self, against):
+    return self.image if against == "image" else self.text
+
+
+def _open_shard(directory, name, meta):
+  folder = os.path.join(directory, SHARDS_DIR, name)
+  arrays = {}
+  for file in (IMAGE_FILE, TEXT_FILE):
+    path = os.path.join(folder, file)
+    try:
+      arrays[file] = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+      raise IndexFileError(f"{path}: unreadable embeddings ({err}); remove this shard or rebuild "
+                           f"the index") from None
+  table = _open_table(folder)
+  n = table.num_rows
+  for file, array in arrays.items():
+    if array.shape != (n, meta["dim"]) or array.dtype != np.dtype(meta["dtype"]):
+      raise IndexFileError(f"{os.path.join(folder, file)}: {array.shape} {array.dtype}, expected "
+                           f"({n}, {meta['dim']}) {meta['dtype']} ({TABLE_FILE} has {n} rows)")
+  return Shard(name, folder, arrays[IMAGE_FILE], arrays[TEXT_FILE], table,
+               np.full((n,), -1, np.int64),
+               np.asarray(table.column("has_report").to_numpy(zero_copy_only=False), bool))
+
+
+class ArchiveIndex(interchange.PairedEmbeddings):
+  """A loaded index: live studies numbered 0..n-1 in commit order, over memory-mapped shards."""
+
+  def __init__(self, directory, meta, shards, locations, commits):
+    self.directory = directory
+    self.meta = meta
+    self.shards = shards
+    self.commits = [f"{kind}:{name}" for name, kind in commits]   # what an ANN index was built on
+    self._location = locations        # (n, 2) int64: shard ordinal, local row
+    self._row_of = None
+    self.cache = {}                    # per-index memo (e.g. keyword relevance), for servers
+
+  @property
+  def n(self):
+    return int(self._location.shape[0])
+
+  @property
+  def dim(self):
+    return int(self.meta["dim"])
+
+  def column(self, name):
+    """One metadata column of the live rows, in row order, as a list (one pass per shard)."""
+    out = [None] * self.n
+    for shard in self.shards:
+      values = shard.table.column(name).to_pylist()
+      for local in np.flatnonzero(shard.global_rows >= 0):
+        out[shard.global_rows[local]] = values[local]
+    return out
+
+  @property
+  def study_ids(self):
+    return np.asarray(self.column("study_id"), dtype=str)
+
+  @property
+  def reports(self):
+    return np.asarray(self.column("report"), dtype=str)
+
+  @property
+  def source_paths(self):
+    return np.asarray(self.column("source_path"), dtype=str)
+
+  @property
+  def image_embeddings(self):
+    return self.embeddings("image")
+
+  @property
+  def text_embeddings(self):
+    return self.embeddings("text")
+
+  def embeddings(self, against="image", dtype=np.float32):
+    """(n, D) live rows of one gallery, in row order (a copy: for tests and ANN builds)."""
+    out = np.empty((self.n, self.dim), dtype)
+    for ordinal, shard in enumerate(self.shards):
+      live = shard.global_rows >= 0
+      out[shard.global_rows[live]] = shard.gallery(against)[live]
+    return out
+
+  def locations(self, rows):
+    """(len(rows), 2) int64: shard ordinal and local row of each live row."""
+    return self._location[rows]
+
+  def locate(self, row):
+    ordinal, local = self._location[row]
+    return self.shards[ordinal], int(local)
+
+  def field(self, row, name):
+    shard, local = self.locate(row)
+    return shard.table.column(name)[local].as_py()
+
+  def study_id(self, row):
+    return str(self.field(row, "study_id"))
+
+  def row_of(self, study_id):
+    """The row of a study id, or None (ids are dictionary keys here, never paths)."""
+    if self._row_of is None:
+      self._row_of = {str(s): r for r, s in enumerate(self.column("study_id"))}
+    return self._row_of.get(str(study_id))
+
+  def study(self, row):
+    """{study_id, source_path, report, has_thumbnail} of one live row."""
+    shard, local = self.locate(row)
+    values = {name: shard.table.column(name)[local].as_py()
+              for name in ("study_id", "source_path", "report", "thumbnail_length")}
+    return {"study_id": values["study_id"], "source_path": values["source_path"],
+            "report": values["report"], "has_thumbnail": values["thumbnail_length"] > 0}
+
+  def thumbnail(self, row):
+    """The PNG bytes of a row's thumbnail (b"" when none), read from its shard's file."""
+    shard, local = self.locate(row)
+    name = shard.table.column("thumbnail")[local].as_py()
+    length = shard.table.column("thumbnail_length")[local].as_py()
+    if not name or length <= 0:
+      return b""
+    with open(os.path.join(shard.folder, THUMBNAILS_FILE), "rb") as f:   # a fixed file name
+      f.seek(shard.table.column("thumbnail_offset")[local].as_py())
+      return f.read(length)
+
+  def has_report(self, row):
+    shard, local = self.locate(row)
+    return bool(shard.has_report[local])
+
+  @property
+  def reports_count(self):
+    return int(sum(shard.has_report[shard.global_rows >= 0].sum() for shard in self.shards))
+
+
 def load_index(directory):
-  """Reads an index; IndexFileError naming the file for anything missing or inconsistent."""
+  """Opens an index (memory-mapped); IndexFileError naming the file for anything unusable."""
   meta = _read_meta(directory)
-  data = interchange.load_embeddings(os.path.join(directory, EMBEDDINGS_FILE))
-  if (data.n, data.dim) != (meta.get("n"), meta.get("dim")):
-    raise IndexFileError(f"{directory}: {META_FILE} says N={meta.get('n')}, D={meta.get('dim')} "
-                         f"but {EMBEDDINGS_FILE} has N={data.n}, D={data.dim}; rebuild the index")
-  blank = np.full((data.n,), "", dtype=str)
-  index = EmbeddingIndex(
-      directory=directory, meta=meta, image_embeddings=data.image_embeddings,
-      text_embeddings=data.text_embeddings, study_ids=data.study_ids,
-      reports=blank if data.reports is None else data.reports,
-      source_paths=blank if data.source_paths is None else data.source_paths)
-  return index
+  live, commits = _replay(directory)
+  names = [name for name, kind in commits if kind == "shard"]
+  shards = [_open_shard(directory, name, meta) for name in names]
+  ordinal_of = {name: i for i, name in enumerate(names)}
+  locations = np.array([(ordinal_of[name], row) for name, row in live.values()],
+                       np.int64).reshape(-1, 2)
+  for row, (ordinal, local) in enumerate(locations):
+    shards[ordinal].global_rows[local] = row
+  used = [i for i, shard in enumerate(shards) if (shard.global_rows >= 0).any()]
+  renumber = np.full((len(shards),), -1, np.int64)
+  renumber[used] = np.arange(len(used))
+  shards = [shards[i] for i in used]
+  if len(locations):
+    locations[:, 0] = renumber[locations[:, 0]]
+  return ArchiveIndex(directory, meta, shards, locations, commits)
+
+
+def describe(index):
+  """{"n", "dim", "dtype", "shards", "bytes"} for `launch.py index --info` and the server."""
+  total = 0
+  for shard in index.shards:
+    total += sum(os.path.getsize(os.path.join(shard.folder, f)) for f in os.listdir(shard.folder))
+  return {"n": index.n, "dim": index.dim, "dtype": index.meta["dtype"],
+          "shards": len(index.shards), "bytes": total}
 
 
 # --- Search ---------------------------------------------------------------------------------------
@@ -169,20 +533,128 @@ def top_k_rows(scores, k):
   return rows[np.lexsort((rows, -scores[rows]))]
 
 
-def _query_vector(index, query_embedding):
+def query_vectors(index, query_embedding):
+  """(B, D) float32 unit query rows from one vector or a batch; ValueError when unusable."""
   query = np.asarray(query_embedding, np.float32)
-  if query.ndim == 2 and query.shape[0] == 1:
-    query = query[0]
-  if query.ndim != 1 or query.shape[0] != index.dim:
+  if query.ndim == 1:
+    query = query[None]
+  if query.ndim != 2 or query.shape[1] != index.dim:
     raise ValueError(f"query embedding has shape {query.shape}; the index {index.directory} "
-                     f"expects one vector of dimension {index.dim}")
+                     f"expects vectors of dimension {index.dim}")
   if not np.all(np.isfinite(query)):
     raise ValueError("query embedding contains NaN or Inf")
-  return _unit_rows(query[None])[0]
+  return _unit_rows(query)
 
 
-def search(index, query_embedding, top_k=10, against="image", excerpt_chars=200):
-  """Ranks the index's studies for one query embedding by cosine similarity.
+def exact_top_k(index, queries, k, against="image", only_with_report=False):
+  """(rows (B, k'), scores (B, k')) of the best live rows for each unit query, best first
+  (ties: lower row first), k' = min(k, candidates). Blockwise over the memory-mapped shards:
+  each block of BLOCK_ROWS rows is scored for the whole batch, then merged into a running
+  top k, so memory stays at one block whatever the index size. A few float16 queries are
+  scored by faiss's fused float16 kernel (reads 2 bytes per value once; decoding to float32
+  first moves 5x the memory), a batch by BLAS on the decoded block."""
+  batch = queries.shape[0]
+  best_rows = np.zeros((batch, 0), np.int64)
+  best_scores = np.zeros((batch, 0), np.float32)
+  fused = batch <= FUSED_MAX_QUERIES and index.meta["dtype"] == "float16" and not only_with_report
+  for shard in index.shards:
+    gallery = shard.gallery(against)
+    for start in range(0, gallery.shape[0], BLOCK_ROWS):
+      rows = shard.global_rows[start:start + BLOCK_ROWS]
+      keep = rows >= 0
+      if only_with_report:
+        keep &= shard.has_report[start:start + BLOCK_ROWS]
+      if not keep.any():
+        continue
+      block = gallery[start:start + BLOCK_ROWS]
+      found = _fused_top_k(block, queries, k, rows, keep) if fused else None
+      if found is None:
+        scores = queries @ as_float32(block).T
+        scores[:, ~keep] = -np.inf
+        found = np.broadcast_to(rows, scores.shape), scores
+      best_rows, best_scores = _merge(best_rows, best_scores, *found, k)
+  live = np.isfinite(best_scores)
+  count = int(live.all(axis=0).sum()) if best_scores.size else 0
+  return best_rows[:, :count], best_scores[:, :count]
+
+
+def _fused_top_k(block, queries, k, rows, keep):
+  """(rows, scores) of a float16 block's top k + dead rows per query, by faiss, or None."""
+  dead = int((~keep).sum())
+  flat = _fused_index(block.shape[1])
+  if flat is None or dead > block.shape[0] // 2:
+    return None
+  import faiss  # pylint: disable=import-outside-toplevel
+  flat.reset()
+  faiss.copy_array_to_vector(np.ascontiguousarray(block).view(np.uint8).reshape(-1), flat.codes)
+  flat.ntotal = block.shape[0]
+  scores, local = flat.search(queries, min(k + dead, block.shape[0]))
+  valid = local >= 0
+  valid[valid] = keep[local[valid]]
+  found = np.where(valid, rows[np.maximum(local, 0)], -1)
+  return found, np.where(valid, scores, -np.inf).astype(np.float32)
+
+
+_FUSED = {}
+
+
+def _fused_index(dim):
+  """A reusable faiss float16 flat index of this thread and dimension (None without faiss)."""
+  import threading  # pylint: disable=import-outside-toplevel
+  key = (threading.get_ident(), dim)
+  if key not in _FUSED:
+    try:
+      import faiss  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      return None
+    if len(_FUSED) > 64:
+      _FUSED.clear()
+    _FUSED[key] = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16,
+                                             faiss.METRIC_INNER_PRODUCT)
+  return _FUSED[key]
+
+
+@functools.lru_cache(maxsize=8)
+def _half_decoder(dim):
+  """faiss's float16 decoder (SIMD; numpy's float16 cast is scalar, ~5x slower), or None."""
+  try:
+    import faiss  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16)
+
+
+def as_float32(block):
+  """A (rows, D) float16 or float32 block as float32 (the same values as numpy's cast)."""
+  if block.dtype == np.float16 and block.shape[0]:
+    decoder = _half_decoder(block.shape[1])
+    if decoder is not None:
+      return decoder.decode(np.ascontiguousarray(block).view(np.uint8))
+  return np.asarray(block, np.float32)
+
+
+def _merge(rows_a, scores_a, rows_b, scores_b, k):
+  """The top k (by score, then lower row) of two candidate sets, per query."""
+  rows = np.concatenate([rows_a, rows_b], axis=1)
+  scores = np.concatenate([scores_a, scores_b], axis=1)
+  if scores.shape[1] > k:
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    rows = np.take_along_axis(rows, part, axis=1)
+    scores = np.take_along_axis(scores, part, axis=1)
+  order = np.lexsort((rows, -scores), axis=1)
+  return np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def results_of(index, rows, scores, excerpt_chars=200):
+  return [SearchResult(rank=i + 1, study_id=index.study_id(int(row)), score=float(score),
+                       excerpt=excerpt(index.field(int(row), "report"), excerpt_chars),
+                       source_path=str(index.field(int(row), "source_path")), row=int(row))
+          for i, (row, score) in enumerate(zip(rows, scores))]
+
+
+def search(index, query_embedding, top_k=10, against="image", excerpt_chars=200,
+           only_with_report=False):
+  """Ranks the index's studies for one query embedding by cosine similarity (exact).
 
   against="image": compare with the image embeddings (a text or keyword query finds studies);
   "text": compare with the report embeddings (a volume query finds reports).
@@ -192,9 +664,8 @@ def search(index, query_embedding, top_k=10, against="image", excerpt_chars=200)
     raise ValueError(f"against must be one of {TARGETS}, got {against!r}")
   if top_k < 1:
     raise ValueError(f"top_k must be at least 1, got {top_k}")
-  gallery = index.image_embeddings if against == "image" else index.text_embeddings
-  scores = gallery @ _query_vector(index, query_embedding)
-  return [SearchResult(rank=i + 1, study_id=str(index.study_ids[row]), score=float(scores[row]),
-                       excerpt=excerpt(index.reports[row], excerpt_chars),
-                       source_path=str(index.source_paths[row]), row=int(row))
-          for i, row in enumerate(top_k_rows(scores, top_k))]
+  queries = query_vectors(index, query_embedding)
+  if queries.shape[0] != 1:
+    raise ValueError(f"search takes one query; use exact_top_k for a batch of {len(queries)}")
+  rows, scores = exact_top_k(index, queries, top_k, against, only_with_report)
+  return results_of(index, rows[0], scores[0], excerpt_chars)
