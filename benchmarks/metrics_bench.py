@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
-"""Retrieval-metric cost: our chunked rank counting vs the released code's argsort, and search.
+"""Metric cost at the machine's limit: one-pass retrieval beside a plain GEMM, the released
+code's argsort, the bootstrap, zero-shot classification and `launch.py metrics` end to end.
 
 For each N, both directions (t2i, i2t) of R@1/5/10, MdR, MnR from N paired D-dim embeddings:
-- ours:     medfinder_jax.metrics.paired_ranks + metrics_from_ranks (chunked, never N×N), 1 device;
+- ours:     medfinder_jax.metrics.paired_ranks + metrics_from_ranks (one pass over S in tiles,
+            never N×N), 1 device; beside it, in the same process, a plain chunked fp32 GEMM of
+            the same N×N×D multiply-adds (each chunk's scores summed, so nothing is skipped):
+            the ratio ours / GEMM is what the rank counting costs beyond the matmul itself;
 - released: a numpy reimplementation of main_ddp.py's validate/compute_metrics: the full N×N
             similarity S = T·Iᵀ, a full argsort of every row of S and of Sᵀ, then the rank of the
             paired item found row by row (as its loop does). Its peak memory is about 12·N² bytes
             (S in float32 + argsort indices in int64), so N above --reference_max_n is skipped and
             its time and memory are extrapolated (time ∝ N² log N from the largest measured N).
 Each measurement runs in a fresh process, so the peak RSS is that case's own; where both ran, the
-largest difference between their 10 metrics is printed. Then the cost of bootstrap CIs at the
-largest N, and search latency (text query -> top 10 studies) over an index of --index_n studies
-(--parts picks which of metrics / bootstrap / search run).
+largest difference between their 10 metrics is printed. Then: bootstrap CIs of the 10 rank
+metrics at the largest N, zero-shot classification (18 labels, AUROC/AUPRC/F1 with bootstrap CIs)
+at the largest N, and `launch.py metrics` end to end (process start-up included) on an npz of
+--cli_n pairs (--parts picks which run).
 
   python benchmarks/metrics_bench.py                      # N = 1k, 8k, 32k, 100k; D = 512
-  python benchmarks/metrics_bench.py --ns 1000 8000 --dim 512 --reference_max_n 16384
+  python benchmarks/metrics_bench.py --ns 8192 --parts metrics cli
 """
 
 import argparse
@@ -80,6 +85,24 @@ def ours(text, image):
   return {d: result[d] for d in ("t2i", "i2t")}
 
 
+def plain_gemm(text, image):
+  """The same N×N×D multiply-adds as one pass, in chunks of the default tile's rows, fp32."""
+  import jax
+  import jax.numpy as jnp
+  from medfinder_jax import metrics
+  n = text.shape[0]
+  rows = metrics.default_block_size(n)
+  blocks = -(-n // rows)
+
+  @jax.jit
+  def run(text, image):
+    chunks = jnp.pad(text, ((0, blocks * rows - n), (0, 0))).reshape(blocks, rows, -1)
+    return jax.lax.map(lambda c: jnp.sum(jnp.matmul(c, image.T, precision="highest"), axis=1),
+                       chunks)
+
+  return jax.block_until_ready(run(jnp.asarray(text), jnp.asarray(image)))
+
+
 # --- One measurement per process -----------------------------------------------------------------
 
 def run_case(method, n, dim, repeats):
@@ -93,9 +116,17 @@ def run_case(method, n, dim, repeats):
     start = time.perf_counter()
     result = fn(text, image)
     times.append(time.perf_counter() - start)
-  return {"method": method, "n": n, "dim": dim, "seconds": min(times), "first_call_s": times[0],
-          "peak_rss_mib": peak_rss_mib(), "inputs_rss_mib": baseline,
-          "extra_peak_mib": peak_rss_mib() - baseline, "metrics": result}
+  out = {"method": method, "n": n, "dim": dim, "seconds": min(times), "first_call_s": times[0],
+         "peak_rss_mib": peak_rss_mib(), "inputs_rss_mib": baseline,
+         "extra_peak_mib": peak_rss_mib() - baseline, "metrics": result}
+  if method == "ours":
+    gemm = []
+    for _ in range(repeats + 1):                     # the first call compiles
+      start = time.perf_counter()
+      plain_gemm(text, image)
+      gemm.append(time.perf_counter() - start)
+    out["gemm_seconds"] = min(gemm[1:])
+  return out
 
 
 def measure(method, n, dim, repeats):
@@ -105,31 +136,36 @@ def measure(method, n, dim, repeats):
   return json.loads(output.strip().splitlines()[-1])
 
 
-def search_latency(n, dim, queries=200, top_k=10):
-  from medfinder_jax import index as index_lib
-  from medfinder_jax import interchange
-  text, image = make_pairs(n, dim, seed=1)
-  fields = {"image_embeddings": image, "text_embeddings": text,
-            "study_ids": np.array([f"s{i}" for i in range(n)]),
-            "reports": np.array([f"report {i} " * 30 for i in range(n)]),
-            "source_paths": np.array([f"CT{i % 10}/ct/s{i}.nii.gz" for i in range(n)])}
-  model = {"backbone": "bench", "embed_dim": dim, "fingerprint": "bench"}
+def zeroshot_cost(n, samples, labels=18, seed=4):
+  """Seconds for zero-shot metrics of `labels` labels (AUROC, AUPRC, F1, ... with bootstrap CIs of
+  `samples` resamples) at N, from P(present) scores and 0/1 labels."""
+  from medfinder_jax import zeroshot
+  rng = np.random.default_rng(seed)
+  truth = rng.random((n, labels)) < rng.uniform(0.02, 0.4, labels)
+  scores = (rng.random((n, labels)) + 0.3 * truth).astype(np.float32)
+  names = [f"label {j}" for j in range(labels)]
+  zeroshot.classification_metrics(scores[:1000], truth[:1000], names, bootstrap_samples=8)
+  start = time.perf_counter()
+  zeroshot.classification_metrics(scores, truth, names, bootstrap_samples=samples)
+  return {"n": n, "labels": labels, "samples": samples, "seconds": time.perf_counter() - start}
+
+
+def cli_cost(n, dim, repeats=3):
+  """Wall seconds of `launch.py metrics --bootstrap 0` on an npz of n pairs (process start-up,
+  reading the file, both directions, writing metrics.json), best of `repeats`."""
+  text, image = make_pairs(n, dim)
   with tempfile.TemporaryDirectory() as tmp:
-    path = index_lib.build_index(os.path.join(tmp, "index"), interchange.validate(fields), model)
-    start = time.perf_counter()
-    index = index_lib.load_index(path)
-    load_s = time.perf_counter() - start
-  rows = np.random.default_rng(2).integers(0, n, size=queries)
-  latencies, hits = [], 0
-  for row in rows:
-    start = time.perf_counter()
-    results = index_lib.search(index, text[row], top_k=top_k, against="image")
-    latencies.append(time.perf_counter() - start)
-    hits += results[0].row == row
-  ms = 1000 * np.array(latencies)
-  return {"n": n, "dim": dim, "queries": queries, "top_k": top_k, "load_s": load_s,
-          "median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
-          "self_at_rank_1": int(hits)}
+    npz = os.path.join(tmp, "embeddings.npz")
+    np.savez(npz, text_embeddings=text, image_embeddings=image,
+             study_ids=np.array([f"s{i}" for i in range(n)]))
+    command = [sys.executable, os.path.join(ROOT, "launch.py"), "metrics", "--embeddings", npz,
+               "--bootstrap", "0"]
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+      times.append(time.perf_counter() - start)
+  return {"n": n, "dim": dim, "seconds": min(times)}
 
 
 def bootstrap_cost(n, samples):
@@ -158,12 +194,12 @@ def main():
   parser.add_argument("--dim", type=int, default=512)
   parser.add_argument("--reference_max_n", type=int, default=16384,
                       help="largest N for the released argsort (needs ~12·N² bytes)")
-  parser.add_argument("--index_n", type=int, default=10000)
+  parser.add_argument("--cli_n", type=int, default=8192)
   parser.add_argument("--repeats", type=int, default=None,
                       help="timed calls per case (best kept; default 2 up to N=8k, else 1)")
   parser.add_argument("--bootstrap_samples", type=int, default=1000)
-  parser.add_argument("--parts", nargs="+", default=["metrics", "bootstrap", "search"],
-                      choices=["metrics", "bootstrap", "search"])
+  parser.add_argument("--parts", nargs="+", default=["metrics", "bootstrap", "zeroshot", "cli"],
+                      choices=["metrics", "bootstrap", "zeroshot", "cli"])
   parser.add_argument("--json_out", default=None)
   parser.add_argument("--case", choices=["ours", "released"], help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -171,7 +207,7 @@ def main():
     print(json.dumps(run_case(args.case, args.ns[0], args.dim, args.repeats or 1)))
     return
 
-  rows, last_released, search, bootstrap = [], None, None, None
+  rows, last_released, extra = [], None, {}
   for n in (args.ns if "metrics" in args.parts else []):
     repeats = args.repeats or (2 if n <= 8192 else 1)
     mine = measure("ours", n, args.dim, repeats)
@@ -190,22 +226,24 @@ def main():
              + (" (extrapolated)" if theirs.get("extrapolated") else "") if theirs else "n/a"),
           flush=True)
   if "bootstrap" in args.parts:
-    bootstrap = bootstrap_cost(max(args.ns), args.bootstrap_samples)
-  if "search" in args.parts:
-    search = search_latency(args.index_n, args.dim)
-  report(args, rows, search, bootstrap)
+    extra["bootstrap"] = bootstrap_cost(max(args.ns), args.bootstrap_samples)
+  if "zeroshot" in args.parts:
+    extra["zeroshot"] = zeroshot_cost(max(args.ns), args.bootstrap_samples)
+  if "cli" in args.parts:
+    extra["cli"] = cli_cost(args.cli_n, args.dim)
+  report(args, rows, extra)
   if args.json_out:
     with open(args.json_out, "w") as f:
-      json.dump({"rows": rows, "search": search, "bootstrap": bootstrap}, f, indent=2)
+      json.dump({"rows": rows, **extra}, f, indent=2)
 
 
 def print_metric_table(args, rows):
   print(f"\nD = {args.dim}, both directions, {os.cpu_count()} CPU cores; "
         "time = best of repeats (first call incl. compile in parentheses); "
         "memory = peak RSS above the inputs")
-  print("| N | ours time | ours memory | released time | released memory | time ratio "
-        "(released/ours) | memory ratio |")
-  print("|---|---|---|---|---|---|---|")
+  print("| N | ours time | plain GEMM | ours/GEMM | ours memory | released time | released memory "
+        "| time ratio (released/ours) | memory ratio |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for row in rows:
     mine, theirs = row["ours"], row["released"]
     mark = " (extrapolated)" if theirs and theirs.get("extrapolated") else ""
@@ -214,20 +252,25 @@ def print_metric_table(args, rows):
                    f"{theirs['extra_peak_mib'] / max(mine['extra_peak_mib'], 1):.1f}x"
                    if theirs else "n/a | n/a | n/a | n/a")
     print(f"| {row['n']} | {mine['seconds']:.2f} s ({mine['first_call_s']:.2f}) | "
+          f"{mine['gemm_seconds']:.2f} s | {mine['seconds'] / mine['gemm_seconds']:.2f}x | "
           f"{mine['extra_peak_mib']:.0f} MiB | {their_cells} |")
 
 
-def report(args, rows, search, bootstrap):
+def report(args, rows, extra):
   if rows:
     print_metric_table(args, rows)
-  if bootstrap:
-    print(f"\nbootstrap CIs (10 metrics, {bootstrap['samples']} resamples) at N={bootstrap['n']}: "
-          f"{bootstrap['seconds']:.2f} s")
-  if search:
-    print(f"\nsearch over {search['n']} studies (D={search['dim']}, top {search['top_k']}): "
-          f"median {search['median_ms']:.2f} ms, p95 {search['p95_ms']:.2f} ms per query "
-          f"({search['queries']} queries; own study at rank 1 for {search['self_at_rank_1']}); "
-          f"index load {search['load_s']:.2f} s")
+  if "bootstrap" in extra:
+    b = extra["bootstrap"]
+    print(f"\nbootstrap CIs (10 metrics, {b['samples']} resamples) at N={b['n']}: "
+          f"{b['seconds']:.2f} s")
+  if "zeroshot" in extra:
+    z = extra["zeroshot"]
+    print(f"zero-shot ({z['labels']} labels, AUROC/AUPRC/F1 + {z['samples']} bootstrap "
+          f"resamples) at N={z['n']}: {z['seconds']:.2f} s")
+  if "cli" in extra:
+    c = extra["cli"]
+    print(f"launch.py metrics end to end (start-up included, no bootstrap) at N={c['n']}, "
+          f"D={c['dim']}: {c['seconds']:.2f} s")
 
 
 if __name__ == "__main__":
