@@ -11,7 +11,8 @@ preprocessing -> records):
   checkpoint.py       orbax persistence of steps
   loading.py          a model from our checkpoints or the released code's files
   encode.py           a loaded model's encoders on a mesh
-  evaluate.py         a split's embeddings + metrics in memory (metrics.py: the math)
+  evaluate.py         a split's embeddings, labels, prompts + metrics in memory (the math:
+                      metrics.py retrieval, zeroshot.py classification, bootstrap.py CIs)
   index.py            the archive index on disk (shards, removals) and exact search over it
   ann.py              approximate search over an index (faiss IVF-SQ8)
   commands/           what each launch.py command does, with its files and output
@@ -19,6 +20,6 @@ preprocessing -> records):
 
 Beside the path: errors.py (the user-error base), config_utils.py, distributed.py
 (multi-process start-up), convert_weights.py (PyTorch/HF state dicts), text.py (tokenizer),
-findings.py (negation-aware keyword relevance and mentions), thumbnails.py (study thumbnails), interchange.py (embeddings.npz, metrics.json),
-plots.py.
+findings.py (negation-aware keyword relevance and mentions), thumbnails.py (study thumbnails),
+interchange.py (embeddings.npz, metrics.json), plots.py.
 """

@@ -11,7 +11,7 @@ Layout of output_dir:
   phantom/     the synthetic corpus (BIMCV-R layout)
   tfrecords/   the converted dataset (+ conversion_report.json)
   run/         training: metrics.jsonl, checkpoints/
-  eval/        embeddings.npz, metrics.json, rank_histogram.png, recall_at_k.png
+  eval/        embeddings.npz, metrics.json, rank_histogram.png, recall_at_k.png, roc_*.png
   training_curves.png   loss and validation R@10 against the step
 """
 
@@ -92,6 +92,13 @@ def summary_lines(result, records):
     lines.append(f"{direction}: R@10 {r10:.1f}% = {r10 / chance['R@10']:.1f}x chance "
                  f"({chance['R@10']:.1f}%), MdR {mdr:g} (chance {chance['MdR']:g} of "
                  f"N={result['n']})")
+  zeroshot = result.get("zeroshot") or {}
+  if zeroshot.get("labels"):
+    above = [name for name in zeroshot["labels"]
+             if ((zeroshot[name].get("ci") or {}).get("AUROC") or [0.0])[0] > 0.5]
+    lines.append(f"zero-shot: macro AUROC {zeroshot['macro']['AUROC']:.3f} (chance 0.5); "
+                 f"CI above chance for {len(above)} of {len(zeroshot['labels'])} findings"
+                 + (f": {', '.join(above)}" if above else ""))
   losses = [r["loss"] for r in records if isinstance(r.get("loss"), float)]
   if losses:
     first, last = losses[:3], losses[-3:]
