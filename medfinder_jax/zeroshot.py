@@ -16,7 +16,7 @@ Per label, from the (N, L) probabilities and the (N, L) 0/1 labels:
 - Prevalence and the number of positives. A label with no positives or no negatives in the split
   has no AUROC or AUPRC: it is reported as undefined (None), never as 0.5.
 - Macro (mean over defined labels) and weighted (by positives) averages; percentile-bootstrap
-  CIs resampling studies (one resample shared by every label), seeded.
+  CIs of AUROC and F1 resampling studies (one resample shared by every label), seeded.
 
 Everything is vectorized over labels: one sort per label, then cumulative sums over the sorted
 scores, with weights (1 for the point estimates, bootstrap draw counts for replicates).
@@ -36,7 +36,7 @@ from medfinder_jax import errors
 
 DEFAULT_TEMPLATES = (("{label}.", "No {label}."),)
 THRESHOLD_METRICS = ("F1", "accuracy", "sensitivity", "specificity")
-BOOTSTRAP_METRICS = ("AUROC", "AUPRC", "F1")
+BOOTSTRAP_METRICS = ("AUROC", "F1")   # with CIs (AUPRC: the point estimate)
 REPLICATE_ELEMENTS = 1 << 22   # study x replicate entries per label and batch (bounds memory)
 
 
@@ -219,13 +219,41 @@ def _label_stats(weights, positive, tie_position, tie_start, tie_group, tie_vali
           "tp": total_p - fn, "fp": total_n - tn, "fn": fn, "tn": tn}
 
 
-def _all_labels(weights, per_label, num_groups):
-  """_label_stats of every label (one at a time: memory N x R), as {name: (R, L)}.
+def _replicate_label_stats(weights, positive, tie_position, tie_start, tie_group, tie_valid, cut,
+                           num_groups):
+  """AUROC and F1 of one label for R bootstrap weightings, with one cumulative sum.
+
+  AUROC as the weighted Mann-Whitney statistic through mid-ranks among all studies: with
+  A_i = (weight of every study scoring below i) + half the weight of its tie group (i included),
+  Σ_pos w_i A_i counts each positive-negative pair once (halves for ties) plus each ordered pair
+  of positives half, so U = Σ_pos w_i A_i − Wp² / 2. Only the total weight needs sorting;
+  positive-only sums are plain sums.
+  """
+  wp = weights * positive[:, None]
+  total_p, total = jnp.sum(wp, axis=0), jnp.sum(weights, axis=0)
+  below = jnp.cumsum(weights, axis=0) - weights
+  tied = tie_valid[:, None]
+  group = jax.ops.segment_sum(weights[tie_position] * tied, tie_group, num_groups)
+  u = jnp.sum(wp * (below + 0.5 * weights), axis=0)
+  u += jnp.sum(wp[tie_position] * tied * (below[tie_start] + 0.5 * group[tie_group]
+                                          - below[tie_position] - 0.5 * weights[tie_position]),
+               axis=0)
+  total_n = total - total_p
+  auroc = (u - 0.5 * total_p ** 2) / (total_p * total_n)
+  present = (jnp.arange(weights.shape[0]) >= cut)[:, None]
+  tp = jnp.sum(wp * present, axis=0)
+  fp = jnp.sum((weights - wp) * present, axis=0)
+  f1 = _f1({"tp": tp, "fp": fp, "fn": total_p - tp})
+  return {"AUROC": jnp.where((total_p > 0) & (total_n > 0), auroc, jnp.nan), "F1": f1}
+
+
+def _all_labels(weights, per_label, num_groups, stats=_label_stats):
+  """`stats` of every label (one at a time: memory N x R), as {name: (R, L)}.
   weights: (N, R) by study; per_label: SortedScores.arrays()."""
 
   def one(x):
     order, rest = x[0], x[1:]
-    return _label_stats(weights[order], *rest, num_groups)
+    return stats(weights[order], *rest, num_groups)
 
   return {k: v.T for k, v in jax.lax.map(one, per_label).items()}
 
@@ -239,11 +267,10 @@ def _point_stats(per_label, num_groups):
 @functools.partial(jax.jit, static_argnames=("num_groups",))
 def _replicate_stats(keys, per_label, num_groups):
   """Bootstrap replicates: each key resamples the N studies (shared by every label); returns
-  {"AUROC", "AUPRC", "F1"}, each (keys, L)."""
+  {"AUROC", "F1"}, each (keys, L)."""
   n = per_label[0].shape[1]
   weights = jax.vmap(lambda key: bootstrap.resample_counts(key, n))(keys).T     # (N, R)
-  stats = _all_labels(weights, per_label, num_groups)
-  return {"AUROC": stats["AUROC"], "AUPRC": stats["AUPRC"], "F1": _f1(stats)}
+  return _all_labels(weights, per_label, num_groups, _replicate_label_stats)
 
 
 def _f1(stats):
