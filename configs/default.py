@@ -103,6 +103,7 @@ def get_config(arg=None):
   c.mesh.data = -1                   # -1 = all devices not used by other axes
   c.mesh.fsdp = 1                    # >1: large params and their optimizer state sharded
   c.mesh.fsdp_min_size = 2**18       # params with fewer elements stay replicated
+  c.mesh.spatial = 1                 # >1: each volume split along X over this many devices
 
   # --- Training -------------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
