@@ -107,7 +107,7 @@ def get_config(arg=None):
 
   # --- Training -------------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size_per_device = 4  # per device and per micro-batch (seed: 4 per GPU)
+  c.train.batch_size_per_device = 4  # per data x fsdp shard, per micro-batch (seed: 4 per GPU)
   c.train.epochs = 20
   c.train.lr = 1e-4
   c.train.weight_decay = 0.01
