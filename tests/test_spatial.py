@@ -7,8 +7,10 @@ attention are reduced across the spatial devices, and a convolution adds the row
 from its neighbours' halos in another order).
 
 Tolerances (float32):
-- tower outputs (pooled features, a feature map, magnitudes ~1-5): rtol 1e-5, atol 1e-5
-  (measured worst ~1e-6: a few float32 roundings);
+- tower outputs: pooled features rtol 1e-5 / atol 1e-5 (magnitudes ~1); a feature map after
+  training-mode BatchNorm (ResNet stage 1, values up to ~5) atol 1e-5 x its largest value:
+  batch statistics summed in another order move every value by a few roundings of the
+  largest (measured worst 1.4e-5 at N = 8, 3e-6 x the largest);
 - gradients: rtol 1e-4 with atol 1e-4 x the leaf's largest |g| (measured worst 5e-5 x at
   N = 8: training-mode BatchNorm divides by batch statistics, which amplifies rounding);
   biases that feed a BatchNorm (`downsample_conv/bias`) have a true gradient of 0, so both
@@ -142,7 +144,8 @@ def test_a_split_tower_computes_what_the_whole_one_does(backbone, n):
   ref_pooled, ref_features, _, ref_grads, ref_stats = unsplit(backbone)
   assert spec[1] == "spatial"            # the activations really are split along X / tokens
   np.testing.assert_allclose(pooled, ref_pooled, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(features, ref_features, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(features, ref_features, rtol=0,
+                             atol=1e-5 * np.max(np.abs(ref_features)))
   largest = max(float(np.max(np.abs(g))) for g in ref_grads.values())
   for path, value in ref_grads.items():
     if re.search(BN_FED_BIAS, path):
