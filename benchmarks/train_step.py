@@ -46,7 +46,8 @@ def parse_args(argv=None):
   parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--devices", type=int, default=None, help="default: all")
-  parser.add_argument("--mesh", default="-1,1", help="data,fsdp sizes (-1 = the rest)")
+  parser.add_argument("--mesh", default="-1,1",
+                      help="data,fsdp[,spatial] sizes (-1 = the rest; spatial default 1)")
   parser.add_argument("--text", choices=TEXT_MODELS, default=None,
                       help="text tower architecture (default: minilm for tiny or a config whose "
                            "text.model_path is minilm, else bert-base)")
@@ -171,12 +172,12 @@ def measure(args):
   config = build_config(args)
   shape = tuple(config.data.shape)
   devices = jax.devices()[:args.devices] if args.devices else jax.devices()
-  data, fsdp = (int(x) for x in args.mesh.split(","))
-  config.mesh.data, config.mesh.fsdp = data, fsdp
+  sizes = [int(x) for x in args.mesh.split(",")]
+  config.mesh.data, config.mesh.fsdp, config.mesh.spatial = (sizes + [1])[:3]
   mesh = sharding.make_mesh(config.mesh, devices)
   text_name = default_text(args, config)
   bert_config = text_config(text_name)
-  model = loading.build_model(config, bert_config)
+  model = loading.build_model(config, bert_config, mesh)
   tx = train_step.make_optimizer(config.train, total_steps=10_000)
   rules = sharding.PartitionRules.from_config(config.mesh)
   spec = schema.DatasetSpec("<synthetic>", schema.PreprocessParams(shape=tuple(shape)))

@@ -109,10 +109,11 @@ def get_config(arg=None):
   c.mesh.data = -1                   # -1 = all devices not used by other axes
   c.mesh.fsdp = 1                    # >1: large params and their optimizer state sharded
   c.mesh.fsdp_min_size = 2**18       # params with fewer elements stay replicated
+  c.mesh.spatial = 1                 # >1: each volume split along X over this many devices
 
   # --- Training -------------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size_per_device = 4  # per device and per micro-batch (seed: 4 per GPU)
+  c.train.batch_size_per_device = 4  # per data x fsdp shard, per micro-batch (seed: 4 per GPU)
   c.train.epochs = 20
   c.train.lr = 1e-4
   c.train.weight_decay = 0.01

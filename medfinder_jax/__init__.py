@@ -4,7 +4,8 @@ The data path, each module below using only those above it (data_prep/ comes fir
 preprocessing -> records):
 
   input_pipeline.py   converted TFRecords -> per-process tf.data -> global jax.Arrays
-  sharding.py         the mesh, partition rules, batch placement, replication, gathers
+  sharding.py         the mesh (data x fsdp x spatial), partition rules, batch and activation
+                      placement (volumes split over devices), replication, gathers
   models/, losses.py, augment.py   pure JAX: the towers, fusion, losses, augmentation
   train_step.py       the train state (trainable / frozen), optimizer and jitted step
   train.py            run setup, resume, validation, the loop (stopping.py, logging.py)

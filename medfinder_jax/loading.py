@@ -69,11 +69,14 @@ def text_tower(text_config, bert_config=None):
   return tokenizer, bert_config
 
 
-def build_model(config, bert_config):
+def build_model(config, bert_config, mesh=None):
   """The MedFinder module of `config` (its model, text and loss sections) with a text tower of
-  `bert_config`; the loss scalars the configured loss learns are parameters of it."""
+  `bert_config`; the loss scalars the configured loss learns are parameters of it. mesh: the
+  mesh it will run on; with mesh.spatial > 1 its image tower splits each volume over the
+  spatial devices (sharding.activation_sharding; same parameters and results)."""
   return medfinder_lib.build_model(config.model, config.text, bert_config,
-                                   losses.learnable_scalars(config.loss))
+                                   losses.learnable_scalars(config.loss),
+                                   activation_sharding=sharding.activation_sharding(mesh))
 
 
 def init_model(config, image_shape, rng):
@@ -188,7 +191,7 @@ def _load_ours(path, config, mesh):
                        f"{ckpt_config.text.model_path!r}, which cannot be used here ({err}); "
                        "pass the folder of the same text model (its tokenizer is needed) as "
                        "--config.text.model_path") from None
-  model = build_model(ckpt_config, bert_config)
+  model = build_model(ckpt_config, bert_config, mesh)
   spec = checkpoint.dataset_spec(meta)
   variables = checkpoint.read_variables(
       meta["checkpoint_path"], abstract_variables(model, ckpt_config, spec.shape,
@@ -211,7 +214,7 @@ def _load_released(path, config, spec, recorded, mesh):
     notes.append(f"{os.path.basename(path)}: a released-code checkpoint has no fusion weights "
                  f"(the released code trains and evaluates without fusion): fusion disabled")
   tokenizer, bert_config = text_tower(config.text)
-  model = build_model(config, bert_config)
+  model = build_model(config, bert_config, mesh)
   template = jax.eval_shape(lambda: medfinder_lib.init_variables(
       model, jax.random.key(0), spec.shape, config.text.max_tokens))
   scalars = {k: np.float32(v) for k, v in losses.learnable_scalars(config.loss).items()}

@@ -1,10 +1,14 @@
-"""Device mesh, partition rules, batch sharding and sharded init.
+"""Device mesh, partition rules, batch sharding, activation sharding and sharded init.
 
-One mesh with axes ("data", "fsdp"). The batch axis is sharded over both axes jointly, so every
-device holds global_batch / num_devices rows; parameters and optimizer state are sharded over
-"fsdp" by one rule (`PartitionRules`), everything else is replicated. The train step is one
-`jax.jit` with these shardings as in/out shardings (no pmap); XLA inserts the collectives, so
-losses and BatchNorm statistics are over the global batch.
+One mesh with axes ("data", "fsdp", "spatial"). The batch axis is sharded over data x fsdp
+jointly, so every group of `spatial` devices holds global_batch / (data x fsdp) rows;
+parameters and optimizer state are sharded over "fsdp" by one rule (`PartitionRules`), and
+everything else is replicated. With spatial > 1 the image towers split each volume too: their
+activations carry `SpatialSharding` constraints (X of (B, X, Y, Z, C) feature maps, the sequence
+of (B, N, C) tokens over "spatial"), and XLA's SPMD partitioner adds the halo exchanges of
+convolutions and pooling and the reductions of BatchNorm and pooling over space. The train step
+is one `jax.jit` with these shardings as in/out shardings (no pmap); XLA inserts the
+collectives, so losses and BatchNorm statistics are over the global batch.
 """
 
 import dataclasses
@@ -18,16 +22,19 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from medfinder_jax.config_utils import ConfigError
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "spatial")
 BATCH_AXES = ("data", "fsdp")  # the batch axis is split over both: data x fsdp row blocks
 FSDP_AXIS = "fsdp"
+SPATIAL_AXIS = "spatial"       # last: its devices are neighbours (one host, fastest links)
+DEFAULT_SIZES = {"spatial": 1}  # mesh axes a config may leave out
 
 
 # --- Mesh ---------------------------------------------------------------------------------------
 
 def mesh_shape(mesh_config, num_devices):
-  """(data, fsdp) sizes from config `mesh` (-1 = the rest of the devices) for `num_devices`."""
-  sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+  """(data, fsdp, spatial) sizes from config `mesh` (-1 = the rest of the devices; a missing
+  spatial is 1) for `num_devices`."""
+  sizes = {axis: int(mesh_config.get(axis, DEFAULT_SIZES.get(axis))) for axis in MESH_AXES}
   for axis, size in sizes.items():
     if size == 0 or size < -1:
       raise ConfigError(f"config mesh.{axis}={size}: expected a positive size or -1 (the rest)")
@@ -50,24 +57,43 @@ def mesh_shape(mesh_config, num_devices):
 
 
 def make_mesh(mesh_config, devices=None):
-  """A ("data", "fsdp") Mesh with Auto axis types over `devices` (default: all, all processes)."""
+  """A ("data", "fsdp", "spatial") Mesh with Auto axis types over `devices` (default: all, all
+  processes). Each spatial group (the devices sharing one volume) must lie in one process:
+  every process feeds whole volumes."""
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+  mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+  _check_spatial_groups(mesh)
+  return mesh
+
+
+def _check_spatial_groups(mesh):
+  processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+  if (processes != processes[..., :1]).any():
+    raise ConfigError(f"config mesh.spatial={mesh.shape[SPATIAL_AXIS]}: the devices that share "
+                      "one volume would span several processes; expected mesh.spatial to "
+                      f"divide the devices of one process ({jax.local_device_count()})")
 
 
 def single_device_mesh():
   """A one-device mesh of this process's first device (interactive queries: a batch of one)."""
-  return make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
+  return make_mesh({"data": 1, "fsdp": 1, "spatial": 1}, jax.local_devices()[:1])
 
 
 def num_batch_shards(mesh):
-  """How many row blocks the batch axis is split into (= the number of devices of the mesh).
+  """How many row blocks the batch axis is split into (data x fsdp: the devices of a spatial
+  group hold the same rows, so adding spatial devices leaves the global batch as it is).
 
-  This is the `num_blocks` of losses.released when each device holds one "local batch" of the released code.
+  This is the `num_blocks` of losses.released when each block holds one "local batch" of the
+  released code.
   """
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def spatial_size(mesh):
+  """How many devices share one volume (1 on a mesh without a spatial axis)."""
+  return dict(mesh.shape).get(SPATIAL_AXIS, 1)
 
 
 def _describe(sizes):
@@ -197,15 +223,22 @@ def local_device_count(mesh):
   return sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
 
 
+def local_batch_shards(mesh):
+  """Row blocks of the batch that this process's devices hold (its spatial groups)."""
+  return local_device_count(mesh) // spatial_size(mesh)
+
+
 def batch_rows(per_device, mesh, accum=1):
-  """(global, local) rows of a batch with `per_device` rows per device and `accum`
-  micro-batches: the whole mesh's, and the share this process feeds (its devices' rows)."""
+  """(global, local) rows of a batch with `per_device` rows per batch shard (data x fsdp; a
+  "device" when spatial = 1) and `accum` micro-batches: the whole mesh's, and the share this
+  process feeds (its batch shards' rows)."""
   rows = int(per_device) * int(accum)
-  return rows * mesh.size, rows * local_device_count(mesh)
+  return rows * num_batch_shards(mesh), rows * local_batch_shards(mesh)
 
 
 def batch_sharding(mesh):
-  """Rows of the leading (batch) axis split over ("data", "fsdp"); other axes whole."""
+  """Rows of the leading (batch) axis split over ("data", "fsdp"); other axes whole (volumes
+  enter whole on each device of a spatial group: the towers split them, `SpatialSharding`)."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
@@ -218,7 +251,7 @@ def make_global_batch(local_batch, mesh):
   strings such as study ids before, or keep them on the host).
   """
   sharding = batch_sharding(mesh)
-  local_devices = local_device_count(mesh)
+  local_shards = local_batch_shards(mesh)
 
   def one(path, value):
     value = np.asarray(value)
@@ -226,9 +259,36 @@ def make_global_batch(local_batch, mesh):
     if value.dtype.kind not in "biuf":
       raise TypeError(f"batch field {name!r} has dtype {value.dtype}; only numeric/bool fields "
                       "can become device arrays (keep strings such as study ids on the host)")
-    if value.ndim == 0 or value.shape[0] % local_devices:
+    if value.ndim == 0 or value.shape[0] % local_shards:
       raise ValueError(f"batch field {name!r} has shape {value.shape}; its first (batch) axis "
-                       f"must split evenly over this process's {local_devices} devices")
+                       f"must split evenly over this process's {local_shards} "
+                       f"{'devices' if spatial_size(mesh) == 1 else 'batch shards'}")
     return jax.make_array_from_process_local_data(sharding, value)
 
   return jax.tree_util.tree_map_with_path(one, local_batch)
+
+
+# --- Activations split over space ---------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SpatialSharding:
+  """The sharding constraint the image towers put on their activations when spatial > 1.
+
+  Called on a (B, X, Y, Z, C) feature map or a (B, N, C) token sequence: the batch axis over
+  data x fsdp and axis 1 (X, or the X-major patch sequence) over "spatial", the rest whole.
+  Hashable and comparable by value (the mesh), so models holding it stay jit-static keys.
+  An X that does not divide by `spatial` is split unevenly (XLA pads the last shard).
+  """
+  mesh: jax.sharding.Mesh
+
+  def __call__(self, x):
+    spec = PartitionSpec(BATCH_AXES, SPATIAL_AXIS, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+def activation_sharding(mesh):
+  """The towers' `SpatialSharding` on `mesh`, or None when no volume is split (spatial = 1,
+  or no mesh): the models then compile to the program they always had."""
+  if mesh is None or spatial_size(mesh) == 1:
+    return None
+  return SpatialSharding(mesh)

@@ -94,12 +94,13 @@ def setup_run(config, workdir=None):
     raise TrainingError(
         f"the train split of {spec.directory!r} has {train_size} studies, fewer than one global "
         f"batch of {global_batch} (train.batch_size_per_device={config.train.batch_size_per_device}"
-        f" x {mesh.size} devices x train.grad_accum_steps={accum}); lower the batch size")
+        f" x {sharding.num_batch_shards(mesh)} batch shards (data x fsdp) x "
+        f"train.grad_accum_steps={accum}); lower the batch size")
   total_steps = int(config.train.max_steps) or int(config.train.epochs) * steps_per_epoch
   tokenizer, bert_config = loading.text_tower(config.text)
   return Run(config=config, workdir=workdir or config.output_dir, builder=builder, spec=spec,
              mesh=mesh, rules=sharding.PartitionRules.from_config(config.mesh),
-             tokenizer=tokenizer, model=loading.build_model(config, bert_config),
+             tokenizer=tokenizer, model=loading.build_model(config, bert_config, mesh),
              bert_config=bert_config, tx=train_step.make_optimizer(config.train, total_steps),
              steps_per_epoch=steps_per_epoch, total_steps=total_steps,
              global_batch=global_batch, local_batch=local_batch)

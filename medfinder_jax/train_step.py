@@ -17,6 +17,12 @@
   are over the global (micro-)batch, the contrastive loss uses the fused image embedding, the
   MSE the per-view ones. Step s draws its randomness from fold_in(base_key, s), so a resumed
   run draws the same.
+- Spatial partitioning (mesh.spatial = N > 1): volumes enter whole on each device of a spatial
+  group, and augmentation runs there before the reshard (its resampling gathers voxels from
+  anywhere in the volume): each of the N devices computes the same views of its rows (N x the
+  augmentation work, and per device two float32 views of its rows at full size beside the
+  tower's split activations), then the image tower's first constraint keeps only the device's
+  X slab (a local slice, no communication).
 
 This module is importable without TensorFlow (GPU hosts that benchmark the step need none).
 """
@@ -161,16 +167,28 @@ def _views(key, volumes, augment_config, first_index):
   return view, None
 
 
+def _whole_on_each_spatial_device(views, mesh):
+  """The views batch-sharded and whole along space (see the module docstring), or as they are
+  when no volume is split (no mesh, or spatial = 1: the program stays as it was)."""
+  if mesh is None or sharding.spatial_size(mesh) == 1:
+    return views
+  place = lambda v: v if v is None else jax.lax.with_sharding_constraint(  # noqa: E731
+      v, sharding.batch_sharding(mesh))
+  return tuple(place(v) for v in views)
+
+
 def micro_batch_loss(trainable, state, batch, key, first_index, *, config, model_input,
-                     num_blocks):
+                     num_blocks, mesh=None):
   """(loss, (metrics, batch_stats)) of one micro-batch with `trainable` params.
 
   key: this micro-batch's key (view augmentation and dropout draw from it); first_index: the
-  global index of the batch's first study (augmentation draws per study). num_blocks: per-device
-  blocks of the batch (the released loss's local batches = device count).
+  global index of the batch's first study (augmentation draws per study). num_blocks: batch
+  shards (data x fsdp: the released loss's local batches). mesh: where the augmentation runs
+  (module docstring), None = wherever XLA puts it.
   """
   views = _views(jax.random.fold_in(key, 0), model_input(batch["volume"]), config.augment,
                  first_index)
+  views = _whole_on_each_spatial_device(views, mesh)
   out, updates = state.apply_fn(state.variables(trainable), *views, batch["input_ids"],
                                 batch["attention_mask"], train=True,
                                 rngs={"dropout": jax.random.fold_in(key, 1)},
@@ -191,7 +209,7 @@ def gradients(state, batch, key, *, config, model_input, mesh):
   rows = batch["volume"].shape[0] // accum
   grad_fn = jax.value_and_grad(functools.partial(
       micro_batch_loss, config=config, model_input=model_input,
-      num_blocks=sharding.num_batch_shards(mesh)), has_aux=True)
+      num_blocks=sharding.num_batch_shards(mesh), mesh=mesh), has_aux=True)
 
   def accumulate(carry, inputs):
     grads_sum, batch_stats = carry

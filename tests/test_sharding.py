@@ -39,7 +39,7 @@ def _mesh_config(data, fsdp, fsdp_min_size=2**18):
 def test_mesh_shape_for_splits_of_8_devices(data, fsdp, expected):
   mesh = sharding.make_mesh(_mesh_config(data, fsdp))
   assert tuple(mesh.shape[a] for a in ("data", "fsdp")) == expected
-  assert mesh.axis_names == ("data", "fsdp")
+  assert mesh.axis_names == ("data", "fsdp", "spatial") and mesh.shape["spatial"] == 1
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   assert mesh.devices.size == 8
 

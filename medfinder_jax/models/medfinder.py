@@ -142,29 +142,35 @@ def compute_dtype(name):
   return DTYPES[name]
 
 
-def build_image_encoder(model_config):
-  """The image tower named by `model_config.backbone` ('resnet50' | 'vit')."""
+def build_image_encoder(model_config, activation_sharding=None):
+  """The image tower named by `model_config.backbone` ('resnet50' | 'vit').
+
+  activation_sharding: None, or where the tower's activations go on a mesh
+  (sharding.SpatialSharding: volumes split over devices)."""
   dtype = compute_dtype(model_config.dtype)
   if model_config.backbone == "resnet50":
     r = model_config.resnet
     return resnet3d.ResNet3D(tuple(r.layers), tuple(r.widths), r.conv1_kernel, r.conv1_stride,
                              dtype=dtype, remat=model_config.remat,
-                             conv_impl=r.get("conv_impl", "auto"))
+                             conv_impl=r.get("conv_impl", "auto"),
+                             activation_sharding=activation_sharding)
   if model_config.backbone == "vit":
     v = model_config.vit
     return vit3d.ViT3D(v.patch_size, v.hidden_size, v.mlp_dim, v.num_layers, v.num_heads,
                        dropout_rate=v.dropout_rate, dtype=dtype,
-                       remat=model_config.remat)
+                       remat=model_config.remat, activation_sharding=activation_sharding)
   raise ValueError(f"model.backbone: got {model_config.backbone!r}, expected one of {BACKBONES}")
 
 
-def build_model(model_config, text_config, bert_config, loss_scalars=None):
+def build_model(model_config, text_config, bert_config, loss_scalars=None,
+                activation_sharding=None):
   """MedFinder from the config's `model` and `text` sections, the text tower's BertConfig
-  (read from the text model folder by `convert_weights.load_bert_config`) and the initial values
-  of the loss scalars it holds ({"logit_scale": v, ...}: losses.learnable_scalars)."""
+  (read from the text model folder by `convert_weights.load_bert_config`), the initial values
+  of the loss scalars it holds ({"logit_scale": v, ...}: losses.learnable_scalars) and the
+  image tower's activation_sharding (build_image_encoder)."""
   loss_scalars = loss_scalars or {}
   return MedFinder(
-      image_encoder=build_image_encoder(model_config),
+      image_encoder=build_image_encoder(model_config, activation_sharding),
       text_config=bert_config,
       embed_dim=model_config.embed_dim,
       use_fusion=model_config.fusion.enabled,

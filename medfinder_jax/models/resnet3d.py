@@ -7,7 +7,7 @@ stride 1, max-pool 3/2, shortcut type B = 1^3 conv with bias + BatchNorm, no fc)
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -138,13 +138,21 @@ class Bottleneck(nn.Module):
     return nn.relu(x + y)
 
 
+def constrain(x, activation_sharding):
+  """x placed by `activation_sharding` (e.g. sharding.SpatialSharding: a volume split over
+  devices), or x itself when it is None (no mesh: the model is unchanged)."""
+  return x if activation_sharding is None else activation_sharding(x)
+
+
 class ResNetStage(nn.Module):
-  """`num_blocks` bottlenecks; the first one carries the stride (MONAI `layerN`)."""
+  """`num_blocks` bottlenecks; the first one carries the stride (MONAI `layerN`). Each block's
+  output keeps `activation_sharding` (a spatial split survives every block boundary)."""
   num_blocks: int
   width: int
   stride: int = 1
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  activation_sharding: Optional[Callable] = None
 
   @nn.compact
   def __call__(self, x, train=False):
@@ -152,6 +160,7 @@ class ResNetStage(nn.Module):
       stride = self.stride if i == 0 else 1
       x = Bottleneck(self.width, stride, dtype=self.dtype, conv_impl=self.conv_impl,
                      name=f"block{i}")(x, train)
+      x = constrain(x, self.activation_sharding)
     return x
 
 
@@ -165,6 +174,9 @@ class ResNet3D(nn.Module):
     dtype: compute dtype (params stay float32).
     remat: rematerialize each stage in the backward pass (saves activation memory).
     conv_impl: "auto" | "native" | "decomposed" (see `conv3d`; same parameters and results).
+    activation_sharding: None, or a function placing activations on a mesh
+      (sharding.SpatialSharding: the volume's X split over devices); applied to the input, the
+      stem and every block and stage output. It changes placement only, never values.
   """
   layers: Sequence[int] = (3, 4, 6, 3)
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -173,6 +185,7 @@ class ResNet3D(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   conv_impl: str = "auto"
+  activation_sharding: Optional[Callable] = None
 
   @nn.compact
   def __call__(self, x, train=False):
@@ -182,19 +195,22 @@ class ResNet3D(nn.Module):
     "tokens" = last stage flattened to (B, x*y*z, C) in X-major order.
     """
     k, s = self.conv1_kernel, self.conv1_stride
+    shard = functools.partial(constrain, activation_sharding=self.activation_sharding)
     x = Conv3D(self.widths[0], k, s, dtype=self.dtype, impl=self.conv_impl,
-               name="conv1")(x.astype(self.dtype))
+               name="conv1")(shard(x.astype(self.dtype)))
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                     param_dtype=jnp.float32, name="bn1")(x)
-    x = nn.relu(x)
-    x = nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=torch_padding(3))
+                     param_dtype=jnp.float32, name="bn1")(shard(x))
+    x = shard(nn.relu(x))
+    x = shard(nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=torch_padding(3)))
     out = {"stem": x}
 
     stage = nn.remat(ResNetStage, static_argnums=(2,)) if self.remat else ResNetStage
     for i, (num_blocks, width) in enumerate(zip(self.layers, self.widths)):
       x = stage(num_blocks, width, stride=1 if i == 0 else 2, dtype=self.dtype,
-                conv_impl=self.conv_impl, name=f"layer{i + 1}")(x, train)
+                conv_impl=self.conv_impl, activation_sharding=self.activation_sharding,
+                name=f"layer{i + 1}")(x, train)
+      x = shard(x)
       out[f"stage{i + 1}"] = x
 
-    out["tokens"] = x.reshape(x.shape[0], -1, x.shape[-1])
+    out["tokens"] = shard(x.reshape(x.shape[0], -1, x.shape[-1]))
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)), out

@@ -5,12 +5,13 @@ Channels-last volumes (B, X, Y, Z, C); patches are numbered X-major (then Y, the
 MONAI's order for the same volume given to PyTorch as (B, C, X, Y, Z).
 """
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from medfinder_jax.models import attention
+from medfinder_jax.models.resnet3d import constrain
 
 # MONAI initialises Linear weights and the position embedding with trunc_normal(std=0.02).
 dense_init = nn.initializers.truncated_normal(0.02)
@@ -79,6 +80,9 @@ class ViT3D(nn.Module):
       is dropped, as MONAI's strided conv does.
     hidden_size, mlp_dim, num_layers, num_heads: transformer size (MONAI defaults 768/3072/12/12).
     dtype: compute dtype (params stay float32). remat: rematerialize each block.
+    activation_sharding: None, or a function placing activations on a mesh
+      (sharding.SpatialSharding): the input volume split along X, the patch tokens along the
+      sequence between blocks (attention gathers the keys and values it needs).
   """
   patch_size: int = 16
   hidden_size: int = 768
@@ -89,6 +93,7 @@ class ViT3D(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+  activation_sharding: Optional[Callable] = None
 
   @nn.compact
   def __call__(self, x, train=False):
@@ -98,9 +103,10 @@ class ViT3D(nn.Module):
     final LayerNorm'd patch tokens (B, N, hidden); pooled = their mean over patches.
     """
     p = self.patch_size
+    shard = lambda y: constrain(y, self.activation_sharding)  # noqa: E731
     x = nn.Conv(self.hidden_size, (p, p, p), strides=(p, p, p), padding="VALID",
-                dtype=self.dtype, name="patch_embedding")(x.astype(self.dtype))
-    x = x.reshape(x.shape[0], -1, self.hidden_size)
+                dtype=self.dtype, name="patch_embedding")(shard(x.astype(self.dtype)))
+    x = shard(x.reshape(x.shape[0], -1, self.hidden_size))
     pos = self.param("position_embeddings", dense_init, (1, x.shape[1], self.hidden_size))
     x = x + pos.astype(self.dtype)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -108,9 +114,9 @@ class ViT3D(nn.Module):
 
     block = nn.remat(TransformerBlock, static_argnums=(2,)) if self.remat else TransformerBlock
     for i in range(self.num_layers):
-      x = block(self.num_heads, self.mlp_dim, self.qkv_bias, self.dropout_rate, self.dtype,
-                name=f"block{i}")(x, train)
+      x = shard(block(self.num_heads, self.mlp_dim, self.qkv_bias, self.dropout_rate, self.dtype,
+                      name=f"block{i}")(x, train))
 
-    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
+    x = shard(nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x))
     out["tokens"] = x
     return jnp.mean(x.astype(jnp.float32), axis=1), out
