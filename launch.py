@@ -150,6 +150,10 @@ def add_convert_args(parser):
                       help="folders: paper's 7/1/2 CT folders; rows: released code's 70/10/20")
   parser.add_argument("--workers", type=int, default=None,
                       help="worker processes (data.workers; 0 = in this process)")
+  parser.add_argument("--beam_pipeline_options", default=None,
+                      help="run the conversion as an Apache Beam pipeline with these options "
+                           "(TFDS's syntax: \"runner=DirectRunner,direct_num_workers=2\"; "
+                           "Dataflow, Flink, Spark: README); needs requirements-beam.txt")
 
 
 def run_convert(args, config):
@@ -165,7 +169,11 @@ def run_convert(args, config):
     raise corpus.CorpusError("no output directory: pass --output_dir "
                              "(or --config.data.tfrecord_dir)")
   try:
-    report = convert.convert_corpus(data, data.tfrecord_dir)
+    if args.beam_pipeline_options is None:
+      report = convert.convert_corpus(data, data.tfrecord_dir)
+    else:
+      from data_prep import beam_convert  # pylint: disable=g-import-not-at-top  (apache-beam)
+      report = beam_convert.convert_corpus(data, data.tfrecord_dir, args.beam_pipeline_options)
   except KeyboardInterrupt:
     print("\nlaunch.py convert: interrupted; finished shards are kept, rerun the same command "
           "to resume", file=sys.stderr)

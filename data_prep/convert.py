@@ -545,12 +545,17 @@ def split_totals(shards, markers):
 
 def _write_tfds_metadata(output_dir, params, corpus, lengths, sizes):
   """dataset_info.json and features.json (tfds), metadata.json (dataset_metadata); for a
-  remote output_dir written locally first, then copied (tfds writes through TensorFlow's own
-  file systems, which do not cover every file system Beam's do)."""
+  remote output_dir written locally first, beside empty files named like the shards (tfds
+  lists them), then copied (tfds writes through TensorFlow's own file systems, which do not
+  cover every file system Beam's do)."""
   if filesystem.is_remote(output_dir):
     with tempfile.TemporaryDirectory() as local:
+      names = [Shard(split, i, len(counts), []).filename
+               for split, counts in lengths.items() for i in range(len(counts))]
+      for name in names:
+        open(os.path.join(local, name), "wb").close()
       _write_tfds_metadata(local, params, corpus, lengths, sizes)
-      for name in sorted(os.listdir(local)):
+      for name in sorted(set(os.listdir(local)) - set(names)):
         filesystem.publish(os.path.join(local, name), filesystem.join(output_dir, name),
                            filesystem.join(output_dir, STATE_DIR, "tmp"))
     return
@@ -644,6 +649,11 @@ class Plan:
 
 def plan_conversion(data_config, log=print):
   """Reads the corpus and plans its shards. CorpusError for unusable input or settings."""
+  if filesystem.is_remote(data_config.data_root):
+    raise corpus_lib.CorpusError(
+        f"data_root {data_config.data_root!r}: the corpus (its CSVs, folders and volumes) is "
+        f"read through this machine's file system; mount the bucket (gcsfuse, s3fs, ...) at one "
+        f"path on the launcher and every worker and pass that path (output_dir may be remote)")
   try:
     params = schema.PreprocessParams.from_config(data_config)
     limits = Limits.from_config(data_config)

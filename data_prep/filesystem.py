@@ -10,6 +10,7 @@ bundle run twice) replaces a file with the same bytes.
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,11 +29,16 @@ class BeamNotInstalled(errors.UserError):
 
 def require_beam(why):
   """The FileSystems class of apache-beam; BeamNotInstalled saying what to install if absent."""
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.ERROR)      # importing beam warns "apitools not found" (BigQuery: unused)
   try:
     from apache_beam.io import filesystems  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise BeamNotInstalled(f"{why} needs apache-beam, which is not installed: "
                            f"{BEAM_REQUIREMENT}") from None
+  finally:
+    root.setLevel(level)
   return filesystems.FileSystems
 
 
