@@ -45,7 +45,6 @@ import math
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import tempfile
 import threading
