@@ -168,6 +168,11 @@ def run_convert(args, config):
   if not data.tfrecord_dir:
     raise corpus.CorpusError("no output directory: pass --output_dir "
                              "(or --config.data.tfrecord_dir)")
+  if args.beam_pipeline_options is not None and args.workers is not None:
+    raise corpus.CorpusError(
+        f"--workers {args.workers} sizes the local pool; with --beam_pipeline_options the "
+        f"runner's options do (direct_num_workers=N on the DirectRunner, max_num_workers on "
+        f"Dataflow, parallelism on Flink)")
   try:
     if args.beam_pipeline_options is None:
       report = convert.convert_corpus(data, data.tfrecord_dir)

@@ -74,6 +74,9 @@ def test_beam_and_local_conversions_with_bad_studies_are_byte_identical(bad_corp
   assert dataset_files(tmp_path) == dataset_files(local)     # shards, metadata, report
   assert report["num_converted"] == 14 and report["num_skipped"] == 12
   assert not os.listdir(tmp_path / convert.STATE_DIR / "tmp")
+  stamps = shard_stamps(tmp_path)
+  assert run_beam(root, tmp_path) == report                   # a rerun finds everything done
+  assert shard_stamps(tmp_path) == stamps
 
 
 def test_a_study_that_raises_inside_a_worker_is_a_skip_and_the_rest_convert(
@@ -230,6 +233,14 @@ def test_cli_converts_on_beam_with_the_flag(phantom_root, reference, tmp_path, c
   assert code == 0
   assert "converted 14 of 14 CSV rows" in capsys.readouterr().out
   assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+def test_cli_refuses_workers_beside_beam_options(phantom_root, tmp_path, capsys):
+  import launch  # pylint: disable=import-outside-toplevel
+  code = launch.main(["convert", "--data_root", str(phantom_root), "--output_dir",
+                      str(tmp_path), "--workers", "4", "--beam_pipeline_options", IN_MEMORY])
+  assert code == 2
+  assert "--workers 4 sizes the local pool" in capsys.readouterr().err
 
 
 def test_cli_without_apache_beam_says_what_to_install(phantom_root, tmp_path, capsys,
