@@ -151,6 +151,10 @@ def add_convert_args(parser):
                       help="folders: paper's 7/1/2 CT folders; rows: released code's 70/10/20")
   parser.add_argument("--workers", type=int, default=None,
                       help="worker processes (data.workers; 0 = in this process)")
+  parser.add_argument("--beam_pipeline_options", default=None,
+                      help="run the conversion as an Apache Beam pipeline with these options "
+                           "(TFDS's syntax: \"runner=DirectRunner,direct_num_workers=2\"; "
+                           "Dataflow, Flink, Spark: README); needs requirements-beam.txt")
 
 
 def run_convert(args, config):
@@ -165,8 +169,17 @@ def run_convert(args, config):
   if not data.tfrecord_dir:
     raise corpus.CorpusError("no output directory: pass --output_dir "
                              "(or --config.data.tfrecord_dir)")
+  if args.beam_pipeline_options is not None and args.workers is not None:
+    raise corpus.CorpusError(
+        f"--workers {args.workers} sizes the local pool; with --beam_pipeline_options the "
+        f"runner's options do (direct_num_workers=N on the DirectRunner, max_num_workers on "
+        f"Dataflow, parallelism on Flink)")
   try:
-    report = convert.convert_corpus(data, data.tfrecord_dir)
+    if args.beam_pipeline_options is None:
+      report = convert.convert_corpus(data, data.tfrecord_dir)
+    else:
+      from data_prep import beam_convert  # pylint: disable=g-import-not-at-top  (apache-beam)
+      report = beam_convert.convert_corpus(data, data.tfrecord_dir, args.beam_pipeline_options)
   except KeyboardInterrupt:
     print("\nlaunch.py convert: interrupted; finished shards are kept, rerun the same command "
           "to resume", file=sys.stderr)

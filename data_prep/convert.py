@@ -25,6 +25,12 @@ Limits (`Limits`: data.max_volume_mib, data.study_timeout_s) decide what is skip
 record holds, so they are not part of the settings a rerun must match. A failure to write the
 output (disk full) stops the conversion with one OutputError naming the file; the shards finished
 before are kept, and rerunning the same command resumes.
+
+The same conversion runs as an Apache Beam pipeline (data_prep/beam_convert.py, `launch.py
+convert --beam_pipeline_options ...`): both paths share the plan (plan_conversion: shards, file
+names, study order), the per-study function (run_study -> convert_study) and the shard writer
+(write_shard), and finish with the same metadata and report (finish_conversion), so they give
+the same bytes. output_dir may be on any file system Beam supports (data_prep/filesystem.py).
 """
 
 import collections
@@ -33,15 +39,17 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
 import os
 import re
-import shutil
 import signal
+import tempfile
 import threading
 import time
+import uuid
 
 import numpy as np
 import tensorflow as tf
@@ -51,6 +59,7 @@ from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core import naming
 
 from data_prep import corpus as corpus_lib
+from data_prep import filesystem
 from data_prep import preprocess
 from data_prep import schema
 from medfinder_jax import errors
@@ -205,7 +214,8 @@ class StudyTimeout(BaseException):
 
 def run_study(convert_fn, study):
   """convert_fn(study) within the worker's data.study_timeout_s: a study still running then (a
-  file system that stopped answering, a pathological file) is ("retry", reason)."""
+  file system that stopped answering, a pathological file) is ("retry", reason), and so is one
+  whose convert_fn raises (never an exception: a study's failure is data, on either path)."""
   seconds = _WORKER["limits"].study_timeout_s
   try:
     with time_limit(seconds):
@@ -213,6 +223,10 @@ def run_study(convert_fn, study):
   except StudyTimeout:
     return "retry", (f"still running after data.study_timeout_s={seconds:g} s (a stalled file "
                      f"system?); rerun to retry it, or raise --config.data.study_timeout_s")
+  except MemoryError:
+    return "retry", OUT_OF_MEMORY
+  except Exception as err:  # pylint: disable=broad-except  (a convert_fn that raises: a skip)
+    return "retry", f"unexpected error: {type(err).__name__}: {err}"
 
 
 def _raise_timeout(signum, frame):
@@ -348,46 +362,43 @@ def _new_pool(workers, init_args):
 
 
 # --- Shard files and state ----------------------------------------------------------------------
+# Paths go through data_prep/filesystem.py: os for a local output_dir (as always), Beam's
+# FileSystems for gs://, s3://, ... (the same code for the local pool and the Beam pipeline).
 
 def _write_json_atomic(path, value):
   """Writes `value` to `path` via a temporary file: `path` is the old or the new file, never a
   part. OutputError (the temporary file removed) when it cannot be written."""
-  tmp = f"{path}.tmp-{os.getpid()}"
   try:
-    with open(tmp, "w", encoding="utf-8") as file:
-      json.dump(value, file, indent=1, sort_keys=True, ensure_ascii=False)
-      file.write("\n")
-    os.replace(tmp, path)
+    filesystem.write_json_atomic(path, value)
   except OSError as err:
-    _remove_quietly(tmp)
     raise output_error(path, err) from None
 
 
-def _remove_quietly(path):
-  with contextlib.suppress(OSError):
-    os.remove(path)
-
-
 def _read_json(path):
-  try:
-    with open(path, encoding="utf-8") as file:
-      return json.load(file)
-  except (OSError, ValueError):
-    return None
+  return filesystem.read_json(path)
 
 
 def _marker_path(output_dir, shard):
-  return os.path.join(output_dir, STATE_DIR, shard.filename + ".json")
+  return filesystem.join(output_dir, STATE_DIR, shard.filename + ".json")
+
+
+def read_marker(output_dir, shard, fingerprint):
+  """The marker the last write of `shard` left, if it was written for these inputs and the
+  shard file beside it is the one it describes; else None."""
+  marker = _read_json(_marker_path(output_dir, shard))
+  if not (marker and marker.get("fingerprint") == fingerprint):
+    return None
+  if filesystem.size(filesystem.join(output_dir, shard.filename)) != marker.get("num_bytes"):
+    return None
+  return marker
 
 
 def _finished_marker(output_dir, shard, fingerprint, limits):
   """The shard's marker if the shard is complete for these inputs, else None. A shard with a
   study to retry (worker death, out of memory, unexpected error) is not complete, nor one with a
   volume skipped under a lower data.max_volume_mib than `limits` has."""
-  marker = _read_json(_marker_path(output_dir, shard))
-  path = os.path.join(output_dir, shard.filename)
-  if not (marker and marker.get("fingerprint") == fingerprint and os.path.isfile(path)
-          and os.path.getsize(path) == marker.get("num_bytes")):
+  marker = read_marker(output_dir, shard, fingerprint)
+  if marker is None:
     return None
   # A skip without the flag comes from an older marker: redo its shard to be safe.
   if any(s.get("retry", True) for s in marker.get("skipped", [])):
@@ -399,7 +410,7 @@ def _finished_marker(output_dir, shard, fingerprint, limits):
 
 def _check_plan(output_dir, plan_digest, shards):
   """Refuses an output_dir that holds a conversion of other inputs or settings."""
-  plan_path = os.path.join(output_dir, STATE_DIR, "plan.json")
+  plan_path = filesystem.join(output_dir, STATE_DIR, "plan.json")
   plan = _read_json(plan_path)
   if plan is not None and plan.get("digest") != plan_digest:
     raise corpus_lib.CorpusError(
@@ -413,13 +424,21 @@ def _check_plan(output_dir, plan_digest, shards):
 class _ShardWriter:
   """Writes one shard to a temporary file; `commit` renames it into place, then the marker. A
   write that fails (disk full) removes the temporary file and raises OutputError: the final name
-  only ever holds a complete shard."""
+  only ever holds a complete shard.
+
+  The temporary file is in STATE_DIR/tmp of a local output_dir (one rename away from its
+  place), or in this machine's temporary folder for a remote one (then copied and renamed: see
+  filesystem.publish). Its name is unique to this attempt, so two attempts at one shard (a Beam
+  bundle retried) never write into each other's file."""
 
   def __init__(self, output_dir, shard, fingerprint, limits):
     self.output_dir, self.shard, self.fingerprint = output_dir, shard, fingerprint
     self.limits = limits
-    self.path = os.path.join(output_dir, shard.filename)
-    self.tmp = os.path.join(output_dir, STATE_DIR, "tmp", f"{shard.filename}.{os.getpid()}")
+    self.path = filesystem.join(output_dir, shard.filename)
+    self.staging = filesystem.join(output_dir, STATE_DIR, "tmp")
+    local_dir = tempfile.gettempdir() if filesystem.is_remote(output_dir) else self.staging
+    self.tmp = os.path.join(local_dir,
+                            f"{shard.filename}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
     self.writer = None
     self.study_ids, self.skipped, self.over_limit = [], [], False
     with self._failing_as_output_error():
@@ -448,8 +467,9 @@ class _ShardWriter:
   def commit(self):
     with self._failing_as_output_error():
       self.writer.close()
-      os.replace(self.tmp, self.path)
-      num_bytes = os.path.getsize(self.path)
+      self.writer = None
+      filesystem.publish(self.tmp, self.path, self.staging)
+      num_bytes = filesystem.size(self.path)
     marker = {"fingerprint": self.fingerprint, "num_examples": len(self.study_ids),
               "num_bytes": num_bytes, "study_ids": self.study_ids, "skipped": self.skipped}
     if self.over_limit:       # a rerun with a higher limit redoes the shard
@@ -463,7 +483,21 @@ class _ShardWriter:
       with contextlib.suppress(Exception):
         self.writer.close()
       self.writer = None
-    _remove_quietly(self.tmp)
+    filesystem.remove_quietly(self.tmp)
+
+
+def write_shard(output_dir, shard, fingerprint, limits, results):
+  """Writes `shard` from `results` ((study, result) of its studies, in order) and commits it:
+  the one shard writer of the local pool and the Beam pipeline. Returns the shard's marker; on
+  any failure (OutputError, Ctrl-C) the temporary file is removed and the error raised."""
+  writer = _ShardWriter(output_dir, shard, fingerprint, limits)
+  try:
+    for study, result in results:
+      writer.add(study, result)
+    return writer.commit()
+  except BaseException:
+    writer.discard()
+    raise
 
 
 # --- Metadata and report ------------------------------------------------------------------------
@@ -509,6 +543,21 @@ def split_totals(shards, markers):
 
 
 def _write_tfds_metadata(output_dir, params, corpus, lengths, sizes):
+  """dataset_info.json and features.json (tfds), metadata.json (dataset_metadata); for a
+  remote output_dir written locally first, beside empty files named like the shards (tfds
+  lists them), then copied (tfds writes through TensorFlow's own file systems, which do not
+  cover every file system Beam's do)."""
+  if filesystem.is_remote(output_dir):
+    with tempfile.TemporaryDirectory() as local:
+      names = [Shard(split, i, len(counts), []).filename
+               for split, counts in lengths.items() for i in range(len(counts))]
+      for name in names:
+        open(os.path.join(local, name), "wb").close()
+      _write_tfds_metadata(local, params, corpus, lengths, sizes)
+      for name in sorted(set(os.listdir(local)) - set(names)):
+        filesystem.publish(os.path.join(local, name), filesystem.join(output_dir, name),
+                           filesystem.join(output_dir, STATE_DIR, "tmp"))
+    return
   split_infos = [
       tfds.core.SplitInfo(
           name=split, shard_lengths=lengths[split], num_bytes=sizes[split],
@@ -537,7 +586,7 @@ def build_report(output_dir, params, corpus, shards, markers, shard_lengths):
   skipped.sort(key=lambda s: s["row"])
   converted = {split: sum(shard_lengths.get(split, [])) for split in schema.SPLITS}
   return {
-      "output_dir": os.path.abspath(output_dir),
+      "output_dir": output_dir if filesystem.is_remote(output_dir) else os.path.abspath(output_dir),
       "csv": os.path.abspath(corpus.csv_path),
       "csv_rows": corpus.num_rows,
       "layout": corpus.layout,
@@ -570,11 +619,93 @@ def format_summary(report, seconds=None):
   empty = [split for split in schema.SPLITS if not report["converted"][split]]
   if empty:
     lines.append(f"  warning: no studies in split(s) {', '.join(empty)}")
-  lines.append(f"report: {os.path.join(report['output_dir'], REPORT_NAME)}")
+  lines.append(f"report: {filesystem.join(report['output_dir'], REPORT_NAME)}")
   return "\n".join(lines)
 
 
 # --- Driver -------------------------------------------------------------------------------------
+# A conversion is plan_conversion -> prepare_output -> (convert the unfinished shards: the local
+# pool here, or the Beam pipeline of data_prep/beam_convert.py, both through run_study and
+# write_shard) -> finish_conversion.
+
+@dataclasses.dataclass
+class Plan:
+  """What a conversion of a corpus with given settings produces, whoever runs it: the shards
+  (split, index, studies in order, file name) and the fingerprint of each."""
+  data_root: str
+  params: schema.PreprocessParams
+  limits: Limits
+  corpus: corpus_lib.Corpus
+  shards: list
+  fingerprints: dict       # shard file name -> fingerprint of its settings and inputs
+
+  @property
+  def init_args(self):
+    """init_worker's arguments: what a process needs to convert this plan's studies."""
+    return (self.data_root, self.params, self.corpus.label_columns, self.limits,
+            len(self.corpus.label_names))
+
+
+def plan_conversion(data_config, log=print):
+  """Reads the corpus and plans its shards. CorpusError for unusable input or settings."""
+  if filesystem.is_remote(data_config.data_root):
+    raise corpus_lib.CorpusError(
+        f"data_root {data_config.data_root!r}: the corpus (its CSVs, folders and volumes) is "
+        f"read through this machine's file system; mount the bucket (gcsfuse, s3fs, ...) at one "
+        f"path on the launcher and every worker and pass that path (output_dir may be remote)")
+  try:
+    params = schema.PreprocessParams.from_config(data_config)
+    limits = Limits.from_config(data_config)
+    corpus = corpus_lib.read_corpus(data_config, log=log)
+    schema.feature_specs(params.shape, params.volume_dtype, corpus.label_columns)  # name clashes
+  except corpus_lib.CorpusError:
+    raise
+  except ValueError as err:
+    raise corpus_lib.CorpusError(str(err)) from None
+  shards = plan_shards(corpus.studies, int(data_config.shard_size),
+                       int(data_config.get("min_shards", 1)))
+  settings_digest = _digest({"schema": schema.SCHEMA_VERSION, "params": params.to_dict(),
+                             "labels": list(corpus.label_columns),
+                             "label_names": list(corpus.label_names)})
+  fingerprints = {s.filename: s.fingerprint(settings_digest) for s in shards}
+  return Plan(str(data_config.data_root), params, limits, corpus, shards, fingerprints)
+
+
+def prepare_output(output_dir, plan, log=print):
+  """Makes `output_dir` ready for `plan` (refusing one that holds another conversion, emptying
+  the temporary files of an interrupted run) and returns {file name: marker} of the shards a
+  previous run finished."""
+  tmp_dir = filesystem.join(output_dir, STATE_DIR, "tmp")
+  try:
+    filesystem.makedirs(tmp_dir)
+  except OSError as err:
+    raise output_error(tmp_dir, err) from None
+  _check_plan(output_dir, _digest(sorted(plan.fingerprints.items())), plan.shards)
+  _fresh_tmp_dir(tmp_dir)
+  markers = {}
+  for shard in plan.shards:
+    marker = _finished_marker(output_dir, shard, plan.fingerprints[shard.filename], plan.limits)
+    if marker is not None:
+      markers[shard.filename] = marker
+  if markers:
+    log(f"resuming: {len(markers)} of {len(plan.shards)} shards already done")
+  return markers
+
+
+def finish_conversion(output_dir, plan, markers, seconds=None, log=print):
+  """Writes the TFDS metadata (if any record was converted) and the report, from the markers of
+  every shard of `plan`; prints the summary and returns the report."""
+  lengths, sizes = split_totals(plan.shards, markers)
+  if any(m["num_examples"] for m in markers.values()):
+    try:
+      _write_tfds_metadata(output_dir, plan.params, plan.corpus, lengths, sizes)
+    except (OSError, tf.errors.OpError) as err:
+      raise output_error(f"the dataset metadata in {output_dir}", err) from None
+  report = build_report(output_dir, plan.params, plan.corpus, plan.shards, markers, lengths)
+  _write_json_atomic(filesystem.join(output_dir, REPORT_NAME), report)
+  log(format_summary(report, seconds))
+  return report
+
 
 def convert_corpus(data_config, output_dir, workers=None, progress=True, log=print,
                    convert_fn=convert_study):
@@ -587,88 +718,46 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
   limit, importable by name) is where tests inject faults.
   """
   start = time.time()
-  try:
-    params = schema.PreprocessParams.from_config(data_config)
-    limits = Limits.from_config(data_config)
-    corpus = corpus_lib.read_corpus(data_config, log=log)
-    schema.feature_specs(params.shape, params.volume_dtype, corpus.label_columns)  # name clashes
-  except corpus_lib.CorpusError:
-    raise
-  except ValueError as err:
-    raise corpus_lib.CorpusError(str(err)) from None
+  plan = plan_conversion(data_config, log)
   workers = int(data_config.workers if workers is None else workers)
-  shards = plan_shards(corpus.studies, int(data_config.shard_size),
-                       int(data_config.get("min_shards", 1)))
-  settings_digest = _digest({"schema": schema.SCHEMA_VERSION, "params": params.to_dict(),
-                             "labels": list(corpus.label_columns),
-                             "label_names": list(corpus.label_names)})
-  fingerprints = {s.filename: s.fingerprint(settings_digest) for s in shards}
-  tmp_dir = os.path.join(output_dir, STATE_DIR, "tmp")
-  try:
-    os.makedirs(tmp_dir, exist_ok=True)
-  except OSError as err:
-    raise output_error(tmp_dir, err) from None
-  _check_plan(output_dir, _digest(sorted(fingerprints.items())), shards)
-  _fresh_tmp_dir(tmp_dir)
-  markers = {}
-  for shard in shards:
-    marker = _finished_marker(output_dir, shard, fingerprints[shard.filename], limits)
-    if marker is not None:
-      markers[shard.filename] = marker
-  todo = [s for s in shards if s.filename not in markers]
-  if markers:
-    log(f"resuming: {len(markers)} of {len(shards)} shards already done")
-  init_args = (str(data_config.data_root), params, corpus.label_columns, limits,
-               len(corpus.label_names))
-  markers.update(_convert_shards(output_dir, todo, fingerprints, workers, progress, init_args,
-                                 convert_fn))
-  lengths, sizes = split_totals(shards, markers)
-  if any(m["num_examples"] for m in markers.values()):
-    try:
-      _write_tfds_metadata(output_dir, params, corpus, lengths, sizes)
-    except (OSError, tf.errors.OpError) as err:
-      raise output_error(f"the dataset metadata in {output_dir}", err) from None
-  report = build_report(output_dir, params, corpus, shards, markers, lengths)
-  _write_json_atomic(os.path.join(output_dir, REPORT_NAME), report)
-  log(format_summary(report, time.time() - start))
-  return report
+  markers = prepare_output(output_dir, plan, log)
+  todo = [s for s in plan.shards if s.filename not in markers]
+  markers.update(_convert_shards(output_dir, todo, plan.fingerprints, workers, progress,
+                                 plan.init_args, convert_fn))
+  return finish_conversion(output_dir, plan, markers, time.time() - start, log)
 
 
 def _fresh_tmp_dir(tmp):
   """Empties STATE_DIR/tmp: what an interrupted run left there is incomplete."""
   try:
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    filesystem.empty_dir(tmp)
   except OSError as err:
     raise output_error(tmp, err) from None
 
 
 def _convert_shards(output_dir, shards, fingerprints, workers, progress, init_args,
                     convert_fn):
-  """Converts the studies of `shards` in order; writes and commits each shard when complete.
-  On any failure (OutputError, Ctrl-C) the shard being written is discarded and the workers
-  are stopped; the committed shards stay."""
+  """Converts the studies of `shards` in order (one stream through the pool, so that workers
+  never wait at a shard's end); writes and commits each shard when complete. On any failure
+  (OutputError, Ctrl-C) the shard being written is discarded and the workers are stopped; the
+  committed shards stay."""
   studies = [study for shard in shards for study in shard.studies]
-  owner = [shard for shard in shards for _ in shard.studies]
   limits = init_args[3]
-  markers, writer, skipped = {}, None, 0
+  markers, skipped = {}, 0
   bar = tqdm.tqdm(total=len(studies), unit="study", desc="convert", disable=not progress)
+
+  def counted(results):
+    nonlocal skipped
+    for study, result in results:
+      skipped += result[0] != "ok"
+      bar.update(1)
+      bar.set_postfix(skipped=skipped, refresh=False)
+      yield study, result
+
   results = _ordered_results(studies, workers, init_args, convert_fn)
-  try:
-    with bar, contextlib.closing(results):
-      for i, (study, result) in enumerate(results):
-        shard = owner[i]
-        if writer is None:
-          writer = _ShardWriter(output_dir, shard, fingerprints[shard.filename], limits)
-        writer.add(study, result)
-        skipped += result[0] != "ok"
-        bar.update(1)
-        bar.set_postfix(skipped=skipped, refresh=False)
-        if i + 1 == len(studies) or owner[i + 1] is not shard:
-          markers[shard.filename] = writer.commit()
-          writer = None
-  except BaseException:
-    if writer is not None:
-      writer.discard()
-    raise
+  with bar, contextlib.closing(results):
+    for shard in shards:
+      markers[shard.filename] = write_shard(
+          output_dir, shard, fingerprints[shard.filename], limits,
+          counted(itertools.islice(results, len(shard.studies))))
   return markers

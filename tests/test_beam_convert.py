@@ -1,0 +1,264 @@
+"""Conversion on Apache Beam (DirectRunner): the same records, report and resumption as the
+local pool, for every layout; failures inside workers are skips; retried writes are idempotent.
+
+Prism (the DirectRunner's newer engine) downloads its binary from GitHub on first use, so it
+cannot run offline and is not tested here; the tests run Beam's FnApiRunner (in_memory, and
+multi_processing with two worker processes in the slow set)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("apache_beam")
+
+from data_prep import beam_convert  # noqa: E402  (after the skip)
+from data_prep import convert  # noqa: E402
+from data_prep import filesystem  # noqa: E402
+from data_prep import phantom  # noqa: E402
+from medfinder_jax import errors  # noqa: E402
+import test_convert  # noqa: E402  (tests/ is on sys.path: the local converter's helpers)
+from test_convert import dataset_files, shard_stamps, train_shards  # noqa: E402
+
+ROOT = test_convert.ROOT
+TESTS = os.path.join(ROOT, "tests")
+IN_MEMORY = "runner=DirectRunner"
+TWO_PROCESSES = "runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing"
+
+
+def run_beam(root, out, options=IN_MEMORY, convert_fn=convert.convert_study, **overrides):
+  return beam_convert.convert_corpus(test_convert.data_config(root, **overrides), str(out),
+                                     options, log=lambda *_: None, convert_fn=convert_fn)
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("phantom")
+  phantom.write_phantom_corpus(str(root), n=14, seed=0, folders=4, size=48, slices=16)
+  return root
+
+
+@pytest.fixture(scope="module")
+def reference(phantom_root, tmp_path_factory):
+  out = tmp_path_factory.mktemp("reference")
+  test_convert.run_convert(phantom_root, out, workers=0)
+  return out
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(phantom_root, tmp_path_factory):
+  """The phantom corpus with a bad study of every kind test_convert plants, converted locally:
+  (corpus root, local output)."""
+  root = tmp_path_factory.mktemp("bad") / "corpus"
+  shutil.copytree(phantom_root, root)
+  test_convert.plant_bad_inputs(root)
+  out = root.parent / "local"
+  test_convert.run_convert(root, out, workers=0)
+  return root, out
+
+
+def raise_at_target(study):
+  """Raises at the study named by $RAISE_AT_STUDY (the exception leaves the convert_fn)."""
+  if study.study_id == os.environ.get("RAISE_AT_STUDY"):
+    raise RuntimeError("decoder crashed")
+  return convert.convert_study(study)
+
+
+def test_beam_and_local_conversions_with_bad_studies_are_byte_identical(bad_corpus, tmp_path):
+  root, local = bad_corpus
+  report = run_beam(root, tmp_path)
+  assert dataset_files(tmp_path) == dataset_files(local)     # shards, metadata, report
+  assert report["num_converted"] == 14 and report["num_skipped"] == 12
+  assert not os.listdir(tmp_path / convert.STATE_DIR / "tmp")
+  stamps = shard_stamps(tmp_path)
+  assert run_beam(root, tmp_path) == report                   # a rerun finds everything done
+  assert shard_stamps(tmp_path) == stamps
+
+
+def test_a_study_that_raises_inside_a_worker_is_a_skip_and_the_rest_convert(
+    phantom_root, reference, tmp_path, monkeypatch):
+  target = train_shards(phantom_root)[1].studies[0].study_id
+  monkeypatch.setenv("RAISE_AT_STUDY", target)
+  report = run_beam(phantom_root, tmp_path, convert_fn=raise_at_target)
+  assert [(s["study_id"], s["reason"], s["retry"]) for s in report["skipped"]] == [
+      (target, "unexpected error: RuntimeError: decoder crashed", True)]
+  assert report["num_converted"] == 13 and report["num_to_retry"] == 1
+  monkeypatch.delenv("RAISE_AT_STUDY")
+  stamps = shard_stamps(tmp_path)
+  rerun = run_beam(phantom_root, tmp_path)                     # retries that study's shard only
+  assert rerun["num_skipped"] == 0
+  assert {n for n, t in shard_stamps(tmp_path).items() if t != stamps[n]} == {
+      train_shards(phantom_root)[1].filename}
+  assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+@pytest.mark.slow
+def test_two_worker_processes_give_the_local_bytes_and_report_a_raising_study(
+    bad_corpus, tmp_path, monkeypatch):
+  root, local = bad_corpus
+  monkeypatch.setenv("PYTHONPATH", TESTS)           # the workers unpickle raise_at_target
+  monkeypatch.setenv("RAISE_AT_STUDY", "no-such-study")
+  report = run_beam(root, tmp_path / "out", TWO_PROCESSES, convert_fn=raise_at_target)
+  assert dataset_files(tmp_path / "out") == dataset_files(local)
+  target = train_shards(root)[0].studies[1].study_id
+  monkeypatch.setenv("RAISE_AT_STUDY", target)
+  report = run_beam(root, tmp_path / "raising", TWO_PROCESSES, convert_fn=raise_at_target)
+  assert [s["reason"] for s in report["skipped"] if s["study_id"] == target] == [
+      "unexpected error: RuntimeError: decoder crashed"]
+  assert report["num_converted"] == 13 and report["num_skipped"] == 13
+
+
+@pytest.mark.parametrize("layout", phantom.LAYOUTS)
+def test_every_layout_converts_on_beam_as_locally(tmp_path, layout):
+  root = tmp_path / layout
+  phantom.write_phantom_corpus(str(root), 6, seed=0, folders=3, size=40, slices=12,
+                               layout=layout)
+  test_convert.run_convert(root, tmp_path / "local", workers=0)
+  report = run_beam(root, tmp_path / "beam")
+  assert report["layout"] == layout and report["num_converted"] == 6
+  assert dataset_files(tmp_path / "beam") == dataset_files(tmp_path / "local")
+
+
+KILL_SCRIPT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import test_beam_convert
+test_beam_convert.run_beam({data!r}, {out!r}, convert_fn=test_beam_convert.die_at_fifth_study)
+"""
+_SEEN = []
+
+
+def die_at_fifth_study(study):
+  """Kills this process (the runner, its in-memory workers and all) at its fifth study."""
+  _SEEN.append(study.study_id)
+  if len(_SEEN) == 5:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return convert.convert_study(study)
+
+
+def test_a_rerun_after_a_killed_pipeline_finishes_with_the_same_dataset(phantom_root,
+                                                                        reference, tmp_path):
+  script = KILL_SCRIPT.format(root=ROOT, tests=TESTS, data=str(phantom_root), out=str(tmp_path))
+  killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300,
+                          check=False)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+  stamps = shard_stamps(tmp_path)
+  plan = convert.plan_conversion(test_convert.data_config(phantom_root), log=lambda *_: None)
+  assert 1 <= len(stamps) < len(plan.shards)                  # killed midway
+  assert not os.path.exists(tmp_path / convert.REPORT_NAME)
+  report = run_beam(phantom_root, tmp_path)
+  assert {n: shard_stamps(tmp_path)[n] for n in stamps} == stamps      # not redone
+  assert report["num_converted"] == 14
+  assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+def test_a_retried_bundle_rewrites_its_shard_with_the_same_bytes(phantom_root, reference,
+                                                                 tmp_path):
+  plan = convert.plan_conversion(test_convert.data_config(phantom_root), log=lambda *_: None)
+  convert.prepare_output(str(tmp_path), plan, log=lambda *_: None)
+  shard = plan.shards[0]
+  fn = beam_convert.ConvertShardFn(str(tmp_path), plan.init_args, convert.convert_study)
+  fn.setup()
+  task = (shard, plan.fingerprints[shard.filename])
+  first = list(fn.process(task))
+  marker = (tmp_path / convert.STATE_DIR / f"{shard.filename}.json").read_bytes()
+  assert list(fn.process(task)) == first == [shard.filename]          # the retry
+  assert (tmp_path / shard.filename).read_bytes() == (reference / shard.filename).read_bytes()
+  assert (tmp_path / convert.STATE_DIR / f"{shard.filename}.json").read_bytes() == marker
+  assert not os.listdir(tmp_path / convert.STATE_DIR / "tmp")
+
+
+def test_a_failed_pipeline_keeps_its_shards_and_a_rerun_resumes(phantom_root, reference,
+                                                                tmp_path, monkeypatch):
+  full = train_shards(phantom_root)[2].filename
+  real_writer = convert.tf.io.TFRecordWriter
+
+  class FullDisk:
+    def __init__(self, path):
+      self.path, self.writer = path, real_writer(path)
+
+    def write(self, record):
+      if full in self.path:
+        raise OSError(28, os.strerror(28))
+      self.writer.write(record)
+
+    def close(self):
+      self.writer.close()
+
+  monkeypatch.setattr(convert.tf.io, "TFRecordWriter", FullDisk)
+  with pytest.raises(errors.UserError, match="No space left on device") as err:
+    run_beam(phantom_root, tmp_path)
+  monkeypatch.undo()
+  assert "rerun the same command" in str(err.value)
+  assert full not in shard_stamps(tmp_path)
+  assert not os.path.exists(tmp_path / convert.REPORT_NAME)
+  run_beam(phantom_root, tmp_path)
+  assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+def test_output_through_beam_filesystems_gives_the_same_dataset(phantom_root, reference,
+                                                                 tmp_path, monkeypatch):
+  out = str(tmp_path / "out")
+  local_is_remote = filesystem.is_remote
+  monkeypatch.setattr(filesystem, "is_remote",          # as if out were gs://...: FileSystems
+                      lambda path: str(path).startswith(out) or local_is_remote(path))
+  run_beam(phantom_root, out)
+  monkeypatch.undo()
+  assert dataset_files(out) == dataset_files(reference)
+  assert json.loads((tmp_path / "out" / convert.REPORT_NAME).read_text())["num_converted"] == 14
+
+
+def test_pipeline_options_take_tfds_syntax_and_refuse_unknown_names():
+  options = beam_convert.parse_pipeline_options("runner=DirectRunner,direct_num_workers=2")
+  values = options.get_all_options()
+  assert (values["runner"], values["direct_num_workers"]) == ("DirectRunner", 2)
+  assert values["direct_running_mode"] == "multi_processing"     # processes, not threads
+  threads = beam_convert.parse_pipeline_options(
+      "direct_num_workers=2,direct_running_mode=multi_threading").get_all_options()
+  assert threads["direct_running_mode"] == "multi_threading"
+  with pytest.raises(beam_convert.BadPipelineOptions, match=r"\['direct_num_worker'\]"):
+    beam_convert.parse_pipeline_options("runner=DirectRunner,direct_num_worker=2")
+  assert issubclass(beam_convert.BadPipelineOptions, errors.UserError)
+
+
+def test_cli_converts_on_beam_with_the_flag(phantom_root, reference, tmp_path, capsys):
+  import launch  # pylint: disable=import-outside-toplevel
+  code = launch.main(["convert", "--data_root", str(phantom_root), "--output_dir",
+                      str(tmp_path), "--shape", "24,24,12", "--config.data.shard_size=2",
+                      "--config.data.min_shards=2", "--beam_pipeline_options", IN_MEMORY])
+  assert code == 0
+  assert "converted 14 of 14 CSV rows" in capsys.readouterr().out
+  assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+def test_cli_refuses_workers_beside_beam_options(phantom_root, tmp_path, capsys):
+  import launch  # pylint: disable=import-outside-toplevel
+  code = launch.main(["convert", "--data_root", str(phantom_root), "--output_dir",
+                      str(tmp_path), "--workers", "4", "--beam_pipeline_options", IN_MEMORY])
+  assert code == 2
+  assert "--workers 4 sizes the local pool" in capsys.readouterr().err
+
+
+def test_cli_without_apache_beam_says_what_to_install(phantom_root, tmp_path, capsys,
+                                                      monkeypatch):
+  import launch  # pylint: disable=import-outside-toplevel
+  import data_prep  # pylint: disable=import-outside-toplevel
+  for name in ("apache_beam", "apache_beam.io", "apache_beam.io.filesystems"):
+    monkeypatch.setitem(sys.modules, name, None)               # importing them fails
+  monkeypatch.delitem(sys.modules, "data_prep.beam_convert")
+  monkeypatch.delattr(data_prep, "beam_convert")
+  code = launch.main(["convert", "--data_root", str(phantom_root), "--output_dir",
+                      str(tmp_path), "--beam_pipeline_options", IN_MEMORY])
+  err = capsys.readouterr().err
+  assert code == 2 and "Traceback" not in err
+  assert "needs apache-beam, which is not installed: pip install -r requirements-beam.txt" in err
+  assert not os.path.exists(tmp_path / convert.STATE_DIR)
+
+
+def test_a_remote_data_root_is_refused_with_what_to_do(tmp_path):
+  with pytest.raises(errors.UserError, match="mount the bucket"):
+    run_beam("gs://bucket/corpus", tmp_path)
