@@ -41,7 +41,7 @@ start=$(date +%s)
 "$python" -m mutmut run --max-children "${MUTATION_CHILDREN:-2}" "$@" >mutmut.log 2>&1 || {
   tail -c 4000 mutmut.log; echo "mutmut failed (log: .mutation/$name/mutmut.log)"; exit 1; }
 "$python" -m mutmut results --all true >results.txt 2>&1
-grep -v ': killed$' results.txt || true
+grep -Ev ': (killed|not checked)$' results.txt || true
 awk -v name="$name" -v s="$(( $(date +%s) - start ))" '
   {n++; c[$NF]++}
   END {printf "%s: %d mutants, %d killed, %d timeout, %d survived, %d no tests, %d not checked (%ds)\n",
