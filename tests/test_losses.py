@@ -121,6 +121,19 @@ def test_siglip_matches_numpy_reference():
   np.testing.assert_allclose(loss, _np_siglip(text, image, 10.0, -10.0), rtol=1e-5)
 
 
+def test_siglip_logs_the_metrics_clip_logs_and_its_bias():
+  """metrics.jsonl has the same columns whichever loss trained: the temperature is
+  1 / exp(logit_scale), the accuracies are those of the pairs' logits."""
+  text = np.eye(6, 8, dtype=np.float32)
+  loss, metrics = losses.siglip(text, text, jnp.log(10.0), jnp.float32(-5.0))
+  _, clip_metrics = losses.clip(text, text, jnp.log(10.0))
+  assert set(metrics) == set(clip_metrics) | {"logit_bias"}
+  assert metrics["contrastive"] == loss
+  np.testing.assert_allclose(metrics["temperature"], 0.1, rtol=1e-6)
+  assert metrics["logit_bias"] == -5.0
+  assert metrics["accuracy_t2i"] == metrics["accuracy_i2t"] == 1.0
+
+
 def test_siglip_init_follows_the_paper():
   scalars = losses.learnable_scalars(_loss_config("siglip"))
   np.testing.assert_allclose(math.exp(scalars["logit_scale"]), 10.0, rtol=1e-6)
@@ -226,6 +239,34 @@ def test_total_loss_weights_mse_and_contrastive():
   np.testing.assert_allclose(metrics["mse"], expected_mse, rtol=1e-6)
   np.testing.assert_allclose(metrics["contrastive"], expected_clip, rtol=1e-5)
   np.testing.assert_allclose(loss, 2.5 * expected_mse + 0.7 * expected_clip, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "released"])
+def test_total_loss_passes_the_padding_mask_to_every_contrastive_kind(kind):
+  """Padding rows are excluded whichever loss is configured: total_loss with a mask equals the
+  loss of the real rows alone (released: one block, so dropping rows keeps the blocks)."""
+  text, image = _pairs(n=8)
+  mask = np.array([True] * 6 + [False] * 2)
+  config = _loss_config(kind, mse_weight=0.0)
+  _, metrics = losses.total_loss(model_output(text, image, config), config, mask=mask)
+  _, real = losses.total_loss(model_output(text[:6], image[:6], config), config)
+  np.testing.assert_allclose(metrics["contrastive"], real["contrastive"], rtol=1e-5)
+
+
+def test_total_loss_clips_the_logit_scale_at_the_configured_maximum():
+  text, image = _pairs()
+  config = _loss_config("clip", mse_weight=0.0, max_logit_scale=20.0)
+  out = {**model_output(text, image, config), "logit_scale": jnp.float32(10.0)}
+  _, metrics = losses.total_loss(out, config)
+  np.testing.assert_allclose(metrics["temperature"], 1 / 20.0, rtol=1e-5)
+  np.testing.assert_allclose(metrics["contrastive"], _np_clip(text, image, 20.0), rtol=1e-5)
+
+
+def test_contrastive_loss_is_one_block_unless_told_otherwise():
+  text, image = _pairs(n=8)
+  config = _loss_config("released")
+  loss, _ = losses.contrastive_loss(model_output(text, image, config), config)
+  np.testing.assert_allclose(loss, losses.released(text, image, 1)[0], rtol=1e-6)
 
 
 def test_total_loss_without_views_has_zero_mse():

@@ -226,6 +226,81 @@ def test_accumulated_gradient_is_the_mean_over_micro_batches(parts):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+# --- What each step draws ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def draws(parts):
+  """run(state, steps) -> (state after, [(the two augmented views, the dropout key) of each
+  step]) of the jitted train step (compiled once), recorded from inside it: the dropout masks
+  are a function of that key alone. `run.mesh` and `run.uninterrupted` (two steps from a fresh
+  state: (state after the first, the draws of both)) come with it."""
+  config, model, _, spec, batch = parts
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  seen = {"views": [], "dropout": []}
+  two_views = train_step.augment.two_views
+
+  def recording_views(*args, **kwargs):
+    views = two_views(*args, **kwargs)
+    jax.debug.callback(lambda a, b: seen["views"].append((np.asarray(a), np.asarray(b))), *views)
+    return views
+
+  def recording_apply(variables, *args, rngs, **kwargs):
+    jax.debug.callback(lambda k: seen["dropout"].append(np.asarray(k)),
+                       jax.random.key_data(rngs["dropout"]))
+    return model.apply(variables, *args, rngs=rngs, **kwargs)
+
+  step = jax.jit(functools.partial(train_step.train_step, config=config,
+                                   model_input=spec.intensity, mesh=mesh))
+  global_batch = sharding.make_global_batch(batch, mesh)
+  base_key = sharding.replicate(jax.random.key_data(jax.random.key(7)), mesh)
+
+  def run(state, steps):
+    seen["views"].clear()
+    seen["dropout"].clear()
+    state = state.replace(apply_fn=recording_apply)
+    with pytest.MonkeyPatch.context() as patch:   # seen by the trace: the first call
+      patch.setattr(train_step.augment, "two_views", recording_views)
+      for _ in range(steps):
+        state, _ = step(state, global_batch, base_key)
+      jax.effects_barrier()
+    assert len(seen["views"]) == len(seen["dropout"]) == steps
+    return state.replace(apply_fn=model.apply), list(zip(seen["views"], seen["dropout"]))
+
+  run.mesh = mesh
+  after_one, first = run(make_state(parts, mesh, config), 1)
+  _, second = run(after_one, 1)
+  run.uninterrupted = (after_one, first + second)
+  return run
+
+
+def assert_same_draw(a, b):
+  (a_views, a_key), (b_views, b_key) = a, b
+  for x, y in zip(a_views, b_views):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(a_key, b_key)
+
+
+def test_consecutive_steps_draw_new_augmentations_and_dropout_masks(draws):
+  """Over the same batch, step 1 must not replay step 0's views or dropout: a run that drew
+  the same ones every step would see each study under one augmentation only."""
+  (views0, key0), (views1, key1) = draws.uninterrupted[1]
+  for v0, v1 in zip(views0, views1):
+    assert np.abs(v0 - v1).max() > 1e-3
+  assert not np.array_equal(key0, key1)
+  assert np.abs(views0[0] - views0[1]).max() > 1e-3   # and the two views of a step differ
+
+
+def test_a_resumed_step_draws_what_the_uninterrupted_run_drew(parts, draws):
+  """A resumed run holds the restored params and step count and the run's base key (train.py
+  restores both): its step 1 sees step 1's views and dropout, whatever the params."""
+  after_one, uninterrupted = draws.uninterrupted
+  _, resumed = draws(after_one, 1)
+  assert_same_draw(resumed[0], uninterrupted[1])
+  fresh = make_state(parts, draws.mesh, parts[0])
+  _, counted = draws(fresh.replace(step=jax.numpy.ones((), jax.numpy.int32)), 1)
+  assert_same_draw(counted[0], uninterrupted[1])
+
+
 # --- The loop -------------------------------------------------------------------------------------
 
 def loop_config(tiny_config, tiny_dataset, tmp_path, **overrides):
