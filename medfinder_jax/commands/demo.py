@@ -130,8 +130,8 @@ def check_settings(config, n, minutes):
     enough = next(m for m in range(n, 100 * global_batch) if train_studies(m) >= global_batch)
     raise DemoError(f"--n {n}: the train split would hold {train_studies(n)} studies, fewer than "
                     f"one global batch of {global_batch} (--config.train.batch_size_per_device="
-                    f"{config.train.batch_size_per_device} x {mesh.size} devices); pass --n "
-                    f"{enough} or more, or a smaller batch")
+                    f"{config.train.batch_size_per_device} x {sharding.num_batch_shards(mesh)} "
+                    f"batch shards); pass --n {enough} or more, or a smaller batch")
 
 
 def train_studies(n):
