@@ -34,6 +34,7 @@ from data_prep import phantom  # pylint: disable=g-import-not-at-top,wrong-impor
 from data_prep import phantom_layouts  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import schema  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_prep import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args():
@@ -105,7 +106,7 @@ def main():
                 corpus.Study(0, "series", os.path.relpath(folder, root), "CT1", "r", {},
                              "train")),
       "ctrate": (lambda: bare_nifti(nifti),
-                 lambda: preprocess.with_metadata(preprocess.load_source(nifti), meta),
+                 lambda: sources.with_metadata(preprocess.load_source(nifti), meta),
                  corpus.Study(0, "train_0_a_1", os.path.basename(nifti), "train", "r", {},
                               "train", source_meta=meta)),
   }

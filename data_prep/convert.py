@@ -53,6 +53,7 @@ from tensorflow_datasets.core import naming
 from data_prep import corpus as corpus_lib
 from data_prep import preprocess
 from data_prep import schema
+from data_prep import sources
 from medfinder_jax import errors
 
 STATE_DIR = ".convert_state"
@@ -182,15 +183,15 @@ def convert_study(study):
     source = preprocess.load_source(os.path.join(_WORKER["data_root"], study.source_path),
                                     _WORKER["limits"].max_volume_mib)
     if study.source_meta:
-      source = preprocess.with_metadata(source, study.source_meta)
+      source = sources.with_metadata(source, study.source_meta)
     volume, volume_spacing = preprocess.preprocess(source, _WORKER["params"])
     example = make_example(study, source, volume, volume_spacing)
     encoded = encode_example(_WORKER["features"], example, _WORKER["params"])
     record = _WORKER["serializer"].get_tf_example(encoded).SerializeToString(deterministic=True)
     return "ok", record
-  except preprocess.VolumeTooLarge as err:
+  except sources.VolumeTooLarge as err:
     return "limit", str(err)
-  except preprocess.BadVolume as err:
+  except sources.BadVolume as err:
     return "skip", str(err)
   except MemoryError:
     return "retry", OUT_OF_MEMORY

@@ -22,6 +22,7 @@ from configs import default
 from data_prep import corpus
 from data_prep import preprocess
 from data_prep import schema
+from data_prep import sources
 
 MAX_VOLUME_MIB = 4          # what the fuzzed headers may declare: bounds the memory of each input
 MAX_FIELD_CHARS = 50
@@ -137,14 +138,14 @@ def check_volume_input(tmp_path, suffix, data, mode, volume_dtype):
     assert np.all(np.isfinite(volume_spacing)) and np.all(np.asarray(volume_spacing) > 0)
     assert np.all(np.isfinite(source.spacing)) and len(source.orientation) == 3
     event("converted")
-  except preprocess.BadVolume as err:
+  except sources.BadVolume as err:
     assert str(err).strip()
     event(f"skipped: {str(err).split('(')[0].split(':')[0][:40]}")   # --hypothesis-show-statistics
   finally:
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
   assert time.monotonic() - start < 10
-  assert peak < 4 * MAX_VOLUME_MIB * preprocess.MIB + preprocess.READ_CHUNK + (16 << 20)
+  assert peak < 4 * MAX_VOLUME_MIB * sources.MIB + sources.READ_CHUNK + (16 << 20)
 
 
 def _volume_test(tmp_path_factory, case, mode, volume_dtype):

@@ -16,6 +16,7 @@ from data_prep import phantom
 from data_prep import phantom_layouts
 from data_prep import preprocess
 from data_prep import schema
+from data_prep import sources
 
 N, FOLDERS = 8, 4
 SMALL = dict(size=48, slices=16)
@@ -199,13 +200,13 @@ def test_choose_scaling_tells_raw_from_hu_on_a_chest(tmp_path):
   (path,) = tmp_path.glob("CT1/ct/*.nii.gz")
   source = preprocess.load_source(str(path))
   hu = np.rint(source.raw * source.slope + source.inter).astype(np.int16)
-  as_hu = preprocess.SourceVolume(hu, 1.0, 0.0, source.affine)
-  as_raw = preprocess.SourceVolume((hu + 1024).astype(np.int16), 1.0, 0.0, source.affine)
-  assert preprocess.choose_scaling(as_hu, 1.0, -1024.0)[:2] == (1.0, 0.0)
-  assert preprocess.choose_scaling(as_raw, 1.0, -1024.0)[:2] == (1.0, -1024.0)
+  as_hu = sources.SourceVolume(hu, 1.0, 0.0, source.affine)
+  as_raw = sources.SourceVolume((hu + 1024).astype(np.int16), 1.0, 0.0, source.affine)
+  assert sources.choose_scaling(as_hu, 1.0, -1024.0)[:2] == (1.0, 0.0)
+  assert sources.choose_scaling(as_raw, 1.0, -1024.0)[:2] == (1.0, -1024.0)
   # A header that scales already (slope 0.5) is believed over the metadata applied on top.
-  half = preprocess.SourceVolume(((hu + 1024) * 2).astype(np.int16), 0.5, -1024.0, source.affine)
-  assert preprocess.choose_scaling(half, 1.0, -1024.0)[:2] == (0.5, -1024.0)
+  half = sources.SourceVolume(((hu + 1024) * 2).astype(np.int16), 0.5, -1024.0, source.affine)
+  assert sources.choose_scaling(half, 1.0, -1024.0)[:2] == (0.5, -1024.0)
 
 
 def _ctrate_copy(layouts, tmp_path):

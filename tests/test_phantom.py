@@ -12,6 +12,7 @@ import pytest
 from data_prep import phantom
 from data_prep import preprocess
 from data_prep import schema
+from data_prep import sources
 
 SMALL = dict(size=48, slices=16)
 
@@ -154,7 +155,7 @@ def test_the_smallest_findings_stay_visible_at_64x64x32(finding):
     volumes = []
     for findings in ([], [finding]):
       hu, _ = phantom.render_study(geometry, findings, np.random.default_rng(7))
-      source = preprocess.SourceVolume(raw=hu, slope=1.0, inter=0.0,
+      source = sources.SourceVolume(raw=hu, slope=1.0, inter=0.0,
                                        affine=phantom.canonical_affine(geometry))
       volumes.append(preprocess.preprocess(source, params)[0].astype(int))
     difference = np.abs(volumes[1] - volumes[0])

@@ -21,6 +21,7 @@ import numpy as np
 
 from data_prep import corpus
 from data_prep import preprocess
+from data_prep import sources
 from medfinder_jax import distributed
 from medfinder_jax import encode
 from medfinder_jax import errors
@@ -201,7 +202,7 @@ def _embed_files(loaded, paths, mesh, batch_size_per_device, max_volume_mib=None
         volumes[row] = preprocess.volume_from_file(path, params, max_volume_mib)
         shown[row] = thumbnails.panels(volumes[row], params)
         status[row] = True
-      except preprocess.BadVolume as err:
+      except sources.BadVolume as err:
         why[row] = str(err).removeprefix(f"{path}: ")
     images.append(encode.volumes(loaded.model, loaded.variables, volumes, params.intensity,
                                  mesh))
