@@ -155,7 +155,7 @@ def add_convert_args(parser):
 
 def run_convert(args, config):
   from data_prep import convert  # pylint: disable=g-import-not-at-top
-  from data_prep import corpus  # pylint: disable=g-import-not-at-top
+  from data_prep import corpus_base  # pylint: disable=g-import-not-at-top
   data = config.data
   overrides = {"tfrecord_dir": args.output_dir, "shape": args.shape, "split_by": args.split_by,
                "workers": args.workers, "layout": args.layout}
@@ -163,8 +163,8 @@ def run_convert(args, config):
       config, {f"data.{k}": str(v) for k, v in overrides.items() if v is not None})
   config_utils.check_config(config)
   if not data.tfrecord_dir:
-    raise corpus.CorpusError("no output directory: pass --output_dir "
-                             "(or --config.data.tfrecord_dir)")
+    raise corpus_base.CorpusError("no output directory: pass --output_dir "
+                                  "(or --config.data.tfrecord_dir)")
   try:
     report = convert.convert_corpus(data, data.tfrecord_dir)
   except KeyboardInterrupt:

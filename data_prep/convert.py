@@ -51,6 +51,7 @@ from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core import naming
 
 from data_prep import corpus as corpus_lib
+from data_prep import corpus_base
 from data_prep import preprocess
 from data_prep import schema
 from data_prep import sources
@@ -96,7 +97,7 @@ class Limits:
       except (TypeError, ValueError):
         values[field.name] = math.nan
       if not (math.isfinite(values[field.name]) and values[field.name] > 0):
-        raise corpus_lib.CorpusError(f"data.{field.name}={value!r}; expected a positive number")
+        raise corpus_base.CorpusError(f"data.{field.name}={value!r}; expected a positive number")
     return cls(**values)
 
 
@@ -327,7 +328,7 @@ def _ordered_results(studies, workers, init_args, convert_fn):
           else:
             suspects.add(i)
       if culprits >= 3 and not converted:
-        raise corpus_lib.CorpusError(
+        raise corpus_base.CorpusError(
             "worker processes die before converting any study (out of memory? a broken "
             "install?); rerun with --workers 0 to see the error in this process")
       if broken:
@@ -403,7 +404,7 @@ def _check_plan(output_dir, plan_digest, shards):
   plan_path = os.path.join(output_dir, STATE_DIR, "plan.json")
   plan = _read_json(plan_path)
   if plan is not None and plan.get("digest") != plan_digest:
-    raise corpus_lib.CorpusError(
+    raise corpus_base.CorpusError(
         f"{output_dir!r} holds a conversion with other inputs or settings; use a new "
         f"--output_dir or delete that one")
   if plan is None:
@@ -442,7 +443,7 @@ class _ShardWriter:
       self.study_ids.append(study.study_id)
     else:
       self.over_limit |= status == "limit"
-      self.skipped.append(dataclasses.asdict(corpus_lib.Skipped(
+      self.skipped.append(dataclasses.asdict(corpus_base.Skipped(
           study.row, study.source_path, payload, study.split, study.study_id,
           retry=status == "retry")))
 
@@ -593,10 +594,10 @@ def convert_corpus(data_config, output_dir, workers=None, progress=True, log=pri
     limits = Limits.from_config(data_config)
     corpus = corpus_lib.read_corpus(data_config, log=log)
     schema.feature_specs(params.shape, params.volume_dtype, corpus.label_columns)  # name clashes
-  except corpus_lib.CorpusError:
+  except corpus_base.CorpusError:
     raise
   except ValueError as err:
-    raise corpus_lib.CorpusError(str(err)) from None
+    raise corpus_base.CorpusError(str(err)) from None
   workers = int(data_config.workers if workers is None else workers)
   shards = plan_shards(corpus.studies, int(data_config.shard_size),
                        int(data_config.get("min_shards", 1)))

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import tqdm
 
-from data_prep import corpus
+from data_prep import corpus_bimcv
 from data_prep import phantom
 
 # CT-RATE's 18 abnormality labels, in the order of its label CSVs.
@@ -159,7 +159,7 @@ class CtRateWriter:
   def __init__(self, out_dir, n, seed, folders):
     self.out_dir = out_dir
     names = [f"CT{k}" for k in range(1, folders + 1)]
-    self.test_folders = (set(corpus.folder_split_assignment(names)["test"])
+    self.test_folders = (set(corpus_bimcv.folder_split_assignment(names)["test"])
                          if folders >= 3 else set())
     self.n, self.folders = n, folders
     self.counts = {"train": 0, "valid": 0}

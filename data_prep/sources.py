@@ -17,7 +17,7 @@ import zlib
 import nibabel as nib
 import numpy as np
 
-from data_prep import corpus
+from data_prep import corpus_base
 from medfinder_jax import errors
 
 
@@ -100,7 +100,7 @@ def load_nifti(path, max_volume_mib=None):
 
 def check_regular_file(path):
   """Only regular files are opened: a named pipe would block the reader forever."""
-  kind = corpus.file_kind(path)
+  kind = corpus_base.file_kind(path)
   if kind is not None and kind.startswith("missing"):
     raise BadVolume("file not found")
   if kind is not None:

@@ -17,6 +17,8 @@ import pytest
 from configs import default
 from data_prep import convert
 from data_prep import corpus
+from data_prep import corpus_base
+from data_prep import corpus_bimcv
 from data_prep import phantom
 from data_prep import preprocess
 from data_prep import schema
@@ -130,8 +132,8 @@ def test_rows_split_follows_csv_order(phantom_root, tmp_path):
   report = run_convert(phantom_root, tmp_path, split_by="rows")
   with open(os.path.join(phantom_root, "meta", phantom.CSV_NAME), encoding="utf-8") as file:
     paths = [line.split(",")[0] for line in file.read().splitlines()[1:]]
-  ids = [corpus.study_id_of(os.path.basename(p)) for p in paths]
-  train_end, val_end = corpus.row_split_bounds(len(ids))
+  ids = [corpus_base.study_id_of(os.path.basename(p)) for p in paths]
+  train_end, val_end = corpus_bimcv.row_split_bounds(len(ids))
   for split, expected in (("train", ids[:train_end]), ("val", ids[train_end:val_end]),
                           ("test", ids[val_end:])):
     records = read_split(tmp_path, split) if expected else []
@@ -311,7 +313,7 @@ def test_a_study_that_always_kills_its_worker_is_skipped_until_a_rerun(phantom_r
 
 def test_an_output_dir_of_other_settings_is_refused(phantom_root, reference, tmp_path):
   shutil.copytree(reference, tmp_path / "out")
-  with pytest.raises(corpus.CorpusError, match="other inputs or settings"):
+  with pytest.raises(corpus_base.CorpusError, match="other inputs or settings"):
     run_convert(phantom_root, tmp_path / "out", shape=(32, 32, 16))
 
 
@@ -357,7 +359,7 @@ def always_die(study):
 
 
 def test_workers_that_always_die_stop_the_conversion_with_advice(phantom_root, tmp_path):
-  with pytest.raises(corpus.CorpusError, match="--workers 0"):
+  with pytest.raises(corpus_base.CorpusError, match="--workers 0"):
     run_convert(phantom_root, tmp_path, workers=1, convert_fn=always_die)
 
 
@@ -553,5 +555,5 @@ def test_the_summary_counts_every_csv_row(phantom_root, tmp_path):
 @pytest.mark.parametrize("field,value", [("max_volume_mib", 0.0), ("study_timeout_s", -1.0),
                                          ("max_field_chars", 0)])
 def test_limits_must_be_positive(phantom_root, tmp_path, field, value):
-  with pytest.raises(corpus.CorpusError, match=f"data.{field}="):
+  with pytest.raises(corpus_base.CorpusError, match=f"data.{field}="):
     run_convert(phantom_root, tmp_path, **{field: value})

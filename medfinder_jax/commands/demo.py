@@ -19,7 +19,7 @@ import os
 import time
 
 from data_prep import convert as convert_lib
-from data_prep import corpus
+from data_prep import corpus_bimcv
 from data_prep import phantom
 from medfinder_jax import errors
 from medfinder_jax import logging as logging_lib
@@ -130,7 +130,7 @@ def check_settings(config, n, minutes):
 def train_studies(n):
   """Studies of an n-study phantom corpus in the folder split's train folders."""
   folders = [f"CT{i}" for i in range(1, FOLDERS + 1)]
-  train_folders = set(corpus.folder_split_assignment(folders)["train"])
+  train_folders = set(corpus_bimcv.folder_split_assignment(folders)["train"])
   return sum(phantom.folder_of(index, FOLDERS, n) in train_folders for index in range(n))
 
 
