@@ -129,10 +129,11 @@ def add_phantom_args(parser):
 
 def run_phantom(args, config):
   del config
-  from data_prep import phantom  # pylint: disable=g-import-not-at-top
-  csv_path = phantom.write_phantom_corpus(args.out, args.n, seed=args.seed, folders=args.folders,
-                                          size=args.size, slices=args.slices, progress=True,
-                                          layout=args.layout)
+  from data_prep import phantom_layouts  # pylint: disable=g-import-not-at-top
+  csv_path = phantom_layouts.write_phantom_corpus(args.out, args.n, seed=args.seed,
+                                                  folders=args.folders, size=args.size,
+                                                  slices=args.slices, progress=True,
+                                                  layout=args.layout)
   print(f"wrote {args.n} phantom studies under {args.out} in the {args.layout} layout "
         f"(CSV: {csv_path})")
   return 0

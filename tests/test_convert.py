@@ -19,7 +19,7 @@ from data_prep import convert
 from data_prep import corpus
 from data_prep import corpus_base
 from data_prep import corpus_bimcv
-from data_prep import phantom
+from data_prep import phantom_layouts
 from data_prep import preprocess
 from data_prep import schema
 from medfinder_jax import errors
@@ -67,7 +67,7 @@ def dataset_files(out):
 @pytest.fixture(scope="module")
 def phantom_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("phantom")
-  phantom.write_phantom_corpus(str(root), n=14, seed=0, folders=4, size=48, slices=16)
+  phantom_layouts.write_phantom_corpus(str(root), n=14, seed=0, folders=4, size=48, slices=16)
   return root
 
 
@@ -130,7 +130,8 @@ def test_parallel_workers_write_the_same_bytes_as_one_process(phantom_root, refe
 
 def test_rows_split_follows_csv_order(phantom_root, tmp_path):
   report = run_convert(phantom_root, tmp_path, split_by="rows")
-  with open(os.path.join(phantom_root, "meta", phantom.CSV_NAME), encoding="utf-8") as file:
+  csv_path = os.path.join(phantom_root, "meta", phantom_layouts.CSV_NAME)
+  with open(csv_path, encoding="utf-8") as file:
     paths = [line.split(",")[0] for line in file.read().splitlines()[1:]]
   ids = [corpus_base.study_id_of(os.path.basename(p)) for p in paths]
   train_end, val_end = corpus_bimcv.row_split_bounds(len(ids))
@@ -173,7 +174,7 @@ def plant_bad_inputs(root):
       ("CT2/ct/gone.nii.gz", "r", "no volume file named 'gone.nii.gz'"),
       ("../outside/CT1/ct/x.nii.gz", "r", "escapes data_root"),
   ]
-  csv_path = root / "meta" / phantom.CSV_NAME
+  csv_path = root / "meta" / phantom_layouts.CSV_NAME
   lines = csv_path.read_bytes().decode().splitlines()
   expected = {}
   for path, report, reason in bad_rows:
@@ -207,7 +208,7 @@ def test_bad_input_skips_are_final_and_a_rerun_redoes_no_shard(phantom_root, tmp
   shutil.copytree(phantom_root, root)
   ct = root / "CT1" / "ct"
   (ct / "text.nii.gz").write_bytes(gzip.compress(b"this is not an image\n" * 50))
-  csv_path = root / "meta" / phantom.CSV_NAME
+  csv_path = root / "meta" / phantom_layouts.CSV_NAME
   csv_path.write_text(csv_path.read_text() + 'CT1/ct/text.nii.gz,"r",\n')
   first = run_convert(root, tmp_path / "out")
   assert [s["study_id"] for s in first["skipped"]] == ["text"] and not first["num_to_retry"]
@@ -367,7 +368,7 @@ def test_workers_that_always_die_stop_the_conversion_with_advice(phantom_root, t
 
 def add_rows(root, rows):
   """Appends `rows` (lines of CSV text) to the phantom CSV."""
-  csv_path = root / "meta" / phantom.CSV_NAME
+  csv_path = root / "meta" / phantom_layouts.CSV_NAME
   csv_path.write_text(csv_path.read_text() + "".join(f"{row}\n" for row in rows))
 
 

@@ -12,7 +12,6 @@ import pytest
 from configs import default
 from data_prep import convert
 from data_prep import dicom
-from data_prep import phantom
 from data_prep import phantom_layouts
 from data_prep import schema
 from data_prep import sources
@@ -177,8 +176,8 @@ def test_conversion_skips_bad_series_with_reasons_and_keeps_no_patient_names(tmp
   """A DICOM corpus: folders named in the CSV; study id = folder name; a patient's name and
   id in the headers appear nowhere in the output."""
   root = tmp_path / "root"
-  phantom.write_phantom_corpus(str(root), 6, seed=0, folders=3, size=32, slices=12,
-                               layout="dicom")
+  phantom_layouts.write_phantom_corpus(str(root), 6, seed=0, folders=3, size=32, slices=12,
+                                       layout="dicom")
   secret = {"PatientName": "DOE^JANE", "PatientID": "MRN-8812345", "PatientBirthDate": "19700101"}
   for folder in root.glob("CT*/dicom/*"):
     for path in folder.iterdir():

@@ -13,7 +13,6 @@ from data_prep import convert
 from data_prep import corpus
 from data_prep import corpus_base
 from data_prep import corpus_ctrate
-from data_prep import phantom
 from data_prep import phantom_layouts
 from data_prep import preprocess
 from data_prep import schema
@@ -56,9 +55,10 @@ def layouts(tmp_path_factory):
   """{layout: (raw root, converted dir)} of one phantom corpus written in every layout."""
   base = tmp_path_factory.mktemp("layouts")
   out = {}
-  for layout in phantom.LAYOUTS:
+  for layout in phantom_layouts.LAYOUTS:
     root, converted = base / layout, base / f"{layout}_tfrecords"
-    phantom.write_phantom_corpus(str(root), N, seed=0, folders=FOLDERS, layout=layout, **SMALL)
+    phantom_layouts.write_phantom_corpus(str(root), N, seed=0, folders=FOLDERS, layout=layout,
+                                         **SMALL)
     run_convert(root, converted, volume_dtype="int16")
     out[layout] = (root, converted)
   return out
@@ -198,7 +198,8 @@ def test_ctrate_metadata_spacing_and_intercept_are_applied_exactly_once(layouts)
 
 
 def test_choose_scaling_tells_raw_from_hu_on_a_chest(tmp_path):
-  phantom.write_phantom_corpus(str(tmp_path), 1, seed=3, folders=1, layout="bimcv", **SMALL)
+  phantom_layouts.write_phantom_corpus(str(tmp_path), 1, seed=3, folders=1, layout="bimcv",
+                                       **SMALL)
   (path,) = tmp_path.glob("CT1/ct/*.nii.gz")
   source = preprocess.load_source(str(path))
   hu = np.rint(source.raw * source.slope + source.inter).astype(np.int16)

@@ -21,6 +21,7 @@ import time
 from data_prep import convert as convert_lib
 from data_prep import corpus_bimcv
 from data_prep import phantom
+from data_prep import phantom_layouts
 from medfinder_jax import errors
 from medfinder_jax import logging as logging_lib
 from medfinder_jax import metrics as metrics_lib
@@ -45,8 +46,8 @@ def make_corpus(directory, n, seed, log):
     log(f"[1/4] phantom corpus: reusing {directory} ({n} studies)")
     return
   log(f"[1/4] phantom corpus: {n} synthetic chest CT studies with reports -> {directory}")
-  phantom.write_phantom_corpus(directory, n=n, seed=seed, folders=FOLDERS, size=PHANTOM_SIZE,
-                               slices=PHANTOM_SLICES, progress=True)
+  phantom_layouts.write_phantom_corpus(directory, n=n, seed=seed, folders=FOLDERS,
+                                       size=PHANTOM_SIZE, slices=PHANTOM_SLICES, progress=True)
 
 
 def _csv_rows(path):
