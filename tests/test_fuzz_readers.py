@@ -180,7 +180,7 @@ def test_many_fuzzed_nifti_files(tmp_path_factory, case, mode, volume_dtype):
 
 NUM_FILES = 8            # s0..s7 exist; s8..s11 are named in rows but missing
 # No "." in report text: a line of a report that reads as a whole row naming a volume file is
-# what marks an unbalanced quote (data_prep/corpus.py), and is not generated here.
+# what marks an unbalanced quote (data_prep/corpus_base.py), and is not generated here.
 TOKENS = ["a", "b", "report", " ", ",", '"', "\n", "\r\n", "\u00e9", "\u2028", ";", "\t"]
 
 

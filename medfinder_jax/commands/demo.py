@@ -1,6 +1,6 @@
 """`launch.py demo`: the whole chain on a laptop CPU in minutes, proving that retrieval is learned.
 
-phantom corpus (data_prep.phantom) -> TFRecords (data_prep.convert) -> training
+phantom corpus (data_prep.phantom_layouts) -> TFRecords (data_prep.convert) -> training
 (train.train_and_evaluate, within a time budget) -> test-split evaluation of the best checkpoint
 (commands/eval.py) -> the paper-style table beside chance, metrics.json, plots.
 
