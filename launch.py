@@ -129,10 +129,11 @@ def add_phantom_args(parser):
 
 def run_phantom(args, config):
   del config
-  from data_prep import phantom  # pylint: disable=g-import-not-at-top
-  csv_path = phantom.write_phantom_corpus(args.out, args.n, seed=args.seed, folders=args.folders,
-                                          size=args.size, slices=args.slices, progress=True,
-                                          layout=args.layout)
+  from data_prep import phantom_layouts  # pylint: disable=g-import-not-at-top
+  csv_path = phantom_layouts.write_phantom_corpus(args.out, args.n, seed=args.seed,
+                                                  folders=args.folders, size=args.size,
+                                                  slices=args.slices, progress=True,
+                                                  layout=args.layout)
   print(f"wrote {args.n} phantom studies under {args.out} in the {args.layout} layout "
         f"(CSV: {csv_path})")
   return 0
@@ -159,7 +160,7 @@ def add_convert_args(parser):
 
 def run_convert(args, config):
   from data_prep import convert  # pylint: disable=g-import-not-at-top
-  from data_prep import corpus  # pylint: disable=g-import-not-at-top
+  from data_prep import corpus_base  # pylint: disable=g-import-not-at-top
   data = config.data
   overrides = {"tfrecord_dir": args.output_dir, "shape": args.shape, "split_by": args.split_by,
                "workers": args.workers, "layout": args.layout}
@@ -167,10 +168,10 @@ def run_convert(args, config):
       config, {f"data.{k}": str(v) for k, v in overrides.items() if v is not None})
   config_utils.check_config(config)
   if not data.tfrecord_dir:
-    raise corpus.CorpusError("no output directory: pass --output_dir "
-                             "(or --config.data.tfrecord_dir)")
+    raise corpus_base.CorpusError("no output directory: pass --output_dir "
+                                  "(or --config.data.tfrecord_dir)")
   if args.beam_pipeline_options is not None and args.workers is not None:
-    raise corpus.CorpusError(
+    raise corpus_base.CorpusError(
         f"--workers {args.workers} sizes the local pool; with --beam_pipeline_options the "
         f"runner's options do (direct_num_workers=N on the DirectRunner, max_num_workers on "
         f"Dataflow, parallelism on Flink)")

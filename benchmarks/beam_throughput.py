@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import beam_convert  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_prep import phantom  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_prep import phantom_layouts  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args():
@@ -43,9 +43,9 @@ def parse_args():
 def ensure_corpus(args):
   root = args.corpus or os.path.join(tempfile.gettempdir(),
                                      f"medfinder_bench_{args.n}_{args.size}_{args.slices}")
-  if not os.path.isfile(os.path.join(root, "meta", phantom.CSV_NAME)):
+  if not os.path.isfile(os.path.join(root, "meta", phantom_layouts.CSV_NAME)):
     start = time.time()
-    phantom.write_phantom_corpus(root, args.n, seed=0, folders=10, size=args.size,
+    phantom_layouts.write_phantom_corpus(root, args.n, seed=0, folders=10, size=args.size,
                                  slices=args.slices)
     print(f"phantom corpus: {args.n} studies in {time.time() - start:.1f} s -> {root}")
   return root

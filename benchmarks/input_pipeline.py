@@ -31,12 +31,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def make_dataset(directory, n, shape, workers):
   """A phantom corpus of n studies converted at `shape` (skipped if already there)."""
-  from data_prep import convert, phantom  # pylint: disable=import-outside-toplevel
+  from data_prep import convert, phantom_layouts  # pylint: disable=import-outside-toplevel
   out = os.path.join(directory, "tfrecords")
   if os.path.isfile(os.path.join(out, "dataset_info.json")):
     return out
   raw = os.path.join(directory, "raw")
-  phantom.write_phantom_corpus(raw, n=n, seed=0, folders=10, size=256, slices=96)
+  phantom_layouts.write_phantom_corpus(raw, n=n, seed=0, folders=10, size=256, slices=96)
   config = config_utils.load_config_file(os.path.join(ROOT, "configs", "default.py"))
   config.data.data_root = raw
   config.data.shape = tuple(shape)

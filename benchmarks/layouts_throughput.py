@@ -28,12 +28,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_prep import corpus  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_prep import corpus_base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import dicom  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import phantom  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import phantom_layouts  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import schema  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_prep import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args():
@@ -102,12 +103,12 @@ def main():
   convert.init_worker(root, params, ())
   cases = {
       "dicom": (lambda: bare_dicom(folder), lambda: dicom.load_series(folder),
-                corpus.Study(0, "series", os.path.relpath(folder, root), "CT1", "r", {},
-                             "train")),
+                corpus_base.Study(0, "series", os.path.relpath(folder, root), "CT1", "r", {},
+                                  "train")),
       "ctrate": (lambda: bare_nifti(nifti),
-                 lambda: preprocess.with_metadata(preprocess.load_source(nifti), meta),
-                 corpus.Study(0, "train_0_a_1", os.path.basename(nifti), "train", "r", {},
-                              "train", source_meta=meta)),
+                 lambda: sources.with_metadata(preprocess.load_source(nifti), meta),
+                 corpus_base.Study(0, "train_0_a_1", os.path.basename(nifti), "train", "r", {},
+                                   "train", source_meta=meta)),
   }
   print(f"\n{args.size}x{args.size}x{args.slices} int16 -> {params.shape}, best of "
         f"{args.repeats} (s):")

@@ -152,12 +152,12 @@ def in_process(config, model_path, index_dir, args):
 
 def volume_latency(loaded, variables, index, mesh, args):
   """Volume query: read + preprocess a phantom NIfTI, image tower, rank reports."""
-  from data_prep import phantom  # pylint: disable=import-outside-toplevel
+  from data_prep import phantom_layouts  # pylint: disable=import-outside-toplevel
   from data_prep import preprocess  # pylint: disable=import-outside-toplevel
   from medfinder_jax import encode  # pylint: disable=import-outside-toplevel
   from medfinder_jax.commands import search  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
-    phantom.write_phantom_corpus(tmp, n=1, seed=3, folders=1, size=256, slices=80)
+    phantom_layouts.write_phantom_corpus(tmp, n=1, seed=3, folders=1, size=256, slices=80)
     path = next(os.path.join(root, f) for root, _, files in os.walk(tmp) for f in files
                 if f.endswith(".nii.gz"))
     params = loaded.preprocess

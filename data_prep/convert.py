@@ -59,9 +59,11 @@ from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core import naming
 
 from data_prep import corpus as corpus_lib
+from data_prep import corpus_base
 from data_prep import filesystem
 from data_prep import preprocess
 from data_prep import schema
+from data_prep import sources
 from medfinder_jax import errors
 
 STATE_DIR = ".convert_state"
@@ -104,7 +106,7 @@ class Limits:
       except (TypeError, ValueError):
         values[field.name] = math.nan
       if not (math.isfinite(values[field.name]) and values[field.name] > 0):
-        raise corpus_lib.CorpusError(f"data.{field.name}={value!r}; expected a positive number")
+        raise corpus_base.CorpusError(f"data.{field.name}={value!r}; expected a positive number")
     return cls(**values)
 
 
@@ -191,15 +193,15 @@ def convert_study(study):
     source = preprocess.load_source(os.path.join(_WORKER["data_root"], study.source_path),
                                     _WORKER["limits"].max_volume_mib)
     if study.source_meta:
-      source = preprocess.with_metadata(source, study.source_meta)
+      source = sources.with_metadata(source, study.source_meta)
     volume, volume_spacing = preprocess.preprocess(source, _WORKER["params"])
     example = make_example(study, source, volume, volume_spacing)
     encoded = encode_example(_WORKER["features"], example, _WORKER["params"])
     record = _WORKER["serializer"].get_tf_example(encoded).SerializeToString(deterministic=True)
     return "ok", record
-  except preprocess.VolumeTooLarge as err:
+  except sources.VolumeTooLarge as err:
     return "limit", str(err)
-  except preprocess.BadVolume as err:
+  except sources.BadVolume as err:
     return "skip", str(err)
   except MemoryError:
     return "retry", OUT_OF_MEMORY
@@ -340,7 +342,7 @@ def _ordered_results(studies, workers, init_args, convert_fn):
           else:
             suspects.add(i)
       if culprits >= 3 and not converted:
-        raise corpus_lib.CorpusError(
+        raise corpus_base.CorpusError(
             "worker processes die before converting any study (out of memory? a broken "
             "install?); rerun with --workers 0 to see the error in this process")
       if broken:
@@ -413,7 +415,7 @@ def _check_plan(output_dir, plan_digest, shards):
   plan_path = filesystem.join(output_dir, STATE_DIR, "plan.json")
   plan = _read_json(plan_path)
   if plan is not None and plan.get("digest") != plan_digest:
-    raise corpus_lib.CorpusError(
+    raise corpus_base.CorpusError(
         f"{output_dir!r} holds a conversion with other inputs or settings; use a new "
         f"--output_dir or delete that one")
   if plan is None:
@@ -460,7 +462,7 @@ class _ShardWriter:
       self.study_ids.append(study.study_id)
     else:
       self.over_limit |= status == "limit"
-      self.skipped.append(dataclasses.asdict(corpus_lib.Skipped(
+      self.skipped.append(dataclasses.asdict(corpus_base.Skipped(
           study.row, study.source_path, payload, study.split, study.study_id,
           retry=status == "retry")))
 
@@ -635,7 +637,7 @@ class Plan:
   data_root: str
   params: schema.PreprocessParams
   limits: Limits
-  corpus: corpus_lib.Corpus
+  corpus: corpus_base.Corpus
   shards: list
   fingerprints: dict       # shard file name -> fingerprint of its settings and inputs
 
@@ -649,7 +651,7 @@ class Plan:
 def plan_conversion(data_config, log=print):
   """Reads the corpus and plans its shards. CorpusError for unusable input or settings."""
   if filesystem.is_remote(data_config.data_root):
-    raise corpus_lib.CorpusError(
+    raise corpus_base.CorpusError(
         f"data_root {data_config.data_root!r}: the corpus (its CSVs, folders and volumes) is "
         f"read through this machine's file system; mount the bucket (gcsfuse, s3fs, ...) at one "
         f"path on the launcher and every worker and pass that path (output_dir may be remote)")
@@ -658,10 +660,10 @@ def plan_conversion(data_config, log=print):
     limits = Limits.from_config(data_config)
     corpus = corpus_lib.read_corpus(data_config, log=log)
     schema.feature_specs(params.shape, params.volume_dtype, corpus.label_columns)  # name clashes
-  except corpus_lib.CorpusError:
+  except corpus_base.CorpusError:
     raise
   except ValueError as err:
-    raise corpus_lib.CorpusError(str(err)) from None
+    raise corpus_base.CorpusError(str(err)) from None
   shards = plan_shards(corpus.studies, int(data_config.shard_size),
                        int(data_config.get("min_shards", 1)))
   settings_digest = _digest({"schema": schema.SCHEMA_VERSION, "params": params.to_dict(),

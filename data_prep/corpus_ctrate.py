@@ -32,7 +32,7 @@ import math
 import os
 import re
 
-from data_prep import corpus
+from data_prep import corpus_base
 
 SPLITS = {"train": "train", "valid": "test"}       # CT-RATE folder -> our split
 CSV_NAMES = {   # role -> (exact names per folder split, patterns)
@@ -56,7 +56,7 @@ def parse_volume_name(name):
   if not match:
     return None
   split, patient, scan, _ = match.groups()
-  study_id = corpus.study_id_of(name)
+  study_id = corpus_base.study_id_of(name)
   return split, f"{split}_{patient}", f"{split}_{patient}_{scan}", study_id
 
 
@@ -75,8 +75,8 @@ def find_ctrate_csv(data_root, role, split):
     if word in name and _split_of_name(name) == split:
       found.append(candidate)
   if len(found) > 1:
-    raise corpus.CorpusError(f"several {role} CSVs of the {split} split under {dataset!r}: "
-                             f"{found}; keep one (expected {folder}/{exact[split]})")
+    raise corpus_base.CorpusError(f"several {role} CSVs of the {split} split under {dataset!r}: "
+                                  f"{found}; keep one (expected {folder}/{exact[split]})")
   return found[0] if found else None
 
 
@@ -93,9 +93,9 @@ def index_ctrate_volumes(data_root):
   for split in SPLITS:
     top = os.path.join(data_root, "dataset", split)
     for folder, dirs, names in os.walk(top):
-      dirs.sort(key=corpus.natural_key)
-      for name in sorted(names, key=corpus.natural_key):
-        if name.endswith(corpus.VOLUME_SUFFIXES):
+      dirs.sort(key=corpus_base.natural_key)
+      for name in sorted(names, key=corpus_base.natural_key):
+        if name.endswith(corpus_base.VOLUME_SUFFIXES):
           relative = os.path.relpath(os.path.join(folder, name), data_root).replace(os.sep, "/")
           files.setdefault(name, relative)
   return files
@@ -103,10 +103,10 @@ def index_ctrate_volumes(data_root):
 
 def _read_table(path, max_field_chars, encoding):
   """{VolumeName: (line, values)} and the problems [(line, path text, reason)] of one CSV."""
-  columns, records = corpus.read_csv_table(path, encoding, NAME_COLUMN, max_field_chars)
+  columns, records = corpus_base.read_csv_table(path, encoding, NAME_COLUMN, max_field_chars)
   if NAME_COLUMN not in columns:
-    raise corpus.CorpusError(f"CSV {path!r} has no column {NAME_COLUMN!r}; its columns are "
-                             f"{columns}")
+    raise corpus_base.CorpusError(f"CSV {path!r} has no column {NAME_COLUMN!r}; its columns are "
+                                  f"{columns}")
   rows, problems = {}, []
   for record in records:
     if record.problem:
@@ -184,7 +184,7 @@ def read_ctrate(data_config):
   max_field_chars = data_config.get("max_field_chars", 1_000_000)
   fraction = float(data_config.get("val_fraction", 0.1))
   if not 0 <= fraction < 1:
-    raise corpus.CorpusError(f"data.val_fraction={fraction!r}; expected 0 <= fraction < 1")
+    raise corpus_base.CorpusError(f"data.val_fraction={fraction!r}; expected 0 <= fraction < 1")
   report_columns = tuple(data_config.get("ctrate_report_columns", DEFAULT_REPORT_COLUMNS))
   tables, sources = {}, {}
   for role in CSV_NAMES:
@@ -193,7 +193,7 @@ def read_ctrate(data_config):
       if path is None:
         if role == "reports" or os.path.isdir(os.path.join(data_root, "dataset", split)):
           folder, exact, _ = CSV_NAMES[role]
-          raise corpus.CorpusError(
+          raise corpus_base.CorpusError(
               f"no {role} CSV of the {split} split: expected dataset/{folder}/{exact[split]} "
               f"under {data_root!r} (or a *{split}*{CSV_NAMES[role][2]}*.csv under dataset/)")
         continue
@@ -203,9 +203,9 @@ def read_ctrate(data_config):
     if ("reports", split) in tables:
       missing = [c for c in report_columns if c not in tables["reports", split][0]]
       if missing:
-        raise corpus.CorpusError(f"report CSV {tables['reports', split][3]!r} has no column(s) "
-                                 f"{missing} (data.ctrate_report_columns); its columns are "
-                                 f"{tables['reports', split][0]}")
+        raise corpus_base.CorpusError(
+            f"report CSV {tables['reports', split][3]!r} has no column(s) {missing} "
+            f"(data.ctrate_report_columns); its columns are {tables['reports', split][0]}")
   label_names = _label_names(tables)
   files = index_ctrate_volumes(data_root)
   return _assemble(data_root, tables, files, label_names, report_columns, fraction, sources)
@@ -219,8 +219,8 @@ def _label_names(tables):
       continue
     columns = [c for c in tables["labels", split][0] if c != NAME_COLUMN]
     if names is not None and columns != names:
-      raise corpus.CorpusError(f"the label CSVs disagree on the label columns: {names} vs "
-                               f"{columns} ({tables['labels', split][3]})")
+      raise corpus_base.CorpusError(f"the label CSVs disagree on the label columns: {names} vs "
+                                    f"{columns} ({tables['labels', split][3]})")
     names = columns
   return tuple(names or ())
 
@@ -239,33 +239,33 @@ def _assemble(data_root, tables, files, label_names, report_columns, fraction, s
     for line, name, values, reason in lines:
       row += 1
       if name is None:
-        skipped.append(corpus.Skipped(row, corpus.shown(values), f"{base}: {reason}",
-                                      SPLITS[split]))
+        skipped.append(corpus_base.Skipped(row, corpus_base.shown(values), f"{base}: {reason}",
+                                           SPLITS[split]))
         continue
       named.add(name)
       study, reason = _study(row, name, values, split, tables, files, data_root, label_names,
                              report_columns)
       if reason:
-        skipped.append(corpus.Skipped(row, files.get(name, name), reason, SPLITS[split],
-                                      corpus.study_id_of(name)))
+        skipped.append(corpus_base.Skipped(row, files.get(name, name), reason, SPLITS[split],
+                                           corpus_base.study_id_of(name)))
       else:
         studies.append(study)
   for name, relative in files.items():
     if name not in named:
       row += 1
       folder_split = relative.split("/")[1]
-      skipped.append(corpus.Skipped(row, relative, "no report row for this volume in the "
-                                    f"{folder_split} report CSV", SPLITS.get(folder_split, ""),
-                                    corpus.study_id_of(name)))
+      skipped.append(corpus_base.Skipped(row, relative, "no report row for this volume in the "
+                                         f"{folder_split} report CSV", SPLITS.get(folder_split, ""),
+                                         corpus_base.study_id_of(name)))
   val = patient_val_split([s.patient_id for s in studies if s.split == "train"], fraction)
   for study in studies:
     if study.patient_id in val:
       study.split = "val"
   assignment = {split: sorted({s.patient_id for s in studies if s.split == split},
-                              key=corpus.natural_key) for split in ("train", "val", "test")}
+                              key=corpus_base.natural_key) for split in ("train", "val", "test")}
   studies.sort(key=lambda s: ({"train": 0, "val": 1, "test": 2}[s.split],
-                              corpus.natural_key(s.study_id)))
-  return corpus.Corpus(
+                              corpus_base.natural_key(s.study_id)))
+  return corpus_base.Corpus(
       csv_path=sources.get("reports_train") or sources.get("reports_valid"), studies=studies,
       skipped=skipped, folders=list(SPLITS), split_by="patients", split_assignment=assignment,
       label_columns=(), num_rows=row, layout="ctrate", label_names=label_names, sources=sources)
@@ -284,7 +284,7 @@ def _study(row, name, values, split, tables, files, data_root, label_names, repo
   if relative is None:
     return None, (f"no volume file {name!r} under dataset/{split}/ (expected "
                   f"dataset/{split}/{patient_id}/{scan_id}/{name})")
-  kind = corpus.file_kind(os.path.join(data_root, relative))
+  kind = corpus_base.file_kind(os.path.join(data_root, relative))
   if kind is not None:
     return None, f"{relative} is {kind}, not a regular file; refused"
   report = report_text(values, report_columns)
@@ -306,7 +306,7 @@ def _study(row, name, values, split, tables, files, data_root, label_names, repo
     labels, reason = label_vector(label_row[1], label_names, label_table[3])
     if reason:
       return None, reason
-  return corpus.Study(
+  return corpus_base.Study(
       row=row, study_id=study_id, source_path=relative, folder=split, report=report, labels={},
       split=SPLITS[split], file_size=os.path.getsize(os.path.join(data_root, relative)),
       scan_id=scan_id, patient_id=patient_id, label_vector=labels, source_meta=meta), None

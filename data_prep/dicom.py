@@ -1,4 +1,5 @@
-"""A folder of DICOM files -> one CT series as a SourceVolume (the NIfTI path's result).
+"""A folder of DICOM files -> one CT series as a SourceVolume (data_prep/sources.py), as the
+NIfTI reader gives one.
 
 Hospitals export DICOM: one file per slice, in a folder per study (or per series). The folder
 is read in two passes: the headers of every file (pixel data deferred), then the pixels of the
@@ -11,7 +12,7 @@ chosen series only, decoded straight into the volume.
   their position along the slice normal (ImagePositionPatient . normal), never by file name or
   InstanceNumber. Spacing: PixelSpacing in-plane, the slice positions across. The affine maps
   voxel (column, row, slice) to RAS+ mm (DICOM's LPS with x and y negated), so
-  preprocess.preprocess treats the series exactly as the NIfTI file of the same scan.
+  data_prep/preprocess.py treats the series exactly as the NIfTI file of the same scan.
 - HU: RescaleSlope / RescaleIntercept (the same for every slice, as in practice; slices that
   differ are scaled to HU one by one).
 - Skipped, with the reason: a non-CT modality, a pixel encoding with no available decoder,
@@ -32,14 +33,14 @@ import pydicom
 import pydicom.errors
 import pydicom.pixels
 
-from data_prep import preprocess
+from data_prep import sources
 
 ORIENTATION_TOL = 1e-3        # |difference| of direction cosines: slices still parallel
 SPACING_TOL = 0.01            # relative spread of slice gaps before a slice counts as missing
 DEFER = "1 KB"                # the header pass leaves larger values (pixel data) on disk
 
 
-class SeriesProblem(preprocess.BadVolume):
+class SeriesProblem(sources.BadVolume):
   """A DICOM folder that gives no usable CT series; str() is the skip reason."""
 
 
@@ -215,9 +216,9 @@ def check_decoder(transfer_syntax):
 
 def check_size(ordered, max_volume_mib):
   first = ordered[0]
-  mib = first.rows * first.columns * len(ordered) * (first.bits // 8) / preprocess.MIB
+  mib = first.rows * first.columns * len(ordered) * (first.bits // 8) / sources.MIB
   if max_volume_mib is not None and mib > max_volume_mib:
-    raise preprocess.VolumeTooLarge(
+    raise sources.VolumeTooLarge(
         f"declares {first.columns}x{first.rows}x{len(ordered)} {first.bits}-bit voxels "
         f"({mib:.0f} MiB), over data.max_volume_mib={max_volume_mib:g}; raise "
         f"--config.data.max_volume_mib to convert it")
@@ -261,7 +262,7 @@ def load_series(folder, max_volume_mib=None):
   try:
     slices, ignored = read_headers(folder)
   except OSError as err:
-    if err.errno in preprocess.TRANSIENT_ERRNOS:
+    if err.errno in sources.TRANSIENT_ERRNOS:
       raise
     raise SeriesProblem(f"cannot list the DICOM folder: {err.strerror}") from None
   if not slices:
@@ -276,5 +277,5 @@ def load_series(folder, max_volume_mib=None):
           EOFError) as err:
     raise SeriesProblem(f"cannot decode the pixel data: {type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
-  return preprocess.checked_source(raw, slope, inter, series_affine(ordered), series_uid=uid,
-                                   hu_source="dicom rescale")
+  return sources.checked_source(raw, slope, inter, series_affine(ordered), series_uid=uid,
+                                hu_source="dicom rescale")

@@ -1,9 +1,8 @@
-"""Synthetic chest-CT corpus in the BIMCV-R layout (demo, tests, benchmarks).
-
-`write_phantom_corpus(out_dir, n)` writes `CT1..CTk/ct/<study>.nii.gz` (int16 with
-scl_slope/scl_inter, RAS or LPS affine) and `meta/curated_ct_report_path_En.csv` with columns
-`path`, `Report_en` and `findings`. Each study has 0-3 findings drawn into the volume at a stated
-side, lobe and size, and an English report that states them and negates some absent ones.
+"""Synthetic chest-CT studies (demo, tests, benchmarks): each study's scanner geometry, anatomy,
+findings and report, its HU volume, and the int16 NIfTI file of it (scl_slope/scl_inter, RAS or
+LPS affine). data_prep/phantom_layouts.py writes them as a corpus in each layout
+(`write_phantom_corpus`). Each study has 0-3 findings drawn into the volume at a stated side,
+lobe and size, and an English report that states them and negates some absent ones.
 
 Report vocabulary (what keyword retrieval can rely on):
 - finding names: FINDINGS; sides: "right", "left" (+ "bilateral" for effusion and emphysema);
@@ -15,29 +14,22 @@ Report vocabulary (what keyword retrieval can rely on):
   effusion", "adenopathy"); negated findings appear only in sentences that begin with "No " or
   "There is no " (NEGATION_PREFIXES), e.g. "No pleural effusion.", "No pulmonary nodules or
   masses.", "No mediastinal or hilar adenopathy.". Positive sentences never contain " no ".
-- the CSV `findings` column lists the present findings as `name|side|location|size` joined by
-  ";" (empty fields allowed, empty string when normal), e.g.
-  "nodule|right|upper lobe|14 mm;pleural effusion|left||small".
+- a corpus CSV's `findings` column lists the present findings as `name|side|location|size`
+  joined by ";" (empty fields allowed, empty string when normal), e.g.
+  "nodule|right|upper lobe|14 mm;pleural effusion|left||small" (Finding.label, parse_findings).
 """
 
 import dataclasses
 import gzip
-import os
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
-import tqdm
-
-from medfinder_jax import errors
 
 FINDINGS = ("nodule", "mass", "consolidation", "pleural effusion", "atelectasis", "adenopathy",
             "emphysema", "cardiomegaly")
 FINDING_WEIGHTS = (1.4, 0.8, 1.0, 1.0, 1.0, 1.0, 0.8, 0.7)
 LOBES = {"right": ("upper lobe", "middle lobe", "lower lobe"), "left": ("upper lobe", "lower lobe")}
 NEGATION_PREFIXES = ("No ", "There is no ")
-CSV_NAME = "curated_ct_report_path_En.csv"
-CSV_COLUMNS = ("path", "Report_en", "findings")
 
 # HU of the tissues (issue: air -1000, lung about -850, fat about -100, soft tissue 20-60,
 # bone 400-1000).
@@ -477,7 +469,7 @@ def write_report(findings, rng, negation_prob=0.7):
           + " IMPRESSION: " + impression)
 
 
-# --- Corpus -------------------------------------------------------------------------------------
+# --- Studies of a corpus ------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class PhantomStudy:
@@ -502,45 +494,6 @@ def make_study(seed, index, folders, n, size=512, slices=100):
   folder = folder_of(index, folders, n)
   study = PhantomStudy(f"sub-{index:05d}_ct", folder, findings, report, geometry)
   return study, rng
-
-
-LAYOUTS = ("bimcv", "ctrate", "dicom")
-
-
-def write_phantom_corpus(out_dir, n, seed=0, folders=10, size=512, slices=100, progress=False,
-                         layout="bimcv"):
-  """Writes n studies in `layout` (LAYOUTS) under `out_dir`; returns the (report) CSV path.
-
-  Deterministic per (seed, n, folders, size, slices): files are byte-identical across runs,
-  and every layout holds the same studies (the same voxels in HU, the same findings):
-  `bimcv` (below), `dicom` and `ctrate` (data_prep/phantom_layouts.py).
-  Studies fill CT1..CT<folders> in contiguous blocks; CSV rows are shuffled (row order is not
-  folder order, as in a real export, so the `rows` and `folders` splits differ).
-  """
-  if n < 1 or folders < 1:
-    raise errors.UserError(f"need n >= 1 studies and folders >= 1, got n={n}, folders={folders}")
-  if layout not in LAYOUTS:
-    raise errors.UserError(f"phantom layout {layout!r}; expected one of {LAYOUTS}")
-  if layout != "bimcv":
-    from data_prep import phantom_layouts  # pylint: disable=import-outside-toplevel
-    return phantom_layouts.write(out_dir, n, seed, folders, size, slices, progress, layout)
-  rows = []
-  indices = range(n)
-  if progress:
-    indices = tqdm.tqdm(indices, desc="phantom", unit="study")
-  for index in indices:
-    study, rng = make_study(seed, index, folders, n, size, slices)
-    folder_dir = os.path.join(out_dir, study.folder, "ct")
-    os.makedirs(folder_dir, exist_ok=True)
-    hu, _ = render_study(study.geometry, study.findings, rng)
-    write_nifti(os.path.join(folder_dir, study.study_id + ".nii.gz"), hu, study.geometry)
-    rows.append({"path": f"{study.folder}/ct/{study.study_id}.nii.gz", "Report_en": study.report,
-                 "findings": ";".join(f.label() for f in study.findings)})
-  order = np.random.default_rng([seed, n, 7]).permutation(n)
-  os.makedirs(os.path.join(out_dir, "meta"), exist_ok=True)
-  csv_path = os.path.join(out_dir, "meta", CSV_NAME)
-  pd.DataFrame([rows[i] for i in order], columns=list(CSV_COLUMNS)).to_csv(csv_path, index=False)
-  return csv_path
 
 
 def parse_findings(text):

@@ -1,12 +1,17 @@
-"""The phantom corpus in the DICOM and CT-RATE layouts: the same studies as the BIMCV-R one.
+"""The phantom corpus (data_prep/phantom.py's studies) written in each layout: `bimcv`, `dicom`,
+`ctrate` (LAYOUTS; `write_phantom_corpus` picks the layout's writer).
 
 Study i is the same chest (voxels in HU, findings, report) in every layout, so a test can
-convert each layout and compare volumes.
+convert each layout and compare volumes. Studies fill CT1..CT<folders> in contiguous blocks.
+
+`bimcv`: `CT1..CTk/ct/<study>.nii.gz` and `meta/curated_ct_report_path_En.csv` (CSV_NAME) with
+columns `path`, `Report_en` and `findings` (CSV_COLUMNS). CSV rows are shuffled: row order is
+not folder order, as in a real export, so the `rows` and `folders` splits differ.
 
 `dicom`: `CT<k>/dicom/<study>/<n>.dcm`, one CT slice per file (pydicom; ImagePositionPatient,
 ImageOrientationPatient, PixelSpacing, RescaleSlope/Intercept), file names in a shuffled order
 (not slice order); `meta/curated_ct_report_path_En.csv` with `path` naming each folder. Patient
-fields hold the placeholders PLACEHOLDERS, which identify no one.
+fields hold the placeholders PLACEHOLDERS, which identify no one. Rows are shuffled as in `bimcv`.
 
 `ctrate`: `dataset/{train,valid}/<split>_<p>/<split>_<p>_a/<split>_<p>_a_<r>.nii.gz` with the
 report, metadata and label CSVs of CT-RATE. Studies of the BIMCV-R folders that the `folders`
@@ -22,10 +27,18 @@ import os
 
 import numpy as np
 import pandas as pd
+import pydicom
 import tqdm
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from data_prep import corpus
+from data_prep import corpus_bimcv
 from data_prep import phantom
+from medfinder_jax import errors
+
+LAYOUTS = ("bimcv", "ctrate", "dicom")
+CSV_NAME = "curated_ct_report_path_En.csv"
+CSV_COLUMNS = ("path", "Report_en", "findings")
 
 # CT-RATE's 18 abnormality labels, in the order of its label CSVs.
 CTRATE_LABELS = (
@@ -43,12 +56,23 @@ CTRATE_INTERCEPT = -1024.0
 PLACEHOLDERS = {"PatientName": "PHANTOM^SYNTHETIC", "PatientID": "SYNTHETIC"}
 
 
-def write(out_dir, n, seed, folders, size, slices, progress, layout):
-  """Writes the layout; returns the report CSV's path."""
+def write_phantom_corpus(out_dir, n, seed=0, folders=10, size=512, slices=100, progress=False,
+                         layout="bimcv"):
+  """Writes n studies in `layout` (LAYOUTS) under `out_dir`; returns the (report) CSV path.
+
+  Deterministic per (seed, n, folders, size, slices): files are byte-identical across runs,
+  and every layout holds the same studies (the same voxels in HU, the same findings).
+  """
+  if n < 1 or folders < 1:
+    raise errors.UserError(f"need n >= 1 studies and folders >= 1, got n={n}, folders={folders}")
+  if layout not in LAYOUTS:
+    raise errors.UserError(f"phantom layout {layout!r}; expected one of {LAYOUTS}")
   indices = range(n)
   if progress:
-    indices = tqdm.tqdm(indices, desc=f"phantom ({layout})", unit="study")
-  writer = {"dicom": DicomWriter, "ctrate": CtRateWriter}[layout](out_dir, n, seed, folders)
+    desc = "phantom" if layout == "bimcv" else f"phantom ({layout})"
+    indices = tqdm.tqdm(indices, desc=desc, unit="study")
+  writer = {"bimcv": BimcvWriter, "dicom": DicomWriter,
+            "ctrate": CtRateWriter}[layout](out_dir, n, seed, folders)
   for index in indices:
     study, rng = phantom.make_study(seed, index, folders, n, size, slices)
     hu, _ = phantom.render_study(study.geometry, study.findings, rng)
@@ -69,14 +93,41 @@ def labels_of(findings):
   return {name: int(name in present) for name in CTRATE_LABELS}
 
 
-# --- DICOM --------------------------------------------------------------------------------------
+# --- BIMCV-R and DICOM: volumes in CT folders, a CSV of paths -----------------------------------
 
-class DicomWriter:
-  """The `dicom` layout (module docstring)."""
+class _CsvWriter:
+  """A layout of CT folders with `meta/CSV_NAME`: the row of each study, shuffled at the end."""
 
   def __init__(self, out_dir, n, seed, folders):
     self.out_dir, self.n, self.seed, self.folders = out_dir, n, seed, folders
     self.rows = []
+
+  def add_row(self, path, study):
+    self.rows.append({"path": path, "Report_en": study.report,
+                      "findings": ";".join(f.label() for f in study.findings)})
+
+  def finish(self):
+    order = np.random.default_rng([self.seed, self.n, 7]).permutation(self.n)
+    os.makedirs(os.path.join(self.out_dir, "meta"), exist_ok=True)
+    csv_path = os.path.join(self.out_dir, "meta", CSV_NAME)
+    pd.DataFrame([self.rows[i] for i in order],
+                 columns=list(CSV_COLUMNS)).to_csv(csv_path, index=False)
+    return csv_path
+
+
+class BimcvWriter(_CsvWriter):
+  """The `bimcv` layout (module docstring)."""
+
+  def add(self, index, study, hu):
+    del index
+    folder_dir = os.path.join(self.out_dir, study.folder, "ct")
+    os.makedirs(folder_dir, exist_ok=True)
+    phantom.write_nifti(os.path.join(folder_dir, study.study_id + ".nii.gz"), hu, study.geometry)
+    self.add_row(f"{study.folder}/ct/{study.study_id}.nii.gz", study)
+
+
+class DicomWriter(_CsvWriter):
+  """The `dicom` layout (module docstring)."""
 
   def add(self, index, study, hu):
     relative = f"{study.folder}/dicom/{study.study_id}"
@@ -84,16 +135,7 @@ class DicomWriter:
     write_dicom_series(os.path.join(self.out_dir, relative), raw, affine, study.geometry.slope,
                        study.geometry.inter, uid_seed=(self.seed, study.study_id),
                        file_order=np.random.default_rng([self.seed, index, 11]))
-    self.rows.append({"path": relative, "Report_en": study.report,
-                      "findings": ";".join(f.label() for f in study.findings)})
-
-  def finish(self):
-    order = np.random.default_rng([self.seed, self.n, 7]).permutation(self.n)
-    os.makedirs(os.path.join(self.out_dir, "meta"), exist_ok=True)
-    csv_path = os.path.join(self.out_dir, "meta", phantom.CSV_NAME)
-    pd.DataFrame([self.rows[i] for i in order],
-                 columns=list(phantom.CSV_COLUMNS)).to_csv(csv_path, index=False)
-    return csv_path
+    self.add_row(relative, study)
 
 
 def write_dicom_series(folder, raw, affine, slope, inter, uid_seed=(0,), file_order=None,
@@ -102,9 +144,6 @@ def write_dicom_series(folder, raw, affine, slope, inter, uid_seed=(0,), file_or
   `affine`: pixel [row j, column i] = raw[i, j, k]. `file_order` (a Generator) shuffles which
   file name holds which slice; `instance_numbers` overrides InstanceNumber (default k + 1);
   `extra` sets further tags on every slice (tests: a patient name that must not leak)."""
-  import pydicom  # pylint: disable=import-outside-toplevel  (only the dicom layout needs it)
-  from pydicom.dataset import FileDataset, FileMetaDataset  # pylint: disable=import-outside-toplevel
-  from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid  # pylint: disable=import-outside-toplevel
   os.makedirs(folder, exist_ok=True)
   lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, np.float64)
   col_step, row_step = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
@@ -159,7 +198,7 @@ class CtRateWriter:
   def __init__(self, out_dir, n, seed, folders):
     self.out_dir = out_dir
     names = [f"CT{k}" for k in range(1, folders + 1)]
-    self.test_folders = (set(corpus.folder_split_assignment(names)["test"])
+    self.test_folders = (set(corpus_bimcv.folder_split_assignment(names)["test"])
                          if folders >= 3 else set())
     self.n, self.folders = n, folders
     self.counts = {"train": 0, "valid": 0}

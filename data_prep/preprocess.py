@@ -1,4 +1,8 @@
-"""NIfTI CT volume -> fixed-shape record volume (modes `ct` and `released`).
+"""CT source volume -> fixed-shape record volume (modes `ct` and `released`).
+
+`load_source` picks the reader of a study's source: a folder is a DICOM series
+(data_prep/dicom.py), a file a NIfTI volume (data_prep/sources.py, which also holds the
+SourceVolume, BadVolume and the checks both readers share).
 
 `ct` (default): scale with scl_slope/scl_inter, closest canonical RAS, crop to the body (voxels
 above `body_threshold_hu`), resample to `spacing` mm (or plain resize when spacing is empty), HU
@@ -16,328 +20,36 @@ symmetric SpatialPad to at least `shape`, Resize "area"), on the raw voxel order
 The parameters of both are a data_prep.schema.PreprocessParams, recorded in the dataset metadata.
 """
 
-import dataclasses
-import errno
-import gzip
-import math
 import os
-import zlib
 
 import nibabel as nib
 import numpy as np
 
-from data_prep import corpus
+from data_prep import dicom
 from data_prep import resample
-from medfinder_jax import errors
+from data_prep import sources
 
-
-class BadVolume(errors.UserError):
-  """A volume that cannot be converted; str() is the reason shown in the conversion report."""
-
-
-@dataclasses.dataclass
-class SourceVolume:
-  """A loaded volume (a NIfTI file or a DICOM series): stored values plus what maps them to HU
-  and to patient space."""
-  raw: np.ndarray        # stored values, file voxel order (X, Y, Z); HU = raw * slope + inter
-  slope: float
-  inter: float
-  affine: np.ndarray     # 4x4 voxel -> RAS+ mm
-  series_uid: str = ""   # SeriesInstanceUID of a DICOM series
-  hu_source: str = "header"   # where slope/inter came from (the NIfTI header, DICOM tags, ...)
-
-  @property
-  def spacing(self):
-    """Voxel size in mm along the file's axes."""
-    return nib.affines.voxel_sizes(self.affine)
-
-  @property
-  def orientation(self):
-    """Axis codes of the file's axes, e.g. "LPS" (index increases towards L, P, S)."""
-    return "".join(nib.aff2axcodes(self.affine))
-
-
-MIB = 1 << 20
-MAX_HEADER_MIB = 64          # header + extensions before the voxels; real files hold kilobytes
-READ_CHUNK = 16 * MIB
 MASK_SLAB = 1 << 24          # voxels per slab of the foreground masks
-MAX_INTENSITY = 1e30         # stored or scaled; float32 arithmetic stays finite below it
-VOXEL_MM = (1e-3, 1e3)       # plausible voxel sizes: micro-CT to absurd; outside, a header bug
-# Operating-system errors that say nothing about the file: the study is retried, not skipped.
-TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.ESTALE,
-                              errno.ETIMEDOUT, errno.EMFILE, errno.ENFILE})
-
-
-class VolumeTooLarge(BadVolume):
-  """A volume whose header declares more voxel bytes than `max_volume_mib`: a skip that depends
-  on a setting (rerunning with a higher data.max_volume_mib converts it)."""
 
 
 def load_source(path, max_volume_mib=None):
-  """Reads a NIfTI file (.nii / .nii.gz), or a DICOM series when `path` is a directory
-  (data_prep/dicom.py), without scaling; BadVolume says why it cannot be used.
-
-  The header is checked before any voxel is decoded (its shape and voxel type, its size against
-  `max_volume_mib`, a voxel size it does not have), so a 70-byte file declaring 17 GiB costs
-  nothing. MemoryError and transient OS errors propagate: they are not the file's fault.
-  """
+  """The SourceVolume of `path`: a DICOM series when it is a directory, else a NIfTI file
+  (.nii / .nii.gz), without scaling; sources.BadVolume says why it cannot be used."""
   if os.path.isdir(path):
-    from data_prep import dicom  # pylint: disable=import-outside-toplevel  (pydicom, on demand)
     return dicom.load_series(path, max_volume_mib)
-  check_regular_file(path)
-  try:
-    header = read_raw_header(path)
-    if header is not None:
-      check_header(header, max_volume_mib)
-    image = nib.load(path)
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-      raise BadVolume(f"not a NIfTI image (nibabel read it as {type(image).__name__})")
-    if header is None:
-      check_header(image.header, max_volume_mib)
-    raw = read_voxels(path, image.dataobj)
-    slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
-    affine = np.asarray(image.affine, dtype=np.float64)
-  except (BadVolume, MemoryError):
-    raise
-  except FileNotFoundError:
-    raise BadVolume("file not found") from None
-  except OSError as err:
-    if err.errno in TRANSIENT_ERRNOS:
-      raise
-    raise BadVolume(diagnose_unreadable(path, err)) from None
-  except (nib.filebasedimages.ImageFileError, EOFError, zlib.error) as err:
-    raise BadVolume(diagnose_unreadable(path, err)) from None
-  except (ValueError, ArithmeticError, LookupError, TypeError,
-          nib.spatialimages.HeaderDataError) as err:
-    raise BadVolume(f"cannot read the file: {type(err).__name__}: {_first_line(err)}") from None
-  return _checked_source(raw, slope, inter, affine)
-
-
-def check_regular_file(path):
-  """Only regular files are opened: a named pipe would block the reader forever."""
-  kind = corpus.file_kind(path)
-  if kind is not None and kind.startswith("missing"):
-    raise BadVolume("file not found")
-  if kind is not None:
-    raise BadVolume(f"not a regular file ({kind}); only regular files are read")
-
-
-def read_raw_header(path):
-  """The NIfTI header as stored, or None when the data does not start with one (nib.load then
-  says what the file is). nibabel's loader "fixes" some fields (pixdim 0 -> 1, negative -> abs)
-  and reads the header extensions before anything can be checked."""
-  with nib.openers.ImageOpener(path, "rb") as file:
-    block = file.read(540)
-  for klass, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
-    if len(block) >= size and size in (int.from_bytes(block[:4], "little"),
-                                       int.from_bytes(block[:4], "big")):
-      try:
-        return klass(block[:size], check=False)
-      except (ValueError, nib.spatialimages.HeaderDataError):
-        return None
-  return None
-
-
-def check_header(header, max_volume_mib=None):
-  """Shape, voxel type, declared size and voxel size of a NIfTI header, before decoding."""
-  shape = check_shape(tuple(int(d) for d in header.get_data_shape()))
-  dtype = np.dtype(header.get_data_dtype())
-  check_voxel_type(dtype)
-  mib = math.prod(shape) * dtype.itemsize / MIB
-  if max_volume_mib is not None and mib > max_volume_mib:
-    raise VolumeTooLarge(
-        f"declares {'x'.join(map(str, shape))} {dtype.newbyteorder('=').name} voxels "
-        f"({_mib(mib)} MiB), over data.max_volume_mib={max_volume_mib:g}; raise "
-        f"--config.data.max_volume_mib to convert it")
-  offset = float(header["vox_offset"])
-  if not 0 <= offset <= MAX_HEADER_MIB * MIB:
-    raise BadVolume(f"header: vox_offset={offset:g} places the voxels beyond the header and its "
-                    f"extensions (expected 0 to {MAX_HEADER_MIB} MiB)")
-  qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
-  pixdim = np.asarray(header["pixdim"][1:4], np.float32)
-  if sform_code <= 0 and not (np.all(np.isfinite(pixdim)) and np.all(pixdim > 0)):
-    raise BadVolume(
-        f"voxel size unknown: header pixdim[1:4]=({', '.join(f'{p:g}' for p in pixdim)}) is not "
-        f"positive and there is no sform (qform_code={qform_code}, sform_code={sform_code}) to "
-        f"take the geometry from (nibabel would silently read 1 mm); fix the header")
-
-
-def _mib(mib):
-  return f"{mib:.0f}" if mib >= 10 else f"{mib:.2f}"
-
-
-def read_voxels(path, proxy):
-  """The stored voxels of `proxy` (a nibabel ArrayProxy), decompressed in chunks straight into
-  the array: nibabel's own read of a .nii.gz holds the whole volume twice. Native byte order."""
-  shape, dtype = tuple(proxy.shape), np.dtype(proxy.dtype)
-  nbytes = math.prod(shape) * dtype.itemsize
-  buffer = np.empty(nbytes, np.uint8)
-  view, done = memoryview(buffer), 0
-  with nib.openers.ImageOpener(path, "rb") as file:
-    file.seek(int(proxy.offset))
-    while done < nbytes:
-      count = file.readinto(view[done:done + READ_CHUNK])
-      if not count:
-        raise BadVolume(f"file is truncated or corrupt (the header declares {nbytes} bytes of "
-                        f"voxels from byte {int(proxy.offset)}, the file holds {done})")
-      done += count
-  raw = buffer.view(dtype).reshape(shape, order="F")
-  if not dtype.isnative:
-    raw = raw.byteswap(inplace=True).view(dtype.newbyteorder("="))
-  return raw
-
-
-def diagnose_unreadable(path, err):
-  """Why nibabel could not read `path`: gzip problems first, then the NIfTI header."""
-  try:
-    with open(path, "rb") as file:
-      magic = file.read(2)
-    if path.endswith(".gz"):
-      if magic != b"\x1f\x8b":
-        return "not a valid gzip file (a .nii.gz must be gzip-compressed)"
-      with gzip.open(path, "rb") as stream:
-        head = stream.read(348)
-        while stream.read(1 << 24):
-          pass
-    else:
-      with open(path, "rb") as file:
-        head = file.read(348)
-  except (EOFError, zlib.error, gzip.BadGzipFile) as gz_err:
-    return f"file is truncated or corrupt (gzip: {_first_line(gz_err)})"
-  except OSError as os_err:
-    return f"cannot read the file: {_first_line(os_err)}"
-  size = int.from_bytes(head[:4], "little") if len(head) >= 4 else 0
-  if size not in (348, 540) and int.from_bytes(head[:4], "big") not in (348, 540):
-    return "not a NIfTI file (no NIfTI header at the start of the data)"
-  return f"file is truncated or corrupt ({_first_line(err)})"
-
-
-def _first_line(err):
-  text = str(err).strip().splitlines()
-  return text[0] if text else type(err).__name__
-
-
-def check_shape(shape):
-  """The 3D shape of a stored array of `shape` ((X, Y, Z, 1) exports are 3D), or BadVolume."""
-  while len(shape) > 3 and shape[-1] == 1:
-    shape = shape[:-1]
-  if len(shape) != 3:
-    raise BadVolume(f"expected a 3D volume, found a {len(shape)}D array of shape {shape}")
-  if min(shape) < 2:
-    raise BadVolume(f"expected at least 2 voxels along each axis of a 3D volume, found shape "
-                    f"{shape}")
-  return shape
-
-
-def check_voxel_type(dtype):
-  if dtype.kind not in "iuf":
-    raise BadVolume(f"unsupported voxel type {dtype} (expected integer or float voxels)")
-
-
-def check_intensities(raw, slope, inter):
-  """Finite float voxels, and stored and scaled values that float32 arithmetic (the resample,
-  the scaling) carries without overflowing to inf and NaN. Integer voxels are bounded by their
-  type, so only float volumes cost a pass (min and max)."""
-  if raw.dtype.kind == "f":
-    low, high = float(raw.min()), float(raw.max())
-    if not (np.isfinite(low) and np.isfinite(high)):
-      finite = np.isfinite(raw)
-      n_nan = int(np.isnan(raw).sum())
-      n_inf = int(raw.size - finite.sum()) - n_nan
-      raise BadVolume(f"volume has {n_nan} NaN and {n_inf} infinite voxels")
-    stored, bound = max(abs(low), abs(high)), ""
-  else:
-    info = np.iinfo(raw.dtype)
-    stored, bound = float(max(-int(info.min), int(info.max))), f" ({raw.dtype}'s range)"
-  scaled = stored * abs(slope) + abs(inter)
-  if max(stored, scaled) > MAX_INTENSITY:
-    raise BadVolume(f"intensities out of range: stored values up to {stored:g}{bound}, with "
-                    f"scl_slope={slope:g} and scl_inter={inter:g}, reach {scaled:g}; expected at "
-                    f"most {MAX_INTENSITY:g}")
-
-
-def _checked_source(raw, slope, inter, affine, **details):
-  """Validates shape, voxel type, finiteness and geometry of a loaded volume."""
-  check_shape(tuple(raw.shape))
-  raw = raw[(Ellipsis,) + (0,) * (raw.ndim - 3)]     # drop trailing singleton axes (a view)
-  check_voxel_type(raw.dtype)
-  if not (np.isfinite(slope) and np.isfinite(inter) and slope != 0):
-    raise BadVolume(f"invalid intensity scaling scl_slope={slope}, scl_inter={inter}")
-  check_intensities(raw, slope, inter)
-  if not np.all(np.isfinite(affine)) or np.min(nib.affines.voxel_sizes(affine)) <= 0:
-    raise BadVolume(f"invalid affine (voxel-to-mm matrix) {affine.tolist()}")
-  sizes = nib.affines.voxel_sizes(affine)
-  if not np.all((sizes >= VOXEL_MM[0]) & (sizes <= VOXEL_MM[1])):
-    raise BadVolume(f"implausible voxel size ({', '.join(f'{v:g}' for v in sizes)}) mm; expected "
-                    f"{VOXEL_MM[0]:g} to {VOXEL_MM[1]:g} mm (a header in other units, or broken)")
-  if np.isnan(nib.orientations.io_orientation(affine)).any():
-    raise BadVolume(f"invalid affine (voxel-to-mm matrix) {affine.tolist()}: its voxel axes do "
-                    f"not point in three distinct directions (a degenerate sform or qform)")
-  return SourceVolume(raw=raw, slope=slope, inter=inter, affine=affine, **details)
-
-
-def checked_source(raw, slope, inter, affine, **details):
-  """A SourceVolume from another reader (DICOM, CT-RATE's metadata), with the checks of the
-  NIfTI path: the same BadVolume reasons for the same problems."""
-  return _checked_source(raw, float(slope), float(inter), np.asarray(affine, np.float64),
-                         **details)
-
-
-# --- Scaling and spacing from a corpus's metadata (CT-RATE) --------------------------------------
-
-AIR_BAND_HU = (-1100.0, -900.0)    # air outside the body and in the airways
-IMPLAUSIBLE_HU = -1100.0           # below it: only a padding value (the most common stored one)
-SCALING_SAMPLE = 4                 # every 4th voxel along each axis decides the scaling
-
-
-def with_metadata(source, meta):
-  """`source` with a corpus's metadata applied: its spacing replaces the header's (the
-  directions of the header's axes are kept), and its RescaleSlope/Intercept are applied when
-  the stored values are raw, not when they are HU already (a later CT-RATE release stores HU:
-  applying the intercept again would shift every voxel by it). `hu_source` says which."""
-  directions = source.affine[:3, :3] / np.linalg.norm(source.affine[:3, :3], axis=0)
-  affine = source.affine.copy()
-  affine[:3, :3] = directions * np.asarray(meta["spacing"], np.float64)
-  slope, inter, why = choose_scaling(source, meta["slope"], meta["intercept"])
-  return checked_source(source.raw, slope, inter, affine, series_uid=source.series_uid,
-                        hu_source=why)
-
-
-def choose_scaling(source, meta_slope, meta_inter):
-  """(slope, intercept, why): of the candidate mappings (the metadata's; none, i.e. stored
-  values are HU; the header's when it has one), the one under which the volume looks most like
-  CT: the largest fraction of voxels in the air band minus the fraction below -1100 HU (apart
-  from the padding value). Raw values read as HU put the air near 0 HU; HU values shifted by
-  the intercept again put air, lungs and fat below -1100 HU."""
-  candidates = [(float(meta_slope), float(meta_inter), "metadata RescaleSlope/RescaleIntercept "
-                 "(stored values are raw)"),
-                (1.0, 0.0, "none: stored values are HU already (metadata intercept not applied)")]
-  if (source.slope, source.inter) != (1.0, 0.0):
-    candidates.append((source.slope, source.inter, "the header's scl_slope/scl_inter"))
-  step = SCALING_SAMPLE
-  sample = source.raw[::step, ::step, ::step].ravel()
-  values, counts = np.unique(sample, return_counts=True)
-  padding = values[np.argmax(counts)]
-  unpadded = sample[sample != padding].astype(np.float32)
-  def score(candidate):
-    slope, inter, _ = candidate
-    hu = unpadded * np.float32(slope) + np.float32(inter)
-    air = np.count_nonzero((hu >= AIR_BAND_HU[0]) & (hu <= AIR_BAND_HU[1]))
-    low = np.count_nonzero(hu < IMPLAUSIBLE_HU)
-    return (air - low) / max(sample.size, 1)
-  return max(candidates, key=score)
+  return sources.load_nifti(path, max_volume_mib)
 
 
 def volume_from_file(path, params, max_volume_mib=None):
   """A NIfTI file -> its record volume (params.shape, params.volume_dtype), exactly as conversion
-  makes it. BadVolume naming the file when it cannot be used (missing, not a 3D CT volume, or
-  declaring more than `max_volume_mib` of voxels: config data.max_volume_mib)."""
+  makes it. sources.BadVolume naming the file when it cannot be used (missing, not a 3D CT
+  volume, or declaring more than `max_volume_mib` of voxels: config data.max_volume_mib)."""
   if not os.path.isfile(path):
-    raise BadVolume(f"{path}: no such volume file")
+    raise sources.BadVolume(f"{path}: no such volume file")
   try:
     return preprocess(load_source(path, max_volume_mib), params)[0]
-  except BadVolume as err:
-    raise BadVolume(f"{path}: {err}") from None
+  except sources.BadVolume as err:
+    raise sources.BadVolume(f"{path}: {err}") from None
 
 
 def preprocess(source, params):
@@ -391,8 +103,8 @@ def body_box(source, threshold_hu):
     plane = source.raw.size // source.raw.shape[axis]
     inside = np.flatnonzero(profile > max(1, 1e-3 * plane))
     if inside.size == 0:
-      raise BadVolume(f"no body found: no voxel above {threshold_hu:g} HU "
-                      f"(blank or non-CT volume?)")
+      raise sources.BadVolume(f"no body found: no voxel above {threshold_hu:g} HU "
+                              f"(blank or non-CT volume?)")
     box.append((int(inside[0]), int(inside[-1]) + 1))
   return box
 
@@ -469,10 +181,10 @@ def released_transform(raw, shape, slope=1.0, inter=0.0):
   low_raw, high_raw = (raw.min(), raw.max()) if slope > 0 else (raw.max(), raw.min())
   low, high = float(low_raw) * slope + inter, float(high_raw) * slope + inter
   if not high > low:
-    raise BadVolume(f"constant volume (every voxel = {low:g}): nothing to scale (the released "
-                    f"preprocessing maps min..max to 0..1)")
-  if (high - low) * MAX_INTENSITY < 1:     # 1 / (high - low) would overflow float32
-    raise BadVolume(f"intensity range {low:g}..{high:g} is too narrow to scale to 0..1")
+    raise sources.BadVolume(f"constant volume (every voxel = {low:g}): nothing to scale (the "
+                            f"released preprocessing maps min..max to 0..1)")
+  if (high - low) * sources.MAX_INTENSITY < 1:     # 1 / (high - low) would overflow float32
+    raise sources.BadVolume(f"intensity range {low:g}..{high:g} is too narrow to scale to 0..1")
   box = _foreground_box(raw, low_raw, slope)
   cropped = raw[tuple(slice(lo, hi) for lo, hi in box)]
   zyx = _padded_zyx(cropped, shape, low_raw)

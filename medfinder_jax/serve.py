@@ -27,6 +27,7 @@ import tempfile
 import time
 
 from data_prep import preprocess
+from data_prep import sources
 from medfinder_jax import errors
 from medfinder_jax import index as index_lib
 from medfinder_jax.commands import search as search_command
@@ -185,7 +186,7 @@ def _volume_from_bytes(body, session):
     try:
       return preprocess.volume_from_file(path, session.preprocessing,
                                          session.config.data.get("max_volume_mib"))
-    except preprocess.BadVolume as err:
+    except sources.BadVolume as err:
       raise RequestError("uploaded volume: " + str(err).replace(f"{path}: ", "")) from None
 
 

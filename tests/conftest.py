@@ -22,10 +22,10 @@ _CONVERTED = {}
 
 def convert_phantom(root, n, shape, seed=0, folders=10, min_shards=4):
   """Phantom corpus of n studies converted at `shape` under `root` (returns the TFRecord dir)."""
-  from data_prep import convert, phantom  # pylint: disable=import-outside-toplevel
+  from data_prep import convert, phantom_layouts  # pylint: disable=import-outside-toplevel
   from medfinder_jax import config_utils  # pylint: disable=import-outside-toplevel
   raw, out = os.path.join(root, "raw"), os.path.join(root, "tfrecords")
-  phantom.write_phantom_corpus(raw, n=n, seed=seed, folders=folders, size=64, slices=24)
+  phantom_layouts.write_phantom_corpus(raw, n=n, seed=seed, folders=folders, size=64, slices=24)
   config = config_utils.load_config_file(DEFAULT_CONFIG)
   config.data.data_root = raw
   config.data.shape = tuple(shape)

@@ -19,7 +19,7 @@ pytest.importorskip("apache_beam")
 from data_prep import beam_convert  # noqa: E402  (after the skip)
 from data_prep import convert  # noqa: E402
 from data_prep import filesystem  # noqa: E402
-from data_prep import phantom  # noqa: E402
+from data_prep import phantom_layouts  # noqa: E402
 from medfinder_jax import errors  # noqa: E402
 import test_convert  # noqa: E402  (tests/ is on sys.path: the local converter's helpers)
 from test_convert import dataset_files, shard_stamps, train_shards  # noqa: E402
@@ -38,7 +38,7 @@ def run_beam(root, out, options=IN_MEMORY, convert_fn=convert.convert_study, **o
 @pytest.fixture(scope="module")
 def phantom_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("phantom")
-  phantom.write_phantom_corpus(str(root), n=14, seed=0, folders=4, size=48, slices=16)
+  phantom_layouts.write_phantom_corpus(str(root), n=14, seed=0, folders=4, size=48, slices=16)
   return root
 
 
@@ -112,10 +112,10 @@ def test_two_worker_processes_give_the_local_bytes_and_report_a_raising_study(
   assert report["num_converted"] == 13 and report["num_skipped"] == 13
 
 
-@pytest.mark.parametrize("layout", phantom.LAYOUTS)
+@pytest.mark.parametrize("layout", phantom_layouts.LAYOUTS)
 def test_every_layout_converts_on_beam_as_locally(tmp_path, layout):
   root = tmp_path / layout
-  phantom.write_phantom_corpus(str(root), 6, seed=0, folders=3, size=40, slices=12,
+  phantom_layouts.write_phantom_corpus(str(root), 6, seed=0, folders=3, size=40, slices=12,
                                layout=layout)
   test_convert.run_convert(root, tmp_path / "local", workers=0)
   report = run_beam(root, tmp_path / "beam")

@@ -17,7 +17,9 @@ import pytest
 from configs import default
 from data_prep import convert
 from data_prep import corpus
-from data_prep import phantom
+from data_prep import corpus_base
+from data_prep import corpus_bimcv
+from data_prep import phantom_layouts
 from data_prep import preprocess
 from data_prep import schema
 from medfinder_jax import errors
@@ -65,7 +67,7 @@ def dataset_files(out):
 @pytest.fixture(scope="module")
 def phantom_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("phantom")
-  phantom.write_phantom_corpus(str(root), n=14, seed=0, folders=4, size=48, slices=16)
+  phantom_layouts.write_phantom_corpus(str(root), n=14, seed=0, folders=4, size=48, slices=16)
   return root
 
 
@@ -128,10 +130,11 @@ def test_parallel_workers_write_the_same_bytes_as_one_process(phantom_root, refe
 
 def test_rows_split_follows_csv_order(phantom_root, tmp_path):
   report = run_convert(phantom_root, tmp_path, split_by="rows")
-  with open(os.path.join(phantom_root, "meta", phantom.CSV_NAME), encoding="utf-8") as file:
+  csv_path = os.path.join(phantom_root, "meta", phantom_layouts.CSV_NAME)
+  with open(csv_path, encoding="utf-8") as file:
     paths = [line.split(",")[0] for line in file.read().splitlines()[1:]]
-  ids = [corpus.study_id_of(os.path.basename(p)) for p in paths]
-  train_end, val_end = corpus.row_split_bounds(len(ids))
+  ids = [corpus_base.study_id_of(os.path.basename(p)) for p in paths]
+  train_end, val_end = corpus_bimcv.row_split_bounds(len(ids))
   for split, expected in (("train", ids[:train_end]), ("val", ids[train_end:val_end]),
                           ("test", ids[val_end:])):
     records = read_split(tmp_path, split) if expected else []
@@ -171,7 +174,7 @@ def plant_bad_inputs(root):
       ("CT2/ct/gone.nii.gz", "r", "no volume file named 'gone.nii.gz'"),
       ("../outside/CT1/ct/x.nii.gz", "r", "escapes data_root"),
   ]
-  csv_path = root / "meta" / phantom.CSV_NAME
+  csv_path = root / "meta" / phantom_layouts.CSV_NAME
   lines = csv_path.read_bytes().decode().splitlines()
   expected = {}
   for path, report, reason in bad_rows:
@@ -205,7 +208,7 @@ def test_bad_input_skips_are_final_and_a_rerun_redoes_no_shard(phantom_root, tmp
   shutil.copytree(phantom_root, root)
   ct = root / "CT1" / "ct"
   (ct / "text.nii.gz").write_bytes(gzip.compress(b"this is not an image\n" * 50))
-  csv_path = root / "meta" / phantom.CSV_NAME
+  csv_path = root / "meta" / phantom_layouts.CSV_NAME
   csv_path.write_text(csv_path.read_text() + 'CT1/ct/text.nii.gz,"r",\n')
   first = run_convert(root, tmp_path / "out")
   assert [s["study_id"] for s in first["skipped"]] == ["text"] and not first["num_to_retry"]
@@ -311,7 +314,7 @@ def test_a_study_that_always_kills_its_worker_is_skipped_until_a_rerun(phantom_r
 
 def test_an_output_dir_of_other_settings_is_refused(phantom_root, reference, tmp_path):
   shutil.copytree(reference, tmp_path / "out")
-  with pytest.raises(corpus.CorpusError, match="other inputs or settings"):
+  with pytest.raises(corpus_base.CorpusError, match="other inputs or settings"):
     run_convert(phantom_root, tmp_path / "out", shape=(32, 32, 16))
 
 
@@ -357,7 +360,7 @@ def always_die(study):
 
 
 def test_workers_that_always_die_stop_the_conversion_with_advice(phantom_root, tmp_path):
-  with pytest.raises(corpus.CorpusError, match="--workers 0"):
+  with pytest.raises(corpus_base.CorpusError, match="--workers 0"):
     run_convert(phantom_root, tmp_path, workers=1, convert_fn=always_die)
 
 
@@ -365,7 +368,7 @@ def test_workers_that_always_die_stop_the_conversion_with_advice(phantom_root, t
 
 def add_rows(root, rows):
   """Appends `rows` (lines of CSV text) to the phantom CSV."""
-  csv_path = root / "meta" / phantom.CSV_NAME
+  csv_path = root / "meta" / phantom_layouts.CSV_NAME
   csv_path.write_text(csv_path.read_text() + "".join(f"{row}\n" for row in rows))
 
 
@@ -553,5 +556,5 @@ def test_the_summary_counts_every_csv_row(phantom_root, tmp_path):
 @pytest.mark.parametrize("field,value", [("max_volume_mib", 0.0), ("study_timeout_s", -1.0),
                                          ("max_field_chars", 0)])
 def test_limits_must_be_positive(phantom_root, tmp_path, field, value):
-  with pytest.raises(corpus.CorpusError, match=f"data.{field}="):
+  with pytest.raises(corpus_base.CorpusError, match=f"data.{field}="):
     run_convert(phantom_root, tmp_path, **{field: value})

@@ -7,6 +7,8 @@ import pytest
 
 from configs import default
 from data_prep import corpus
+from data_prep import corpus_base
+from data_prep import corpus_bimcv
 
 
 def data_config(root, **overrides):
@@ -38,26 +40,26 @@ def test_rows_split_matches_the_released_code_slicing(n):
       "val": data[int(len(data) * split_rate):int(len(data) * (split_rate + 0.1))]["i"].tolist(),
       "test": data[int(len(data) * (split_rate + 0.1)):]["i"].tolist(),
   }
-  ours = {s: [i for i in range(n) if corpus.row_split(i, n) == s] for s in expected}
+  ours = {s: [i for i in range(n) if corpus_bimcv.row_split(i, n) == s] for s in expected}
   assert ours == expected
 
 
 def test_rows_split_of_ten_rows_has_an_empty_val_as_in_the_released_code():
-  assert [corpus.row_split(i, 10) for i in range(10)] == ["train"] * 7 + ["test"] * 3
+  assert [corpus_bimcv.row_split(i, 10) for i in range(10)] == ["train"] * 7 + ["test"] * 3
 
 
 def test_folders_split_is_7_1_2_in_natural_folder_order():
-  folders = sorted([f"CT{i}" for i in range(1, 11)], key=corpus.natural_key)
+  folders = sorted([f"CT{i}" for i in range(1, 11)], key=corpus_base.natural_key)
   assert folders[-1] == "CT10"
-  assert corpus.folder_split_assignment(folders) == {
+  assert corpus_bimcv.folder_split_assignment(folders) == {
       "train": [f"CT{i}" for i in range(1, 8)], "val": ["CT8"], "test": ["CT9", "CT10"]}
 
 
 def test_folders_split_needs_three_folders():
-  assert corpus.folder_split_assignment(["CT1", "CT2", "CT3"]) == {
+  assert corpus_bimcv.folder_split_assignment(["CT1", "CT2", "CT3"]) == {
       "train": ["CT1"], "val": ["CT2"], "test": ["CT3"]}
-  with pytest.raises(corpus.CorpusError, match="--split_by rows"):
-    corpus.folder_split_assignment(["CT1", "CT2"])
+  with pytest.raises(corpus_base.CorpusError, match="--split_by rows"):
+    corpus_bimcv.folder_split_assignment(["CT1", "CT2"])
 
 
 def test_rows_match_volumes_by_basename_and_get_their_folder_split(tmp_path):
@@ -165,7 +167,7 @@ def test_unusable_corpora_are_one_clear_error(tmp_path, setup, message):
     os.remove(root / "meta" / "curated_ct_report_path_En.csv")
   if setup == "no_column":
     make_corpus(root, {"path": ["a.nii.gz"], "report": ["r"]})
-  with pytest.raises(corpus.CorpusError, match=message.replace("*", r"\*")):
+  with pytest.raises(corpus_base.CorpusError, match=message.replace("*", r"\*")):
     corpus.read_corpus(data_config(root))
 
 

@@ -12,10 +12,9 @@ import pytest
 from configs import default
 from data_prep import convert
 from data_prep import dicom
-from data_prep import phantom
 from data_prep import phantom_layouts
-from data_prep import preprocess
 from data_prep import schema
+from data_prep import sources
 
 SHAPE = (12, 10, 7)          # columns (X), rows (Y), slices (Z)
 SPACING = (0.8, 0.7, 2.5)
@@ -70,7 +69,7 @@ def canonical_hu(source):
 
 
 def assert_same_scan(source, hu_expected, affine_expected):
-  expected = preprocess.SourceVolume(hu_expected, 1.0, 0.0, affine_expected)
+  expected = sources.SourceVolume(hu_expected, 1.0, 0.0, affine_expected)
   ours, sizes = canonical_hu(source)
   theirs, their_sizes = canonical_hu(expected)
   np.testing.assert_array_equal(ours, theirs)
@@ -169,7 +168,7 @@ def test_pixel_encoding_without_a_decoder_is_named(tmp_path):
 def test_size_is_checked_from_the_headers_before_decoding(tmp_path, monkeypatch):
   write(tmp_path / "s")
   monkeypatch.setattr(dicom, "read_pixels", lambda *_: pytest.fail("decoded pixels"))
-  with pytest.raises(preprocess.VolumeTooLarge, match="data.max_volume_mib"):
+  with pytest.raises(sources.VolumeTooLarge, match="data.max_volume_mib"):
     dicom.load_series(str(tmp_path / "s"), max_volume_mib=0.0001)
 
 
@@ -177,8 +176,8 @@ def test_conversion_skips_bad_series_with_reasons_and_keeps_no_patient_names(tmp
   """A DICOM corpus: folders named in the CSV; study id = folder name; a patient's name and
   id in the headers appear nowhere in the output."""
   root = tmp_path / "root"
-  phantom.write_phantom_corpus(str(root), 6, seed=0, folders=3, size=32, slices=12,
-                               layout="dicom")
+  phantom_layouts.write_phantom_corpus(str(root), 6, seed=0, folders=3, size=32, slices=12,
+                                       layout="dicom")
   secret = {"PatientName": "DOE^JANE", "PatientID": "MRN-8812345", "PatientBirthDate": "19700101"}
   for folder in root.glob("CT*/dicom/*"):
     for path in folder.iterdir():

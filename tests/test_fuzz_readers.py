@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 
 from configs import default
 from data_prep import corpus
+from data_prep import corpus_base
 from data_prep import preprocess
 from data_prep import schema
+from data_prep import sources
 
 MAX_VOLUME_MIB = 4          # what the fuzzed headers may declare: bounds the memory of each input
 MAX_FIELD_CHARS = 50
@@ -137,14 +139,14 @@ def check_volume_input(tmp_path, suffix, data, mode, volume_dtype):
     assert np.all(np.isfinite(volume_spacing)) and np.all(np.asarray(volume_spacing) > 0)
     assert np.all(np.isfinite(source.spacing)) and len(source.orientation) == 3
     event("converted")
-  except preprocess.BadVolume as err:
+  except sources.BadVolume as err:
     assert str(err).strip()
     event(f"skipped: {str(err).split('(')[0].split(':')[0][:40]}")   # --hypothesis-show-statistics
   finally:
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
   assert time.monotonic() - start < 10
-  assert peak < 4 * MAX_VOLUME_MIB * preprocess.MIB + preprocess.READ_CHUNK + (16 << 20)
+  assert peak < 4 * MAX_VOLUME_MIB * sources.MIB + sources.READ_CHUNK + (16 << 20)
 
 
 def _volume_test(tmp_path_factory, case, mode, volume_dtype):
@@ -178,7 +180,7 @@ def test_many_fuzzed_nifti_files(tmp_path_factory, case, mode, volume_dtype):
 
 NUM_FILES = 8            # s0..s7 exist; s8..s11 are named in rows but missing
 # No "." in report text: a line of a report that reads as a whole row naming a volume file is
-# what marks an unbalanced quote (data_prep/corpus.py), and is not generated here.
+# what marks an unbalanced quote (data_prep/corpus_base.py), and is not generated here.
 TOKENS = ["a", "b", "report", " ", ",", '"', "\n", "\r\n", "\u00e9", "\u2028", ";", "\t"]
 
 
@@ -241,7 +243,7 @@ def expected_outcome(rows):
   """{study id: report} a faithful reader must convert from `rows`."""
   expected = {}
   for path, report, findings in rows:
-    study_id = corpus.study_id_of(os.path.basename(path))
+    study_id = corpus_base.study_id_of(os.path.basename(path))
     if (int(study_id[1:]) < NUM_FILES and report.strip()
         and max(len(report), len(findings)) <= MAX_FIELD_CHARS):
       expected[study_id] = report.strip()
@@ -255,7 +257,7 @@ def check_csv_input(root, rows, data, corruption):
   start = time.monotonic()
   try:
     result = corpus.read_corpus(config)
-  except corpus.CorpusError as err:        # only the whole file may be refused, with a message
+  except corpus_base.CorpusError as err:        # only the whole file may be refused, with a message
     assert corruption and str(err)
     return
   assert time.monotonic() - start < 5

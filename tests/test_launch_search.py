@@ -15,7 +15,7 @@ import pytest
 import launch
 import model_files
 from conftest import TINY_CONFIG
-from data_prep import corpus
+from data_prep import corpus_base
 from medfinder_jax import findings
 from medfinder_jax import index as index_lib
 from medfinder_jax.commands import embed
@@ -255,7 +255,7 @@ def test_volume_folders_list_nifti_files_naturally_with_ids_and_reports(tmp_path
     (tmp_path / name).write_text("Small left effusion.\n" if name.endswith(".txt") else "x")
   files = embed.list_volume_files(str(tmp_path))
   assert files == ["a2.nii.gz", "a10.nii.gz", "sub/b.nii"]
-  assert [corpus.study_id_of(f) for f in files] == ["a2", "a10", "sub/b"]
+  assert [corpus_base.study_id_of(f) for f in files] == ["a2", "a10", "sub/b"]
   assert embed.read_report_beside(str(tmp_path / "a2.nii.gz")) == "Small left effusion."
   assert embed.read_report_beside(str(tmp_path / "a10.nii.gz")) == ""
 

@@ -11,11 +11,12 @@ import pytest
 from configs import default
 from data_prep import convert
 from data_prep import corpus
+from data_prep import corpus_base
 from data_prep import corpus_ctrate
-from data_prep import phantom
 from data_prep import phantom_layouts
 from data_prep import preprocess
 from data_prep import schema
+from data_prep import sources
 
 N, FOLDERS = 8, 4
 SMALL = dict(size=48, slices=16)
@@ -54,9 +55,10 @@ def layouts(tmp_path_factory):
   """{layout: (raw root, converted dir)} of one phantom corpus written in every layout."""
   base = tmp_path_factory.mktemp("layouts")
   out = {}
-  for layout in phantom.LAYOUTS:
+  for layout in phantom_layouts.LAYOUTS:
     root, converted = base / layout, base / f"{layout}_tfrecords"
-    phantom.write_phantom_corpus(str(root), N, seed=0, folders=FOLDERS, layout=layout, **SMALL)
+    phantom_layouts.write_phantom_corpus(str(root), N, seed=0, folders=FOLDERS, layout=layout,
+                                         **SMALL)
     run_convert(root, converted, volume_dtype="int16")
     out[layout] = (root, converted)
   return out
@@ -64,7 +66,8 @@ def layouts(tmp_path_factory):
 
 def ctrate_ids():
   """Study id in the CT-RATE layout of phantom study i."""
-  return [corpus.study_id_of(name) for _, name in phantom_layouts.ctrate_volume_names(N, FOLDERS)]
+  return [corpus_base.study_id_of(name)
+          for _, name in phantom_layouts.ctrate_volume_names(N, FOLDERS)]
 
 
 def test_auto_layout_detection_names_each_layout(layouts):
@@ -115,7 +118,7 @@ def test_ctrate_labels_equal_the_csv_rows_with_names_in_order(layouts):
   found = records(out)
   assert len(found) == len(labels) == N
   for _, row in labels.iterrows():
-    record = found[corpus.study_id_of(row["VolumeName"])]
+    record = found[corpus_base.study_id_of(row["VolumeName"])]
     assert record["labels"].dtype == np.int8
     assert record["labels"].tolist() == [int(row[name]) for name in metadata["label_names"]]
 
@@ -144,7 +147,7 @@ def test_ctrate_report_is_findings_and_impressions_without_not_given(layouts):
   reports = pd.read_csv(root / "dataset" / "radiology_text_reports" / "train_reports.csv")
   found = records(out)
   for _, row in reports.iterrows():
-    text = found[corpus.study_id_of(row["VolumeName"])]["report"].decode()
+    text = found[corpus_base.study_id_of(row["VolumeName"])]["report"].decode()
     assert text == f"{row['Findings_EN']} {row['Impressions_EN']}"
     assert "Not given." not in text and row["ClinicalInformation_EN"] == "Not given."
   assert corpus_ctrate.report_text({"A": "Not given.", "B": " x. "}, ("A", "B")) == "x."
@@ -182,7 +185,7 @@ def test_ctrate_metadata_spacing_and_intercept_are_applied_exactly_once(layouts)
   found = records(out)
   seen = set()
   for _, row in meta.iterrows():
-    record = found[corpus.study_id_of(row["VolumeName"])]
+    record = found[corpus_base.study_id_of(row["VolumeName"])]
     xy = json.loads(row["XYSpacing"])
     np.testing.assert_allclose(record["spacing"], [*xy, row["ZSpacing"]], rtol=1e-6)
     patient = int(record["patient_id"].decode().split("_")[1])
@@ -195,17 +198,18 @@ def test_ctrate_metadata_spacing_and_intercept_are_applied_exactly_once(layouts)
 
 
 def test_choose_scaling_tells_raw_from_hu_on_a_chest(tmp_path):
-  phantom.write_phantom_corpus(str(tmp_path), 1, seed=3, folders=1, layout="bimcv", **SMALL)
+  phantom_layouts.write_phantom_corpus(str(tmp_path), 1, seed=3, folders=1, layout="bimcv",
+                                       **SMALL)
   (path,) = tmp_path.glob("CT1/ct/*.nii.gz")
   source = preprocess.load_source(str(path))
   hu = np.rint(source.raw * source.slope + source.inter).astype(np.int16)
-  as_hu = preprocess.SourceVolume(hu, 1.0, 0.0, source.affine)
-  as_raw = preprocess.SourceVolume((hu + 1024).astype(np.int16), 1.0, 0.0, source.affine)
-  assert preprocess.choose_scaling(as_hu, 1.0, -1024.0)[:2] == (1.0, 0.0)
-  assert preprocess.choose_scaling(as_raw, 1.0, -1024.0)[:2] == (1.0, -1024.0)
+  as_hu = sources.SourceVolume(hu, 1.0, 0.0, source.affine)
+  as_raw = sources.SourceVolume((hu + 1024).astype(np.int16), 1.0, 0.0, source.affine)
+  assert sources.choose_scaling(as_hu, 1.0, -1024.0)[:2] == (1.0, 0.0)
+  assert sources.choose_scaling(as_raw, 1.0, -1024.0)[:2] == (1.0, -1024.0)
   # A header that scales already (slope 0.5) is believed over the metadata applied on top.
-  half = preprocess.SourceVolume(((hu + 1024) * 2).astype(np.int16), 0.5, -1024.0, source.affine)
-  assert preprocess.choose_scaling(half, 1.0, -1024.0)[:2] == (0.5, -1024.0)
+  half = sources.SourceVolume(((hu + 1024) * 2).astype(np.int16), 0.5, -1024.0, source.affine)
+  assert sources.choose_scaling(half, 1.0, -1024.0)[:2] == (0.5, -1024.0)
 
 
 def _ctrate_copy(layouts, tmp_path):
@@ -233,12 +237,12 @@ def test_ctrate_skips_are_each_named_and_nothing_else_is_lost(layouts, tmp_path)
   _drop_row(dataset / "radiology_text_reports" / "train_reports.csv", no_report)
   report = run_convert(root, tmp_path / "out")
   reasons = {s["study_id"]: s["reason"] for s in report["skipped"]}
-  assert reasons.keys() == {corpus.study_id_of(n) for n in (no_file, no_meta, no_label,
-                                                            no_report)}
-  assert "no volume file" in reasons[corpus.study_id_of(no_file)]
-  assert "no metadata row" in reasons[corpus.study_id_of(no_meta)]
-  assert "no label row" in reasons[corpus.study_id_of(no_label)]
-  assert "no report row" in reasons[corpus.study_id_of(no_report)]
+  assert reasons.keys() == {corpus_base.study_id_of(n) for n in (no_file, no_meta, no_label,
+                                                                 no_report)}
+  assert "no volume file" in reasons[corpus_base.study_id_of(no_file)]
+  assert "no metadata row" in reasons[corpus_base.study_id_of(no_meta)]
+  assert "no label row" in reasons[corpus_base.study_id_of(no_label)]
+  assert "no report row" in reasons[corpus_base.study_id_of(no_report)]
   assert report["num_converted"] == N - 4
   assert report["num_converted"] + report["num_skipped"] == report["csv_rows"]
 
@@ -256,7 +260,7 @@ def test_renamed_ctrate_csvs_are_found_by_pattern(layouts, tmp_path):
 
 def test_ctrate_without_reports_is_refused_naming_the_expected_file(tmp_path):
   (tmp_path / "dataset" / "train").mkdir(parents=True)
-  with pytest.raises(corpus.CorpusError, match="radiology_text_reports/train_reports.csv"):
+  with pytest.raises(corpus_base.CorpusError, match="radiology_text_reports/train_reports.csv"):
     corpus.read_corpus(data_config(tmp_path, layout="ctrate"))
 
 

@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 from data_prep import phantom
+from data_prep import phantom_layouts
 from data_prep import preprocess
 from data_prep import schema
+from data_prep import sources
 
 SMALL = dict(size=48, slices=16)
 
@@ -27,7 +29,7 @@ def corpus_files(root):
 
 
 def test_corpus_has_the_bimcv_r_layout(tmp_path):
-  phantom.write_phantom_corpus(str(tmp_path), n=8, seed=0, folders=4, **SMALL)
+  phantom_layouts.write_phantom_corpus(str(tmp_path), n=8, seed=0, folders=4, **SMALL)
   table = pd.read_csv(tmp_path / "meta" / "curated_ct_report_path_En.csv", keep_default_na=False)
   assert list(table.columns) == ["path", "Report_en", "findings"]
   assert len(table) == 8
@@ -39,14 +41,14 @@ def test_corpus_has_the_bimcv_r_layout(tmp_path):
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
   for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-    phantom.write_phantom_corpus(str(tmp_path / name), n=5, seed=seed, folders=3, **SMALL)
+    phantom_layouts.write_phantom_corpus(str(tmp_path / name), n=5, seed=seed, folders=3, **SMALL)
   a, b, c = (corpus_files(tmp_path / name) for name in "abc")
   assert a == b
   assert a.keys() == c.keys() and any(a[k] != c[k] for k in a)
 
 
 def test_volumes_are_int16_with_scanner_scaling_in_ras_and_lps(tmp_path):
-  phantom.write_phantom_corpus(str(tmp_path), n=12, seed=1, folders=3, **SMALL)
+  phantom_layouts.write_phantom_corpus(str(tmp_path), n=12, seed=1, folders=3, **SMALL)
   orientations, scalings = set(), set()
   for path in tmp_path.glob("CT*/ct/*.nii.gz"):
     image = nib.load(str(path))
@@ -154,7 +156,7 @@ def test_the_smallest_findings_stay_visible_at_64x64x32(finding):
     volumes = []
     for findings in ([], [finding]):
       hu, _ = phantom.render_study(geometry, findings, np.random.default_rng(7))
-      source = preprocess.SourceVolume(raw=hu, slope=1.0, inter=0.0,
+      source = sources.SourceVolume(raw=hu, slope=1.0, inter=0.0,
                                        affine=phantom.canonical_affine(geometry))
       volumes.append(preprocess.preprocess(source, params)[0].astype(int))
     difference = np.abs(volumes[1] - volumes[0])

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from data_prep import phantom
 from data_prep import preprocess
 from data_prep import schema
+from data_prep import sources
 from medfinder_jax import input_pipeline
 
 
@@ -181,7 +182,7 @@ def test_bad_volumes_raise_with_a_clear_reason(tmp_path, make, reason):
     save(path, data, np.eye(4))
   else:
     save(path, good - 1000, np.eye(4))
-  with pytest.raises(preprocess.BadVolume) as err:
+  with pytest.raises(sources.BadVolume) as err:
     preprocess.preprocess(preprocess.load_source(str(path)), params())
   assert reason in str(err.value)
 
@@ -215,9 +216,9 @@ def test_nifti_volumes_are_preprocessed_exactly_as_at_conversion(aligned):
 def test_a_2d_image_or_a_missing_file_is_not_a_volume(tmp_path):
   path = tmp_path / "slice.nii.gz"
   nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), str(path))
-  with pytest.raises(preprocess.BadVolume, match=r"slice.nii.gz: expected a 3D volume"):
+  with pytest.raises(sources.BadVolume, match=r"slice.nii.gz: expected a 3D volume"):
     preprocess.volume_from_file(str(path), schema.PreprocessParams(shape=(16, 16, 8)))
-  with pytest.raises(preprocess.BadVolume, match=r"absent.nii.gz: no such volume file"):
+  with pytest.raises(sources.BadVolume, match=r"absent.nii.gz: no such volume file"):
     preprocess.volume_from_file(str(tmp_path / "absent.nii.gz"), schema.PreprocessParams())
 
 
@@ -240,13 +241,13 @@ def header_only_file(path, shape, dtype=np.int16, **fields):
 BOMB_SCRIPT = """
 import sys, time
 sys.path.insert(0, {root!r})
-from data_prep import preprocess
+from data_prep import preprocess, sources
 start = time.time()
 for path in sys.argv[1:]:
   try:
     preprocess.load_source(path, max_volume_mib=2048)
     print("loaded", path)
-  except preprocess.BadVolume as err:
+  except sources.BadVolume as err:
     print("skip", err)
 print("seconds", time.time() - start)
 with open("/proc/self/status") as status:
@@ -279,7 +280,7 @@ def test_a_header_bomb_is_refused_before_anything_is_decoded(tmp_path):
 def test_the_size_limit_counts_every_declared_voxel_byte(tmp_path):
   path = save(tmp_path / "v.nii.gz", np.zeros((64, 64, 32), np.float32), np.eye(4))   # 0.5 MiB
   assert preprocess.load_source(path, max_volume_mib=0.5).raw.shape == (64, 64, 32)
-  with pytest.raises(preprocess.VolumeTooLarge, match=r"64x64x32 float32 voxels \(0.50 MiB\), "
+  with pytest.raises(sources.VolumeTooLarge, match=r"64x64x32 float32 voxels \(0.50 MiB\), "
                      r"over data.max_volume_mib=0.4;"):
     preprocess.load_source(path, max_volume_mib=0.4)
 
@@ -289,7 +290,7 @@ def test_loading_and_preprocessing_allocate_a_small_multiple_of_the_volume(tmp_p
   hu[20:330, 30:320, 5:90] = 40
   hu[::7, ::5, ::3] = 900
   path = save(tmp_path / "big.nii.gz", hu, np.diag([-0.7, -0.7, 1.2, 1.0]))   # 27 MiB of voxels
-  monkeypatch.setattr(preprocess, "READ_CHUNK", 1 << 20)
+  monkeypatch.setattr(sources, "READ_CHUNK", 1 << 20)
   for mode in ("ct", "released"):
     tracemalloc.start()
     try:
@@ -311,7 +312,7 @@ def test_loading_and_preprocessing_allocate_a_small_multiple_of_the_volume(tmp_p
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 @pytest.mark.parametrize("dtype", ["<i2", ">i2", ">f4", "<f8", "|u1"])
 def test_voxels_read_in_chunks_equal_nibabels_reading(tmp_path, monkeypatch, suffix, dtype):
-  monkeypatch.setattr(preprocess, "READ_CHUNK", 1000)    # many chunks, some splitting a voxel
+  monkeypatch.setattr(sources, "READ_CHUNK", 1000)    # many chunks, some splitting a voxel
   data = np.random.default_rng(6).integers(0, 200, size=(13, 11, 7, 1)).astype(dtype)
   image = nib.Nifti1Image(data, np.diag([0.8, 0.9, 2.5, 1.0]))
   image.header.set_data_dtype(dtype)
@@ -338,7 +339,7 @@ def test_voxels_read_in_chunks_equal_nibabels_reading(tmp_path, monkeypatch, suf
 ])
 def test_bad_headers_are_refused_with_the_fields_named(tmp_path, shape, fields, reason):
   path = header_only_file(tmp_path / "h.nii.gz", shape, **fields)   # no voxels: never read
-  with pytest.raises(preprocess.BadVolume) as err:
+  with pytest.raises(sources.BadVolume) as err:
     preprocess.load_source(path)
   assert reason in str(err.value)
 
@@ -353,14 +354,14 @@ def test_a_pixdim_is_not_needed_when_the_sform_gives_the_geometry(tmp_path):
 
 def test_a_complex_volume_is_refused_from_its_header(tmp_path):
   path = header_only_file(tmp_path / "c.nii.gz", (64, 64, 64), dtype=np.complex64)
-  with pytest.raises(preprocess.BadVolume, match="unsupported voxel type complex64"):
+  with pytest.raises(sources.BadVolume, match="unsupported voxel type complex64"):
     preprocess.load_source(path)
 
 
 def test_a_constant_volume_is_a_skip_under_the_released_preprocessing(tmp_path):
   source = preprocess.load_source(save_scaled(tmp_path / "k.nii.gz", np.full((8, 8, 8), 40.0),
                                               (1.0, 1.0, 1.0)))
-  with pytest.raises(preprocess.BadVolume, match=r"constant volume \(every voxel = 40\): "
+  with pytest.raises(sources.BadVolume, match=r"constant volume \(every voxel = 40\): "
                                                  r"nothing to scale"):
     preprocess.preprocess(source, params(mode="released", shape=(8, 8, 8)))
   assert preprocess.preprocess(source, params(shape=(8, 8, 8)))[0].max() > 0    # ct: a body
@@ -369,7 +370,7 @@ def test_a_constant_volume_is_a_skip_under_the_released_preprocessing(tmp_path):
 @pytest.mark.timeout(30)
 def test_a_named_pipe_is_not_opened(tmp_path):
   os.mkfifo(tmp_path / "pipe.nii.gz")
-  with pytest.raises(preprocess.BadVolume, match=r"not a regular file \(a named pipe \(FIFO\)\)"):
+  with pytest.raises(sources.BadVolume, match=r"not a regular file \(a named pipe \(FIFO\)\)"):
     preprocess.load_source(str(tmp_path / "pipe.nii.gz"))
 
 
@@ -416,7 +417,7 @@ def test_geometry_and_intensities_that_float32_cannot_carry_are_refused(tmp_path
   else:
     fields.update(scl_slope=1e28, scl_inter=0)
   path = raw_nifti(tmp_path / "v.nii.gz", data, **fields)
-  with pytest.raises(preprocess.BadVolume) as err:
+  with pytest.raises(sources.BadVolume) as err:
     preprocess.load_source(path)
   assert reason in str(err.value)
 
@@ -424,7 +425,7 @@ def test_geometry_and_intensities_that_float32_cannot_carry_are_refused(tmp_path
 def test_a_range_too_narrow_to_scale_is_a_skip_under_the_released_preprocessing():
   raw = np.zeros((8, 8, 8), np.float32)
   raw[2:5, 2:5, 2:5] = 1e-35
-  with pytest.raises(preprocess.BadVolume, match="intensity range 0..1e-35 is too narrow"):
+  with pytest.raises(sources.BadVolume, match="intensity range 0..1e-35 is too narrow"):
     preprocess.released_transform(raw, (8, 8, 8))
 
 
@@ -445,7 +446,7 @@ def test_ctclip_preset_centre_crops_at_the_spacing_pads_with_minus_one_and_divid
   params = ctclip_params(spacing=(1.5, 1.5, 1.5))
   x = np.arange(40, dtype=np.float32)
   hu = np.broadcast_to((x * 100 - 2000)[:, None, None], (40, 40, 6)).astype(np.int16)
-  source = preprocess.SourceVolume(hu, 1.0, 0.0, np.diag([1.5, 1.5, 1.5, 1.0]))
+  source = sources.SourceVolume(hu, 1.0, 0.0, np.diag([1.5, 1.5, 1.5, 1.0]))
   volume, spacing = preprocess.preprocess(source, params)
   assert volume.dtype == np.int16 and volume.shape == (20, 20, 10)
   np.testing.assert_allclose(spacing, 1.5)

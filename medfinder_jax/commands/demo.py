@@ -1,6 +1,6 @@
 """`launch.py demo`: the whole chain on a laptop CPU in minutes, proving that retrieval is learned.
 
-phantom corpus (data_prep.phantom) -> TFRecords (data_prep.convert) -> training
+phantom corpus (data_prep.phantom_layouts) -> TFRecords (data_prep.convert) -> training
 (train.train_and_evaluate, within a time budget) -> test-split evaluation of the best checkpoint
 (commands/eval.py) -> the paper-style table beside chance, metrics.json, plots.
 
@@ -19,8 +19,9 @@ import os
 import time
 
 from data_prep import convert as convert_lib
-from data_prep import corpus
+from data_prep import corpus_bimcv
 from data_prep import phantom
+from data_prep import phantom_layouts
 from medfinder_jax import errors
 from medfinder_jax import logging as logging_lib
 from medfinder_jax import metrics as metrics_lib
@@ -45,8 +46,8 @@ def make_corpus(directory, n, seed, log):
     log(f"[1/4] phantom corpus: reusing {directory} ({n} studies)")
     return
   log(f"[1/4] phantom corpus: {n} synthetic chest CT studies with reports -> {directory}")
-  phantom.write_phantom_corpus(directory, n=n, seed=seed, folders=FOLDERS, size=PHANTOM_SIZE,
-                               slices=PHANTOM_SLICES, progress=True)
+  phantom_layouts.write_phantom_corpus(directory, n=n, seed=seed, folders=FOLDERS,
+                                       size=PHANTOM_SIZE, slices=PHANTOM_SLICES, progress=True)
 
 
 def _csv_rows(path):
@@ -137,7 +138,7 @@ def check_settings(config, n, minutes):
 def train_studies(n):
   """Studies of an n-study phantom corpus in the folder split's train folders."""
   folders = [f"CT{i}" for i in range(1, FOLDERS + 1)]
-  train_folders = set(corpus.folder_split_assignment(folders)["train"])
+  train_folders = set(corpus_bimcv.folder_split_assignment(folders)["train"])
   return sum(phantom.folder_of(index, FOLDERS, n) in train_folders for index in range(n))
 
 

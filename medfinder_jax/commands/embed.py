@@ -19,8 +19,9 @@ import os
 import jax
 import numpy as np
 
-from data_prep import corpus
+from data_prep import corpus_base
 from data_prep import preprocess
+from data_prep import sources
 from medfinder_jax import distributed
 from medfinder_jax import encode
 from medfinder_jax import errors
@@ -127,16 +128,16 @@ def list_volume_files(directory):
   for root, dirs, files in os.walk(directory):
     dirs.sort()
     for name in files:
-      if name.endswith(corpus.VOLUME_SUFFIXES):
+      if name.endswith(corpus_base.VOLUME_SUFFIXES):
         found.append(os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/"))
   if not found:
     raise EmbedError(f"--volumes {directory}: no .nii or .nii.gz files in it")
-  return sorted(found, key=corpus.natural_key)
+  return sorted(found, key=corpus_base.natural_key)
 
 
 def read_report_beside(path):
   """The report of a volume from <name>.txt beside <name>.nii(.gz), or "" when there is none."""
-  report_path = corpus.study_id_of(path) + REPORT_SUFFIX
+  report_path = corpus_base.study_id_of(path) + REPORT_SUFFIX
   if not os.path.isfile(report_path):
     return ""
   with open(report_path, encoding="utf-8", errors="replace") as f:
@@ -170,7 +171,7 @@ def _embed_volume_folder(config, model_path, directory, log):
                                      config.eval.batch_size_per_device)
   embeddings = interchange.EmbeddingSet(
       image_embeddings=image[keep], text_embeddings=text,
-      study_ids=np.asarray([corpus.study_id_of(files[i]) for i in keep], dtype=str),
+      study_ids=np.asarray([corpus_base.study_id_of(files[i]) for i in keep], dtype=str),
       reports=np.asarray(reports, dtype=str),
       source_paths=np.asarray([files[i] for i in keep], dtype=str))
   record = {**loaded.identity, "embedded_from": {
@@ -201,7 +202,7 @@ def _embed_files(loaded, paths, mesh, batch_size_per_device, max_volume_mib=None
         volumes[row] = preprocess.volume_from_file(path, params, max_volume_mib)
         shown[row] = thumbnails.panels(volumes[row], params)
         status[row] = True
-      except preprocess.BadVolume as err:
+      except sources.BadVolume as err:
         why[row] = str(err).removeprefix(f"{path}: ")
     images.append(encode.volumes(loaded.model, loaded.variables, volumes, params.intensity,
                                  mesh))
