@@ -30,11 +30,16 @@ def test_a_deadline_in_the_past_asks_to_stop_for_the_time_budget():
 
 
 def test_ctrl_c_asks_to_stop_and_a_second_one_stops_at_once():
-  with stopping.StopRequest() as stop:
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.05)
-    assert stop.reason == "SIGINT" and stop.agreed()
-    with pytest.raises(KeyboardInterrupt):
+  # Python's own handler, as in a terminal (a job started in the background inherits SIG_IGN).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with stopping.StopRequest() as stop:
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(0.05)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+      assert stop.reason == "SIGINT" and stop.agreed()
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
+  finally:
+    signal.signal(signal.SIGINT, previous)
