@@ -288,6 +288,7 @@ def test_a_study_that_failed_unexpectedly_is_retried_by_a_rerun(phantom_root, re
   assert dataset_files(tmp_path) == dataset_files(reference)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_and_the_dataset_is_identical(phantom_root, reference,
                                                                   tmp_path, monkeypatch):
   monkeypatch.setenv("KILL_AT_STUDY", train_shards(phantom_root)[1].studies[1].study_id)
@@ -300,6 +301,7 @@ def test_a_killed_worker_is_retried_and_the_dataset_is_identical(phantom_root, r
   assert dataset_files(out) == dataset_files(reference)
 
 
+@pytest.mark.slow
 def test_a_study_that_always_kills_its_worker_is_skipped_until_a_rerun(phantom_root, reference,
                                                                        tmp_path, monkeypatch):
   target = train_shards(phantom_root)[0].studies[0].study_id
@@ -359,6 +361,7 @@ def always_die(study):
   os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_workers_that_always_die_stop_the_conversion_with_advice(phantom_root, tmp_path):
   with pytest.raises(corpus_base.CorpusError, match="--workers 0"):
     run_convert(phantom_root, tmp_path, workers=1, convert_fn=always_die)

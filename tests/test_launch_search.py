@@ -289,6 +289,7 @@ def test_volume_queries_need_reports(tmp_path):
     search_command.search_embedding(index, embeddings["image_embeddings"][0], "volume", top_k=1)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_embed_with_a_message_and_keeps_the_old_index(aligned, tmp_path):
   from small_disk import launch as command, read, run_on_small_disk  # pylint: disable=import-outside-toplevel
   embed = command("embed", "--model_path", aligned.released_path, "--split", "test",

@@ -152,6 +152,7 @@ def assert_gradients_match(grads, expected):
     np.testing.assert_allclose(grads[path], value, rtol=1e-4, atol=1e-4 * scale, err_msg=path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, fsdp", [(8, 1), (2, 4)])
 def test_one_step_on_8_devices_matches_1_device(parts, single_device_step, data, fsdp):
   _, ref_grads, ref, ref_metrics, _ = single_device_step
@@ -190,6 +191,7 @@ def test_a_step_moves_the_trainable_params_and_never_the_frozen_ones(single_devi
   assert np.isfinite(metrics["loss"]) and metrics["lr"] == pytest.approx(1e-3)
 
 
+@pytest.mark.slow
 def test_a_fixed_temperature_stays_at_its_initial_value(parts):
   before, grads, after, _, _ = one_step(parts, devices=1, data=1, fsdp=1,
                                         learn_temperature=False)
@@ -400,6 +402,7 @@ def test_loss_falls_and_recall_rises_above_chance(tiny_config, tmp_path_factory,
   assert val["t2i"]["R@10"] > 100 * 10 / 42 + 10
 
 
+@pytest.mark.slow
 def test_resume_skips_a_damaged_latest_step_and_says_which_and_why(tiny_config, tiny_dataset,
                                                                   tmp_path, capsys):
   from test_checkpoint import truncate_largest_array_file  # pylint: disable=import-outside-toplevel
