@@ -302,3 +302,13 @@ def test_loss_on_a_batch_sharded_over_8_devices_equals_the_unsharded_loss(kind):
                                               num_blocks=8)[0])
   sharded = fn(jax.device_put(text, rows), jax.device_put(image, rows))
   np.testing.assert_allclose(sharded, fn(text, image), rtol=1e-5)
+
+
+def test_l2_normalize_keeps_an_all_zero_row_finite_and_scales_others_to_unit_length():
+  """A zero embedding (e.g. a padded row) must stay 0, not turn into NaN that spreads through
+  the similarity matrix; other rows get unit norm."""
+  x = jnp.array([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]], jnp.bfloat16)
+  out = losses.l2_normalize(x)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(out[0]), [0.0, 0.0, 0.0])
+  np.testing.assert_allclose(np.asarray(out[1]), [0.6, 0.0, 0.8], rtol=1e-5)
