@@ -21,9 +21,9 @@ from medfinder_jax import loading
 from medfinder_jax import logging as logging_lib
 from medfinder_jax import metrics as metrics_lib
 from medfinder_jax import sharding
+from medfinder_jax.commands import metrics as metrics_command
 
 EMBEDDINGS_FILE = "embeddings.npz"
-METRICS_FILE = "metrics.json"
 
 
 def stderr_log(message):
@@ -94,34 +94,12 @@ def write_evaluation(directory, evaluation, extra, plots):
   """embeddings.npz, metrics.json (with `extra` fields) and, with `plots`, the rank plots into
   `directory`; returns (metrics, written paths)."""
   npz = os.path.join(directory, EMBEDDINGS_FILE)
-  written = [_written(npz, lambda: interchange.save_embeddings(npz, evaluation.embeddings))]
+  written = [metrics_command.checked_write(
+      npz, lambda: interchange.save_embeddings(npz, evaluation.embeddings))]
   metrics = {**evaluation.metrics, "embeddings": os.path.abspath(npz), **extra}
-  return metrics, written + write_metrics(os.path.join(directory, METRICS_FILE), metrics,
-                                          evaluation.ranks, directory if plots else None,
-                                          evaluation.embeddings)
-
-
-def write_metrics(path, metrics, ranks, plots_dir=None, embeddings=None):
-  """metrics.json at `path` and, with `plots_dir`, rank_histogram.png and recall_at_k.png (+ one
-  ROC curve per zero-shot label when `embeddings` carry labels and prompts)."""
-  written = [_written(path, lambda: interchange.write_metrics_json(path, metrics))]
-  if plots_dir:
-    from medfinder_jax import plots   # matplotlib only when plots are asked for
-    written += _written(plots_dir, lambda: plots.save_retrieval_plots(ranks, plots_dir))
-    section = metrics.get("zeroshot") or {}
-    if embeddings is not None and section.get("labels"):
-      if metrics.get("gallery", {}).get("unit") == "scan":
-        embeddings = metrics_lib.scan_gallery(embeddings)
-      written += _written(plots_dir, lambda: plots.save_roc_plots(
-          metrics_lib.zeroshot_scores(embeddings), embeddings.labels, section, plots_dir))
-  return written
-
-
-def _written(path, write):
-  try:
-    return write()
-  except OSError as err:
-    raise interchange.InterchangeError(f"{path}: cannot write ({err.strerror or err})") from None
+  return metrics, written + metrics_command.write_metrics(
+      os.path.join(directory, metrics_command.METRICS_FILE), metrics, evaluation.ranks,
+      directory if plots else None, evaluation.embeddings)
 
 
 def format_result(metrics, written):

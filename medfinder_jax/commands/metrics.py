@@ -1,7 +1,9 @@
 """`launch.py metrics`: the metrics of an embeddings.npz made by any system, offline on a CPU
 -> metrics.json (next to the npz by default) and optional plots, and the table.
 
-The same computation as `launch.py eval` (metrics.embedding_metrics) on the file's contents.
+The same computation as `launch.py eval` (metrics.embedding_metrics) on the file's contents;
+`write_metrics` is also how eval writes its files. Nothing here imports the input pipeline
+(TensorFlow), so the command starts in the time JAX takes to import.
 """
 
 import json
@@ -9,7 +11,9 @@ import os
 
 from medfinder_jax import interchange
 from medfinder_jax import metrics as metrics_lib
-from medfinder_jax.commands import eval as eval_command
+
+
+METRICS_FILE = "metrics.json"
 
 
 def run(config, embeddings_path, *, output_path=None, output_dir=None, plots_dir=None,
@@ -24,10 +28,10 @@ def run(config, embeddings_path, *, output_path=None, output_dir=None, plots_dir
   result, ranks = metrics_lib.embedding_metrics(embeddings, settings)
   result["embeddings"] = os.path.abspath(embeddings_path)
   directory = output_dir or os.path.dirname(os.path.abspath(embeddings_path))
-  output_path = output_path or os.path.join(directory, eval_command.METRICS_FILE)
+  output_path = output_path or os.path.join(directory, METRICS_FILE)
   if plots_dir is True:
     plots_dir = os.path.dirname(os.path.abspath(output_path))
-  return result, eval_command.write_metrics(output_path, result, ranks, plots_dir or None,
+  return result, write_metrics(output_path, result, ranks, plots_dir or None,
                                             embeddings)
 
 
@@ -36,3 +40,27 @@ def format_result(metrics, show_chance=False, as_json=False):
   if as_json:
     return json.dumps(metrics, indent=2)
   return metrics_lib.format_metrics_table(metrics, show_chance=show_chance)
+
+
+def write_metrics(path, metrics, ranks, plots_dir=None, embeddings=None):
+  """metrics.json at `path` and, with `plots_dir`, rank_histogram.png and recall_at_k.png (+ one
+  ROC curve per zero-shot label when `embeddings` carry labels and prompts)."""
+  written = [checked_write(path, lambda: interchange.write_metrics_json(path, metrics))]
+  if plots_dir:
+    from medfinder_jax import plots   # matplotlib only when plots are asked for
+    written += checked_write(plots_dir, lambda: plots.save_retrieval_plots(ranks, plots_dir))
+    section = metrics.get("zeroshot") or {}
+    if embeddings is not None and section.get("labels"):
+      if metrics.get("gallery", {}).get("unit") == "scan":
+        embeddings = metrics_lib.scan_gallery(embeddings)
+      written += checked_write(plots_dir, lambda: plots.save_roc_plots(
+          metrics_lib.zeroshot_scores(embeddings), embeddings.labels, section, plots_dir))
+  return written
+
+
+def checked_write(path, write):
+  """write()'s result; an OSError becomes an InterchangeError naming `path`."""
+  try:
+    return write()
+  except OSError as err:
+    raise interchange.InterchangeError(f"{path}: cannot write ({err.strerror or err})") from None
