@@ -35,18 +35,9 @@ def run_beam(root, out, options=IN_MEMORY, convert_fn=convert.convert_study, **o
                                      options, log=lambda *_: None, convert_fn=convert_fn)
 
 
-@pytest.fixture(scope="module")
-def phantom_root(tmp_path_factory):
-  root = tmp_path_factory.mktemp("phantom")
-  phantom_layouts.write_phantom_corpus(str(root), n=14, seed=0, folders=4, size=48, slices=16)
-  return root
-
-
-@pytest.fixture(scope="module")
-def reference(phantom_root, tmp_path_factory):
-  out = tmp_path_factory.mktemp("reference")
-  test_convert.run_convert(phantom_root, out, workers=0)
-  return out
+# The corpus and its local conversion, as test_convert.py builds them (module-scoped fixtures).
+phantom_root = test_convert.phantom_root
+reference = test_convert.reference
 
 
 @pytest.fixture(scope="module")
