@@ -77,7 +77,7 @@ def split_labels(builder, spec, split, reports, settings):
   """(labels (N, L) int8, label names) of a split: the records' label vectors when the dataset
   has them (CT-RATE), else the configured findings read from the reports (negation-aware,
   findings.py); (None, None) when neither applies."""
-  names = tuple(getattr(spec, "label_names", ()) or ())
+  names = tuple(spec.label_names)
   if names:
     return np.asarray(input_pipeline.split_labels(builder, split), np.int8), names
   if settings.zeroshot.findings and reports is not None:
