@@ -332,48 +332,30 @@ def chance_levels(n, ks=RECALL_KS):
   return chance
 
 
-def _order_statistic(sorted_values, cumulative_counts, m):
-  """The m-th smallest (1-based) value of a multiset given as sorted values + cumulative counts
-  (along the last axis): the first position whose cumulative count reaches m."""
-  position = jnp.sum(cumulative_counts < m, axis=-1, keepdims=True)
-  return jnp.take_along_axis(sorted_values, position, axis=-1)[..., 0]
-
-
-@functools.partial(jax.jit, static_argnames=("ks",))
-def _rank_replicates(keys, order, sorted_ranks, sorted_hits, ks):
-  """Bootstrap replicates for M directions sharing the same N queries, as totals over N draws.
-
-  order: (M, N) query indices sorting each direction's ranks; sorted_ranks: (M, N) float32;
-  sorted_hits: (len(ks), M, N) float32, DirectionRanks.hits(k) in the same order.
-  Each replicate resamples the N query rows (pairs) with replacement, the same rows for every
-  direction. Returns {"R@K": hits, "MnR": rank sum, "MdR": median rank}, each (keys, M) float32
-  (medians are exact; the host divides the totals by N).
-  """
-  n = order.shape[1]
-  middle = ((n + 1) // 2, n // 2 + 1)   # np.median's order statistics (equal when N is odd)
-
-  def replicate(key):
-    weights = bootstrap.resample_counts(key, n)[order]              # (M, N), sorted by rank
-    out = {f"R@{k}": jnp.sum(weights * sorted_hits[i], axis=1) for i, k in enumerate(ks)}
-    out["MnR"] = jnp.sum(weights * sorted_ranks, axis=1)
-    cumulative = jnp.cumsum(weights, axis=1)
-    out["MdR"] = (_order_statistic(sorted_ranks, cumulative, middle[0])
-                  + _order_statistic(sorted_ranks, cumulative, middle[1])) / 2
-    return out
-
-  return jax.vmap(replicate)(keys)
-
-
 def _bootstrap_rank_totals(directions, seed, ks, num_samples):
-  """{"R@K" | "MnR" | "MdR": (num_samples, M)} totals of _rank_replicates for M DirectionRanks
-  of the same N queries."""
+  """{"R@K": hits, "MnR": rank sum, "MdR": median rank}, each (num_samples, M), of bootstrap
+  replicates for M DirectionRanks of the same N queries.
+
+  Each replicate resamples the N query rows (pairs) with replacement, the same rows for every
+  direction; the host divides the totals by N (medians are exact order statistics, as
+  np.median's)."""
   ranks = np.stack([d.ranks for d in directions])
   order = np.argsort(ranks, axis=1, kind="stable")
-  sort = lambda x: np.take_along_axis(x, order, axis=1).astype(np.float32)  # noqa: E731
-  hits = np.stack([sort(np.stack([d.hits(k) for d in directions])) for k in ks])
-  kernel = functools.partial(_rank_replicates, ks=tuple(ks))
-  return bootstrap.run_replicates(kernel, seed, num_samples, jnp.asarray(order, jnp.int32),
-                                  jnp.asarray(sort(ranks)), jnp.asarray(hits))
+  sort = lambda x: np.ascontiguousarray(np.take_along_axis(x, order, axis=-1))  # noqa: E731
+  hits = np.ascontiguousarray(np.take_along_axis(
+      np.stack([np.stack([d.hits(k) for k in ks]) for d in directions]), order[:, None], axis=2))
+  sorted_ranks, n = sort(ranks), ranks.shape[1]
+  middle = np.array([(n + 1) // 2, n // 2 + 1], np.int64)   # equal when N is odd
+
+  def kernel(counts):
+    m, r = len(directions), counts.shape[1]
+    out_hits, out_sum, out_median = np.zeros((m, len(ks), r)), np.zeros((m, r)), np.zeros((m, r))
+    bootstrap.kernels().rank_totals(counts, order, sorted_ranks, hits, middle, out_hits, out_sum,
+                                    out_median)
+    return {**{f"R@{k}": out_hits[:, i].T for i, k in enumerate(ks)}, "MnR": out_sum.T,
+            "MdR": out_median.T}
+
+  return bootstrap.run_replicates(kernel, seed, num_samples, n)
 
 
 def bootstrap_rank_intervals(ranks_by_direction, *, ks=RECALL_KS, num_samples=1000, seed=0,
@@ -473,29 +455,20 @@ def precision_at_k(scores, relevant, ks=PRECISION_KS):
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("ks",))
-def _precision_replicates(keys, order, relevant_sorted, ks):
-  """Bootstrap replicates of P@K resampling the gallery: a gallery item drawn c times fills c
-  consecutive places of the ranking. order: (Q, N) gallery indices, best first; relevant_sorted:
-  (Q, N) float32 relevance in that order. Returns {K: relevant items among the top K,
-  (keys, Q) float32}."""
-  n = order.shape[-1]
-
-  def replicate(key):
-    copies = bootstrap.resample_counts(key, n)[order]       # (Q, N), in ranking order
-    before = jnp.cumsum(copies, axis=-1) - copies         # places taken by higher-scoring items
-    return {k: jnp.sum(jnp.clip(k - before, 0.0, copies) * relevant_sorted, axis=-1) for k in ks}
-
-  return jax.vmap(replicate)(keys)
-
-
 def _bootstrap_precisions(scores, relevant, seed, ks, num_samples):
-  """{K: (num_samples, Q) relevant-in-top-K counts} for (Q, N) scores and relevance."""
+  """{K: (num_samples, Q) relevant-in-top-K counts} for (Q, N) scores and relevance, resampling
+  the gallery: a gallery item drawn c times fills c consecutive places of the ranking."""
   order = np.argsort(-np.asarray(scores), axis=-1, kind="stable")
-  relevant_sorted = np.take_along_axis(np.asarray(relevant), order, axis=-1).astype(np.float32)
-  kernel = functools.partial(_precision_replicates, ks=tuple(ks))
-  return bootstrap.run_replicates(kernel, seed, num_samples, jnp.asarray(order, jnp.int32),
-                                  jnp.asarray(relevant_sorted))
+  relevant_sorted = np.ascontiguousarray(np.take_along_axis(np.asarray(relevant, bool), order,
+                                                            axis=-1))
+  ks = np.asarray(ks, np.int64)
+
+  def kernel(counts):
+    out = np.zeros((order.shape[0], len(ks), counts.shape[1]))
+    bootstrap.kernels().precision_totals(counts, order, relevant_sorted, ks, out)
+    return {int(k): out[:, j].T for j, k in enumerate(ks)}
+
+  return bootstrap.run_replicates(kernel, seed, num_samples, order.shape[-1])
 
 
 def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords, *,

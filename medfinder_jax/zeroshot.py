@@ -18,8 +18,9 @@ Per label, from the (N, L) probabilities and the (N, L) 0/1 labels:
 - Macro (mean over defined labels) and weighted (by positives) averages; percentile-bootstrap
   CIs of AUROC and F1 resampling studies (one resample shared by every label), seeded.
 
-Everything is vectorized over labels: one sort per label, then cumulative sums over the sorted
-scores, with weights (1 for the point estimates, bootstrap draw counts for replicates).
+Point estimates are vectorized over labels: one sort per label, then cumulative sums over the
+sorted scores. Bootstrap replicates walk each label's sorted studies once per batch of
+replicates with their draw counts as weights (bootstrap.py).
 """
 
 import dataclasses
@@ -37,7 +38,6 @@ from medfinder_jax import errors
 DEFAULT_TEMPLATES = (("{label}.", "No {label}."),)
 THRESHOLD_METRICS = ("F1", "accuracy", "sensitivity", "specificity")
 BOOTSTRAP_METRICS = ("AUROC", "F1")   # with CIs (AUPRC: the point estimate)
-REPLICATE_ELEMENTS = 1 << 22   # study x replicate entries per label and batch (bounds memory)
 
 
 class ZeroShotError(errors.UserError):
@@ -163,6 +163,15 @@ class SortedScores:
     return tuple(jnp.asarray(x) for x in (self.order, self.positive, self.tie_position,
                                           self.tie_start, self.tie_group, self.tie_valid, cut))
 
+  def group_ends(self):
+    """(L, N) int64: for each sorted position, the end (exclusive) of its run of equal scores."""
+    ends = np.empty(self.scores.shape, np.int64)
+    for label, row in enumerate(self.scores):
+      starts = np.flatnonzero(np.concatenate([[True], row[1:] != row[:-1]]))
+      bounds = np.append(starts[1:], len(row))
+      ends[label] = np.repeat(bounds, bounds - starts)
+    return ends
+
   def cut(self, thresholds):
     """(L,) int32: per label, the first sorted position with score >= its threshold."""
     return np.array([np.searchsorted(row, t, side="left") for row, t in
@@ -219,41 +228,13 @@ def _label_stats(weights, positive, tie_position, tie_start, tie_group, tie_vali
           "tp": total_p - fn, "fp": total_n - tn, "fn": fn, "tn": tn}
 
 
-def _replicate_label_stats(weights, positive, tie_position, tie_start, tie_group, tie_valid, cut,
-                           num_groups):
-  """AUROC and F1 of one label for R bootstrap weightings, with one cumulative sum.
-
-  AUROC as the weighted Mann-Whitney statistic through mid-ranks among all studies: with
-  A_i = (weight of every study scoring below i) + half the weight of its tie group (i included),
-  Σ_pos w_i A_i counts each positive-negative pair once (halves for ties) plus each ordered pair
-  of positives half, so U = Σ_pos w_i A_i − Wp² / 2. Only the total weight needs sorting;
-  positive-only sums are plain sums.
-  """
-  wp = weights * positive[:, None]
-  total_p, total = jnp.sum(wp, axis=0), jnp.sum(weights, axis=0)
-  below = jnp.cumsum(weights, axis=0) - weights
-  tied = tie_valid[:, None]
-  group = jax.ops.segment_sum(weights[tie_position] * tied, tie_group, num_groups)
-  u = jnp.sum(wp * (below + 0.5 * weights), axis=0)
-  u += jnp.sum(wp[tie_position] * tied * (below[tie_start] + 0.5 * group[tie_group]
-                                          - below[tie_position] - 0.5 * weights[tie_position]),
-               axis=0)
-  total_n = total - total_p
-  auroc = (u - 0.5 * total_p ** 2) / (total_p * total_n)
-  present = (jnp.arange(weights.shape[0]) >= cut)[:, None]
-  tp = jnp.sum(wp * present, axis=0)
-  fp = jnp.sum((weights - wp) * present, axis=0)
-  f1 = _f1({"tp": tp, "fp": fp, "fn": total_p - tp})
-  return {"AUROC": jnp.where((total_p > 0) & (total_n > 0), auroc, jnp.nan), "F1": f1}
-
-
-def _all_labels(weights, per_label, num_groups, stats=_label_stats):
-  """`stats` of every label (one at a time: memory N x R), as {name: (R, L)}.
+def _all_labels(weights, per_label, num_groups):
+  """_label_stats of every label (one at a time: memory N x R), as {name: (R, L)}.
   weights: (N, R) by study; per_label: SortedScores.arrays()."""
 
   def one(x):
     order, rest = x[0], x[1:]
-    return stats(weights[order], *rest, num_groups)
+    return _label_stats(weights[order], *rest, num_groups)
 
   return {k: v.T for k, v in jax.lax.map(one, per_label).items()}
 
@@ -264,18 +245,20 @@ def _point_stats(per_label, num_groups):
   return {k: v[0] for k, v in _all_labels(jnp.ones((n, 1)), per_label, num_groups).items()}
 
 
-@functools.partial(jax.jit, static_argnames=("num_groups",))
-def _replicate_stats(keys, per_label, num_groups):
-  """Bootstrap replicates: each key resamples the N studies (shared by every label); returns
-  {"AUROC", "F1"}, each (keys, L)."""
-  n = per_label[0].shape[1]
-  weights = jax.vmap(lambda key: bootstrap.resample_counts(key, n))(keys).T     # (N, R)
-  return _all_labels(weights, per_label, num_groups, _replicate_label_stats)
-
-
-def _f1(stats):
-  denominator = 2 * stats["tp"] + stats["fp"] + stats["fn"]
-  return jnp.where(denominator > 0, 2 * stats["tp"] / jnp.maximum(denominator, 1e-30), jnp.nan)
+def _replicate_stats(counts, sorted_scores, group_end, cut):
+  """{"AUROC", "F1"}, each (R, L), of the bootstrap replicates whose draw counts are `counts`
+  (N studies x R replicates; one resample shared by every label). group_end:
+  sorted_scores.group_ends(); cut: (L,) first position called present."""
+  positive = sorted_scores.positive > 0
+  totals = np.zeros((len(cut), 5, counts.shape[1]))
+  for label, out in enumerate(totals):
+    bootstrap.kernels().label_totals(counts, sorted_scores.order[label], positive[label],
+                                     group_end[label], int(cut[label]), out)
+  twice_u, total_p, total_n, fn, tn = np.moveaxis(totals, 1, 0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    auroc = np.where((total_p > 0) & (total_n > 0), 0.5 * twice_u / (total_p * total_n), np.nan)
+    f1 = _threshold_metrics({"tp": total_p - fn, "fp": total_n - tn, "fn": fn, "tn": tn})["F1"]
+  return {"AUROC": auroc.T, "F1": f1.T}
 
 
 # --- Operating points ------------------------------------------------------------------------------
@@ -284,7 +267,10 @@ def youden_thresholds(scores, labels):
   """(L,) float32: per label, the score that maximizes sensitivity + specificity − 1 when P ≥
   threshold is called present (ties to the highest threshold); NaN for a label without
   positives or negatives."""
-  sorted_scores = SortedScores.of(scores, labels)
+  return _youden_thresholds(SortedScores.of(scores, labels))
+
+
+def _youden_thresholds(sorted_scores):
   positive = sorted_scores.positive.astype(np.float64)
   total_p = positive.sum(axis=1, keepdims=True)
   total_n = positive.shape[1] - total_p
@@ -333,17 +319,12 @@ def _averages(per_label, weights):
   return out
 
 
-def _replicate_batch(n):
-  """Replicates per device call: a label's (N, R) arrays stay near REPLICATE_ELEMENTS entries."""
-  return max(1, min(bootstrap.BATCH, REPLICATE_ELEMENTS // max(n, 1)))
-
-
 def _bootstrap_intervals(sorted_scores, cut, num_samples, seed, level):
   """{metric: (L, 2)} per-label and {metric: [lo, hi]} macro percentile intervals."""
   n = sorted_scores.positive.shape[1]
-  kernel = functools.partial(_replicate_stats, num_groups=sorted_scores.num_groups)
-  samples = bootstrap.run_replicates(kernel, seed, num_samples, sorted_scores.arrays(cut),
-                                     batch=_replicate_batch(n))
+  group_end = sorted_scores.group_ends()
+  samples = bootstrap.run_replicates(
+      lambda counts: _replicate_stats(counts, sorted_scores, group_end, cut), seed, num_samples, n)
   per_label, macro = {}, {}
   with np.errstate(invalid="ignore"), warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)   # undefined labels: all-NaN replicates
@@ -378,10 +359,10 @@ def classification_metrics(scores, labels, label_names, *, thresholds=None,
   if len(label_names) != labels.shape[1]:
     raise ZeroShotError(f"{len(label_names)} label names for {labels.shape[1]} label columns")
   labels = (labels > 0).astype(np.int8)
-  if thresholds is None:
-    thresholds = youden_thresholds(scores, labels)
-  thresholds = np.asarray(thresholds, np.float32)
   sorted_scores = SortedScores.of(scores, labels)
+  if thresholds is None:
+    thresholds = _youden_thresholds(sorted_scores)
+  thresholds = np.asarray(thresholds, np.float32)
   cut = sorted_scores.cut(np.where(np.isnan(thresholds), np.inf, thresholds))
   stats = {k: np.asarray(v, np.float64) for k, v in _point_stats(
       sorted_scores.arrays(cut), num_groups=sorted_scores.num_groups).items()}

@@ -303,9 +303,9 @@ def tied_directions(n, seed):
 def test_bootstrap_replicates_equal_metrics_of_explicitly_resampled_queries():
   directions = tied_directions(300, seed=2)
   totals = metrics._bootstrap_rank_totals(directions, seed=9, ks=(1, 5, 10), num_samples=4)
-  keys = next(bootstrap.replicate_keys(9, 4))
+  counts = bootstrap.resample_counts(9, 0, 4, 300)
   for b in range(4):
-    draws = np.asarray(jax.random.randint(keys[b], (300,), 0, 300))
+    draws = np.repeat(np.arange(300), counts[:, b])       # the resampled queries, as a multiset
     for m, d in enumerate(directions):
       expected = metrics.summarize_ranks(d._replace(greater=d.greater[draws],
                                                     tied=d.tied[draws]))
@@ -395,6 +395,20 @@ def test_bootstrapped_precision_fills_the_top_k_with_resampled_copies():
   relevant = np.ones((1, 60), bool)
   hits = metrics._bootstrap_precisions(scores, relevant, 0, (20, 50), 20)
   assert np.all(np.asarray(hits[20]) == 20) and np.all(np.asarray(hits[50]) == 50)
+
+
+def test_bootstrapped_precision_equals_p_at_k_of_the_explicitly_resampled_gallery():
+  rng = np.random.default_rng(4)
+  scores = rng.integers(0, 40, size=(3, 200)).astype(np.float32)      # many tied scores
+  relevant = rng.random((3, 200)) < 0.3
+  hits = metrics._bootstrap_precisions(scores, relevant, 5, (20, 50), 4)
+  counts = bootstrap.resample_counts(5, 0, 4, 200)
+  for b in range(4):
+    drawn = np.repeat(np.arange(200), counts[:, b])           # the resampled gallery
+    for q in range(3):
+      ranked = drawn[np.argsort(-scores[q, drawn], kind="stable")]
+      for k in (20, 50):
+        assert hits[k][b, q] == relevant[q, ranked[:k]].sum()
 
 
 # --- Tables ---------------------------------------------------------------------------------------
