@@ -24,7 +24,6 @@ replicates with their draw counts as weights (bootstrap.py).
 """
 
 import dataclasses
-import functools
 import math
 import warnings
 
@@ -124,21 +123,11 @@ def probabilities(image_embeddings, prompt_embeddings, scale):
 
 @dataclasses.dataclass
 class SortedScores:
-  """Each label's scores sorted ascending, (L, N), and the tie groups among them.
-
-  Statistics are computed over the sorted order as if untied and then corrected at the tied
-  positions only (few, for continuous scores). Per label, tied positions are listed padded to
-  the same length K: tie_position, tie_start (the first position of its group of equal scores),
-  tie_group (the group's number within the label) and tie_valid (0 for padding).
-  """
+  """Each label's scores sorted ascending, (L, N), and its runs of equal scores (tie groups)."""
   order: np.ndarray        # (L, N) int32 study indices, ascending score
   scores: np.ndarray       # (L, N) float32 sorted scores
-  positive: np.ndarray     # (L, N) float32 0/1 in sorted order
-  tie_position: np.ndarray  # (L, K) int32
-  tie_start: np.ndarray
-  tie_group: np.ndarray
-  tie_valid: np.ndarray    # (L, K) float32
-  num_groups: int          # the most tie groups of any label (at least 1)
+  positive: np.ndarray     # (L, N) bool, in sorted order
+  group_end: np.ndarray    # (L, N) int64: for each position, the end (exclusive) of its group
 
   @classmethod
   def of(cls, scores, labels):
@@ -146,31 +135,13 @@ class SortedScores:
     scores = np.asarray(scores, np.float32).T
     order = np.argsort(scores, axis=1, kind="stable")
     ordered = np.take_along_axis(scores, order, axis=1)
-    positive = np.take_along_axis(np.asarray(labels).T, order, axis=1).astype(np.float32)
-    ties = [_tie_groups(row) for row in ordered]
-    width = max([1] + [len(t[0]) for t in ties])
-    pad = lambda values, dtype: np.stack([np.pad(v, (0, width - len(v))) for v in values]  # noqa
-                                         ).astype(dtype)
+    positive = np.take_along_axis(np.asarray(labels).T > 0, order, axis=1)
     return cls(order=order.astype(np.int32), scores=ordered, positive=positive,
-               tie_position=pad([t[0] for t in ties], np.int32),
-               tie_start=pad([t[1] for t in ties], np.int32),
-               tie_group=pad([t[2] for t in ties], np.int32),
-               tie_valid=pad([np.ones(len(t[0])) for t in ties], np.float32),
-               num_groups=max([1] + [int(t[2].max()) + 1 for t in ties if len(t[2])]))
+               group_end=np.stack([_group_ends(row) for row in ordered]))
 
-  def arrays(self, cut):
-    """The per-label arrays _label_stats reads, in its argument order, for lax.map."""
-    return tuple(jnp.asarray(x) for x in (self.order, self.positive, self.tie_position,
-                                          self.tie_start, self.tie_group, self.tie_valid, cut))
-
-  def group_ends(self):
-    """(L, N) int64: for each sorted position, the end (exclusive) of its run of equal scores."""
-    ends = np.empty(self.scores.shape, np.int64)
-    for label, row in enumerate(self.scores):
-      starts = np.flatnonzero(np.concatenate([[True], row[1:] != row[:-1]]))
-      bounds = np.append(starts[1:], len(row))
-      ends[label] = np.repeat(bounds, bounds - starts)
-    return ends
+  def group_starts(self, label):
+    """(G,) the first position of each of a label's tie groups."""
+    return _group_starts(self.scores[label])
 
   def cut(self, thresholds):
     """(L,) int32: per label, the first sorted position with score >= its threshold."""
@@ -178,82 +149,52 @@ class SortedScores:
                      zip(self.scores, np.asarray(thresholds, np.float32))], np.int32)
 
 
-def _tie_groups(row):
-  """(positions, group starts, group numbers) of the tied entries of one sorted row."""
-  same = row[1:] == row[:-1]                       # position i+1 ties with position i
-  tied = np.zeros(len(row), bool)
-  tied[1:] |= same
-  tied[:-1] |= same
-  position = np.flatnonzero(tied)
-  opens = ~((position > 0) & same[np.maximum(position - 1, 0)])    # the first of its group
-  group = np.cumsum(opens) - 1
-  return position, position[opens][group], group
+def _group_starts(row):
+  return np.flatnonzero(np.concatenate([[True], row[1:] != row[:-1]]))
 
 
-def _label_stats(weights, positive, tie_position, tie_start, tie_group, tie_valid, cut,
-                 num_groups):
-  """Weighted statistics of one label over its sorted scores, for R weightings at once.
-
-  weights: (N, R) in this label's sorted order (1 for the point estimate, bootstrap draw counts
-  for replicates); positive: (N,) 0/1. Returns {"AUROC", "AUPRC", "tp", "fp", "fn", "tn"}, each
-  (R,); AUROC/AUPRC are NaN without positive or negative weight.
-  """
-  wp = weights * positive[:, None]
-  wn = weights - wp
-  cum_p, cum_n = jnp.cumsum(wp, axis=0), jnp.cumsum(wn, axis=0)
-  total_p, total_n = cum_p[-1], cum_n[-1]
-  below_p, below_n = cum_p - wp, cum_n - wn          # weight strictly before each position
-
-  def precision(before_p, before_n):   # of everything from a position up
-    above_p = total_p - before_p
-    return above_p / jnp.maximum(above_p + total_n - before_n, 1e-30)
-
-  # As if untied: each positive beats the negatives before it and takes the precision of
-  # everything from it up. Tied positions: a positive beats the negatives below its group and
-  # half of its group's, and takes the precision at the group's threshold.
-  auroc = jnp.sum(wp * below_n, axis=0)
-  auprc = jnp.sum(wp * precision(below_p, below_n), axis=0)
-  tied_p = wp[tie_position] * tie_valid[:, None]
-  group_n = jax.ops.segment_sum(wn[tie_position] * tie_valid[:, None], tie_group, num_groups)
-  start_p, start_n = below_p[tie_start], below_n[tie_start]
-  own_p, own_n = below_p[tie_position], below_n[tie_position]
-  auroc += jnp.sum(tied_p * (start_n - own_n + 0.5 * group_n[tie_group]), axis=0)
-  auprc += jnp.sum(tied_p * (precision(start_p, start_n) - precision(own_p, own_n)), axis=0)
-  # Called present: positions from `cut` up.
-  fn = jnp.where(cut > 0, cum_p[jnp.maximum(cut - 1, 0)], 0.0)
-  tn = jnp.where(cut > 0, cum_n[jnp.maximum(cut - 1, 0)], 0.0)
-  defined = (total_p > 0) & (total_n > 0)
-  return {"AUROC": jnp.where(defined, auroc / (total_p * total_n), jnp.nan),
-          "AUPRC": jnp.where(defined, auprc / total_p, jnp.nan),
-          "tp": total_p - fn, "fp": total_n - tn, "fn": fn, "tn": tn}
+def _group_ends(row):
+  """(N,) for each position of a sorted row, the end (exclusive) of its run of equal values."""
+  starts = _group_starts(row)
+  bounds = np.append(starts[1:], len(row))
+  return np.repeat(bounds, bounds - starts)
 
 
-def _all_labels(weights, per_label, num_groups):
-  """_label_stats of every label (one at a time: memory N x R), as {name: (R, L)}.
-  weights: (N, R) by study; per_label: SortedScores.arrays()."""
+def _point_stats(sorted_scores, cut):
+  """{"AUROC", "AUPRC", "tp", "fp", "fn", "tn"}, each (L,) float64, over tie groups.
 
-  def one(x):
-    order, rest = x[0], x[1:]
-    return _label_stats(weights[order], *rest, num_groups)
+  AUROC: each positive beats the negatives of lower groups and half of its own group's.
+  AUPRC: each positive takes the precision of everything from its group up (scikit-learn's
+  average precision over distinct thresholds). Called present: positions from `cut` up. AUROC
+  and AUPRC are NaN for a label without positives or negatives."""
+  num_labels, n = sorted_scores.positive.shape
+  stats = {name: np.full(num_labels, np.nan) for name in ("AUROC", "AUPRC", "tp", "fp", "fn",
+                                                          "tn")}
+  for label in range(num_labels):
+    positive = sorted_scores.positive[label].astype(np.float64)
+    starts = sorted_scores.group_starts(label)
+    group_p = np.add.reduceat(positive, starts)
+    group_n = np.diff(np.append(starts, n)) - group_p
+    below_p, below_n = np.cumsum(group_p) - group_p, np.cumsum(group_n) - group_n
+    total_p, total_n = group_p.sum(), group_n.sum()
+    if total_p > 0 and total_n > 0:
+      stats["AUROC"][label] = np.sum(group_p * (below_n + 0.5 * group_n)) / (total_p * total_n)
+      stats["AUPRC"][label] = np.sum(group_p * (total_p - below_p) / (n - starts)) / total_p
+    fn = positive[:cut[label]].sum()
+    stats["fn"][label], stats["tn"][label] = fn, cut[label] - fn
+    stats["tp"][label], stats["fp"][label] = total_p - fn, total_n - (cut[label] - fn)
+  return stats
 
-  return {k: v.T for k, v in jax.lax.map(one, per_label).items()}
 
-
-@functools.partial(jax.jit, static_argnames=("num_groups",))
-def _point_stats(per_label, num_groups):
-  n = per_label[0].shape[1]
-  return {k: v[0] for k, v in _all_labels(jnp.ones((n, 1)), per_label, num_groups).items()}
-
-
-def _replicate_stats(counts, sorted_scores, group_end, cut):
+def _replicate_stats(counts, sorted_scores, cut):
   """{"AUROC", "F1"}, each (R, L), of the bootstrap replicates whose draw counts are `counts`
-  (N studies x R replicates; one resample shared by every label). group_end:
-  sorted_scores.group_ends(); cut: (L,) first position called present."""
-  positive = sorted_scores.positive > 0
+  (N studies x R replicates; one resample shared by every label): the weighted _point_stats,
+  one compiled pass per label (bootstrap_kernels.label_totals). cut: (L,)."""
   totals = np.zeros((len(cut), 5, counts.shape[1]))
   for label, out in enumerate(totals):
-    bootstrap.kernels().label_totals(counts, sorted_scores.order[label], positive[label],
-                                     group_end[label], int(cut[label]), out)
+    bootstrap.kernels().label_totals(counts, sorted_scores.order[label],
+                                     sorted_scores.positive[label],
+                                     sorted_scores.group_end[label], int(cut[label]), out)
   twice_u, total_p, total_n, fn, tn = np.moveaxis(totals, 1, 0)
   with np.errstate(invalid="ignore", divide="ignore"):
     auroc = np.where((total_p > 0) & (total_n > 0), 0.5 * twice_u / (total_p * total_n), np.nan)
@@ -282,8 +223,7 @@ def _youden_thresholds(sorted_scores):
   for label in range(len(positive)):
     if total_p[label, 0] == 0 or total_n[label, 0] == 0:
       continue
-    row = sorted_scores.scores[label]
-    starts = np.flatnonzero(np.concatenate([[True], row[1:] != row[:-1]]))  # distinct scores
+    starts = sorted_scores.group_starts(label)                 # distinct scores
     best = starts[::-1][np.argmax(j[label, starts][::-1])]   # last maximum: highest threshold
     thresholds[label] = sorted_scores.scores[label, best]
   return thresholds
@@ -322,9 +262,8 @@ def _averages(per_label, weights):
 def _bootstrap_intervals(sorted_scores, cut, num_samples, seed, level):
   """{metric: (L, 2)} per-label and {metric: [lo, hi]} macro percentile intervals."""
   n = sorted_scores.positive.shape[1]
-  group_end = sorted_scores.group_ends()
-  samples = bootstrap.run_replicates(
-      lambda counts: _replicate_stats(counts, sorted_scores, group_end, cut), seed, num_samples, n)
+  samples = bootstrap.run_replicates(lambda counts: _replicate_stats(counts, sorted_scores, cut),
+                                     seed, num_samples, n)
   per_label, macro = {}, {}
   with np.errstate(invalid="ignore"), warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)   # undefined labels: all-NaN replicates
@@ -364,8 +303,7 @@ def classification_metrics(scores, labels, label_names, *, thresholds=None,
     thresholds = _youden_thresholds(sorted_scores)
   thresholds = np.asarray(thresholds, np.float32)
   cut = sorted_scores.cut(np.where(np.isnan(thresholds), np.inf, thresholds))
-  stats = {k: np.asarray(v, np.float64) for k, v in _point_stats(
-      sorted_scores.arrays(cut), num_groups=sorted_scores.num_groups).items()}
+  stats = _point_stats(sorted_scores, cut)
   per_label = {"AUROC": stats["AUROC"], "AUPRC": stats["AUPRC"], **_threshold_metrics(stats)}
   n_positive = labels.sum(axis=0)
   n = labels.shape[0]

@@ -104,7 +104,7 @@ def test_bootstrap_replicate_is_the_weighted_metric_of_resampled_studies():
   sorted_scores = zeroshot.SortedScores.of(scores, labels)
   cut = sorted_scores.cut(np.full(3, 0.5))
   counts = bootstrap.resample_counts(11, 0, 2, 200)
-  replicates = zeroshot._replicate_stats(counts, sorted_scores, sorted_scores.group_ends(), cut)
+  replicates = zeroshot._replicate_stats(counts, sorted_scores, cut)
   for b in range(2):
     drawn = np.repeat(np.arange(200), counts[:, b])       # the resampled studies, as a multiset
     for j in range(3):
