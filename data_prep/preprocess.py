@@ -20,6 +20,7 @@ symmetric SpatialPad to at least `shape`, Resize "area"), on the raw voxel order
 The parameters of both are a data_prep.schema.PreprocessParams, recorded in the dataset metadata.
 """
 
+import math
 import os
 
 import nibabel as nib
@@ -91,16 +92,20 @@ def crop_center(volume, shape):
 def body_box(source, threshold_hu):
   """[(lo, hi)] per file axis: the bounding box of voxels above `threshold_hu` (0-based, hi
   exclusive). Planes with fewer than 0.1% foreground voxels (noise, wires) are ignored."""
-  raw_threshold = (threshold_hu - source.inter) / source.slope
-  counts_xy = np.zeros(source.raw.shape[:2], np.int64)
-  counts_z = np.zeros(source.raw.shape[2], np.int64)
-  for z, mask in _masks_by_slab(source.raw, raw_threshold, source.slope > 0):
-    counts_xy += mask.sum(axis=2, dtype=np.int64)
-    counts_z[z] = mask.sum(axis=(0, 1), dtype=np.int64)
+  raw = source.raw
+  threshold = stored_threshold(raw.dtype, (threshold_hu - source.inter) / source.slope,
+                               source.slope > 0)
+  counts_xy = np.zeros(raw.shape[:2], np.int64)
+  counts_z = np.zeros(raw.shape[2], np.int64)
+  for z, mask in _masks_by_slab(raw, threshold, source.slope > 0):
+    # A slab holds at most 255 slices (_masks_by_slab), so uint8 sums cannot overflow; they
+    # run several times faster than sums of bools into int64.
+    counts_xy += np.add.reduce(mask.view(np.uint8), axis=2, dtype=np.uint8)
+    counts_z[z] = [np.count_nonzero(mask[:, :, k]) for k in range(mask.shape[2])]
   profiles = (counts_xy.sum(axis=1), counts_xy.sum(axis=0), counts_z)
   box = []
   for axis, profile in enumerate(profiles):
-    plane = source.raw.size // source.raw.shape[axis]
+    plane = raw.size // raw.shape[axis]
     inside = np.flatnonzero(profile > max(1, 1e-3 * plane))
     if inside.size == 0:
       raise sources.BadVolume(f"no body found: no voxel above {threshold_hu:g} HU "
@@ -109,10 +114,22 @@ def body_box(source, threshold_hu):
   return box
 
 
+def stored_threshold(dtype, threshold, above):
+  """`threshold` (a float in stored units) as a value of the stored `dtype` that selects the
+  same voxels (raw > it, or raw < it when not `above`): for integers floor (ceil) of it when
+  that fits the type, so the comparison runs on the integers (twice as fast as comparing them
+  as float64); otherwise the float itself."""
+  if not np.issubdtype(dtype, np.integer) or not math.isfinite(threshold):
+    return threshold
+  whole = math.floor(threshold) if above else math.ceil(threshold)
+  info = np.iinfo(dtype)
+  return dtype.type(whole) if info.min <= whole <= info.max else threshold
+
+
 def _masks_by_slab(raw, threshold, above):
-  """(z slice, raw[:, :, z] > threshold (or <)) over slabs of about MASK_SLAB voxels: a mask of
-  the whole volume would cost another half of an int16 volume."""
-  step = max(1, MASK_SLAB // (raw.shape[0] * raw.shape[1]))
+  """(z slice, raw[:, :, z] > threshold (or <)) over slabs of about MASK_SLAB voxels and at most
+  255 slices: a mask of the whole volume would cost another half of an int16 volume."""
+  step = max(1, min(255, MASK_SLAB // (raw.shape[0] * raw.shape[1])))
   for start in range(0, raw.shape[2], step):
     z = slice(start, start + step)
     yield z, raw[:, :, z] > threshold if above else raw[:, :, z] < threshold

@@ -462,3 +462,53 @@ def test_ctclip_preset_needs_int16_for_its_mapping():
     schema.PreprocessParams(volume_dtype="uint8", intensity_mapping="hu/1000")
   with pytest.raises(ValueError, match="data.fit="):
     schema.PreprocessParams(fit="squeeze")
+
+
+# --- The body box: the integer threshold and the uint8 counts give the plain definition's box ---
+
+def reference_body_box(raw, slope, inter, threshold_hu):
+  """The box of planes holding more than max(1, 0.1%) voxels above the threshold, computed as
+  written: every voxel compared in float64 with the threshold in stored units."""
+  stored = (threshold_hu - inter) / slope
+  mask = raw.astype(np.float64) > stored if slope > 0 else raw.astype(np.float64) < stored
+  box = []
+  for axis in range(3):
+    others = tuple(a for a in range(3) if a != axis)
+    inside = np.flatnonzero(mask.sum(axis=others) > max(1, 1e-3 * raw.size / raw.shape[axis]))
+    box.append((int(inside[0]), int(inside[-1]) + 1))
+  return box
+
+
+@pytest.mark.parametrize("dtype,slope,inter", [
+    (np.int16, 1.0, -1024.0),     # the threshold -500 HU is the integer 524 (strictly above)
+    (np.uint16, 0.5, -1024.0),    # 1048, an integer again
+    (np.int16, 0.3, -1024.0),     # 1746.67: between two integers
+    (np.int16, -1.0, 100.0),      # a negative slope: body voxels are below 600
+    (np.float32, 1.0, -1024.0),
+])
+def test_body_box_equals_the_plain_definition(dtype, slope, inter):
+  """A small plane over 700 slices (several slabs, and body columns of exactly 256 voxels: one
+  more than a uint8 holds), voxels exactly at the threshold, a plane under the 0.1% rule."""
+  hu = np.full((12, 10, 700), -1000.0)
+  hu[2:9, 3:8, 40:296] = 40.0
+  hu[0, 0, 5] = 40.0                            # one voxel: a plane with too little to count
+  raw = (hu - inter) / slope
+  stored = (-500.0 - inter) / slope             # at (or just short of) the threshold: not body
+  at_threshold = np.floor(stored) if slope > 0 else np.ceil(stored)
+  raw[(np.random.default_rng(5).random(hu.shape) < 0.02) & (hu < -500)] = at_threshold
+  raw = np.asfortranarray((raw if dtype == np.float32 else np.rint(raw)).astype(dtype))
+  source = sources.SourceVolume(raw, slope, inter, np.eye(4))
+  expected = reference_body_box(raw, slope, inter, -500.0)
+  assert preprocess.body_box(source, -500.0) == expected == [(2, 9), (3, 8), (40, 296)]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32])
+@pytest.mark.parametrize("threshold", [-1e6, -3.5, -3.0, 0.0, 2.5, 200.0, 65535.5, 1e12])
+@pytest.mark.parametrize("above", [True, False])
+def test_a_threshold_in_stored_integers_selects_the_same_voxels(dtype, threshold, above):
+  info = np.iinfo(dtype)
+  raw = np.unique(np.clip(np.array([-70000, -5, -4, -3, -2, 0, 1, 2, 3, 199, 200, 201, 255,
+                                    65535, 70000]), info.min, info.max)).astype(dtype)
+  stored = preprocess.stored_threshold(raw.dtype, threshold, above)
+  plain = raw.astype(np.float64) > threshold if above else raw.astype(np.float64) < threshold
+  np.testing.assert_array_equal(raw > stored if above else raw < stored, plain)
