@@ -32,6 +32,9 @@ stuck-work handling), and a study that kills its worker process (out of memory) 
 the runner, which then fails the pipeline (Dataflow after 4 attempts), instead of being
 skipped: rerun the pipeline with bigger workers, or convert that shard locally.
 
+The corpus may be on any file system Beam supports (data_prep/filesystem.py); the launcher
+reads its CSVs and listings, the workers its volumes.
+
 Importing this module without apache-beam raises filesystem.BeamNotInstalled, which names
 requirements-beam.txt.
 """

@@ -30,7 +30,8 @@ The same conversion runs as an Apache Beam pipeline (data_prep/beam_convert.py, 
 convert --beam_pipeline_options ...`): both paths share the plan (plan_conversion: shards, file
 names, study order), the per-study function (run_study -> convert_study) and the shard writer
 (write_shard), and finish with the same metadata and report (finish_conversion), so they give
-the same bytes. output_dir may be on any file system Beam supports (data_prep/filesystem.py).
+the same bytes. data_root and output_dir may be on any file system Beam supports
+(data_prep/filesystem.py: gs://, s3://, ... when apache-beam is installed), on either path.
 """
 
 import collections
@@ -190,7 +191,7 @@ def convert_study(study):
   for a volume over data.max_volume_mib (final at this limit), or ("retry", reason) for a
   failure that need not recur (a rerun tries again). Never raises."""
   try:
-    source = preprocess.load_source(os.path.join(_WORKER["data_root"], study.source_path),
+    source = preprocess.load_source(filesystem.join(_WORKER["data_root"], study.source_path),
                                     _WORKER["limits"].max_volume_mib)
     if study.source_meta:
       source = sources.with_metadata(source, study.source_meta)
@@ -588,8 +589,8 @@ def build_report(output_dir, params, corpus, shards, markers, shard_lengths):
   skipped.sort(key=lambda s: s["row"])
   converted = {split: sum(shard_lengths.get(split, [])) for split in schema.SPLITS}
   return {
-      "output_dir": output_dir if filesystem.is_remote(output_dir) else os.path.abspath(output_dir),
-      "csv": os.path.abspath(corpus.csv_path),
+      "output_dir": filesystem.absolute(output_dir),
+      "csv": filesystem.absolute(corpus.csv_path),
       "csv_rows": corpus.num_rows,
       "layout": corpus.layout,
       "split_by": corpus.split_by,
@@ -650,17 +651,14 @@ class Plan:
 
 def plan_conversion(data_config, log=print):
   """Reads the corpus and plans its shards. CorpusError for unusable input or settings."""
-  if filesystem.is_remote(data_config.data_root):
-    raise corpus_base.CorpusError(
-        f"data_root {data_config.data_root!r}: the corpus (its CSVs, folders and volumes) is "
-        f"read through this machine's file system; mount the bucket (gcsfuse, s3fs, ...) at one "
-        f"path on the launcher and every worker and pass that path (output_dir may be remote)")
+  if filesystem.is_remote(data_config.data_root):    # before the settings: say what to install
+    filesystem.require_beam(f"data_root {data_config.data_root!r}")
   try:
     params = schema.PreprocessParams.from_config(data_config)
     limits = Limits.from_config(data_config)
     corpus = corpus_lib.read_corpus(data_config, log=log)
     schema.feature_specs(params.shape, params.volume_dtype, corpus.label_columns)  # name clashes
-  except corpus_base.CorpusError:
+  except (corpus_base.CorpusError, filesystem.BeamNotInstalled):
     raise
   except ValueError as err:
     raise corpus_base.CorpusError(str(err)) from None

@@ -1,5 +1,7 @@
 """Conversion on Apache Beam (DirectRunner): the same records, report and resumption as the
-local pool, for every layout; failures inside workers are skips; retried writes are idempotent.
+local pool, for every layout; failures inside workers are skips; retried writes are idempotent;
+the corpus is read through Beam's file systems when data_root has a scheme (memtest://, a test
+file system that no `os` call sees), by Beam and by the local pool.
 
 Prism (the DirectRunner's newer engine) downloads its binary from GitHub on first use, so it
 cannot run offline and is not tested here; the tests run Beam's FnApiRunner (in_memory, and
@@ -21,6 +23,7 @@ from data_prep import convert  # noqa: E402
 from data_prep import filesystem  # noqa: E402
 from data_prep import phantom_layouts  # noqa: E402
 from medfinder_jax import errors  # noqa: E402
+import memtest_filesystem  # noqa: E402  (registers memtest://)
 import test_convert  # noqa: E402  (tests/ is on sys.path: the local converter's helpers)
 from test_convert import dataset_files, shard_stamps, train_shards  # noqa: E402
 
@@ -250,6 +253,72 @@ def test_cli_without_apache_beam_says_what_to_install(phantom_root, tmp_path, ca
   assert not os.path.exists(tmp_path / convert.STATE_DIR)
 
 
-def test_a_remote_data_root_is_refused_with_what_to_do(tmp_path):
-  with pytest.raises(errors.UserError, match="mount the bucket"):
-    run_beam("gs://bucket/corpus", tmp_path)
+def test_a_remote_data_root_without_apache_beam_says_what_to_install(tmp_path, monkeypatch):
+  for name in ("apache_beam", "apache_beam.io", "apache_beam.io.filesystems"):
+    monkeypatch.setitem(sys.modules, name, None)               # importing them fails
+  with pytest.raises(filesystem.BeamNotInstalled,
+                     match=r"data_root 'gs://bucket/corpus' needs apache-beam, which is not "
+                           r"installed: pip install -r requirements-beam.txt"):
+    test_convert.run_convert("gs://bucket/corpus", tmp_path)
+  assert not os.listdir(tmp_path)
+
+
+def test_a_scheme_no_installed_file_system_serves_is_refused_naming_it(tmp_path):
+  with pytest.raises(filesystem.BeamNotInstalled, match=r"no Beam file system for nofs:// is "
+                                                        r"installed"):
+    test_convert.run_convert("nofs://bucket/corpus", tmp_path)
+
+
+# --- The corpus on a Beam file system (memtest://) -----------------------------------------------
+
+@pytest.fixture
+def memtest_root(tmp_path, monkeypatch):
+  """tmp_path is the root of memtest:// here and in every worker process (the environment)."""
+  monkeypatch.setenv(memtest_filesystem.ROOT_VARIABLE, str(tmp_path))
+  return tmp_path
+
+
+def without_csv_path(files):
+  """dataset_files with the report's path of the CSV (local or memtest://) left out."""
+  files[convert.REPORT_NAME].pop("csv")
+  return files
+
+
+@pytest.mark.parametrize("layout", phantom_layouts.LAYOUTS)
+def test_every_layout_read_from_a_beam_file_system_converts_as_from_the_local_path(
+    memtest_root, layout):
+  root = memtest_root / layout
+  phantom_layouts.write_phantom_corpus(str(root), 6, seed=0, folders=3, size=40, slices=12,
+                                       layout=layout)
+  url = memtest_filesystem.url(root)
+  assert not os.path.exists(url)                         # os cannot see it: only the layer can
+  test_convert.run_convert(root, memtest_root / "local", workers=0)
+  expected = without_csv_path(dataset_files(memtest_root / "local"))
+  report = test_convert.run_convert(url, memtest_root / "from_url", workers=0)
+  assert report["csv"].startswith(f"{url}/") and report["num_converted"] == 6
+  assert without_csv_path(dataset_files(memtest_root / "from_url")) == expected
+  run_beam(url, memtest_root / "beam", convert_fn=memtest_filesystem.convert_study)
+  assert without_csv_path(dataset_files(memtest_root / "beam")) == expected
+
+
+def test_bad_studies_read_from_a_beam_file_system_are_skipped_as_from_the_local_path(
+    bad_corpus, memtest_root):
+  """The local pool's workers (processes) and Beam read memtest:// too, and every bad file gives
+  the reason it gives from the local path (the path in a reason aside)."""
+  root, local = bad_corpus
+  shutil.copytree(root, memtest_root / "corpus")
+  url = memtest_filesystem.url(memtest_root / "corpus")
+  expected = without_csv_path(dataset_files(local))
+  expected_skips = expected[convert.REPORT_NAME].pop("skipped")
+
+  def check(out):
+    files = without_csv_path(dataset_files(out))
+    skips = files[convert.REPORT_NAME].pop("skipped")
+    assert files == expected
+    assert [{**s, "reason": s["reason"].replace(url, str(root))} for s in skips] == expected_skips
+
+  test_convert.run_convert(url, memtest_root / "pool", workers=1,
+                           convert_fn=memtest_filesystem.convert_study)
+  check(memtest_root / "pool")
+  run_beam(url, memtest_root / "beam", convert_fn=memtest_filesystem.convert_study)
+  check(memtest_root / "beam")
