@@ -224,12 +224,17 @@ def run_study(convert_fn, study):
     with time_limit(seconds):
       return convert_fn(study)
   except StudyTimeout:
-    return "retry", (f"still running after data.study_timeout_s={seconds:g} s (a stalled file "
-                     f"system?); rerun to retry it, or raise --config.data.study_timeout_s")
+    return "retry", timed_out(seconds)
   except MemoryError:
     return "retry", OUT_OF_MEMORY
   except Exception as err:  # pylint: disable=broad-except  (a convert_fn that raises: a skip)
     return "retry", f"unexpected error: {type(err).__name__}: {err}"
+
+
+def timed_out(seconds):
+  """The skip reason of a study past data.study_timeout_s."""
+  return (f"still running after data.study_timeout_s={seconds:g} s (a stalled file system?); "
+          f"rerun to retry it, or raise --config.data.study_timeout_s")
 
 
 def _raise_timeout(signum, frame):
@@ -261,6 +266,81 @@ def time_limit(seconds):
     if outer_delay:
       left = outer_delay - (time.monotonic() - start)
       signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), outer_interval)
+
+
+STUDY_GRACE_S = 60.0     # after data.study_timeout_s, how long a StudyProcess waits for the alarm
+
+
+class StudyProcess:
+  """Runs studies one at a time through run_study in a child process, for a caller whose
+  studies would otherwise run on a thread (the Beam pipeline's DoFn: data_prep/beam_convert.py),
+  where no alarm can interrupt a study; in the child's main thread run_study's can, so
+  data.study_timeout_s applies as in the local pool. A child that dies (killed, out of memory)
+  gives ("retry", WORKER_DIED), as a worker of the local pool does; one that has not answered
+  STUDY_GRACE_S after the limit (stuck in C code, deaf to the alarm) is killed and gives the
+  timeout's skip. The next study then gets a fresh child."""
+
+  def __init__(self, init_args):
+    self.init_args, self.limits = init_args, init_args[3] or Limits()
+    self.process = self.connection = None
+
+  def run(self, convert_fn, study):
+    """run_study(convert_fn, study) in the child: the study's result, never an exception."""
+    if self.process is None:
+      self._start()
+    self.connection.send((convert_fn, study))
+    if not self.connection.poll(self.limits.study_timeout_s + STUDY_GRACE_S):
+      self.close()
+      return "retry", timed_out(self.limits.study_timeout_s)
+    try:
+      return self.connection.recv()
+    except (EOFError, OSError):
+      self.close()
+      return "retry", WORKER_DIED
+
+  def _start(self):
+    context = multiprocessing.get_context("spawn")
+    connection, child_end = context.Pipe()
+    process = context.Process(target=_serve_studies, args=(child_end, self.init_args),
+                              daemon=True, name="medfinder-study")
+    try:
+      process.start()
+    finally:
+      child_end.close()
+    self.process, self.connection = process, connection
+    try:
+      self.connection.recv()        # ready: set up (imports done) before any deadline runs
+    except EOFError:
+      self.close()
+      raise RuntimeError("the study process died while starting (see its error above)") from None
+
+  def close(self):
+    """Stops the child (killed if it does not end at once)."""
+    if self.process is None:
+      return
+    with contextlib.suppress(OSError):
+      self.connection.send(None)
+    self.process.join(timeout=5)
+    if self.process.is_alive():
+      self.process.kill()
+      self.process.join()
+    self.connection.close()
+    self.process = self.connection = None
+
+
+def _serve_studies(connection, init_args):
+  """A StudyProcess's child: set up, say so, then (convert_fn, study) -> run_study's result
+  until told to stop (None) or its parent has gone (end of the pipe)."""
+  init_worker(*init_args)
+  connection.send("ready")
+  while True:
+    try:
+      task = connection.recv()
+    except EOFError:
+      return
+    if task is None:
+      return
+    connection.send(run_study(*task))
 
 
 def encode_example(features, example, params):
