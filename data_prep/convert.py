@@ -288,9 +288,14 @@ class StudyProcess:
     """run_study(convert_fn, study) in the child: the study's result, never an exception."""
     if self.process is None:
       self._start()
-    self.connection.send((convert_fn, study))
-    if not self.connection.poll(self.limits.study_timeout_s + STUDY_GRACE_S):
+    try:
+      self.connection.send((convert_fn, study))
+    except OSError:                 # the child died between studies: a fresh one takes it
       self.close()
+      self._start()
+      self.connection.send((convert_fn, study))
+    if not self.connection.poll(self.limits.study_timeout_s + STUDY_GRACE_S):
+      self.close(kill=True)
       return "retry", timed_out(self.limits.study_timeout_s)
     try:
       return self.connection.recv()
@@ -314,13 +319,14 @@ class StudyProcess:
       self.close()
       raise RuntimeError("the study process died while starting (see its error above)") from None
 
-  def close(self):
-    """Stops the child (killed if it does not end at once)."""
+  def close(self, kill=False):
+    """Stops the child: asks it to end, or kills it (`kill`, or when it does not end at once)."""
     if self.process is None:
       return
-    with contextlib.suppress(OSError):
-      self.connection.send(None)
-    self.process.join(timeout=5)
+    if not kill:
+      with contextlib.suppress(OSError):
+        self.connection.send(None)
+      self.process.join(timeout=5)
     if self.process.is_alive():
       self.process.kill()
       self.process.join()
