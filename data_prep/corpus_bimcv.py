@@ -20,6 +20,7 @@ Splits (recorded in the dataset metadata):
   rows (for n = 10 that is 7 / 0 / 3, as in the released code).
 """
 
+import functools
 import os
 import posixpath
 
@@ -103,15 +104,26 @@ def split_of_row(row_index, bounds):
   return "val" if row_index < val_end else "test"
 
 
-def match_volume(path_text, files, data_root):
-  """(source_path, None) or (None, reason) for a CSV `path` cell."""
+def folder_check(data_root):
+  """is_folder(relative path): whether data_root/relative is a folder, each path asked once (a
+  corpus read asks it of every row, twice, and on a bucket each ask is a request)."""
+  @functools.lru_cache(maxsize=None)
+  def is_folder(relative):
+    return filesystem.isdir(filesystem.join(data_root, relative))
+  return is_folder
+
+
+def match_volume(path_text, files, data_root, is_folder=None):
+  """(source_path, None) or (None, reason) for a CSV `path` cell. `is_folder`: a folder_check
+  of data_root (a fresh one by default)."""
+  is_folder = is_folder or folder_check(data_root)
   text = path_text.strip().replace("\\", "/")
   if not text:
     return None, "empty path"
   if ".." in text.split("/"):
     return None, f"path {path_text!r} escapes data_root (contains '..'); refused"
   normalized = posixpath.normpath(text)
-  if normalized not in (".", "") and filesystem.isdir(filesystem.join(data_root, normalized)):
+  if normalized not in (".", "") and is_folder(normalized):
     return dicom_folder(normalized, data_root)
   basename = posixpath.basename(normalized)
   candidates = files.get(basename, [])
@@ -143,9 +155,10 @@ def _resolves_outside(data_root, relative):
   return not os.path.realpath(os.path.join(data_root, relative)).startswith(real_root + os.sep)
 
 
-def folder_bytes(path):
-  """Bytes of a file, or of the regular files directly in a folder (a DICOM series)."""
-  if not filesystem.isdir(path):
+def folder_bytes(path, is_dir=None):
+  """Bytes of a file, or of the regular files directly in a folder (a DICOM series); `is_dir`
+  when known."""
+  if not (filesystem.isdir(path) if is_dir is None else is_dir):
     return filesystem.size(path)
   return sum(size for _, size in filesystem.files_in(path))
 
@@ -171,7 +184,8 @@ def read_csv_corpus(data_config, layout="bimcv"):
                                     f"its columns are {columns}")
   label_columns = tuple(c for c in data_config.label_columns if c in columns)
   folders, files = index_volumes(data_root)
-  folders = sorted(set(folders) | _dicom_split_folders(table, data_root),
+  is_folder = folder_check(data_root)
+  folders = sorted(set(folders) | _dicom_split_folders(table, is_folder),
                    key=corpus_base.natural_key)
   if not folders:
     raise corpus_base.CorpusError(f"no CT*/ct/ folders under data_root {data_root!r}, nor CSV "
@@ -195,7 +209,7 @@ def read_csv_corpus(data_config, layout="bimcv"):
                                 for c in (path_column, report_column, *label_columns))), None)
     source = None
     if reason is None:
-      source, reason = match_volume(path_text, files, data_root)
+      source, reason = match_volume(path_text, files, data_root, is_folder)
     study_id = corpus_base.study_id_of(posixpath.basename(source)) if source else ""
     if source is not None:
       split = split or split_of_folder[source.split("/")[0]]
@@ -212,13 +226,13 @@ def read_csv_corpus(data_config, layout="bimcv"):
         row=row, study_id=study_id, source_path=source,
         folder=source.split("/")[0], report=record[report_column].strip(),
         labels={c: record[c] for c in label_columns}, split=split,
-        file_size=folder_bytes(filesystem.join(data_root, source))))
+        file_size=folder_bytes(filesystem.join(data_root, source), is_folder(source))))
   return corpus_base.Corpus(csv_path=csv_path, studies=studies, skipped=skipped, folders=folders,
                 split_by=split_by, split_assignment=assignment, label_columns=label_columns,
                 num_rows=len(table), layout=layout, sources={"reports": csv_path})
 
 
-def _dicom_split_folders(table, data_root):
+def _dicom_split_folders(table, is_folder):
   """First path components of CSV paths that name DICOM folders (their split folders)."""
   found = set()
   for record in table:
@@ -226,6 +240,6 @@ def _dicom_split_folders(table, data_root):
     if not text or record.problem or ".." in text.split("/"):
       continue
     normalized = posixpath.normpath(text)
-    if normalized not in (".", "") and filesystem.isdir(filesystem.join(data_root, normalized)):
+    if normalized not in (".", "") and is_folder(normalized):
       found.add(normalized.strip("/").split("/")[0])
   return found

@@ -262,6 +262,15 @@ def test_cli_without_apache_beam_says_what_to_install(phantom_root, tmp_path, ca
   assert not os.path.exists(tmp_path / convert.STATE_DIR)
 
 
+def test_a_local_corpus_converts_without_apache_beam(phantom_root, reference, tmp_path,
+                                                     monkeypatch):
+  for name in ("apache_beam", "apache_beam.io", "apache_beam.io.filesystem",
+               "apache_beam.io.filesystems"):
+    monkeypatch.setitem(sys.modules, name, None)               # any use of Beam fails
+  test_convert.run_convert(phantom_root, tmp_path, workers=0)
+  assert dataset_files(tmp_path) == dataset_files(reference)
+
+
 def test_a_remote_data_root_without_apache_beam_says_what_to_install(tmp_path, monkeypatch):
   for name in ("apache_beam", "apache_beam.io", "apache_beam.io.filesystems"):
     monkeypatch.setitem(sys.modules, name, None)               # importing them fails
