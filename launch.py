@@ -142,7 +142,8 @@ def run_phantom(args, config):
 def add_convert_args(parser):
   add_config_args(parser)
   parser.add_argument("--data_root", default=None,
-                      help="corpus root (BIMCV-R: CT*/ct/*.nii.gz, meta/*.csv; CT-RATE: dataset/)")
+                      help="corpus root (BIMCV-R: CT*/ct/*.nii.gz, meta/*.csv; CT-RATE: dataset/), "
+                           "local or on a Beam file system (gs://..., s3://...: README)")
   parser.add_argument("--layout", choices=("auto", "bimcv", "ctrate", "dicom"), default=None,
                       help="corpus layout (data.layout; default auto: detected, and printed)")
   parser.add_argument("--output_dir", default=None,

@@ -9,8 +9,8 @@ one machine; Dataflow, Flink, Spark on a cluster), for corpora that outgrow one 
   pipeline:  Create(one element per unfinished shard) -> Reshuffle (spreads the shards over the
              workers) -> ConvertShardFn: each study of the shard, in order, through
              convert.run_study (the per-study function of the local pool: read, preprocess,
-             encode, or a skip with its reason), the shard written by convert.write_shard
-             (temporary name, atomic rename, then its marker)
+             encode, or a skip with its reason) in the DoFn's convert.StudyProcess, the shard
+             written by convert.write_shard (temporary name, atomic rename, then its marker)
   launcher:  the markers of every shard -> convert.finish_conversion (dataset_info.json,
              features.json, metadata.json, conversion_report.json, written once)
 
@@ -26,11 +26,15 @@ over the final name with the same bytes, then rewrites the same marker: nothing 
 lost. A failed or cancelled pipeline leaves the shards it finished; rerunning the same command
 (on Beam or locally) redoes only the others.
 
-What differs from the local pool: data.study_timeout_s does not apply (Beam runs bundles on
-threads of its worker processes, where no signal can interrupt a study; a runner has its own
-stuck-work handling), and a study that kills its worker process (out of memory) is retried by
-the runner, which then fails the pipeline (Dataflow after 4 attempts), instead of being
-skipped: rerun the pipeline with bigger workers, or convert that shard locally.
+Why a child process per DoFn (convert.StudyProcess): Beam runs bundles on threads of its worker
+processes, where no alarm can interrupt a study; in the child's main thread it can, so
+data.study_timeout_s applies as in the local pool, and a study that kills its process (out of
+memory) is a skip with `retry: true`, as there, not a crashed Beam worker. A Beam worker that
+dies for another reason is retried by the runner, which then fails the pipeline (Dataflow after
+4 attempts); rerunning resumes.
+
+The corpus may be on any file system Beam supports (data_prep/filesystem.py); the launcher
+reads its CSVs and listings, the workers its volumes.
 
 Importing this module without apache-beam raises filesystem.BeamNotInstalled, which names
 requirements-beam.txt.
@@ -102,7 +106,8 @@ def parse_pipeline_options(text):
 
 
 class ConvertShardFn(beam.DoFn):
-  """One shard: its studies in order through convert.run_study, written by convert.write_shard.
+  """One shard: its studies in order through convert.run_study in a convert.StudyProcess (one
+  child process per DoFn instance, started by its first study), written by convert.write_shard.
   Yields the shard's file name; the outcome of every study is in the shard's marker."""
 
   def __init__(self, output_dir, init_args, convert_fn):
@@ -113,16 +118,19 @@ class ConvertShardFn(beam.DoFn):
     self.shards = beam.metrics.Metrics.counter(METRICS, "shards_written")
 
   def setup(self):
-    convert.init_worker(*self.init_args)
+    self.study_process = convert.StudyProcess(self.init_args)
 
   def process(self, task):
     shard, fingerprint = task
-    results = ((study, convert.run_study(self.convert_fn, study)) for study in shard.studies)
+    results = ((study, self.study_process.run(self.convert_fn, study)) for study in shard.studies)
     marker = convert.write_shard(self.output_dir, shard, fingerprint, self.init_args[3], results)
     self.studies.inc(marker["num_examples"])
     self.skipped.inc(len(marker["skipped"]))
     self.shards.inc()
     yield shard.filename
+
+  def teardown(self):
+    self.study_process.close()
 
 
 def build_pipeline(pipeline, tasks, output_dir, init_args, convert_fn):

@@ -30,7 +30,8 @@ The same conversion runs as an Apache Beam pipeline (data_prep/beam_convert.py, 
 convert --beam_pipeline_options ...`): both paths share the plan (plan_conversion: shards, file
 names, study order), the per-study function (run_study -> convert_study) and the shard writer
 (write_shard), and finish with the same metadata and report (finish_conversion), so they give
-the same bytes. output_dir may be on any file system Beam supports (data_prep/filesystem.py).
+the same bytes. data_root and output_dir may be on any file system Beam supports
+(data_prep/filesystem.py: gs://, s3://, ... when apache-beam is installed), on either path.
 """
 
 import collections
@@ -190,7 +191,7 @@ def convert_study(study):
   for a volume over data.max_volume_mib (final at this limit), or ("retry", reason) for a
   failure that need not recur (a rerun tries again). Never raises."""
   try:
-    source = preprocess.load_source(os.path.join(_WORKER["data_root"], study.source_path),
+    source = preprocess.load_source(filesystem.join(_WORKER["data_root"], study.source_path),
                                     _WORKER["limits"].max_volume_mib)
     if study.source_meta:
       source = sources.with_metadata(source, study.source_meta)
@@ -223,12 +224,17 @@ def run_study(convert_fn, study):
     with time_limit(seconds):
       return convert_fn(study)
   except StudyTimeout:
-    return "retry", (f"still running after data.study_timeout_s={seconds:g} s (a stalled file "
-                     f"system?); rerun to retry it, or raise --config.data.study_timeout_s")
+    return "retry", timed_out(seconds)
   except MemoryError:
     return "retry", OUT_OF_MEMORY
   except Exception as err:  # pylint: disable=broad-except  (a convert_fn that raises: a skip)
     return "retry", f"unexpected error: {type(err).__name__}: {err}"
+
+
+def timed_out(seconds):
+  """The skip reason of a study past data.study_timeout_s."""
+  return (f"still running after data.study_timeout_s={seconds:g} s (a stalled file system?); "
+          f"rerun to retry it, or raise --config.data.study_timeout_s")
 
 
 def _raise_timeout(signum, frame):
@@ -260,6 +266,87 @@ def time_limit(seconds):
     if outer_delay:
       left = outer_delay - (time.monotonic() - start)
       signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), outer_interval)
+
+
+STUDY_GRACE_S = 60.0     # after data.study_timeout_s, how long a StudyProcess waits for the alarm
+
+
+class StudyProcess:
+  """Runs studies one at a time through run_study in a child process, for a caller whose
+  studies would otherwise run on a thread (the Beam pipeline's DoFn: data_prep/beam_convert.py),
+  where no alarm can interrupt a study; in the child's main thread run_study's can, so
+  data.study_timeout_s applies as in the local pool. A child that dies (killed, out of memory)
+  gives ("retry", WORKER_DIED), as a worker of the local pool does; one that has not answered
+  STUDY_GRACE_S after the limit (stuck in C code, deaf to the alarm) is killed and gives the
+  timeout's skip. The next study then gets a fresh child."""
+
+  def __init__(self, init_args):
+    self.init_args, self.limits = init_args, init_args[3] or Limits()
+    self.process = self.connection = None
+
+  def run(self, convert_fn, study):
+    """run_study(convert_fn, study) in the child: the study's result, never an exception."""
+    if self.process is None:
+      self._start()
+    try:
+      self.connection.send((convert_fn, study))
+    except OSError:                 # the child died between studies: a fresh one takes it
+      self.close()
+      self._start()
+      self.connection.send((convert_fn, study))
+    if not self.connection.poll(self.limits.study_timeout_s + STUDY_GRACE_S):
+      self.close(kill=True)
+      return "retry", timed_out(self.limits.study_timeout_s)
+    try:
+      return self.connection.recv()
+    except (EOFError, OSError):
+      self.close()
+      return "retry", WORKER_DIED
+
+  def _start(self):
+    context = multiprocessing.get_context("spawn")
+    connection, child_end = context.Pipe()
+    process = context.Process(target=_serve_studies, args=(child_end, self.init_args),
+                              daemon=True, name="medfinder-study")
+    try:
+      process.start()
+    finally:
+      child_end.close()
+    self.process, self.connection = process, connection
+    try:
+      self.connection.recv()        # ready: set up (imports done) before any deadline runs
+    except EOFError:
+      self.close()
+      raise RuntimeError("the study process died while starting (see its error above)") from None
+
+  def close(self, kill=False):
+    """Stops the child: asks it to end, or kills it (`kill`, or when it does not end at once)."""
+    if self.process is None:
+      return
+    if not kill:
+      with contextlib.suppress(OSError):
+        self.connection.send(None)
+      self.process.join(timeout=5)
+    if self.process.is_alive():
+      self.process.kill()
+      self.process.join()
+    self.connection.close()
+    self.process = self.connection = None
+
+
+def _serve_studies(connection, init_args):
+  """A StudyProcess's child: set up, say so, then (convert_fn, study) -> run_study's result
+  until told to stop (None) or its parent has gone (end of the pipe)."""
+  init_worker(*init_args)
+  connection.send("ready")
+  while True:
+    try:
+      task = connection.recv()
+    except EOFError:
+      return
+    if task is None:
+      return
+    connection.send(run_study(*task))
 
 
 def encode_example(features, example, params):
@@ -588,8 +675,8 @@ def build_report(output_dir, params, corpus, shards, markers, shard_lengths):
   skipped.sort(key=lambda s: s["row"])
   converted = {split: sum(shard_lengths.get(split, [])) for split in schema.SPLITS}
   return {
-      "output_dir": output_dir if filesystem.is_remote(output_dir) else os.path.abspath(output_dir),
-      "csv": os.path.abspath(corpus.csv_path),
+      "output_dir": filesystem.absolute(output_dir),
+      "csv": filesystem.absolute(corpus.csv_path),
       "csv_rows": corpus.num_rows,
       "layout": corpus.layout,
       "split_by": corpus.split_by,
@@ -650,17 +737,14 @@ class Plan:
 
 def plan_conversion(data_config, log=print):
   """Reads the corpus and plans its shards. CorpusError for unusable input or settings."""
-  if filesystem.is_remote(data_config.data_root):
-    raise corpus_base.CorpusError(
-        f"data_root {data_config.data_root!r}: the corpus (its CSVs, folders and volumes) is "
-        f"read through this machine's file system; mount the bucket (gcsfuse, s3fs, ...) at one "
-        f"path on the launcher and every worker and pass that path (output_dir may be remote)")
+  if filesystem.is_remote(data_config.data_root):    # before the settings: say what to install
+    filesystem.require_beam(f"data_root {data_config.data_root!r}")
   try:
     params = schema.PreprocessParams.from_config(data_config)
     limits = Limits.from_config(data_config)
     corpus = corpus_lib.read_corpus(data_config, log=log)
     schema.feature_specs(params.shape, params.volume_dtype, corpus.label_columns)  # name clashes
-  except corpus_base.CorpusError:
+  except (corpus_base.CorpusError, filesystem.BeamNotInstalled):
     raise
   except ValueError as err:
     raise corpus_base.CorpusError(str(err)) from None

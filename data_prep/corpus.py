@@ -8,12 +8,10 @@ one converter.
 The shared types, the CSV reader and the file checks are in data_prep/corpus_base.py.
 """
 
-import glob
-import os
-
 from data_prep import corpus_base
 from data_prep import corpus_bimcv
 from data_prep import corpus_ctrate
+from data_prep import filesystem
 
 
 LAYOUTS = ("auto", "bimcv", "ctrate", "dicom")
@@ -22,13 +20,13 @@ LAYOUTS = ("auto", "bimcv", "ctrate", "dicom")
 def detect_layout(data_root):
   """(layout, why): `ctrate` when data_root holds CT-RATE's dataset/ folder (its volumes or its
   report CSVs), else `bimcv` when it holds CT*/ct/ folders, else `dicom` when it has meta/."""
-  dataset = os.path.join(data_root, "dataset")
+  dataset = filesystem.join(data_root, "dataset")
   for name in ("radiology_text_reports", "train", "valid"):
-    if os.path.isdir(os.path.join(dataset, name)):
+    if filesystem.isdir(filesystem.join(dataset, name)):
       return "ctrate", f"found dataset/{name}/"
-  if glob.glob(os.path.join(glob.escape(data_root), "CT*", "ct", "")):
+  if corpus_bimcv.ct_folders(data_root):
     return "bimcv", "found CT*/ct/ folders"
-  if os.path.isdir(os.path.join(data_root, "meta")):
+  if filesystem.isdir(filesystem.join(data_root, "meta")):
     return "dicom", "found meta/ without CT*/ct/ folders (CSV paths naming DICOM folders)"
   raise corpus_base.CorpusError(
       f"cannot tell the layout of data_root {data_root!r}: no dataset/ folder (CT-RATE), no "
@@ -38,7 +36,7 @@ def detect_layout(data_root):
 def read_corpus(data_config, log=None):
   """The Corpus of data.layout (LAYOUTS; "auto" detects it and says which via `log`)."""
   data_root = str(data_config.data_root)
-  if not data_root or not os.path.isdir(data_root):
+  if not data_root or not filesystem.isdir(data_root):
     raise corpus_base.CorpusError(f"data_root {data_root!r} is not a directory (set --data_root)")
   layout = str(data_config.get("layout", "auto"))
   if layout not in LAYOUTS:

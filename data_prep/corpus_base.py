@@ -18,6 +18,7 @@ import os
 import re
 import stat
 
+from data_prep import filesystem
 from medfinder_jax import errors
 
 
@@ -98,8 +99,7 @@ def read_csv_table(csv_path, encoding="utf-8", path_column=None, max_field_chars
   """(columns, [CsvRecord]) with every data line accounted for (module docstring). Bytes that
   are not valid `encoding` are kept as surrogate characters (U+DC80..U+DCFF) so the affected
   rows can be reported and the others still used."""
-  with open(csv_path, "rb") as file:
-    data = file.read()
+  data = filesystem.read_bytes(csv_path)
   if data.startswith((b"\xff\xfe", b"\xfe\xff")):
     encoding = "utf-16"
   elif data.startswith(b"\xef\xbb\xbf") and encoding.lower().replace("-", "") == "utf8":
@@ -204,7 +204,11 @@ def _length_problem(fields, columns, start, max_field_chars):
 
 def file_kind(path):
   """None for a regular file (or a link to one), else what `path` is, in words. Only regular
-  files are read: opening a named pipe blocks until someone writes to it."""
+  files are read: opening a named pipe blocks until someone writes to it. On a remote file
+  system (data_prep/filesystem.py) a file that exists is regular: object stores hold nothing
+  else (and the callers have told folders apart already)."""
+  if filesystem.is_remote(path):
+    return None if filesystem.size(path) is not None else "missing"
   try:
     mode = os.stat(path).st_mode
   except FileNotFoundError:

@@ -20,11 +20,12 @@ Splits (recorded in the dataset metadata):
   rows (for n = 10 that is 7 / 0 / 3, as in the released code).
 """
 
-import glob
+import functools
 import os
 import posixpath
 
 from data_prep import corpus_base
+from data_prep import filesystem
 
 
 CSV_CANDIDATES = ("curated_ct_report_path_En.csv", "BIMCV-R.csv")
@@ -34,32 +35,38 @@ SPLIT_RULES = ("folders", "rows")
 def find_csv(data_root, csv=""):
   """The CSV to read: `csv` (absolute or relative to data_root), else meta/<CSV_CANDIDATES>."""
   if csv:
-    path = csv if os.path.isabs(csv) else os.path.join(data_root, csv)
-    if not os.path.isfile(path):
+    path = csv if filesystem.isabs(csv) else filesystem.join(data_root, csv)
+    if not filesystem.isfile(path):
       raise corpus_base.CorpusError(f"CSV file {path!r} does not exist (data.csv={csv!r})")
     return path
   for name in CSV_CANDIDATES:
-    path = os.path.join(data_root, "meta", name)
-    if os.path.isfile(path):
+    path = filesystem.join(data_root, "meta", name)
+    if filesystem.isfile(path):
       return path
-  meta = os.path.join(data_root, "meta")
-  found = sorted(os.listdir(meta)) if os.path.isdir(meta) else "no meta/ folder"
+  meta = filesystem.join(data_root, "meta")
+  found = sorted(filesystem.listdir(meta)) if filesystem.isdir(meta) else "no meta/ folder"
   raise corpus_base.CorpusError(f"no CSV in {meta!r}: expected one of {list(CSV_CANDIDATES)} "
                                 f"(found: {found}); set data.csv to choose another file")
 
 
+def ct_folders(data_root):
+  """The CT* folders of data_root that hold a ct/ folder, in natural order."""
+  return sorted((name for name in filesystem.listdir(data_root)
+                 if name.startswith("CT") and filesystem.isdir(filesystem.join(data_root, name,
+                                                                                "ct"))),
+                key=corpus_base.natural_key)
+
+
 def index_volumes(data_root):
   """(folders, files): CT folders (natural order) and {basename: [relative paths]}."""
-  folders = sorted((os.path.basename(os.path.dirname(p.rstrip("/")))
-                    for p in glob.glob(os.path.join(glob.escape(data_root), "CT*", "ct", ""))),
-                   key=corpus_base.natural_key)
+  folders = ct_folders(data_root)
   files = {}
   for folder in folders:
+    ct = filesystem.join(data_root, folder, "ct")
     try:
-      names = sorted(os.listdir(os.path.join(data_root, folder, "ct")), key=corpus_base.natural_key)
+      names = sorted(filesystem.listdir(ct), key=corpus_base.natural_key)
     except OSError as err:
-      raise corpus_base.CorpusError(f"cannot list {os.path.join(data_root, folder, 'ct')!r}: "
-                                    f"{err.strerror}") from None
+      raise corpus_base.CorpusError(f"cannot list {ct!r}: {err.strerror or err}") from None
     for name in names:
       if name.endswith(corpus_base.VOLUME_SUFFIXES):
         files.setdefault(name, []).append(f"{folder}/ct/{name}")
@@ -97,25 +104,35 @@ def split_of_row(row_index, bounds):
   return "val" if row_index < val_end else "test"
 
 
-def match_volume(path_text, files, data_root):
-  """(source_path, None) or (None, reason) for a CSV `path` cell."""
+def folder_check(data_root):
+  """is_folder(relative path): whether data_root/relative is a folder, each path asked once (a
+  corpus read asks it of every row, twice, and on a bucket each ask is a request)."""
+  @functools.lru_cache(maxsize=None)
+  def is_folder(relative):
+    return filesystem.isdir(filesystem.join(data_root, relative))
+  return is_folder
+
+
+def match_volume(path_text, files, data_root, is_folder=None):
+  """(source_path, None) or (None, reason) for a CSV `path` cell. `is_folder`: a folder_check
+  of data_root (a fresh one by default)."""
+  is_folder = is_folder or folder_check(data_root)
   text = path_text.strip().replace("\\", "/")
   if not text:
     return None, "empty path"
   if ".." in text.split("/"):
     return None, f"path {path_text!r} escapes data_root (contains '..'); refused"
   normalized = posixpath.normpath(text)
-  if normalized not in (".", "") and os.path.isdir(os.path.join(data_root, normalized)):
+  if normalized not in (".", "") and is_folder(normalized):
     return dicom_folder(normalized, data_root)
   basename = posixpath.basename(normalized)
   candidates = files.get(basename, [])
   if not candidates:
     return None, f"no volume file named {basename!r} under {data_root}/CT*/ct/"
   exact = [c for c in candidates if normalized.endswith(c)]
-  kinds = {c: corpus_base.file_kind(os.path.join(data_root, c)) for c in exact or candidates}
+  kinds = {c: corpus_base.file_kind(filesystem.join(data_root, c)) for c in exact or candidates}
   source = next((c for c in kinds if kinds[c] is None), next(iter(kinds)))
-  real_root = os.path.realpath(data_root)
-  if not os.path.realpath(os.path.join(data_root, source)).startswith(real_root + os.sep):
+  if _resolves_outside(data_root, source):
     return None, f"{source} resolves outside data_root (symbolic link); refused"
   if kinds[source] is not None:
     return None, f"{source} is {kinds[source]}, not a regular file; refused"
@@ -124,22 +141,26 @@ def match_volume(path_text, files, data_root):
 
 def dicom_folder(relative, data_root):
   """(source_path, None) for a DICOM series folder inside data_root, else (None, reason)."""
-  real_root = os.path.realpath(data_root)
-  if not os.path.realpath(os.path.join(data_root, relative)).startswith(real_root + os.sep):
+  if _resolves_outside(data_root, relative):
     return None, f"{relative} resolves outside data_root (symbolic link); refused"
   return relative.strip("/"), None
 
 
-def folder_bytes(path):
-  """Bytes of a file, or of the regular files directly in a folder (a DICOM series)."""
-  if not os.path.isdir(path):
-    return os.path.getsize(path)
-  total = 0
-  with os.scandir(path) as entries:
-    for entry in entries:
-      if entry.is_file():
-        total += entry.stat().st_size
-  return total
+def _resolves_outside(data_root, relative):
+  """Whether data_root/relative is a symbolic link (or under one) to a place outside data_root.
+  A remote file system has no links (and `..` is refused before)."""
+  if filesystem.is_remote(data_root):
+    return False
+  real_root = os.path.realpath(data_root)
+  return not os.path.realpath(os.path.join(data_root, relative)).startswith(real_root + os.sep)
+
+
+def folder_bytes(path, is_dir=None):
+  """Bytes of a file, or of the regular files directly in a folder (a DICOM series); `is_dir`
+  when known."""
+  if not (filesystem.isdir(path) if is_dir is None else is_dir):
+    return filesystem.size(path)
+  return sum(size for _, size in filesystem.files_in(path))
 
 
 def read_csv_corpus(data_config, layout="bimcv"):
@@ -163,7 +184,8 @@ def read_csv_corpus(data_config, layout="bimcv"):
                                     f"its columns are {columns}")
   label_columns = tuple(c for c in data_config.label_columns if c in columns)
   folders, files = index_volumes(data_root)
-  folders = sorted(set(folders) | _dicom_split_folders(table, data_root),
+  is_folder = folder_check(data_root)
+  folders = sorted(set(folders) | _dicom_split_folders(table, is_folder),
                    key=corpus_base.natural_key)
   if not folders:
     raise corpus_base.CorpusError(f"no CT*/ct/ folders under data_root {data_root!r}, nor CSV "
@@ -187,7 +209,7 @@ def read_csv_corpus(data_config, layout="bimcv"):
                                 for c in (path_column, report_column, *label_columns))), None)
     source = None
     if reason is None:
-      source, reason = match_volume(path_text, files, data_root)
+      source, reason = match_volume(path_text, files, data_root, is_folder)
     study_id = corpus_base.study_id_of(posixpath.basename(source)) if source else ""
     if source is not None:
       split = split or split_of_folder[source.split("/")[0]]
@@ -204,13 +226,13 @@ def read_csv_corpus(data_config, layout="bimcv"):
         row=row, study_id=study_id, source_path=source,
         folder=source.split("/")[0], report=record[report_column].strip(),
         labels={c: record[c] for c in label_columns}, split=split,
-        file_size=folder_bytes(os.path.join(data_root, source))))
+        file_size=folder_bytes(filesystem.join(data_root, source), is_folder(source))))
   return corpus_base.Corpus(csv_path=csv_path, studies=studies, skipped=skipped, folders=folders,
                 split_by=split_by, split_assignment=assignment, label_columns=label_columns,
                 num_rows=len(table), layout=layout, sources={"reports": csv_path})
 
 
-def _dicom_split_folders(table, data_root):
+def _dicom_split_folders(table, is_folder):
   """First path components of CSV paths that name DICOM folders (their split folders)."""
   found = set()
   for record in table:
@@ -218,6 +240,6 @@ def _dicom_split_folders(table, data_root):
     if not text or record.problem or ".." in text.split("/"):
       continue
     normalized = posixpath.normpath(text)
-    if normalized not in (".", "") and os.path.isdir(os.path.join(data_root, normalized)):
+    if normalized not in (".", "") and is_folder(normalized):
       found.add(normalized.strip("/").split("/")[0])
   return found

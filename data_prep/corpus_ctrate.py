@@ -26,13 +26,13 @@ without a report row follow them, so converted + skipped = report rows + such vo
 """
 
 import ast
-import glob
 import hashlib
 import math
 import os
 import re
 
 from data_prep import corpus_base
+from data_prep import filesystem
 
 SPLITS = {"train": "train", "valid": "test"}       # CT-RATE folder -> our split
 CSV_NAMES = {   # role -> (exact names per folder split, patterns)
@@ -63,14 +63,13 @@ def parse_volume_name(name):
 def find_ctrate_csv(data_root, role, split):
   """The CSV of `role` for folder split `split`: its exact path, else the one file matching
   the pattern under dataset/; None when there is none. CorpusError when several match."""
-  dataset = os.path.join(data_root, "dataset")
+  dataset = filesystem.join(data_root, "dataset")
   folder, exact, word = CSV_NAMES[role]
-  path = os.path.join(dataset, folder, exact[split])
-  if os.path.isfile(path):
+  path = filesystem.join(dataset, folder, exact[split])
+  if filesystem.isfile(path):
     return path
   found = []
-  for candidate in sorted(glob.glob(os.path.join(glob.escape(dataset), "**", "*.csv"),
-                                    recursive=True)):
+  for candidate in _csv_files(dataset):
     name = os.path.basename(candidate).lower()
     if word in name and _split_of_name(name) == split:
       found.append(candidate)
@@ -78,6 +77,17 @@ def find_ctrate_csv(data_root, role, split):
     raise corpus_base.CorpusError(f"several {role} CSVs of the {split} split under {dataset!r}: "
                                   f"{found}; keep one (expected {folder}/{exact[split]})")
   return found[0] if found else None
+
+
+def _csv_files(dataset):
+  """The *.csv files anywhere under `dataset`, sorted; hidden files and folders left out (as
+  glob's ** leaves them)."""
+  found = []
+  for folder, dirs, names in filesystem.walk(dataset):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    found += [filesystem.join(folder, n) for n in names
+              if n.endswith(".csv") and not n.startswith(".")]
+  return sorted(found)
 
 
 def _split_of_name(name):
@@ -91,12 +101,12 @@ def index_ctrate_volumes(data_root):
   """{volume file name: relative path} of dataset/{train,valid}/**/*.nii(.gz), regular files."""
   files = {}
   for split in SPLITS:
-    top = os.path.join(data_root, "dataset", split)
-    for folder, dirs, names in os.walk(top):
+    top = filesystem.join(data_root, "dataset", split)
+    for folder, dirs, names in filesystem.walk(top):
       dirs.sort(key=corpus_base.natural_key)
       for name in sorted(names, key=corpus_base.natural_key):
         if name.endswith(corpus_base.VOLUME_SUFFIXES):
-          relative = os.path.relpath(os.path.join(folder, name), data_root).replace(os.sep, "/")
+          relative = filesystem.relpath(filesystem.join(folder, name), data_root)
           files.setdefault(name, relative)
   return files
 
@@ -191,7 +201,7 @@ def read_ctrate(data_config):
     for split in SPLITS:
       path = find_ctrate_csv(data_root, role, split)
       if path is None:
-        if role == "reports" or os.path.isdir(os.path.join(data_root, "dataset", split)):
+        if role == "reports" or filesystem.isdir(filesystem.join(data_root, "dataset", split)):
           folder, exact, _ = CSV_NAMES[role]
           raise corpus_base.CorpusError(
               f"no {role} CSV of the {split} split: expected dataset/{folder}/{exact[split]} "
@@ -284,7 +294,8 @@ def _study(row, name, values, split, tables, files, data_root, label_names, repo
   if relative is None:
     return None, (f"no volume file {name!r} under dataset/{split}/ (expected "
                   f"dataset/{split}/{patient_id}/{scan_id}/{name})")
-  kind = corpus_base.file_kind(os.path.join(data_root, relative))
+  path = filesystem.join(data_root, relative)
+  kind = corpus_base.file_kind(path)
   if kind is not None:
     return None, f"{relative} is {kind}, not a regular file; refused"
   report = report_text(values, report_columns)
@@ -308,5 +319,5 @@ def _study(row, name, values, split, tables, files, data_root, label_names, repo
       return None, reason
   return corpus_base.Study(
       row=row, study_id=study_id, source_path=relative, folder=split, report=report, labels={},
-      split=SPLITS[split], file_size=os.path.getsize(os.path.join(data_root, relative)),
+      split=SPLITS[split], file_size=filesystem.size(path),
       scan_id=scan_id, patient_id=patient_id, label_vector=labels, source_meta=meta), None

@@ -25,7 +25,6 @@ read into the result, and no message quotes a header value that could identify a
 
 import dataclasses
 import math
-import os
 import sys
 
 import numpy as np
@@ -33,6 +32,7 @@ import pydicom
 import pydicom.errors
 import pydicom.pixels
 
+from data_prep import filesystem
 from data_prep import sources
 
 ORIENTATION_TOL = 1e-3        # |difference| of direction cosines: slices still parallel
@@ -65,13 +65,11 @@ class Slice:
 
 def read_headers(folder):
   """(slices, ignored): the DICOM image headers of the regular files in `folder` (sorted by
-  name, for determinism only), and how many files are not DICOM images."""
+  name, for determinism only), and how many files are not DICOM images. The folder may be on
+  any file system data_prep/filesystem.py reads (each file is read from a file object)."""
   slices, ignored = [], 0
-  for name in sorted(os.listdir(folder)):
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-      continue
-    header = _read_header(path)
+  for name, _ in filesystem.files_in(folder):
+    header = _read_header(filesystem.join(folder, name))
     if header is None:
       ignored += 1
     else:
@@ -81,7 +79,8 @@ def read_headers(folder):
 
 def _read_header(path):
   try:
-    ds = pydicom.dcmread(path, defer_size=DEFER)
+    with filesystem.open_read(path) as file:
+      ds = pydicom.dcmread(file, defer_size=DEFER)
   except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, KeyError):
     return None
   if "PixelData" not in ds or "ImagePositionPatient" not in ds:
@@ -237,7 +236,8 @@ def read_pixels(ordered):
     if uniform and item.native_offset >= 0:
       _read_native(item, out[k])
       continue
-    pixels = pydicom.dcmread(item.path).pixel_array
+    with filesystem.open_read(item.path) as file:
+      pixels = pydicom.dcmread(file).pixel_array
     if pixels.shape != (first.rows, first.columns):
       raise SeriesProblem(f"slice {k + 1} holds {pixels.shape} pixels, not one frame of "
                           f"{first.rows}x{first.columns}")
@@ -249,7 +249,7 @@ def read_pixels(ordered):
 def _read_native(item, target):
   """Reads an uncompressed little-endian slice straight into `target` (Rows x Columns)."""
   view = memoryview(target.reshape(-1).view(np.uint8))
-  with open(item.path, "rb") as file:
+  with filesystem.open_read(item.path) as file:
     file.seek(item.native_offset)
     if file.readinto(view) != view.nbytes:
       raise SeriesProblem("a DICOM file ends inside its pixel data (truncated)")
@@ -264,7 +264,7 @@ def load_series(folder, max_volume_mib=None):
   except OSError as err:
     if err.errno in sources.TRANSIENT_ERRNOS:
       raise
-    raise SeriesProblem(f"cannot list the DICOM folder: {err.strerror}") from None
+    raise SeriesProblem(f"cannot list the DICOM folder: {err.strerror or err}") from None
   if not slices:
     raise SeriesProblem(f"no DICOM image files in the folder ({ignored} other files)")
   uid, members = choose_series(slices)

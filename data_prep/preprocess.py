@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from data_prep import dicom
+from data_prep import filesystem
 from data_prep import resample
 from data_prep import sources
 
@@ -36,7 +37,7 @@ MASK_SLAB = 1 << 24          # voxels per slab of the foreground masks
 def load_source(path, max_volume_mib=None):
   """The SourceVolume of `path`: a DICOM series when it is a directory, else a NIfTI file
   (.nii / .nii.gz), without scaling; sources.BadVolume says why it cannot be used."""
-  if os.path.isdir(path):
+  if filesystem.isdir(path):
     return dicom.load_series(path, max_volume_mib)
   return sources.load_nifti(path, max_volume_mib)
 

@@ -11,6 +11,7 @@ data_prep/preprocess.py picks the reader (`load_source`) and makes the record vo
 import dataclasses
 import errno
 import gzip
+import io
 import math
 import zlib
 
@@ -18,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from data_prep import corpus_base
+from data_prep import filesystem
 from medfinder_jax import errors
 
 
@@ -67,19 +69,25 @@ def load_nifti(path, max_volume_mib=None):
 
   The header is checked before any voxel is decoded (its shape and voxel type, its size against
   `max_volume_mib`, a voxel size it does not have), so a 70-byte file declaring 17 GiB costs
-  nothing. MemoryError and transient OS errors propagate: they are not the file's fault.
+  nothing. A remote file (gs://, ...: data_prep/filesystem.py) is fetched into memory and
+  decoded from there (`StoredFile`). MemoryError and transient OS errors propagate: they are not
+  the file's fault.
   """
   check_regular_file(path)
   try:
-    header = read_raw_header(path)
+    stored = StoredFile(path)
+  except FileNotFoundError:
+    raise BadVolume("file not found") from None
+  try:
+    header = read_raw_header(stored)
     if header is not None:
       check_header(header, max_volume_mib)
-    image = nib.load(path)
+    image = stored.image(header)
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
       raise BadVolume(f"not a NIfTI image (nibabel read it as {type(image).__name__})")
     if header is None:
       check_header(image.header, max_volume_mib)
-    raw = read_voxels(path, image.dataobj)
+    raw = read_voxels(stored, image.dataobj)
     slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
     affine = np.asarray(image.affine, dtype=np.float64)
   except (BadVolume, MemoryError):
@@ -89,13 +97,49 @@ def load_nifti(path, max_volume_mib=None):
   except OSError as err:
     if err.errno in TRANSIENT_ERRNOS:
       raise
-    raise BadVolume(diagnose_unreadable(path, err)) from None
+    raise BadVolume(diagnose_unreadable(stored, err)) from None
   except (nib.filebasedimages.ImageFileError, EOFError, zlib.error) as err:
-    raise BadVolume(diagnose_unreadable(path, err)) from None
+    raise BadVolume(diagnose_unreadable(stored, err)) from None
   except (ValueError, ArithmeticError, LookupError, TypeError,
           nib.spatialimages.HeaderDataError) as err:
     raise BadVolume(f"cannot read the file: {type(err).__name__}: {_first_line(err)}") from None
   return _checked_source(raw, slope, inter, affine)
+
+
+class StoredFile:
+  """A NIfTI file as load_nifti reads it. A local file is opened by name, by nibabel and by the
+  chunked voxel read, as always; a remote file's bytes are fetched once into memory (the
+  compressed size beside the decoded volume) and every read decodes from them, through file
+  objects that nibabel reads as it reads a name."""
+
+  def __init__(self, path):
+    self.path = str(path)
+    self.data = filesystem.read_bytes(self.path) if filesystem.is_remote(self.path) else None
+
+  def raw(self):
+    """The file's bytes as stored (gzip-compressed for a .nii.gz)."""
+    return open(self.path, "rb") if self.data is None else io.BytesIO(self.data)
+
+  def stream(self):
+    """The NIfTI data, decompressed when the name ends in .gz (as nibabel decides), in a
+    context manager."""
+    if self.data is None:
+      return nib.openers.ImageOpener(self.path, "rb")
+    return nib.openers.ImageOpener(self._decoded())
+
+  def _decoded(self):
+    raw = io.BytesIO(self.data)
+    return gzip.GzipFile(fileobj=raw) if self.path.endswith(".gz") else raw
+
+  def image(self, header):
+    """The nibabel image (header, affine, voxel proxy; no voxel is read). Remotely the class is
+    the one nib.load picks for a .nii(.gz) name: the NIfTI-1 or -2 header it holds."""
+    if self.data is None:
+      return nib.load(self.path)
+    for klass in (nib.Nifti1Image, nib.Nifti2Image):
+      if header is not None and klass.header_class.may_contain_header(header.binaryblock):
+        return klass.from_stream(self._decoded())
+    raise nib.filebasedimages.ImageFileError(f'Cannot work out file type of "{self.path}"')
 
 
 def check_regular_file(path):
@@ -107,11 +151,11 @@ def check_regular_file(path):
     raise BadVolume(f"not a regular file ({kind}); only regular files are read")
 
 
-def read_raw_header(path):
-  """The NIfTI header as stored, or None when the data does not start with one (nib.load then
-  says what the file is). nibabel's loader "fixes" some fields (pixdim 0 -> 1, negative -> abs)
-  and reads the header extensions before anything can be checked."""
-  with nib.openers.ImageOpener(path, "rb") as file:
+def read_raw_header(stored):
+  """The NIfTI header of the StoredFile as stored, or None when the data does not start with
+  one (nib.load then says what the file is). nibabel's loader "fixes" some fields (pixdim 0 ->
+  1, negative -> abs) and reads the header extensions before anything can be checked."""
+  with stored.stream() as file:
     block = file.read(540)
   for klass, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
     if len(block) >= size and size in (int.from_bytes(block[:4], "little"),
@@ -151,14 +195,15 @@ def _mib(mib):
   return f"{mib:.0f}" if mib >= 10 else f"{mib:.2f}"
 
 
-def read_voxels(path, proxy):
-  """The stored voxels of `proxy` (a nibabel ArrayProxy), decompressed in chunks straight into
-  the array: nibabel's own read of a .nii.gz holds the whole volume twice. Native byte order."""
+def read_voxels(stored, proxy):
+  """The stored voxels of `proxy` (a nibabel ArrayProxy) of the StoredFile, decompressed in
+  chunks straight into the array: nibabel's own read of a .nii.gz holds the whole volume twice.
+  Native byte order."""
   shape, dtype = tuple(proxy.shape), np.dtype(proxy.dtype)
   nbytes = math.prod(shape) * dtype.itemsize
   buffer = np.empty(nbytes, np.uint8)
   view, done = memoryview(buffer), 0
-  with nib.openers.ImageOpener(path, "rb") as file:
+  with stored.stream() as file:
     file.seek(int(proxy.offset))
     while done < nbytes:
       count = file.readinto(view[done:done + READ_CHUNK])
@@ -172,20 +217,20 @@ def read_voxels(path, proxy):
   return raw
 
 
-def diagnose_unreadable(path, err):
-  """Why nibabel could not read `path`: gzip problems first, then the NIfTI header."""
+def diagnose_unreadable(stored, err):
+  """Why nibabel could not read the StoredFile: gzip problems first, then the NIfTI header."""
   try:
-    with open(path, "rb") as file:
+    with stored.raw() as file:
       magic = file.read(2)
-    if path.endswith(".gz"):
+    if stored.path.endswith(".gz"):
       if magic != b"\x1f\x8b":
         return "not a valid gzip file (a .nii.gz must be gzip-compressed)"
-      with gzip.open(path, "rb") as stream:
+      with stored.raw() as file, gzip.open(file, "rb") as stream:
         head = stream.read(348)
         while stream.read(1 << 24):
           pass
     else:
-      with open(path, "rb") as file:
+      with stored.raw() as file:
         head = file.read(348)
   except (EOFError, zlib.error, gzip.BadGzipFile) as gz_err:
     return f"file is truncated or corrupt (gzip: {_first_line(gz_err)})"

@@ -1,5 +1,8 @@
 """Conversion on Apache Beam (DirectRunner): the same records, report and resumption as the
-local pool, for every layout; failures inside workers are skips; retried writes are idempotent.
+local pool, for every layout; failures inside workers are skips (a study that hangs past
+data.study_timeout_s or kills its process too); retried writes are idempotent; the corpus is
+read through Beam's file systems when data_root has a scheme (memtest://, a test file system
+that no `os` call sees), by Beam and by the local pool.
 
 Prism (the DirectRunner's newer engine) downloads its binary from GitHub on first use, so it
 cannot run offline and is not tested here; the tests run Beam's FnApiRunner (in_memory, and
@@ -11,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,6 +25,7 @@ from data_prep import convert  # noqa: E402
 from data_prep import filesystem  # noqa: E402
 from data_prep import phantom_layouts  # noqa: E402
 from medfinder_jax import errors  # noqa: E402
+import memtest_filesystem  # noqa: E402  (registers memtest://)
 import test_convert  # noqa: E402  (tests/ is on sys.path: the local converter's helpers)
 from test_convert import dataset_files, shard_stamps, train_shards  # noqa: E402
 
@@ -115,25 +120,31 @@ def test_every_layout_converts_on_beam_as_locally(tmp_path, layout):
 
 
 KILL_SCRIPT = """
-import sys
+import os, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import test_beam_convert
-test_beam_convert.run_beam({data!r}, {out!r}, convert_fn=test_beam_convert.die_at_fifth_study)
+if __name__ == "__main__":
+  os.environ["STUDIES_SEEN"] = {seen!r}
+  test_beam_convert.run_beam({data!r}, {out!r}, convert_fn=test_beam_convert.die_at_fifth_study)
 """
-_SEEN = []
 
 
 def die_at_fifth_study(study):
-  """Kills this process (the runner, its in-memory workers and all) at its fifth study."""
-  _SEEN.append(study.study_id)
-  if len(_SEEN) == 5:
-    os.kill(os.getpid(), signal.SIGKILL)
+  """Kills the runner (the parent of the study's process: the pipeline, its in-memory workers
+  and all), then its own process, at the fifth study, counted in the file $STUDIES_SEEN."""
+  with open(os.environ["STUDIES_SEEN"], "a", encoding="utf-8") as file:
+    file.write(study.study_id + "\n")
+  with open(os.environ["STUDIES_SEEN"], encoding="utf-8") as file:
+    if len(file.readlines()) == 5:
+      os.kill(os.getppid(), signal.SIGKILL)
+      os.kill(os.getpid(), signal.SIGKILL)
   return convert.convert_study(study)
 
 
 def test_a_rerun_after_a_killed_pipeline_finishes_with_the_same_dataset(phantom_root,
                                                                         reference, tmp_path):
-  script = KILL_SCRIPT.format(root=ROOT, tests=TESTS, data=str(phantom_root), out=str(tmp_path))
+  script = KILL_SCRIPT.format(root=ROOT, tests=TESTS, data=str(phantom_root), out=str(tmp_path),
+                              seen=str(tmp_path.parent / f"{tmp_path.name}.seen"))
   killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300,
                           check=False)
   assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
@@ -158,6 +169,7 @@ def test_a_retried_bundle_rewrites_its_shard_with_the_same_bytes(phantom_root, r
   first = list(fn.process(task))
   marker = (tmp_path / convert.STATE_DIR / f"{shard.filename}.json").read_bytes()
   assert list(fn.process(task)) == first == [shard.filename]          # the retry
+  fn.teardown()
   assert (tmp_path / shard.filename).read_bytes() == (reference / shard.filename).read_bytes()
   assert (tmp_path / convert.STATE_DIR / f"{shard.filename}.json").read_bytes() == marker
   assert not os.listdir(tmp_path / convert.STATE_DIR / "tmp")
@@ -250,6 +262,115 @@ def test_cli_without_apache_beam_says_what_to_install(phantom_root, tmp_path, ca
   assert not os.path.exists(tmp_path / convert.STATE_DIR)
 
 
-def test_a_remote_data_root_is_refused_with_what_to_do(tmp_path):
-  with pytest.raises(errors.UserError, match="mount the bucket"):
-    run_beam("gs://bucket/corpus", tmp_path)
+def test_a_local_corpus_converts_without_apache_beam(phantom_root, reference, tmp_path,
+                                                     monkeypatch):
+  for name in ("apache_beam", "apache_beam.io", "apache_beam.io.filesystem",
+               "apache_beam.io.filesystems"):
+    monkeypatch.setitem(sys.modules, name, None)               # any use of Beam fails
+  test_convert.run_convert(phantom_root, tmp_path, workers=0)
+  assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+def test_a_remote_data_root_without_apache_beam_says_what_to_install(tmp_path, monkeypatch):
+  for name in ("apache_beam", "apache_beam.io", "apache_beam.io.filesystems"):
+    monkeypatch.setitem(sys.modules, name, None)               # importing them fails
+  with pytest.raises(filesystem.BeamNotInstalled,
+                     match=r"data_root 'gs://bucket/corpus' needs apache-beam, which is not "
+                           r"installed: pip install -r requirements-beam.txt"):
+    test_convert.run_convert("gs://bucket/corpus", tmp_path)
+  assert not os.listdir(tmp_path)
+
+
+def test_a_scheme_no_installed_file_system_serves_is_refused_naming_it(tmp_path):
+  with pytest.raises(filesystem.BeamNotInstalled, match=r"no Beam file system for nofs:// is "
+                                                        r"installed"):
+    test_convert.run_convert("nofs://bucket/corpus", tmp_path)
+
+
+# --- The corpus on a Beam file system (memtest://) -----------------------------------------------
+
+@pytest.fixture
+def memtest_root(tmp_path, monkeypatch):
+  """tmp_path is the root of memtest:// here and in every worker process (the environment)."""
+  monkeypatch.setenv(memtest_filesystem.ROOT_VARIABLE, str(tmp_path))
+  return tmp_path
+
+
+def without_csv_path(files):
+  """dataset_files with the report's path of the CSV (local or memtest://) left out."""
+  files[convert.REPORT_NAME].pop("csv")
+  return files
+
+
+@pytest.mark.parametrize("layout", phantom_layouts.LAYOUTS)
+def test_every_layout_read_from_a_beam_file_system_converts_as_from_the_local_path(
+    memtest_root, layout):
+  root = memtest_root / layout
+  phantom_layouts.write_phantom_corpus(str(root), 6, seed=0, folders=3, size=40, slices=12,
+                                       layout=layout)
+  url = memtest_filesystem.url(root)
+  assert not os.path.exists(url)                         # os cannot see it: only the layer can
+  test_convert.run_convert(root, memtest_root / "local", workers=0)
+  expected = without_csv_path(dataset_files(memtest_root / "local"))
+  report = test_convert.run_convert(url, memtest_root / "from_url", workers=0)
+  assert report["csv"].startswith(f"{url}/") and report["num_converted"] == 6
+  assert without_csv_path(dataset_files(memtest_root / "from_url")) == expected
+  run_beam(url, memtest_root / "beam", convert_fn=memtest_filesystem.convert_study)
+  assert without_csv_path(dataset_files(memtest_root / "beam")) == expected
+
+
+def test_bad_studies_read_from_a_beam_file_system_are_skipped_as_from_the_local_path(
+    bad_corpus, memtest_root):
+  """The local pool's workers (processes) and Beam read memtest:// too, and every bad file gives
+  the reason it gives from the local path (the path in a reason aside)."""
+  root, local = bad_corpus
+  shutil.copytree(root, memtest_root / "corpus")
+  url = memtest_filesystem.url(memtest_root / "corpus")
+  expected = without_csv_path(dataset_files(local))
+  expected_skips = expected[convert.REPORT_NAME].pop("skipped")
+
+  def check(out):
+    files = without_csv_path(dataset_files(out))
+    skips = files[convert.REPORT_NAME].pop("skipped")
+    assert files == expected
+    assert [{**s, "reason": s["reason"].replace(url, str(root))} for s in skips] == expected_skips
+
+  test_convert.run_convert(url, memtest_root / "pool", workers=1,
+                           convert_fn=memtest_filesystem.convert_study)
+  check(memtest_root / "pool")
+  run_beam(url, memtest_root / "beam", convert_fn=memtest_filesystem.convert_study)
+  check(memtest_root / "beam")
+
+
+# --- Studies that hang or kill their process, on Beam ---------------------------------------------
+
+def misbehave_at_targets(study):
+  """Hangs at $HANG_AT (an alarm ends it), hangs deaf to the alarm at $DEAF_AT (only a kill ends
+  it), kills its own process at $DIE_AT; converts the others."""
+  if study.study_id == os.environ.get("HANG_AT"):
+    time.sleep(3600)
+  if study.study_id == os.environ.get("DEAF_AT"):
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+    time.sleep(3600)
+  if study.study_id == os.environ.get("DIE_AT"):
+    os.kill(os.getpid(), signal.SIGKILL)
+  return convert.convert_study(study)
+
+
+@pytest.mark.timeout(600)
+def test_studies_that_hang_or_kill_their_process_on_beam_are_skips_and_the_rest_convert(
+    phantom_root, tmp_path, monkeypatch):
+  shards = train_shards(phantom_root)
+  targets = {"HANG_AT": shards[1].studies[1].study_id, "DEAF_AT": shards[2].studies[0].study_id,
+             "DIE_AT": shards[3].studies[0].study_id}
+  for variable, study_id in targets.items():
+    monkeypatch.setenv(variable, study_id)
+  monkeypatch.setattr(convert, "STUDY_GRACE_S", 2.0)   # the DoFn runs here (in_memory)
+  start = time.monotonic()
+  report = run_beam(phantom_root, tmp_path, convert_fn=misbehave_at_targets, study_timeout_s=3.0)
+  assert time.monotonic() - start < 300
+  timed_out = convert.timed_out(3.0)
+  assert {(s["study_id"], s["reason"], s["retry"]) for s in report["skipped"]} == {
+      (targets["HANG_AT"], timed_out, True), (targets["DEAF_AT"], timed_out, True),
+      (targets["DIE_AT"], convert.WORKER_DIED, True)}
+  assert report["num_converted"] == 11 and report["num_to_retry"] == 3
