@@ -316,6 +316,9 @@ def test_float16_exact_search_equals_numpy_over_shards_with_replacements_and_rem
     rows, scores = index_lib.exact_top_k(index, query, k, against, only_with_report)
     np.testing.assert_array_equal(rows, expected_rows)
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-6, atol=1e-6)
+  picked = [196, 3, 150, 3, 70, 0]              # any order, repeats, over shards
+  np.testing.assert_array_equal(index.vectors(picked, against),
+                                index.embeddings(against)[picked])
   if against == "image":
     rows = list(index_lib.exact_top_k(index, query[:1], 2)[0][0])
     assert [index.study_id(r) for r in rows] == ["sub-0040", "sub-0150"]
