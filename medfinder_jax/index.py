@@ -644,10 +644,10 @@ def exact_top_k(index, queries, k, against="image", only_with_report=False):
   scan = _scannable(index, batch)
   blocks = _live_blocks(index, against, only_with_report, SCAN_ROWS if scan else GEMM_ROWS)
   if k < 1:
-    blocks = ()
+    found = ()
   elif scan:
     score = lambda block: _scan_block(block, queries, k, against)
-    found = _scan_pool().map(score, blocks)
+    found = _scan_pool(SCAN_THREADS).map(score, blocks)
   else:
     found = (_gemm_block(block, queries, k, against) for block in blocks)
   best_rows = np.zeros((batch, 0), np.int64)
@@ -734,14 +734,10 @@ def _block_top_k(queries, codes, keep, k):
   return jax.lax.top_k(jnp.where(keep, scores, -jnp.inf), k)   # ties: lower index first
 
 
-_SCAN_POOL = []
-
-
-def _scan_pool():
-  """The threads that scan blocks (faiss releases the GIL), created on first use."""
-  if not _SCAN_POOL:
-    _SCAN_POOL.append(concurrent.futures.ThreadPoolExecutor(SCAN_THREADS, "exact-scan"))
-  return _SCAN_POOL[0]
+@functools.lru_cache(maxsize=None)
+def _scan_pool(threads):
+  """The threads that scan blocks (faiss releases the GIL while scanning), made on first use."""
+  return concurrent.futures.ThreadPoolExecutor(threads, "exact-scan")
 
 
 @functools.lru_cache(maxsize=8)
