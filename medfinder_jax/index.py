@@ -639,6 +639,7 @@ def exact_top_k(index, queries, k, against="image", only_with_report=False):
   converts them in SIMD registers (decoding to float32 first would move three times the bytes),
   its blocks spread over SCAN_THREADS. A batch is a matrix product bound by arithmetic: each block
   is converted once and multiplied by all queries (jax; float32 accumulation)."""
+  queries = np.ascontiguousarray(queries, np.float32)     # faiss reads the rows by pointer
   batch = queries.shape[0]
   k = min(int(k), index.n)
   scan = _scannable(index, batch)
