@@ -133,8 +133,7 @@ def search_latency(index_dir, args):
   out = {"load_s": round(time.perf_counter() - start, 2), "n": index.n}
   rng = np.random.default_rng(7)
   rows = rng.choice(index.n, size=max(args.single_queries, 64 * args.batches), replace=False)
-  queries = index_lib.query_vectors(index, np.asarray(
-      ann_lib._rows(index, np.sort(rows), "text")))  # pylint: disable=protected-access
+  queries = index_lib.query_vectors(index, index.vectors(np.sort(rows), "text"))
   queries = index_lib.query_vectors(index, queries + 0.05 * rng.standard_normal(
       queries.shape, dtype=np.float32))
   methods = {"exact": lambda q: index_lib.exact_top_k(index, q, 10)}

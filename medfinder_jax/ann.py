@@ -73,12 +73,13 @@ def build(index, nlist=None, target_recall=0.95, queries=1000, seed=0, log=print
   train_rows = np.sort(rng.choice(index.n, size=min(index.n, max(64 * nlist, 20000)),
                                   replace=False))
   log(f"training {nlist} lists on {len(train_rows)} studies")
-  ivf.train(_rows(index, train_rows, "image"))
+  ivf.train(index.vectors(train_rows, "image"))
   for shard in index.shards:
     for first in range(0, shard.image.shape[0], ADD_ROWS):
       rows = shard.global_rows[first:first + ADD_ROWS]
       keep = rows >= 0
       block = index_lib.as_float32(shard.image[first:first + ADD_ROWS])[keep]
+      shard.release("image", first, first + ADD_ROWS)
       ivf.add_with_ids(block, rows[keep])
   log(f"added {index.n} studies; measuring recall@10 against exact search")
   recall = _tune(index, ivf, nlist, target_recall, min(queries, index.n), rng)
@@ -93,23 +94,10 @@ def build(index, nlist=None, target_recall=0.95, queries=1000, seed=0, log=print
   return meta
 
 
-def _rows(index, rows, against):
-  """(len(rows), D) float32 embeddings of live rows, read from the memory-mapped shards."""
-  out = np.empty((len(rows), index.dim), np.float32)
-  locations = index.locations(rows)
-  for ordinal in np.unique(locations[:, 0]):
-    picked = np.flatnonzero(locations[:, 0] == ordinal)
-    local = locations[picked, 1]
-    order = np.argsort(local)
-    gallery = index.shards[ordinal].gallery(against)
-    out[picked[order]] = index_lib.as_float32(gallery[local[order]])
-  return out
-
-
 def _tune(index, ivf, nlist, target_recall, count, rng):
   """{nprobe: recall@10} for nprobe = 1, 2, 4, ... until the target is reached."""
   sample = np.sort(rng.choice(index.n, size=count, replace=False))
-  queries = index_lib.query_vectors(index, _rows(index, sample, "text"))
+  queries = index_lib.query_vectors(index, index.vectors(sample, "text"))
   k = min(10, index.n)
   truth = np.concatenate([index_lib.exact_top_k(index, queries[i:i + 64], k)[0]
                           for i in range(0, len(queries), 64)])
@@ -130,7 +118,7 @@ def rerank(index, queries, candidates, k):
   scores = np.full(rows.shape, -np.inf, np.float32)
   valid = rows >= 0
   if valid.any():
-    vectors = _rows(index, rows[valid], "image")
+    vectors = index.vectors(rows[valid], "image")
     scores[valid] = np.einsum("ij,ij->i", vectors, np.repeat(queries, valid.sum(axis=1), axis=0))
   order = np.lexsort((np.where(valid, rows, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
   rows, scores = np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)

@@ -29,10 +29,12 @@ a million reports cost no memory until a result shows them (Parquet would be dec
 An index of another format version is refused (rebuild it with launch.py embed).
 """
 
+import concurrent.futures
 import dataclasses
 import datetime
 import functools
 import json
+import mmap
 import os
 import secrets
 import shutil
@@ -40,6 +42,8 @@ import socket
 import tempfile
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from medfinder_jax import interchange
@@ -57,9 +61,11 @@ TABLE_FILE = "studies.arrow"
 THUMBNAILS_FILE = "thumbnails.bin"
 DTYPES = ("float16", "float32")
 TARGETS = ("image", "text")
-BLOCK_ROWS = 32768       # rows scored at once by exact search (a float32 block of 64 MiB at 512)
 STAGING_PREFIX = ".tmp-"
-FUSED_MAX_QUERIES = 8    # batches up to this size use faiss's fused float16 scoring
+SCAN_MAX_QUERIES = 4     # exact search scans float16 for up to this many queries, else GEMM
+SCAN_ROWS = 65536        # rows per scan task (64 MiB at D = 512)
+SCAN_THREADS = max(1, min(os.cpu_count() or 1, 8))   # threads that scan blocks of one search
+GEMM_ROWS = 4096         # rows per matrix product of a batch (a float32 block of 8 MiB at 512)
 
 
 class IndexFileError(interchange.InterchangeError):
@@ -342,39 +348,103 @@ def live_study_ids(directory):
   return set(_replay(directory)[0])
 
 
+class MappedRows:
+  """An (n, D) .npy file memory-mapped read-only: `rows` reads from the file's pages without a
+  copy, `release` unmaps pages this process has read, `read` reads a few rows without mapping.
+
+  Mapped pages count in the process's RSS while mapped, and the kernel maps whole page-cache
+  folios (up to megabytes) per fault: one exact scan would leave the gallery's gigabyte resident
+  in the server, and so would a few hundred random rows read through the mapping (840 rows of a
+  1M index mapped 800 MiB). Released, the pages stay in the page cache and the next scan maps
+  them again cheaply (measured: a scan that releases as it goes is as fast)."""
+
+  def __init__(self, path):
+    self.path = path
+    with open(path, "rb") as f:
+      shape, dtype, offset = _npy_header(f)
+      self.mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    self.offset = offset
+    self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    self.rows = np.frombuffer(self.mapping, dtype, count=int(np.prod(shape, dtype=np.int64)),
+                              offset=offset).reshape(shape)
+
+  def read(self, local_rows):
+    """(len(local_rows), D) copies of some rows, read with pread (faster than faulting their
+    pages in for a few rows, and nothing stays mapped)."""
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      data = b"".join(os.pread(fd, self.row_bytes, self.offset + int(r) * self.row_bytes)
+                      for r in local_rows)
+    finally:
+      os.close(fd)
+    return np.frombuffer(data, self.rows.dtype).reshape(len(local_rows), *self.rows.shape[1:])
+
+  def release(self, start=0, stop=None):
+    """Unmaps the pages holding rows [start, stop) (all rows by default) from this process."""
+    stop = self.rows.shape[0] if stop is None else stop
+    first = (self.offset + start * self.row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    last = min(len(self.mapping), self.offset + stop * self.row_bytes)
+    if hasattr(mmap, "MADV_DONTNEED") and last > first:
+      self.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _npy_header(f):
+  """(shape, dtype, data offset) of an open .npy file; ValueError when it is not a C-order one."""
+  version = np.lib.format.read_magic(f)
+  readers = {(1, 0): np.lib.format.read_array_header_1_0,
+             (2, 0): np.lib.format.read_array_header_2_0}
+  if version not in readers:
+    raise ValueError(f"npy format version {version}, expected 1.0 or 2.0")
+  shape, fortran, dtype = readers[version](f)
+  if fortran or len(shape) != 2:
+    raise ValueError(f"a {'Fortran-order ' if fortran else ''}array of shape {shape}, expected "
+                     f"a C-order (rows, dim) one")
+  return shape, dtype, f.tell()
+
+
 @dataclasses.dataclass
 class Shard:
   """One shard, memory-mapped: embeddings, metadata, and which of its rows are live."""
   name: str
   folder: str
-  image: np.ndarray          # (n, D) memmap
-  text: np.ndarray           # (n, D) memmap
+  mapped: dict               # {"image" | "text": MappedRows}
   table: object              # pyarrow.Table (memory-mapped)
   global_rows: np.ndarray    # (n,) int64: the row among the index's live studies, -1 if dead
   has_report: np.ndarray     # (n,) bool
 
+  @property
+  def image(self):
+    return self.mapped["image"].rows
+
+  @property
+  def text(self):
+    return self.mapped["text"].rows
+
   def gallery(self, against):
-    return self.image if against == "image" else self.text
+    return self.mapped[against].rows
+
+  def release(self, against, start=0, stop=None):
+    self.mapped[against].release(start, stop)
 
 
 def _open_shard(directory, name, meta):
   folder = os.path.join(directory, SHARDS_DIR, name)
-  arrays = {}
-  for file in (IMAGE_FILE, TEXT_FILE):
+  mapped = {}
+  for target, file in zip(TARGETS, (IMAGE_FILE, TEXT_FILE)):
     path = os.path.join(folder, file)
     try:
-      arrays[file] = np.load(path, mmap_mode="r", allow_pickle=False)
+      mapped[target] = MappedRows(path)
     except (OSError, ValueError) as err:
       raise IndexFileError(f"{path}: unreadable embeddings ({err}); remove this shard or rebuild "
                            f"the index") from None
   table = _open_table(folder)
   n = table.num_rows
-  for file, array in arrays.items():
+  for target, file in zip(TARGETS, (IMAGE_FILE, TEXT_FILE)):
+    array = mapped[target].rows
     if array.shape != (n, meta["dim"]) or array.dtype != np.dtype(meta["dtype"]):
       raise IndexFileError(f"{os.path.join(folder, file)}: {array.shape} {array.dtype}, expected "
                            f"({n}, {meta['dim']}) {meta['dtype']} ({TABLE_FILE} has {n} rows)")
-  return Shard(name, folder, arrays[IMAGE_FILE], arrays[TEXT_FILE], table,
-               np.full((n,), -1, np.int64),
+  return Shard(name, folder, mapped, table, np.full((n,), -1, np.int64),
                np.asarray(table.column("has_report").to_numpy(zero_copy_only=False), bool))
 
 
@@ -430,9 +500,21 @@ class ArchiveIndex(interchange.PairedEmbeddings):
   def embeddings(self, against="image", dtype=np.float32):
     """(n, D) live rows of one gallery, in row order (a copy: for tests and ANN builds)."""
     out = np.empty((self.n, self.dim), dtype)
-    for ordinal, shard in enumerate(self.shards):
+    for shard in self.shards:
       live = shard.global_rows >= 0
       out[shard.global_rows[live]] = shard.gallery(against)[live]
+      shard.release(against)
+    return out
+
+  def vectors(self, rows, against="image"):
+    """(len(rows), D) float32 embeddings of some live rows (e.g. candidates to re-score), read
+    from each shard's file in file order (see MappedRows.read)."""
+    out = np.empty((len(rows), self.dim), np.float32)
+    locations = self.locations(np.asarray(rows, np.int64))
+    for ordinal in np.unique(locations[:, 0]):
+      picked = np.flatnonzero(locations[:, 0] == ordinal)
+      picked = picked[np.argsort(locations[picked, 1])]
+      out[picked] = as_float32(self.shards[ordinal].mapped[against].read(locations[picked, 1]))
     return out
 
   def locations(self, rows):
@@ -548,75 +630,120 @@ def query_vectors(index, query_embedding):
 
 def exact_top_k(index, queries, k, against="image", only_with_report=False):
   """(rows (B, k'), scores (B, k')) of the best live rows for each unit query, best first
-  (ties: lower row first), k' = min(k, candidates). Blockwise over the memory-mapped shards:
-  each block of BLOCK_ROWS rows is scored for the whole batch, then merged into a running
-  top k, so memory stays at one block whatever the index size. A few float16 queries are
-  scored by faiss's fused float16 kernel (reads 2 bytes per value once; decoding to float32
-  first moves 5x the memory), a batch by BLAS on the decoded block."""
+  (ties: lower row first), k' = min(k, candidates).
+
+  Exhaustive, block by block over the memory-mapped shards, each block's best merged into a
+  running top k, so memory stays at one block whatever the index size (and each block's pages
+  are released after it is scored: see MappedRows). A few float16 queries are a matrix-vector
+  product bound by memory bandwidth: faiss's scanner reads the mapped float16 bytes in place and
+  converts them in SIMD registers (decoding to float32 first would move three times the bytes),
+  its blocks spread over SCAN_THREADS. A batch is a matrix product bound by arithmetic: each block
+  is converted once and multiplied by all queries (jax; float32 accumulation)."""
+  queries = np.ascontiguousarray(queries, np.float32)     # faiss reads the rows by pointer
   batch = queries.shape[0]
+  k = min(int(k), index.n)
+  scan = _scannable(index, batch)
+  blocks = _live_blocks(index, against, only_with_report, SCAN_ROWS if scan else GEMM_ROWS)
+  if k < 1:
+    found = ()
+  elif scan:
+    score = lambda block: _scan_block(block, queries, k, against)
+    found = _scan_pool(SCAN_THREADS).map(score, blocks)
+  else:
+    found = (_gemm_block(block, queries, k, against) for block in blocks)
   best_rows = np.zeros((batch, 0), np.int64)
   best_scores = np.zeros((batch, 0), np.float32)
-  fused = batch <= FUSED_MAX_QUERIES and index.meta["dtype"] == "float16" and not only_with_report
-  for shard in index.shards:
-    gallery = shard.gallery(against)
-    for start in range(0, gallery.shape[0], BLOCK_ROWS):
-      rows = shard.global_rows[start:start + BLOCK_ROWS]
-      keep = rows >= 0
-      if only_with_report:
-        keep &= shard.has_report[start:start + BLOCK_ROWS]
-      if not keep.any():
-        continue
-      block = gallery[start:start + BLOCK_ROWS]
-      found = _fused_top_k(block, queries, k, rows, keep) if fused else None
-      if found is None:
-        scores = queries @ as_float32(block).T
-        scores[:, ~keep] = -np.inf
-        found = np.broadcast_to(rows, scores.shape), scores
-      best_rows, best_scores = _merge(best_rows, best_scores, *found, k)
+  for rows, scores in found:
+    best_rows, best_scores = _merge(best_rows, best_scores, rows, scores, k)
   live = np.isfinite(best_scores)
   count = int(live.all(axis=0).sum()) if best_scores.size else 0
   return best_rows[:, :count], best_scores[:, :count]
 
 
-def _fused_top_k(block, queries, k, rows, keep):
-  """(rows, scores) of a float16 block's top k + dead rows per query, by faiss, or None."""
-  dead = int((~keep).sum())
-  flat = _fused_index(block.shape[1])
-  if flat is None or dead > block.shape[0] // 2:
-    return None
+class _Block(NamedTuple):
+  shard: Shard
+  start: int              # local rows [start, stop) of the shard
+  stop: int
+  keep: np.ndarray        # (stop - start,) bool: rows that may be results
+
+
+def _live_blocks(index, against, only_with_report, rows_per_block):
+  """The blocks of every shard that hold a row that may be a result, in row order."""
+  for shard in index.shards:
+    for start in range(0, shard.gallery(against).shape[0], rows_per_block):
+      stop = min(start + rows_per_block, shard.gallery(against).shape[0])
+      keep = shard.global_rows[start:stop] >= 0
+      if only_with_report:
+        keep &= shard.has_report[start:stop]
+      if keep.any():
+        yield _Block(shard, start, stop, keep)
+
+
+def _global(block, local, scores):
+  """Block-local candidates as index rows; a missing one (local -1, or a score of -inf: a dead
+  or padding row) is row -1, -inf."""
+  valid = (local >= 0) & np.isfinite(scores)
+  rows = np.where(valid, block.shard.global_rows[block.start + np.where(valid, local, 0)], -1)
+  return rows, np.where(valid, scores, -np.inf).astype(np.float32)
+
+
+def _scannable(index, batch):
+  return batch <= SCAN_MAX_QUERIES and index.meta["dtype"] == "float16" and (
+      _half_quantizer(index.dim) is not None)
+
+
+def _scan_block(block, queries, k, against):
+  """A float16 block's best kept rows per query by faiss's scanner over the mapped bytes (no
+  copy); dead rows are skipped by a bitmap selector."""
   import faiss  # pylint: disable=import-outside-toplevel
-  flat.reset()
-  faiss.copy_array_to_vector(np.ascontiguousarray(block).view(np.uint8).reshape(-1), flat.codes)
-  flat.ntotal = block.shape[0]
-  scores, local = flat.search(queries, min(k + dead, block.shape[0]))
-  valid = local >= 0
-  valid[valid] = keep[local[valid]]
-  found = np.where(valid, rows[np.maximum(local, 0)], -1)
-  return found, np.where(valid, scores, -np.inf).astype(np.float32)
+  codes = block.shard.gallery(against)[block.start:block.stop]
+  selector = None
+  if not block.keep.all():
+    selector = faiss.IDSelectorBitmap(np.packbits(block.keep, bitorder="little"))
+  scanner = _half_quantizer(queries.shape[1]).select_InvertedListScanner(
+      faiss.METRIC_INNER_PRODUCT, None, True, selector, False)
+  scanner.list_no = 0           # with store_pairs, a label is (list_no << 32) | local row
+  k = min(k, codes.shape[0])
+  scores = np.full((queries.shape[0], k), -np.inf, np.float32)
+  local = np.full((queries.shape[0], k), -1, np.int64)
+  pointer = faiss.swig_ptr(codes.reshape(-1).view(np.uint8))
+  for q, query in enumerate(queries):
+    scanner.set_query(faiss.swig_ptr(query))
+    scanner.scan_codes(codes.shape[0], pointer, None, faiss.swig_ptr(scores[q]),
+                       faiss.swig_ptr(local[q]), k)
+  block.shard.release(against, block.start, block.stop)
+  return _global(block, local, scores)
 
 
-_FUSED = {}
+def _gemm_block(block, queries, k, against):
+  """A block's best kept rows per query by one matrix product; the block is padded to
+  GEMM_ROWS rows so that one compiled shape serves every block of every shard."""
+  codes = block.shard.gallery(against)[block.start:block.stop]
+  keep = block.keep
+  if codes.shape[0] < GEMM_ROWS:
+    codes = np.concatenate([codes, np.zeros((GEMM_ROWS - codes.shape[0], codes.shape[1]),
+                                            codes.dtype)])
+    keep = np.concatenate([keep, np.zeros((GEMM_ROWS - keep.shape[0],), bool)])
+  scores, local = _block_top_k(queries, codes, keep, min(k, GEMM_ROWS))
+  block.shard.release(against, block.start, block.stop)
+  return _global(block, np.asarray(local, np.int64), np.asarray(scores))
 
 
-def _fused_index(dim):
-  """A reusable faiss float16 flat index of this thread and dimension (None without faiss)."""
-  import threading  # pylint: disable=import-outside-toplevel
-  key = (threading.get_ident(), dim)
-  if key not in _FUSED:
-    try:
-      import faiss  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      return None
-    if len(_FUSED) > 64:
-      _FUSED.clear()
-    _FUSED[key] = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16,
-                                             faiss.METRIC_INNER_PRODUCT)
-  return _FUSED[key]
+@functools.partial(jax.jit, static_argnames="k")
+def _block_top_k(queries, codes, keep, k):
+  scores = jnp.matmul(queries, codes.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.top_k(jnp.where(keep, scores, -jnp.inf), k)   # ties: lower index first
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_pool(threads):
+  """The threads that scan blocks (faiss releases the GIL while scanning), made on first use."""
+  return concurrent.futures.ThreadPoolExecutor(threads, "exact-scan")
 
 
 @functools.lru_cache(maxsize=8)
-def _half_decoder(dim):
-  """faiss's float16 decoder (SIMD; numpy's float16 cast is scalar, ~5x slower), or None."""
+def _half_quantizer(dim):
+  """faiss's float16 scalar quantizer: its codes are float16 bytes (None without faiss)."""
   try:
     import faiss  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -625,9 +752,10 @@ def _half_decoder(dim):
 
 
 def as_float32(block):
-  """A (rows, D) float16 or float32 block as float32 (the same values as numpy's cast)."""
+  """A (rows, D) float16 or float32 block as float32 (the same values as numpy's cast; faiss's
+  decoder when present, faster than numpy's scalar cast)."""
   if block.dtype == np.float16 and block.shape[0]:
-    decoder = _half_decoder(block.shape[1])
+    decoder = _half_quantizer(block.shape[1])
     if decoder is not None:
       return decoder.decode(np.ascontiguousarray(block).view(np.uint8))
   return np.asarray(block, np.float32)

@@ -49,7 +49,7 @@ def test_index_round_trip_stores_unit_embeddings_ids_reports_paths_and_model(ind
   meta = json.load(open(os.path.join(index_dir, index_lib.META_FILE)))
   assert meta["model"] == MODEL and meta["dtype"] == "float16" and meta["created"].endswith("Z")
   shard = index.shards[0]
-  assert isinstance(shard.image, np.memmap) and shard.image.dtype == np.float16
+  assert shard.image.dtype == np.float16 and not shard.image.flags.owndata   # mapped, no copy
 
 
 def test_text_query_finds_its_own_study_at_rank_1(index_dir):
@@ -223,7 +223,8 @@ def test_concurrent_writers_each_add_a_shard_and_listing_merges_them(tmp_path):
 
 
 def test_batched_blockwise_search_equals_one_query_at_a_time(tmp_path, monkeypatch):
-  monkeypatch.setattr(index_lib, "BLOCK_ROWS", 7)             # many blocks per shard
+  monkeypatch.setattr(index_lib, "GEMM_ROWS", 7)              # many blocks per shard
+  monkeypatch.setattr(index_lib, "SCAN_ROWS", 7)
   data = constructed_set(n=60)
   directory = index_lib.build_index(str(tmp_path / "index"), subset(data, range(30)), MODEL,
                                     dtype="float32")
@@ -257,16 +258,106 @@ def test_thumbnails_are_stored_by_row_and_read_back(tmp_path):
   assert [index.study(r)["has_thumbnail"] for r in range(3)] == [True, False, True]
 
 
-def test_single_float16_queries_rank_as_the_batched_blas_path(tmp_path, monkeypatch):
-  """A few queries go through faiss's fused float16 kernel, a batch through BLAS: same rows."""
-  monkeypatch.setattr(index_lib, "BLOCK_ROWS", 64)
+def test_single_float16_queries_rank_as_the_batched_gemm_path(tmp_path, monkeypatch):
+  """A few queries go through faiss's float16 scanner, a batch through a matrix product: same
+  rows."""
+  monkeypatch.setattr(index_lib, "GEMM_ROWS", 64)
+  monkeypatch.setattr(index_lib, "SCAN_ROWS", 64)
   data = constructed_set(n=300)
   directory = index_lib.build_index(str(tmp_path / "index"), data, MODEL)
   index_lib.remove_studies(directory, [f"sub-{i:04d}" for i in range(0, 300, 7)])
   index = index_lib.load_index(directory)
   queries = index_lib.query_vectors(index, data.text_embeddings[:20])
-  batched = index_lib.exact_top_k(index, queries, 10)              # 20 > FUSED_MAX_QUERIES
+  batched = index_lib.exact_top_k(index, queries, 10)              # 20 > SCAN_MAX_QUERIES
   for q in range(20):
     rows, scores = index_lib.exact_top_k(index, queries[q:q + 1], 10)
     np.testing.assert_array_equal(rows[0], batched[0][q])
     np.testing.assert_allclose(scores[0], batched[1][q], rtol=1e-5)
+
+
+def numpy_top_k(queries, gallery, keep, k):
+  """The reference: every live row scored in float32 by numpy, sorted by score, then row."""
+  scores = np.where(keep, queries @ gallery.T, -np.inf)
+  order = np.lexsort((np.broadcast_to(np.arange(gallery.shape[0]), scores.shape), -scores),
+                     axis=1)[:, :k]
+  return order, np.take_along_axis(scores, order, axis=1)
+
+
+@pytest.mark.parametrize("queries", [1, 3, 9])     # scanned (<= SCAN_MAX_QUERIES) and GEMM
+@pytest.mark.parametrize("against", ["image", "text"])
+def test_float16_exact_search_equals_numpy_over_shards_with_replacements_and_removals(
+    tmp_path, monkeypatch, queries, against):
+  """Many blocks over four shards (scanned by several threads), a replaced study, two hosts'
+  copies of one study, removals, exact ties (two studies with one embedding) and dead rows:
+  the ids and their order are numpy's over the live rows, the scores equal to float32
+  rounding."""
+  monkeypatch.setattr(index_lib, "GEMM_ROWS", 16)
+  monkeypatch.setattr(index_lib, "SCAN_ROWS", 16)
+  data = constructed_set(n=200)
+  data.image_embeddings[150] = data.image_embeddings[40]     # an exact tie, 40 wins
+  data.text_embeddings[150] = data.text_embeddings[40]
+  data.reports[[5, 60, 170]] = ""
+  directory = index_lib.build_index(str(tmp_path / "index"), subset(data, range(0, 70)), MODEL)
+  index_lib.add_studies(directory, subset(data, range(70, 130)))
+  replacement = subset(data, [10, 11])
+  replacement.image_embeddings = data.image_embeddings[[100, 101]]
+  index_lib.add_studies(directory, replacement, replace=True)
+  index_lib.remove_studies(directory, ["sub-0003", "sub-0071", "sub-0100"])
+  index_lib.add_studies(directory, subset(data, range(130, 200)))
+  index = index_lib.load_index(directory)
+  assert index.n == 197 and len(index.shards) == 4
+  query = index_lib.query_vectors(index, data.text_embeddings[[40, 10, 101, 7, 150, 60, 5, 1,
+                                                               199]][:queries])
+  for k, only_with_report in ((10, False), (25, True), (500, False)):
+    keep = np.array([index.has_report(r) for r in range(index.n)]) if only_with_report else (
+        np.ones(index.n, bool))
+    expected_rows, expected_scores = numpy_top_k(query, index.embeddings(against), keep,
+                                                 min(k, int(keep.sum())))
+    rows, scores = index_lib.exact_top_k(index, query, k, against, only_with_report)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6, atol=1e-6)
+  picked = [196, 3, 150, 3, 70, 0]              # any order, repeats, over shards
+  np.testing.assert_array_equal(index.vectors(picked, against),
+                                index.embeddings(against)[picked])
+  if against == "image":
+    rows = list(index_lib.exact_top_k(index, query[:1], 2)[0][0])
+    assert [index.study_id(r) for r in rows] == ["sub-0040", "sub-0150"]
+
+
+def test_exact_search_leaves_no_gallery_pages_mapped(tmp_path):
+  """Each block's pages are released after it is scored, so a server that searched the whole
+  gallery does not keep it in its RSS (the pages stay in the page cache)."""
+  data = constructed_set(n=3000, d=512)                 # a 3000 KiB float16 gallery
+  index = index_lib.load_index(index_lib.build_index(str(tmp_path / "index"), data, MODEL))
+
+  def search_all():
+    for batch in (1, 64):                              # scanned, then by matrix products
+      index_lib.exact_top_k(index, index_lib.query_vectors(index, data.text_embeddings[:batch]), 5)
+    index.vectors(np.arange(0, 3000, 10))               # and rows read for re-scoring
+  search_all()                                          # maps the code it runs, once
+  before = resident_file_kib()
+  search_all()
+  after = resident_file_kib()
+  assert after - before < 1000
+  np.asarray(index.shards[0].image).sum()               # the probe sees a mapped gallery
+  assert resident_file_kib() - after > 2000
+
+
+def resident_file_kib():
+  with open("/proc/self/status", encoding="utf-8") as f:
+    return int(next(line for line in f if line.startswith("RssFile:")).split()[1])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not npy", "3d"])
+def test_a_damaged_embeddings_file_is_an_error_naming_it(index_dir, damage):
+  shard = index_lib.load_index(index_dir).shards[0]
+  path = os.path.join(shard.folder, index_lib.IMAGE_FILE)
+  if damage == "truncated":
+    os.truncate(path, os.path.getsize(path) // 2)
+  elif damage == "not npy":
+    open(path, "wb").write(b"not an array")
+  else:
+    np.save(path, np.zeros((300, 4, 8), np.float16))
+  with pytest.raises(index_lib.IndexFileError, match=f"{path}: unreadable embeddings .*remove "
+                                                     f"this shard or rebuild the index"):
+    index_lib.load_index(index_dir)
