@@ -191,13 +191,15 @@ def test_findings_must_be_names(findings):
 
 
 def test_settings_from_config_eval_zeroshot_or_disabled_without_it():
-  config = ml_collections.ConfigDict({"enabled": 1, "templates": [["{label}.", "No {label}."]],
-                                      "findings": ["emphysema"], "threshold_split": None})
+  config = ml_collections.ConfigDict({
+      "enabled": 0, "templates": [["{label} seen.", "No {label}."]], "findings": ["emphysema"],
+      "threshold_split": None})
   assert zeroshot.ZeroShotSettings.from_config(config) == zeroshot.ZeroShotSettings(
-      enabled=True, templates=(("{label}.", "No {label}."),), findings=("emphysema",),
+      enabled=False, templates=(("{label} seen.", "No {label}."),), findings=("emphysema",),
       threshold_split="")
-  config.threshold_split = "val"
-  assert zeroshot.ZeroShotSettings.from_config(config).threshold_split == "val"
+  config.enabled, config.threshold_split = True, "val"
+  settings = zeroshot.ZeroShotSettings.from_config(config)
+  assert settings.enabled is True and settings.threshold_split == "val"
   assert zeroshot.ZeroShotSettings.from_config(None).enabled is False
 
 
@@ -274,3 +276,70 @@ def test_a_label_with_one_positive_is_defined():
   assert result["x"]["AUROC"] == pytest.approx(sk.roc_auc_score(labels[:, 0], scores[:, 0]))
   assert result["x"]["AUPRC"] == pytest.approx(
       sk.average_precision_score(labels[:, 0], scores[:, 0]))
+
+
+def test_table_without_intervals_at_two_digits():
+  section = {"labels": ["effusion"], "n": 8, "threshold_source": "evaluated split",
+             "effusion": {"AUROC": 0.8123, "AUPRC": 0.5, "F1": 0.61, "sensitivity": 0.7,
+                          "specificity": 0.9, "n_positive": 2, "prevalence": 0.25},
+             "macro": {"AUROC": 0.8123, "AUPRC": 0.5, "F1": 0.61, "sensitivity": 0.7,
+                       "specificity": 0.9}}
+  lines = zeroshot.format_table(section, digits=2).splitlines()
+  assert lines[0] == ("zero-shot on N=8 (AUROC chance 0.5; thresholds: Youden's J on the "
+                      "evaluated split)")
+  assert lines[2].split() == ["effusion", "2", "0.81", "0.50", "(0.25)", "0.61", "(0.40)",
+                              "0.70", "0.90"]
+
+
+def brute_force_youden(scores, labels):
+  """Per label: the highest threshold t maximizing TPR - FPR of `score >= t` over the distinct
+  scores; NaN without positives or negatives."""
+  out = np.full(scores.shape[1], np.nan, np.float32)
+  for j in range(scores.shape[1]):
+    truth = labels[:, j] > 0
+    if truth.all() or not truth.any():
+      continue
+    best = -np.inf
+    for t in np.unique(scores[:, j])[::-1]:
+      called = scores[:, j] >= t
+      youden = called[truth].mean() - called[~truth].mean()
+      if youden > best:
+        best, out[j] = youden, t
+  return out
+
+
+def test_small_tied_labels_against_scikit_learn_and_a_brute_force_youden():
+  """Many small labels with heavy ties, including single positives, single negatives, labels
+  without either (listed first) and the two lowest scores tied: AUROC and AUPRC equal
+  scikit-learn's, thresholds a brute-force Youden search, counts at them scikit-learn's."""
+  rng = np.random.default_rng(16)
+  scores = (np.round(rng.random((12, 40)) * 5) / 5).astype(np.float32)
+  labels = (rng.random((12, 40)) < 0.4).astype(np.int8)
+  labels[:, 0], labels[:, 1] = 0, 1                     # undefined, before the defined ones
+  labels[:, 2], labels[5, 2] = 0, 1                     # a single positive
+  labels[:, 3], labels[5, 3] = 1, 0                     # a single negative
+  scores[:, 4] = np.linspace(0.2, 0.9, 12)
+  scores[:2, 4] = 0.1                                   # exactly the two lowest tie
+  labels[:, 4] = [0, 1] * 6
+  thresholds = zeroshot.youden_thresholds(scores, labels)
+  np.testing.assert_array_equal(thresholds, brute_force_youden(scores, labels))
+  result = zeroshot.classification_metrics(scores, labels, names(40), thresholds=thresholds)
+  for j, name in enumerate(names(40)[2:], start=2):
+    truth, predicted = labels[:, j] > 0, scores[:, j] >= thresholds[j]
+    assert result[name]["AUROC"] == pytest.approx(sk.roc_auc_score(truth, scores[:, j])), name
+    assert result[name]["AUPRC"] == pytest.approx(
+        sk.average_precision_score(truth, scores[:, j])), name
+    assert result[name]["F1"] == pytest.approx(sk.f1_score(truth, predicted)), name
+    assert result[name]["sensitivity"] == pytest.approx(sk.recall_score(truth, predicted)), name
+    assert result[name]["specificity"] == pytest.approx(
+        sk.recall_score(~truth, ~predicted)), name
+
+
+def test_nothing_called_present_gives_zero_sensitivity_and_f1_and_full_specificity():
+  """Above every score: one positive missed (F1 0, sensitivity 0) and one negative correctly
+  absent (specificity 1); defined values, not NaN, even with a single study of a class."""
+  scores = np.linspace(0.1, 0.9, 6, dtype=np.float32)[:, None].repeat(2, axis=1)
+  labels = np.array([[0, 1], [1, 1], [0, 1], [0, 0], [0, 1], [0, 1]], np.int8)
+  result = zeroshot.classification_metrics(scores, labels, names(2), thresholds=[2.0, 2.0])
+  assert result["finding 0"]["F1"] == 0.0 and result["finding 0"]["sensitivity"] == 0.0
+  assert result["finding 1"]["specificity"] == 1.0 and result["finding 1"]["defined"] is True
