@@ -252,3 +252,17 @@ def test_two_views_of_part_of_a_batch_use_its_global_index():
       jax.random.key(8), volumes[2:5])
   for got, want in zip(part, full):
     np.testing.assert_allclose(got, want[2:5], atol=1e-6)
+
+
+def test_noise_firing_is_independent_of_the_rotation_angles():
+  params = _params(prob=0.5)
+  rotated = np.any(params["angles"] != 0, axis=1)
+  noisy = (params["noise_std"] > 0).astype(np.float64)
+  for axis in range(3):
+    assert abs(np.corrcoef(noisy[rotated], params["angles"][rotated, axis])[0, 1]) < 0.1
+
+
+def test_every_view_example_and_stream_gets_its_own_key():
+  keys = jax.random.key_data(augment.example_keys(jax.random.key(9), 16, first_index=3))
+  flat = np.asarray(keys).reshape(2 * 16 * 2, -1)
+  assert len({tuple(k) for k in flat}) == len(flat)
