@@ -216,3 +216,53 @@ def test_integer_or_unbatched_volumes_are_a_clear_error():
     augment.two_views(jax.random.key(0), jnp.zeros((2, 4, 4, 4, 1), jnp.uint8), _config())
   with pytest.raises(TypeError, match=r"\(4, 4, 4, 1\)"):
     augment.augment_batch(jax.random.key(0), jnp.zeros((4, 4, 4, 1)), _config(), 0.5)
+
+
+# --- Draws (mutation testing) ---------------------------------------------------------------------
+
+def _params(prob, count=4000, seed=12):
+  keys = augment.example_keys(jax.random.key(seed), count)[0, :, 0]
+  draw = lambda k: augment.sample_params(jax.random.uniform(k, (8,)), prob, 0.2, (0.9, 1.1), 0.1)  # noqa: E731,E501
+  return jax.device_get(jax.jit(jax.vmap(draw))(keys))
+
+
+def test_zoom_is_uniform_over_the_zoom_range():
+  zooms = _params(prob=1.0)["zoom"]
+  np.testing.assert_allclose(zooms.mean(), 1.0, atol=0.005)          # U(0.9, 1.1)
+  np.testing.assert_allclose(zooms.std(), 0.2 / math.sqrt(12), atol=0.003)
+
+
+def test_transforms_fire_independently_of_each_other():
+  """Rotation, zoom and noise each fire with probability p, and together with p^2 (not p: one
+  shared draw would always fire them together)."""
+  params = _params(prob=0.5)
+  rotated, zoomed = np.any(params["angles"] != 0, axis=1), params["zoom"] != 1.0
+  noisy = params["noise_std"] > 0
+  for a, b in ((rotated, zoomed), (rotated, noisy), (zoomed, noisy)):
+    np.testing.assert_allclose(np.mean(a & b), 0.25, atol=0.03)     # binomial sd 0.007
+  np.testing.assert_allclose(np.corrcoef(params["zoom"][zoomed & noisy],
+                                         params["noise_std"][zoomed & noisy])[0, 1], 0.0,
+                             atol=0.1)
+
+
+def test_two_views_of_part_of_a_batch_use_its_global_index():
+  volumes, config = _volumes(batch=6), _config(prob=1.0, view_prob=1.0)
+  full = _two_views(jax.random.key(8), volumes, config)
+  part = jax.jit(lambda k, v: augment.two_views(k, v, config, first_index=2))(
+      jax.random.key(8), volumes[2:5])
+  for got, want in zip(part, full):
+    np.testing.assert_allclose(got, want[2:5], atol=1e-6)
+
+
+def test_noise_firing_is_independent_of_the_rotation_angles():
+  params = _params(prob=0.5)
+  rotated = np.any(params["angles"] != 0, axis=1)
+  noisy = (params["noise_std"] > 0).astype(np.float64)
+  for axis in range(3):
+    assert abs(np.corrcoef(noisy[rotated], params["angles"][rotated, axis])[0, 1]) < 0.1
+
+
+def test_every_view_example_and_stream_gets_its_own_key():
+  keys = jax.random.key_data(augment.example_keys(jax.random.key(9), 16, first_index=3))
+  flat = np.asarray(keys).reshape(2 * 16 * 2, -1)
+  assert len({tuple(k) for k in flat}) == len(flat)

@@ -552,3 +552,14 @@ def test_scan_gallery_merges_reconstructions_and_counts_identical_reports_once()
 def test_unknown_gallery_is_refused_naming_the_field():
   with pytest.raises(metrics.SettingsError, match="eval.gallery"):
     metrics.MetricSettings(gallery="study")
+
+
+# --- Defaults a caller relies on (mutation testing) -----------------------------------------------
+
+def test_paired_ranks_default_to_the_mid_tie_rule():
+  """Four identical pairs: every item ties with the paired one, so each query's mid rank is the
+  middle of 1..4."""
+  same = np.ones((4, 3), np.float32)
+  for direction in metrics.paired_ranks(same, same).values():
+    assert direction.rule == "mid"
+    np.testing.assert_array_equal(direction.ranks, 2.5)

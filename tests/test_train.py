@@ -419,3 +419,18 @@ def test_resume_skips_a_damaged_latest_step_and_says_which_and_why(tiny_config, 
   assert "resuming from step 1" in out
   assert summary["step"] == 3 and os.path.isdir(os.path.join(directory, "2.damaged"))
   assert checkpoint.read_meta(config.output_dir)["step"] == 3
+
+
+# --- What a step changes besides the parameters (mutation testing) ---------------------------------
+
+def test_a_step_runs_the_model_in_training_mode_and_keeps_its_batchnorm_statistics(
+    single_device_step):
+  """Every BatchNorm statistic moves toward the batch's after one step: the step runs the model
+  in training mode (dropout on, batch statistics) and keeps the statistics it updated, which
+  evaluation then normalizes with. A step in inference mode, or one that dropped the update,
+  would leave them at their initial values (mean 0, variance 1) for ever."""
+  before, _, after, _, _ = single_device_step
+  stats_before, stats_after = (_tree_paths(s.batch_stats) for s in (before, after))
+  assert stats_before and set(stats_after) == set(stats_before)
+  for path, value in stats_before.items():
+    assert not np.allclose(stats_after[path], value), path

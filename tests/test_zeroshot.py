@@ -1,6 +1,7 @@
 """Zero-shot classification: AUROC/AUPRC against scikit-learn, operating points, undefined labels,
 prompts, ensembling and the bootstrap."""
 
+import ml_collections
 import numpy as np
 import pytest
 from sklearn import metrics as sk
@@ -169,3 +170,175 @@ def test_table_lists_each_label_with_positives_ci_and_chance():
   row = next(line for line in table.splitlines() if line.startswith("finding 0"))
   assert str(int(labels[:, 0].sum())) in row and "[" in row
 
+
+
+# --- Settings, the table, a label ranked backwards (mutation testing) ----------------------------
+
+def test_settings_keep_valid_templates_and_findings_as_tuples():
+  """The config gives lists; settings hold them as (positive, negative) tuples."""
+  settings = zeroshot.ZeroShotSettings(templates=[["{label} seen.", "No {label} seen."]],
+                                       findings=["emphysema", "pleural effusion"])
+  assert settings.templates == (("{label} seen.", "No {label} seen."),)
+  assert settings.findings == ("emphysema", "pleural effusion")
+  assert zeroshot.ZeroShotSettings().templates == zeroshot.DEFAULT_TEMPLATES
+
+
+@pytest.mark.parametrize("findings", [("emphysema", ""), ("emphysema", "  "), ("emphysema", 3)])
+def test_findings_must_be_names(findings):
+  with pytest.raises(zeroshot.ZeroShotError, match="eval.zeroshot.findings"):
+    zeroshot.ZeroShotSettings(findings=findings)
+
+
+def test_settings_from_config_eval_zeroshot_or_disabled_without_it():
+  config = ml_collections.ConfigDict({
+      "enabled": 0, "templates": [["{label} seen.", "No {label}."]], "findings": ["emphysema"],
+      "threshold_split": None})
+  assert zeroshot.ZeroShotSettings.from_config(config) == zeroshot.ZeroShotSettings(
+      enabled=False, templates=(("{label} seen.", "No {label}."),), findings=("emphysema",),
+      threshold_split="")
+  config.enabled, config.threshold_split = True, "val"
+  settings = zeroshot.ZeroShotSettings.from_config(config)
+  assert settings.enabled is True and settings.threshold_split == "val"
+  assert zeroshot.ZeroShotSettings.from_config(None).enabled is False
+
+
+def test_auroc_and_auprc_of_a_label_ranked_backwards_equal_scikit_learn():
+  """Positives scored low: the highest score is a negative study's, which the well-ranked
+  labels of the other tests never have."""
+  scores, labels = labelled_scores(200, 3, seed=13)
+  scores = 1.0 - scores
+  result = zeroshot.classification_metrics(scores, labels, names(3))
+  for j, name in enumerate(names(3)):
+    assert labels[np.argmax(scores[:, j]), j] == 0
+    assert result[name]["AUROC"] == pytest.approx(sk.roc_auc_score(labels[:, j], scores[:, j]),
+                                                  abs=1e-6)
+    assert result[name]["AUPRC"] == pytest.approx(
+        sk.average_precision_score(labels[:, j], scores[:, j]), abs=1e-6)
+
+
+def test_table_layout_names_columns_aligns_them_and_marks_undefined_cells():
+  section = {
+      "labels": ["effusion", "nodule"], "n": 100, "threshold_source": "val split",
+      "ci": {"level": 0.95, "samples": 50, "seed": 0},
+      "effusion": {"AUROC": 0.8123, "AUPRC": 0.5, "F1": 0.61, "sensitivity": 0.7,
+                   "specificity": 0.9, "n_positive": 25, "prevalence": 0.25,
+                   "ci": {"AUROC": [0.75, 0.87]}},
+      "nodule": {"AUROC": None, "AUPRC": None, "F1": None, "sensitivity": None,
+                 "specificity": 1.0, "n_positive": 0, "prevalence": 0.0, "ci": {"AUROC": None}},
+      "macro": {"AUROC": 0.8123, "AUPRC": 0.5, "F1": 0.61, "sensitivity": 0.7,
+                "specificity": 0.9, "ci": {"AUROC": [0.75, 0.87]}}}
+  assert zeroshot.format_table(section) == (
+      "zero-shot on N=100 (AUROC chance 0.5; [95% CI]; thresholds: Youden's J on the val split)\n"
+      "finding   n+                 AUROC     AUPRC (chance)        F1 (chance)       sens  spec\n"
+      "effusion  25  0.812 [0.750, 0.870]      0.500 (0.250)      0.610 (0.400)       0.70  0.90\n"
+      "nodule     0             undefined  undefined (0.000)  undefined (0.000)  undefined  1.00\n"
+      "macro         0.812 [0.750, 0.870]              0.500              0.610       0.70  0.90")
+
+
+def test_replicate_batches_shrink_as_n_grows_to_bound_memory():
+  """A label's (N, R) weights stay near REPLICATE_ELEMENTS entries: R = BATCH for small N, fewer
+  (a whole number, at least 1) for large N."""
+  assert zeroshot._replicate_batch(100) == bootstrap.BATCH
+  quarter = zeroshot._replicate_batch(zeroshot.REPLICATE_ELEMENTS // 4)
+  assert quarter == 4 and isinstance(quarter, int)
+  assert zeroshot._replicate_batch(2 * zeroshot.REPLICATE_ELEMENTS) == 1
+
+
+def test_counts_at_every_operating_point_equal_scikit_learn():
+  """Thresholds at each distinct score, below the lowest and above the highest (every study
+  called present / absent), on labels whose two lowest-scoring studies are (positive, positive),
+  (positive, negative) and (negative, positive): the edges of the called-present counts."""
+  rng = np.random.default_rng(14)
+  s = np.concatenate([[-2.0, -1.0], np.round(rng.random(28) * 8) / 8]).astype(np.float32)
+  labels = (rng.random((30, 3)) < 0.4).astype(np.int8)
+  labels[:2] = [[1, 1, 0], [1, 0, 1]]
+  labels[2:4] = [[0, 0, 0], [1, 1, 1]]    # every label has both classes above the two lowest
+  scores = np.repeat(s[:, None], 3, axis=1)
+  for t in np.concatenate([np.unique(s), [s.min() - 1, s.max() + 1]]):
+    result = zeroshot.classification_metrics(scores, labels, names(3), thresholds=np.full(3, t))
+    for j, name in enumerate(names(3)):
+      truth, predicted = labels[:, j] > 0, s >= t
+      assert result[name]["sensitivity"] == pytest.approx(sk.recall_score(truth, predicted)), t
+      assert result[name]["specificity"] == pytest.approx(sk.recall_score(~truth, ~predicted)), t
+      assert result[name]["accuracy"] == pytest.approx(sk.accuracy_score(truth, predicted)), t
+      assert result[name]["F1"] == pytest.approx(
+          sk.f1_score(truth, predicted, zero_division=0.0)), t
+
+
+def test_a_label_with_one_positive_is_defined():
+  """One positive study is enough for AUROC (the share of negatives scored below it) and AUPRC."""
+  scores, labels = labelled_scores(50, 1, seed=15)
+  labels[:] = 0
+  labels[7] = 1
+  result = zeroshot.classification_metrics(scores, labels, ["x"])
+  assert result["x"]["defined"] is True
+  assert result["x"]["AUROC"] == pytest.approx(sk.roc_auc_score(labels[:, 0], scores[:, 0]))
+  assert result["x"]["AUPRC"] == pytest.approx(
+      sk.average_precision_score(labels[:, 0], scores[:, 0]))
+
+
+def test_table_without_intervals_at_two_digits():
+  section = {"labels": ["effusion"], "n": 8, "threshold_source": "evaluated split",
+             "effusion": {"AUROC": 0.8123, "AUPRC": 0.5, "F1": 0.61, "sensitivity": 0.7,
+                          "specificity": 0.9, "n_positive": 2, "prevalence": 0.25},
+             "macro": {"AUROC": 0.8123, "AUPRC": 0.5, "F1": 0.61, "sensitivity": 0.7,
+                       "specificity": 0.9}}
+  lines = zeroshot.format_table(section, digits=2).splitlines()
+  assert lines[0] == ("zero-shot on N=8 (AUROC chance 0.5; thresholds: Youden's J on the "
+                      "evaluated split)")
+  assert lines[2].split() == ["effusion", "2", "0.81", "0.50", "(0.25)", "0.61", "(0.40)",
+                              "0.70", "0.90"]
+
+
+def brute_force_youden(scores, labels):
+  """Per label: the highest threshold t maximizing TPR - FPR of `score >= t` over the distinct
+  scores; NaN without positives or negatives."""
+  out = np.full(scores.shape[1], np.nan, np.float32)
+  for j in range(scores.shape[1]):
+    truth = labels[:, j] > 0
+    if truth.all() or not truth.any():
+      continue
+    best = -np.inf
+    for t in np.unique(scores[:, j])[::-1]:
+      called = scores[:, j] >= t
+      youden = called[truth].mean() - called[~truth].mean()
+      if youden > best:
+        best, out[j] = youden, t
+  return out
+
+
+def test_small_tied_labels_against_scikit_learn_and_a_brute_force_youden():
+  """Many small labels with heavy ties, including single positives, single negatives, labels
+  without either (listed first) and the two lowest scores tied: AUROC and AUPRC equal
+  scikit-learn's, thresholds a brute-force Youden search, counts at them scikit-learn's."""
+  rng = np.random.default_rng(16)
+  scores = (np.round(rng.random((12, 40)) * 5) / 5).astype(np.float32)
+  labels = (rng.random((12, 40)) < 0.4).astype(np.int8)
+  labels[:, 0], labels[:, 1] = 0, 1                     # undefined, before the defined ones
+  labels[:, 2], labels[5, 2] = 0, 1                     # a single positive
+  labels[:, 3], labels[5, 3] = 1, 0                     # a single negative
+  scores[:, 4] = np.linspace(0.2, 0.9, 12)
+  scores[:2, 4] = 0.1                                   # exactly the two lowest tie
+  labels[:, 4] = [0, 1] * 6
+  thresholds = zeroshot.youden_thresholds(scores, labels)
+  np.testing.assert_array_equal(thresholds, brute_force_youden(scores, labels))
+  result = zeroshot.classification_metrics(scores, labels, names(40), thresholds=thresholds)
+  for j, name in enumerate(names(40)[2:], start=2):
+    truth, predicted = labels[:, j] > 0, scores[:, j] >= thresholds[j]
+    assert result[name]["AUROC"] == pytest.approx(sk.roc_auc_score(truth, scores[:, j])), name
+    assert result[name]["AUPRC"] == pytest.approx(
+        sk.average_precision_score(truth, scores[:, j])), name
+    assert result[name]["F1"] == pytest.approx(sk.f1_score(truth, predicted)), name
+    assert result[name]["sensitivity"] == pytest.approx(sk.recall_score(truth, predicted)), name
+    assert result[name]["specificity"] == pytest.approx(
+        sk.recall_score(~truth, ~predicted)), name
+
+
+def test_nothing_called_present_gives_zero_sensitivity_and_f1_and_full_specificity():
+  """Above every score: one positive missed (F1 0, sensitivity 0) and one negative correctly
+  absent (specificity 1); defined values, not NaN, even with a single study of a class."""
+  scores = np.linspace(0.1, 0.9, 6, dtype=np.float32)[:, None].repeat(2, axis=1)
+  labels = np.array([[0, 1], [1, 1], [0, 1], [0, 0], [0, 1], [0, 1]], np.int8)
+  result = zeroshot.classification_metrics(scores, labels, names(2), thresholds=[2.0, 2.0])
+  assert result["finding 0"]["F1"] == 0.0 and result["finding 0"]["sensitivity"] == 0.0
+  assert result["finding 1"]["specificity"] == 1.0 and result["finding 1"]["defined"] is True
