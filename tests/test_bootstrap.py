@@ -49,3 +49,12 @@ def test_a_count_at_its_dtype_limit_is_refused_not_wrapped():
 def test_percentile_interval_ignores_undefined_replicates():
   samples = np.concatenate([np.linspace(0, 1, 101), [np.nan] * 5])
   np.testing.assert_allclose(bootstrap.percentile_interval(samples, 0.9), [0.05, 0.95])
+
+
+def test_batches_shrink_as_n_grows_to_bound_memory():
+  """A batch's (N, R) counts stay near BATCH_ELEMENTS: R = MAX_BATCH for small N, fewer (a whole
+  number, at least 1) for large N."""
+  assert bootstrap.batch_size(100) == bootstrap.MAX_BATCH
+  quarter = bootstrap.batch_size(bootstrap.BATCH_ELEMENTS // 4)
+  assert quarter == 4 and isinstance(quarter, int)
+  assert bootstrap.batch_size(2 * bootstrap.BATCH_ELEMENTS) == 1

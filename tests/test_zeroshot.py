@@ -235,15 +235,6 @@ def test_table_layout_names_columns_aligns_them_and_marks_undefined_cells():
       "macro         0.812 [0.750, 0.870]              0.500              0.610       0.70  0.90")
 
 
-def test_replicate_batches_shrink_as_n_grows_to_bound_memory():
-  """A label's (N, R) weights stay near REPLICATE_ELEMENTS entries: R = BATCH for small N, fewer
-  (a whole number, at least 1) for large N."""
-  assert zeroshot._replicate_batch(100) == bootstrap.BATCH
-  quarter = zeroshot._replicate_batch(zeroshot.REPLICATE_ELEMENTS // 4)
-  assert quarter == 4 and isinstance(quarter, int)
-  assert zeroshot._replicate_batch(2 * zeroshot.REPLICATE_ELEMENTS) == 1
-
-
 def test_counts_at_every_operating_point_equal_scikit_learn():
   """Thresholds at each distinct score, below the lowest and above the highest (every study
   called present / absent), on labels whose two lowest-scoring studies are (positive, positive),
