@@ -58,3 +58,10 @@ def test_batches_shrink_as_n_grows_to_bound_memory():
   quarter = bootstrap.batch_size(bootstrap.BATCH_ELEMENTS // 4)
   assert quarter == 4 and isinstance(quarter, int)
   assert bootstrap.batch_size(2 * bootstrap.BATCH_ELEMENTS) == 1
+
+
+def test_any_integer_seed_is_accepted_and_seeds_are_read_modulo_2_to_the_64():
+  reference = bootstrap.resample_counts(seed=2**64 - 1, first=0, num=2, n=50)
+  np.testing.assert_array_equal(bootstrap.resample_counts(seed=-1, first=0, num=2, n=50), reference)
+  np.testing.assert_array_equal(bootstrap.resample_counts(seed=2**64 + 7, first=0, num=2, n=50),
+                                bootstrap.resample_counts(seed=7, first=0, num=2, n=50))
