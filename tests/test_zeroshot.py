@@ -333,3 +333,23 @@ def test_nothing_called_present_gives_zero_sensitivity_and_f1_and_full_specifici
   result = zeroshot.classification_metrics(scores, labels, names(2), thresholds=[2.0, 2.0])
   assert result["finding 0"]["F1"] == 0.0 and result["finding 0"]["sensitivity"] == 0.0
   assert result["finding 1"]["specificity"] == 1.0 and result["finding 1"]["defined"] is True
+
+
+def test_a_replicate_drawing_the_single_positive_once_still_has_an_auroc():
+  """A rare finding: replicates that draw its one positive (or the one negative) once are
+  defined, and equal scikit-learn on the resampled studies; those that miss it are undefined."""
+  rng = np.random.default_rng(12)
+  scores = rng.random((40, 2)).astype(np.float32)
+  labels = np.zeros((40, 2), np.int8)
+  labels[7, 0] = 1                    # one positive
+  labels[:, 1], labels[9, 1] = 1, 0   # one negative
+  sorted_scores = zeroshot.SortedScores.of(scores, labels)
+  counts = bootstrap.resample_counts(3, 0, 64, 40)
+  replicates = zeroshot._replicate_stats(counts, sorted_scores, sorted_scores.cut([0.5, 0.5]))
+  for column, single in ((0, 7), (1, 9)):
+    drawn_once = np.flatnonzero(counts[single] == 1)
+    assert len(drawn_once) > 5 and np.isnan(replicates["AUROC"][counts[single] == 0, column]).all()
+    for b in drawn_once:
+      drawn = np.repeat(np.arange(40), counts[:, b])
+      assert replicates["AUROC"][b, column] == pytest.approx(
+          sk.roc_auc_score(labels[drawn, column], scores[drawn, column]), abs=1e-12)
