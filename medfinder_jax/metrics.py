@@ -341,10 +341,9 @@ def _bootstrap_rank_totals(directions, seed, ks, num_samples):
   np.median's)."""
   ranks = np.stack([d.ranks for d in directions])
   order = np.argsort(ranks, axis=1, kind="stable")
-  sort = lambda x: np.ascontiguousarray(np.take_along_axis(x, order, axis=-1))  # noqa: E731
-  hits = np.ascontiguousarray(np.take_along_axis(
+  sorted_ranks, n = np.ascontiguousarray(np.take_along_axis(ranks, order, axis=1)), ranks.shape[1]
+  hits = np.ascontiguousarray(np.take_along_axis(           # (M, K, N) in rank order
       np.stack([np.stack([d.hits(k) for k in ks]) for d in directions]), order[:, None], axis=2))
-  sorted_ranks, n = sort(ranks), ranks.shape[1]
   middle = np.array([(n + 1) // 2, n // 2 + 1], np.int64)   # equal when N is odd
 
   def kernel(counts):

@@ -18,9 +18,9 @@ Per label, from the (N, L) probabilities and the (N, L) 0/1 labels:
 - Macro (mean over defined labels) and weighted (by positives) averages; percentile-bootstrap
   CIs of AUROC and F1 resampling studies (one resample shared by every label), seeded.
 
-Point estimates are vectorized over labels: one sort per label, then cumulative sums over the
-sorted scores. Bootstrap replicates walk each label's sorted studies once per batch of
-replicates with their draw counts as weights (bootstrap.py).
+One sort per label (SortedScores, shared by Youden's J); point estimates are numpy sums over its
+tie groups, and bootstrap replicates walk each label's sorted studies once per batch of replicates
+with their draw counts as weights (bootstrap.py, bootstrap_kernels.label_totals).
 """
 
 import dataclasses
