@@ -4,9 +4,13 @@ code's argsort, the bootstrap, zero-shot classification and `launch.py metrics` 
 
 For each N, both directions (t2i, i2t) of R@1/5/10, MdR, MnR from N paired D-dim embeddings:
 - ours:     medfinder_jax.metrics.paired_ranks + metrics_from_ranks (one pass over S in tiles,
-            never N×N), 1 device; beside it, in the same process, a plain chunked fp32 GEMM of
-            the same N×N×D multiply-adds (each chunk's scores summed, so nothing is skipped):
-            the ratio ours / GEMM is what the rank counting costs beyond the matmul itself;
+            never N×N) with the host engine (score_pass_host: the BLAS numpy links, one thread
+            per core; what `auto` picks on a CPU); beside it, in the same process, a plain
+            chunked fp32 GEMM of the same N×N×D multiply-adds by that BLAS with all its threads
+            (each chunk's scores summed, so nothing is skipped): the ratio ours / GEMM is what
+            the rank counting costs beyond the matmul itself;
+- ours_jax: the same with the JAX engine (score_pass, 1 device: what meshes and accelerators
+            use), beside a plain chunked GEMM in XLA;
 - released: a numpy reimplementation of main_ddp.py's validate/compute_metrics: the full N×N
             similarity S = T·Iᵀ, a full argsort of every row of S and of Sᵀ, then the rank of the
             paired item found row by row (as its loop does). Its peak memory is about 12·N² bytes
@@ -79,19 +83,34 @@ def released_validate(text, image):
           "i2t": released_compute_metrics(similarities.T)}
 
 
-def ours(text, image):
+def ours(text, image, engine="host"):
   from medfinder_jax import metrics
-  result = metrics.metrics_from_ranks(metrics.paired_ranks(text, image))
+  result = metrics.metrics_from_ranks(metrics.paired_ranks(text, image, engine=engine))
   return {d: result[d] for d in ("t2i", "i2t")}
 
 
-def plain_gemm(text, image):
-  """The same N×N×D multiply-adds as one pass, in chunks of the default tile's rows, fp32."""
+def plain_gemm_blas(text, image):
+  """The same N×N×D multiply-adds as one pass by numpy's BLAS (all its threads), in chunks of
+  the default tile's rows, fp32, each chunk's row sums kept."""
+  from medfinder_jax import score_pass_host
+  n = text.shape[0]
+  rows = score_pass_host.default_block_size(n)
+  out = np.empty((rows, n), np.float32)
+  sums = []
+  for start in range(0, n, rows):
+    chunk = text[start:start + rows]
+    np.matmul(chunk, image.T, out=out[:len(chunk)])
+    sums.append(out[:len(chunk)].sum(axis=1))
+  return np.concatenate(sums)
+
+
+def plain_gemm_xla(text, image):
+  """The same N×N×D multiply-adds as one pass in XLA, in chunks of the default tile's rows, fp32."""
   import jax
   import jax.numpy as jnp
-  from medfinder_jax import metrics
+  from medfinder_jax import score_pass_host
   n = text.shape[0]
-  rows = metrics.default_block_size(n)
+  rows = score_pass_host.default_block_size(n)
   blocks = -(-n // rows)
 
   @jax.jit
@@ -107,9 +126,14 @@ def plain_gemm(text, image):
 
 def run_case(method, n, dim, repeats):
   text, image = make_pairs(n, dim)
-  if method == "ours":
-    import jax  # noqa: F401  (runtime loaded before the baseline is taken)
-  fn = ours if method == "ours" else released_validate
+  if method == "ours":   # runtimes loaded before the baseline is taken
+    from medfinder_jax import score_pass_host  # noqa: F401
+    fn, gemm_fn = ours, plain_gemm_blas
+  elif method == "ours_jax":
+    from medfinder_jax import score_pass  # noqa: F401
+    fn, gemm_fn = (lambda t, i: ours(t, i, engine="jax")), plain_gemm_xla
+  else:
+    fn, gemm_fn = released_validate, None
   baseline = rss_mib()
   times = []
   for _ in range(repeats):
@@ -119,11 +143,11 @@ def run_case(method, n, dim, repeats):
   out = {"method": method, "n": n, "dim": dim, "seconds": min(times), "first_call_s": times[0],
          "peak_rss_mib": peak_rss_mib(), "inputs_rss_mib": baseline,
          "extra_peak_mib": peak_rss_mib() - baseline, "metrics": result}
-  if method == "ours":
+  if gemm_fn is not None:
     gemm = []
-    for _ in range(repeats + 1):                     # the first call compiles
+    for _ in range(repeats + 1):                     # the first call compiles (XLA)
       start = time.perf_counter()
-      plain_gemm(text, image)
+      gemm_fn(text, image)
       gemm.append(time.perf_counter() - start)
     out["gemm_seconds"] = min(gemm[1:])
   return out
@@ -202,7 +226,9 @@ def main():
   parser.add_argument("--parts", nargs="+", default=["metrics", "bootstrap", "zeroshot", "cli"],
                       choices=["metrics", "bootstrap", "zeroshot", "cli"])
   parser.add_argument("--json_out", default=None)
-  parser.add_argument("--case", choices=["ours", "released"], help=argparse.SUPPRESS)
+  parser.add_argument("--engines", nargs="+", default=["host", "jax"], choices=["host", "jax"],
+                      help="rank engines measured (host: score_pass_host, jax: score_pass)")
+  parser.add_argument("--case", choices=["ours", "ours_jax", "released"], help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.case:
     print(json.dumps(run_case(args.case, args.ns[0], args.dim, args.repeats or 1)))
@@ -211,21 +237,24 @@ def main():
   rows, last_released, extra = [], None, {}
   for n in (args.ns if "metrics" in args.parts else []):
     repeats = args.repeats or (2 if n <= 8192 else 1)
-    mine = measure("ours", n, args.dim, repeats)
+    engines = {e: measure({"host": "ours", "jax": "ours_jax"}[e], n, args.dim, repeats)
+               for e in args.engines}
     if n <= args.reference_max_n:
       theirs = last_released = measure("released", n, args.dim, repeats)
       # Equal up to float32 matmul rounding (a near-tie may flip: MnR by 1/N, R@K by 100/N).
-      mine["max_metric_diff"] = max(abs(mine["metrics"][d][m] - theirs["metrics"][d][m])
-                                    for d in ("t2i", "i2t") for m in theirs["metrics"][d])
+      for mine in engines.values():
+        mine["max_metric_diff"] = max(abs(mine["metrics"][d][m] - theirs["metrics"][d][m])
+                                      for d in ("t2i", "i2t") for m in theirs["metrics"][d])
     else:
       theirs = extrapolate(last_released, n) if last_released else None
-    rows.append({"n": n, "ours": mine, "released": theirs})
-    print(f"N={n}: ours {mine['seconds']:.2f}s {mine['extra_peak_mib']:.0f} MiB "
-          f"(max |ours - released| over the 10 metrics: {mine.get('max_metric_diff', 'n/a')}); "
-          "released "
-          + (f"{theirs['seconds']:.2f}s {theirs['extra_peak_mib']:.0f} MiB"
-             + (" (extrapolated)" if theirs.get("extrapolated") else "") if theirs else "n/a"),
-          flush=True)
+    for engine, mine in engines.items():
+      rows.append({"n": n, "engine": engine, "ours": mine, "released": theirs})
+      print(f"N={n}: ours ({engine}) {mine['seconds']:.2f}s {mine['extra_peak_mib']:.0f} MiB "
+            f"(max |ours - released| over the 10 metrics: {mine.get('max_metric_diff', 'n/a')}); "
+            "released "
+            + (f"{theirs['seconds']:.2f}s {theirs['extra_peak_mib']:.0f} MiB"
+               + (" (extrapolated)" if theirs.get("extrapolated") else "") if theirs else "n/a"),
+            flush=True)
   if "bootstrap" in args.parts:
     extra["bootstrap"] = bootstrap_cost(max(args.ns), args.bootstrap_samples)
   if "zeroshot" in args.parts:
@@ -242,9 +271,9 @@ def print_metric_table(args, rows):
   print(f"\nD = {args.dim}, both directions, {os.cpu_count()} CPU cores; "
         "time = best of repeats (first call incl. compile in parentheses); "
         "memory = peak RSS above the inputs")
-  print("| N | ours time | plain GEMM | ours/GEMM | ours memory | released time | released memory "
-        "| time ratio (released/ours) | memory ratio |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("| N | engine | ours time | plain GEMM (same library) | ours/GEMM | ours memory "
+        "| released time | released memory | time ratio (released/ours) | memory ratio |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for row in rows:
     mine, theirs = row["ours"], row["released"]
     mark = " (extrapolated)" if theirs and theirs.get("extrapolated") else ""
@@ -252,8 +281,9 @@ def print_metric_table(args, rows):
                    f"{theirs['seconds'] / mine['seconds']:.1f}x | "
                    f"{theirs['extra_peak_mib'] / max(mine['extra_peak_mib'], 1):.1f}x"
                    if theirs else "n/a | n/a | n/a | n/a")
-    print(f"| {row['n']} | {mine['seconds']:.2f} s ({mine['first_call_s']:.2f}) | "
-          f"{mine['gemm_seconds']:.2f} s | {mine['seconds'] / mine['gemm_seconds']:.2f}x | "
+    gemm = "BLAS" if row["engine"] == "host" else "XLA"
+    print(f"| {row['n']} | {row['engine']} | {mine['seconds']:.2f} s ({mine['first_call_s']:.2f}) | "
+          f"{mine['gemm_seconds']:.2f} s ({gemm}) | {mine['seconds'] / mine['gemm_seconds']:.2f}x | "
           f"{mine['extra_peak_mib']:.0f} MiB | {their_cells} |")
 
 

@@ -139,6 +139,9 @@ def get_config(arg=None):
   c.eval.ci_level = 0.95
   c.eval.ties = "mid"                # a pair tied with others: "mid" (expected under random
                                      # tie-breaking) | "best" | "worst" (see metrics.py)
+  c.eval.rank_engine = "auto"        # who counts ranks: "jax" (a mesh, accelerators) | "host"
+                                     # (the CPU's BLAS, no JAX) | "auto" (host unless JAX has
+                                     # or would get an accelerator)
   c.eval.gallery = "volume"          # one gallery item per volume | "scan": the reconstructions
                                      # of a scan merged (records' scan_id), identical reports once
   c.eval.volume_retrieval = ml_collections.ConfigDict()   # volume -> volume (needs labels)

@@ -13,8 +13,10 @@ preprocessing -> records):
   loading.py          a model from our checkpoints or the released code's files
   encode.py           a loaded model's encoders on a mesh
   evaluate.py         a split's embeddings, labels, prompts + metrics in memory (the math:
-                      metrics.py retrieval, zeroshot.py classification, bootstrap.py CIs
-                      with bootstrap_kernels.py, its compiled per-replicate passes)
+                      metrics.py retrieval, whose passes over the score matrix run in
+                      score_pass.py (JAX: meshes, accelerators) or score_pass_host.py (the
+                      CPU's BLAS, no JAX); zeroshot.py classification, bootstrap.py CIs with
+                      bootstrap_kernels.py, its compiled per-replicate passes)
   index.py            the archive index on disk (shards, removals) and exact search over it
   ann.py              approximate search over an index (faiss IVF-SQ8)
   commands/           what each launch.py command does, with its files and output

@@ -23,11 +23,14 @@ rewarded here; the rule is `ties`:
   "best": 1 + greater (an optimistic bound); "worst": 1 + greater + tied (a pessimistic one).
 Every result records how many queries had a tie, and the table warns when any had one.
 
-One pass, S never materialized: S is visited in square tiles (BLOCK_SIZE² scores at a time);
-t2i counts by the rows and i2t by the columns of the same tiles, so each score is computed once,
-and the paired scores are read from the same kind of tile (bit-identical to their rows and
-columns). Tile rows can be spread over a device mesh (gallery replicated). Results do not depend
-on the tiling or the mesh except through float rounding of the matmul itself.
+One pass, S never materialized: S is visited in square tiles (1024² scores at a time by
+default); t2i counts by the rows and i2t by the columns of the same tiles, so each score is
+computed once, and the paired scores are read from the same kind of tile (bit-identical to their
+rows and columns). Two engines count this way (rank_engine picks): score_pass_host on the host
+CPU (its BLAS, threads, no JAX: what `launch.py metrics` uses on a machine without an
+accelerator) and score_pass on JAX (meshes, with tile rows spread over the devices, and
+accelerators). Results do not depend on the engine, the tiling or the mesh except through float
+rounding of the matmul itself.
 
 Keyword retrieval: P@K of keyword queries against the image gallery, relevance labels from
 findings.keyword_relevance, which does not count negated mentions.
@@ -36,14 +39,12 @@ resample shared by t2i and i2t) or the gallery (P@K, one query per keyword).
 """
 
 import dataclasses
-import functools
-import math
+import importlib.util
+import os
+import sys
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from medfinder_jax import bootstrap
 from medfinder_jax import errors
@@ -57,7 +58,7 @@ VOLUME_KS = (1, 5, 10, 50)
 PRECISION_KS = (20, 50, 100)
 DIRECTIONS = ("t2i", "i2t")
 TIE_RULES = ("mid", "best", "worst")
-BLOCK_SIZE = 1024   # rows and columns of one score tile by default (4 MiB of float32)
+RANK_ENGINES = ("auto", "host", "jax")
 
 
 class DirectionRanks(NamedTuple):
@@ -84,129 +85,46 @@ class DirectionRanks(NamedTuple):
 
 def l2_normalize(x, eps=1e-12):
   """Rows scaled to unit L2 norm (float32); all-zero rows stay zero, like torch F.normalize."""
-  x = jnp.asarray(x, jnp.float32)
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.maximum(norm, eps)
+  x = np.asarray(x, np.float32)
+  norm = np.linalg.norm(x, axis=-1, keepdims=True)
+  return x / np.maximum(norm, np.float32(eps))
 
 
-def default_block_size(n):
-  """Rows (and columns) of one score tile: BLOCK_SIZE, or N rounded up to 8 when smaller."""
-  return int(min(BLOCK_SIZE, math.ceil(max(n, 1) / 8) * 8))
+def _accelerator_expected():
+  """Whether JAX runs (or would run) on an accelerator, without importing JAX when it is not
+  loaded yet: a loaded JAX is asked; otherwise an installed accelerator plugin (jax_plugins:
+  CUDA/ROCm, libtpu) counts unless JAX_PLATFORMS pins the CPU."""
+  jax = sys.modules.get("jax")
+  if jax is not None:
+    return jax.default_backend() != "cpu"
+  if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+    return False
+  return any(importlib.util.find_spec(name) is not None for name in ("jax_plugins", "libtpu"))
 
 
-def _scores(queries, gallery):
-  """One tile of the score matrix. Every score, the paired ones included, comes from this one
-  function on equal-shaped blocks, so a paired score compares exactly with its row and column."""
-  return jnp.matmul(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)
+def rank_engine(engine="auto", mesh=None):
+  """The module that counts ranks (score_pass or score_pass_host, both with rank_counts).
 
-
-def _diagonal(text_blocks, image_blocks):
-  """(blocks, b) paired scores S_ii, read from the diagonal tiles (one tile per block row)."""
-  eye = jnp.eye(text_blocks.shape[1], dtype=bool)
-  return jax.lax.map(lambda x: jnp.sum(jnp.where(eye, _scores(x[0], x[1]), 0.0), axis=1),
-                     (text_blocks, image_blocks))
-
-
-def _tile_counts(tile, row_paired, col_paired, row_valid, col_valid):
-  """Counts of one tile: for each row (t2i query) the valid columns scoring > / == its paired
-  score, and for each column (i2t query) the valid rows scoring > / == its paired score."""
-  rows_greater = jnp.sum((tile > row_paired[:, None]) & col_valid[None, :], axis=1, dtype=jnp.int32)
-  rows_equal = jnp.sum((tile == row_paired[:, None]) & col_valid[None, :], axis=1, dtype=jnp.int32)
-  cols_greater = jnp.sum((tile > col_paired[None, :]) & row_valid[:, None], axis=0, dtype=jnp.int32)
-  cols_equal = jnp.sum((tile == col_paired[None, :]) & row_valid[:, None], axis=0, dtype=jnp.int32)
-  return rows_greater, rows_equal, cols_greater, cols_equal
-
-
-def _grid_counts(text_blocks, row_paired, row_valid, image_blocks, col_paired, col_valid):
-  """Both directions' counts over the tiles (text block r) x (every image block c), one tile in
-  memory at a time. Returns row counts (r, b) for these text blocks and column counts (c, b)
-  summed over them."""
-
-  def row_of_tiles(col_totals, row):
-    text, paired, valid = row
-
-    def tile_step(row_totals, col):
-      image, c_paired, c_valid = col
-      rg, re, cg, ce = _tile_counts(_scores(text, image), paired, c_paired, valid, c_valid)
-      return (row_totals[0] + rg, row_totals[1] + re), (cg, ce)
-
-    zeros = jnp.zeros(text.shape[0], jnp.int32)
-    rows, cols = jax.lax.scan(tile_step, (zeros, zeros), (image_blocks, col_paired, col_valid))
-    return (col_totals[0] + cols[0], col_totals[1] + cols[1]), rows
-
-  zeros = jnp.zeros(col_paired.shape, jnp.int32)
-  cols, rows = jax.lax.scan(row_of_tiles, (zeros, zeros), (text_blocks, row_paired, row_valid))
-  return rows, cols
-
-
-def _place(x, mesh, spec):
-  """Lays x out as `spec` on `mesh`: a reshard on Explicit meshes, a constraint on Auto ones."""
-  sharding = NamedSharding(mesh, spec)
-  if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    return jax.reshard(x, sharding)
-  return jax.lax.with_sharding_constraint(x, sharding)
-
-
-def _sharded_grid_counts(mesh):
-  """_grid_counts with the text blocks spread over every device of `mesh` (image blocks
-  replicated); each device's column counts are summed over the mesh."""
-  axes = tuple(mesh.axis_names)
-  rows = P(axes)
-
-  def local(text_blocks, row_paired, row_valid, image_blocks, col_paired, col_valid):
-    row_counts, col_counts = _grid_counts(text_blocks, row_paired, row_valid, image_blocks,
-                                          col_paired, col_valid)
-    return row_counts, jax.tree.map(lambda x: jax.lax.psum(x, axes), col_counts)
-
-  # check_vma=False: the scans' zero-initialized carries start replicated and become per-device.
-  return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P(), P(), P()),
-                       out_specs=(rows, P()), check_vma=False)
-
-
-@functools.partial(jax.jit, static_argnames=("block_size", "mesh"))
-def rank_counts(text, image, block_size=None, mesh=None):
-  """Both directions' counts for paired rows (text i <-> image i) in one pass over S = T·Iᵀ.
-
-  S is visited tile by tile (block_size x block_size scores at a time, never N x N): t2i counts
-  by rows, i2t by columns of the same tiles, so each score is computed once. text, image: (N, D)
-  float, compared by dot product as given (normalize first for cosine).
-  block_size: rows/columns per tile; None = default_block_size(N).
-  mesh: optional jax.sharding.Mesh; block rows are spread over all of its devices. Any N works:
-    rows are padded to whole tiles, and padding never counts.
-  Returns {"t2i": (greater, equal), "i2t": (greater, equal)}, each int32 (N,): how many gallery
-  items score > / == the paired item (the pair itself excluded).
+  "jax": score_pass, and it is the only one that takes a mesh; "host": score_pass_host;
+  "auto": score_pass for a mesh or an accelerator, else score_pass_host (faster on a CPU, and
+  JAX is never imported for it).
   """
-  n = text.shape[0]
-  devices = 1 if mesh is None else mesh.size
-  block = block_size or default_block_size(n)
-  col_blocks = math.ceil(n / block)
-  row_blocks = math.ceil(col_blocks / devices) * devices
-  blocks = lambda x, count: jnp.pad(jnp.asarray(x, jnp.float32), (  # noqa: E731
-      (0, count * block - n), (0, 0))).reshape(count, block, -1)
-  text_blocks, image_blocks = blocks(text, row_blocks), blocks(image, col_blocks)
-  valid = jnp.arange(row_blocks * block).reshape(row_blocks, block) < n
-  paired = _diagonal(text_blocks[:col_blocks], image_blocks)
-  row_paired = jnp.pad(paired, ((0, row_blocks - col_blocks), (0, 0)))
-  count = _grid_counts
-  if mesh is not None:
-    text_blocks, row_paired, valid_rows = (_place(x, mesh, P(tuple(mesh.axis_names)))
-                                           for x in (text_blocks, row_paired, valid))
-    count = _sharded_grid_counts(mesh)
-  else:
-    valid_rows = valid
-  (rows_greater, rows_equal), (cols_greater, cols_equal) = count(
-      text_blocks, row_paired, valid_rows, image_blocks, paired, valid[:col_blocks])
-  flat = lambda x: x.reshape(-1)[:n]   # noqa: E731
-  if mesh is not None:   # gather the (N,) counts before dropping the padding rows
-    rows_greater, rows_equal = (_place(x, mesh, P()) for x in (rows_greater, rows_equal))
-  return {"t2i": (flat(rows_greater), flat(rows_equal) - 1),
-          "i2t": (flat(cols_greater), flat(cols_equal) - 1)}
+  if engine not in RANK_ENGINES:
+    raise ValueError(f"rank engine must be one of {RANK_ENGINES}, got {engine!r}")
+  if engine == "host" and mesh is not None:
+    raise ValueError("the host rank engine runs on this process's CPU and takes no mesh; use "
+                     "engine 'jax' or 'auto' with a mesh")
+  if engine == "jax" or (engine == "auto" and (mesh is not None or _accelerator_expected())):
+    from medfinder_jax import score_pass   # pylint: disable=import-outside-toplevel  (JAX)
+    return score_pass
+  from medfinder_jax import score_pass_host   # pylint: disable=import-outside-toplevel  (numba)
+  return score_pass_host
 
 
 def similarity_ranks(similarity, ties="mid"):
   """DirectionRanks of the diagonal items of a square score matrix (rows = queries).
 
-  For matrices already in memory (tests, small N); large N goes through rank_counts.
+  For matrices already in memory (tests, small N); large N goes through paired_ranks.
   """
   _check_ties(ties)
   similarity = np.asarray(similarity)
@@ -227,7 +145,8 @@ VOLUME_GALLERIES = ("all", "with_findings")
 @dataclasses.dataclass(frozen=True)
 class MetricSettings:
   """How an embedding set is scored: R@K cut-offs, keyword P@K cut-offs, the tie rule, the
-  bootstrap, the gallery unit, volume->volume retrieval and zero-shot classification.
+  bootstrap, the gallery unit, volume->volume retrieval, zero-shot classification and the rank
+  engine.
 
   Built from config `eval` by `from_config`, which checks every field before any expensive work
   (a whole epoch, or embedding a split) rather than after it.
@@ -243,6 +162,7 @@ class MetricSettings:
   volume_exclude_self: bool = True
   volume_gallery: str = "all"
   zeroshot: zeroshot_lib.ZeroShotSettings = zeroshot_lib.ZeroShotSettings(enabled=False)
+  engine: str = "auto"
 
   def __post_init__(self):
     for name, field, example in (("ks", "eval.recall_ks", RECALL_KS),
@@ -265,6 +185,10 @@ class MetricSettings:
       raise SettingsError(f"config eval.gallery={self.gallery!r}: expected one of {GALLERIES} "
                           f"(one gallery item per volume, or per scan with its reconstructions "
                           f"merged)")
+    if self.engine not in RANK_ENGINES:
+      raise SettingsError(f"config eval.rank_engine={self.engine!r}: expected one of "
+                          f"{RANK_ENGINES} (auto: JAX on a mesh or an accelerator, the host "
+                          f"CPU's BLAS otherwise)")
     if self.volume_gallery not in VOLUME_GALLERIES:
       raise SettingsError(f"config eval.volume_retrieval.gallery={self.volume_gallery!r}: "
                           f"expected one of {VOLUME_GALLERIES}")
@@ -283,7 +207,8 @@ class MetricSettings:
                volume_ks=tuple(volume.ks) if volume is not None else (),
                volume_exclude_self=bool(volume.exclude_self) if volume is not None else True,
                volume_gallery=str(volume.gallery) if volume is not None else "all",
-               zeroshot=zeroshot_lib.ZeroShotSettings.from_config(eval_config.get("zeroshot")))
+               zeroshot=zeroshot_lib.ZeroShotSettings.from_config(eval_config.get("zeroshot")),
+               engine=str(eval_config.get("rank_engine", "auto")))
 
 
 def _check_ties(ties):
@@ -298,16 +223,20 @@ def _check_pairs(text_embeddings, image_embeddings):
                      f"got text {text} and image {image}")
 
 
-def paired_ranks(text_embeddings, image_embeddings, *, ties="mid", block_size=None, mesh=None):
+def paired_ranks(text_embeddings, image_embeddings, *, ties="mid", block_size=None, mesh=None,
+                 engine="auto"):
   """{"t2i": DirectionRanks, "i2t": DirectionRanks} for paired (N, D) text/image embeddings.
 
   Both are L2-normalized first; t2i ranks images for each text (rows of S), i2t texts for each
-  image (columns of S), both from one pass over S (rank_counts).
+  image (columns of S), both from one pass over S (rank_counts of the engine rank_engine picks;
+  block_size: rows/columns per tile, mesh: devices for the JAX engine).
   """
   _check_ties(ties)
   _check_pairs(text_embeddings, image_embeddings)
-  counts = rank_counts(l2_normalize(text_embeddings), l2_normalize(image_embeddings),
-                       block_size=block_size, mesh=mesh)
+  counter = rank_engine(engine, mesh).rank_counts
+  options = {"mesh": mesh} if mesh is not None else {}
+  counts = counter(l2_normalize(text_embeddings), l2_normalize(image_embeddings),
+                   block_size=block_size, **options)
   return {d: DirectionRanks(greater=np.asarray(counts[d][0], np.int64),
                             tied=np.asarray(counts[d][1], np.int64), rule=ties)
           for d in DIRECTIONS}
@@ -415,7 +344,8 @@ def metrics_from_ranks(ranks_by_direction, *, ks=RECALL_KS, bootstrap_samples=0,
 
 
 def retrieval_metrics(text_embeddings, image_embeddings, *, ks=RECALL_KS, bootstrap_samples=0,
-                      seed=0, level=0.95, ties="mid", block_size=None, mesh=None):
+                      seed=0, level=0.95, ties="mid", block_size=None, mesh=None,
+                      engine="auto"):
   """Text<->image retrieval metrics of N paired embeddings (row i of each = study i).
 
   text_embeddings, image_embeddings: (N, D) float, finite. Returns the metrics_from_ranks dict:
@@ -425,7 +355,7 @@ def retrieval_metrics(text_embeddings, image_embeddings, *, ks=RECALL_KS, bootst
     if not np.all(np.isfinite(np.asarray(x))):
       raise ValueError(f"{name} contains NaN or Inf values")
   ranks = paired_ranks(text_embeddings, image_embeddings, ties=ties, block_size=block_size,
-                       mesh=mesh)
+                       mesh=mesh, engine=engine)
   return metrics_from_ranks(ranks, ks=ks, bootstrap_samples=bootstrap_samples, seed=seed,
                             level=level)
 
@@ -437,27 +367,31 @@ def precision_at_k(scores, relevant, ks=PRECISION_KS):
 
   scores: (Q, N) query-gallery scores; relevant: (Q, N) bool, gallery item relevant to query.
   Returns {"P@K": (Q,) float64 array, or None when K > N}. The released code skips K > N too
-  (precision over fewer than K retrieved items would not be P@K). Top-K by lax.top_k: ties in score
-  go to the lower gallery index (like a stable descending sort).
+  (precision over fewer than K retrieved items would not be P@K). Ties in score go to the lower
+  gallery index (a stable descending sort).
   """
-  scores = jnp.asarray(scores, jnp.float32)
   relevant = np.asarray(relevant, bool)
-  n = scores.shape[-1]
+  n = np.shape(scores)[-1]
   valid = [k for k in ks if k <= n]
   out = {f"P@{k}": None for k in ks}
   if not valid:
     return out
-  _, top = jax.lax.top_k(scores, max(valid))
-  hits = np.cumsum(np.take_along_axis(relevant, np.asarray(top), axis=-1), axis=-1)
+  top = _descending_order(scores)[..., :max(valid)]
+  hits = np.cumsum(np.take_along_axis(relevant, top, axis=-1), axis=-1)
   for k in valid:
     out[f"P@{k}"] = 100.0 * hits[..., k - 1] / k
   return out
 
 
+def _descending_order(scores):
+  """Gallery indices of each row of (Q, N) scores, best first, ties to the lower index."""
+  return np.argsort(-np.asarray(scores, np.float32), axis=-1, kind="stable")
+
+
 def _bootstrap_precisions(scores, relevant, seed, ks, num_samples):
   """{K: (num_samples, Q) relevant-in-top-K counts} for (Q, N) scores and relevance, resampling
   the gallery: a gallery item drawn c times fills c consecutive places of the ranking."""
-  order = np.argsort(-np.asarray(scores), axis=-1, kind="stable")
+  order = _descending_order(scores)
   relevant_sorted = np.ascontiguousarray(np.take_along_axis(np.asarray(relevant, bool), order,
                                                             axis=-1))
   ks = np.asarray(ks, np.int64)
@@ -482,8 +416,7 @@ def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords,
   CIs resample the gallery (there is one query per keyword).
   """
   relevance = np.asarray(relevance, bool)
-  scores = jnp.matmul(l2_normalize(keyword_embeddings), l2_normalize(gallery_embeddings).T,
-                      precision=jax.lax.Precision.HIGHEST)
+  scores = l2_normalize(keyword_embeddings) @ l2_normalize(gallery_embeddings).T
   point = precision_at_k(scores, relevance, ks)
   n = relevance.shape[-1]
   valid = tuple(k for k in ks if k <= n)
@@ -506,32 +439,6 @@ def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords,
 
 
 # --- Volume -> volume retrieval ------------------------------------------------------------------
-
-def _rows_per_block(n):
-  return int(max(8, min(BLOCK_SIZE, (1 << 24) // max(n, 1))))
-
-
-@functools.partial(jax.jit, static_argnames=("k", "exclude_self"))
-def _volume_neighbours(image, labels, in_gallery, k, exclude_self):
-  """Per query volume: the k best gallery volumes (ties to the lower index) and how many gallery
-  volumes share a finding with it. image: (N, D) normalized; labels: (N, L) float32 0/1."""
-  n = image.shape[0]
-  rows = _rows_per_block(n)
-  blocks = math.ceil(n / rows)
-  pad = lambda x: jnp.pad(x, ((0, blocks * rows - n),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
-  queries = (pad(image).reshape(blocks, rows, -1), pad(labels).reshape(blocks, rows, -1),
-             jnp.arange(blocks * rows).reshape(blocks, rows))
-
-  def block(x):
-    vectors, query_labels, index = x
-    allowed = in_gallery[None, :] & ~(exclude_self & (index[:, None] == jnp.arange(n)[None, :]))
-    scores = jnp.where(allowed, _scores(vectors, image), -jnp.inf)
-    shares = (jnp.matmul(query_labels, labels.T) > 0) & allowed
-    return jax.lax.top_k(scores, k)[1], jnp.sum(shares, axis=1)
-
-  top, relevant = jax.lax.map(block, queries)
-  return top.reshape(-1, k)[:n], relevant.reshape(-1)[:n]
-
 
 def volume_retrieval(image_embeddings, labels, ks=VOLUME_KS, *, exclude_self=True,
                      gallery="all"):
@@ -559,8 +466,9 @@ def volume_retrieval(image_embeddings, labels, ks=VOLUME_KS, *, exclude_self=Tru
   if not valid:
     return {**result, "n_queries": 0, **{f"{m}@{k}": None for k in ks
                                          for m in ("P", "MAP", "Jaccard")}}
-  top, relevant = (np.asarray(x) for x in _volume_neighbours(
-      l2_normalize(image_embeddings), jnp.asarray(labels, jnp.float32), jnp.asarray(in_gallery),
+  from medfinder_jax import score_pass   # pylint: disable=import-outside-toplevel  (JAX)
+  top, relevant = (np.asarray(x) for x in score_pass.volume_neighbours(
+      l2_normalize(image_embeddings), labels.astype(np.float32), in_gallery,
       k=max(valid), exclude_self=bool(exclude_self)))
   retrieved = labels[top]                                         # (N, K, L)
   hits = np.any(retrieved & labels[:, None, :], axis=-1)          # (N, K)
@@ -654,7 +562,7 @@ def embedding_metrics(embeddings, settings, mesh=None):
   if settings.gallery == "scan":
     embeddings = scan_gallery(embeddings)
   ranks = paired_ranks(embeddings.text_embeddings, embeddings.image_embeddings,
-                       ties=settings.ties, mesh=mesh)
+                       ties=settings.ties, mesh=mesh, engine=settings.engine)
   result = metrics_from_ranks(ranks, ks=settings.ks, bootstrap_samples=settings.bootstrap_samples,
                               seed=settings.seed, level=settings.level)
   result["gallery"] = {"unit": settings.gallery, "size": embeddings.n,

@@ -27,8 +27,6 @@ import dataclasses
 import math
 import warnings
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from medfinder_jax import bootstrap
@@ -87,9 +85,9 @@ def prompts(label_names, templates=DEFAULT_TEMPLATES):
           for template in pair]
 
 
-def _normalize(x):
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+def _normalize(x, dtype=np.float64):
+  x = np.asarray(x, dtype)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), dtype(1e-12))
 
 
 def ensemble(prompt_embeddings, num_labels, num_templates):
@@ -99,24 +97,20 @@ def ensemble(prompt_embeddings, num_labels, num_templates):
   return _normalize(embeddings.mean(axis=1)).astype(np.float32)
 
 
-@jax.jit
-def _probabilities(image_embeddings, prompt_embeddings, scale):
-  image = image_embeddings / jnp.maximum(
-      jnp.linalg.norm(image_embeddings, axis=-1, keepdims=True), 1e-12)
-  prompt = prompt_embeddings / jnp.maximum(
-      jnp.linalg.norm(prompt_embeddings, axis=-1, keepdims=True), 1e-12)
-  cosines = jnp.einsum("nd,lsd->nls", image, prompt, precision=jax.lax.Precision.HIGHEST)
-  return jax.nn.softmax(scale * cosines, axis=-1)[..., 0]
-
-
 def probabilities(image_embeddings, prompt_embeddings, scale):
   """(N, L) float32 P(present): softmax over (positive, negative) of scale · cosine.
 
   image_embeddings (N, D); prompt_embeddings (L, 2, D) (positive, negative); scale: the model's
   inverse temperature (losses.similarity_scale)."""
-  return np.asarray(_probabilities(jnp.asarray(image_embeddings, jnp.float32),
-                                   jnp.asarray(prompt_embeddings, jnp.float32),
-                                   jnp.float32(scale)))
+  image = _normalize(image_embeddings, np.float32)
+  prompt = _normalize(prompt_embeddings, np.float32)
+  labels, sides, dim = prompt.shape
+  cosines = (image @ prompt.reshape(labels * sides, dim).T).reshape(-1, labels, sides)
+  logits = float(scale) * cosines.astype(np.float64)
+  # The softmax over (positive, negative) at the positive is a logistic of the difference
+  # (clipped where exp would overflow float64; the probability is 0 or 1 there anyway).
+  difference = np.clip(logits[..., 1] - logits[..., 0], -700.0, 700.0)
+  return (1.0 / (1.0 + np.exp(difference))).astype(np.float32)
 
 
 # --- Sorted scores ---------------------------------------------------------------------------------

@@ -134,3 +134,19 @@ def test_labels_without_prompt_embeddings_skip_zeroshot_with_the_reason(tmp_path
   data = json.load(open(tmp_path / "metrics.json"))
   assert data["zeroshot"] == {"skipped": "no prompt_embeddings in the embedding set"}
   assert data["volume_retrieval"]["n_queries"] > 0
+
+
+def test_metrics_on_a_cpu_never_imports_jax(tmp_path):
+  """Without an accelerator, ranks, keyword P@K and their CIs are counted on the host: the command
+  does not pay JAX's import (a large part of its start-up)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  npz = write_embeddings(tmp_path / "emb.npz")
+  script = ("import sys, launch\n"
+            f"code = launch.main(['metrics', '--embeddings', {npz!r}, '--bootstrap', '20'])\n"
+            "assert code == 0, code\n"
+            "assert 'jax' not in sys.modules, 'jax was imported'\n")
+  done = subprocess.run([sys.executable, "-c", script], cwd=launch.HERE, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert json.load(open(tmp_path / "metrics.json"))["n"] == 40

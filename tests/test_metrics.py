@@ -1,6 +1,8 @@
 """Retrieval metrics: the released code's formulas, chunking, sharding, ties, bootstrap, P@K."""
 
+import importlib.util
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,11 @@ import pytest
 from medfinder_jax import bootstrap
 from medfinder_jax import interchange
 from medfinder_jax import metrics
+from medfinder_jax import score_pass
+from medfinder_jax import score_pass_host
+
+# Both rank engines follow one contract (metrics.py "One pass"): every count test runs on each.
+ENGINES = {"host": score_pass_host, "jax": score_pass}
 
 
 def released_compute_metrics(similarities):
@@ -73,10 +80,10 @@ def separated_pairs(n, seed):
       np.float32), similarity
 
 
-def ranks_of(similarity):
+def ranks_of(similarity, engine):
   """rank_counts over a given matrix: queries = S and gallery = identity, so queries·galleryᵀ = S."""
-  greater, _ = metrics.rank_counts(similarity,
-                                   np.eye(similarity.shape[0], dtype=np.float32))["t2i"]
+  greater, _ = ENGINES[engine].rank_counts(similarity,
+                                           np.eye(similarity.shape[0], dtype=np.float32))["t2i"]
   return 1 + np.asarray(greater)
 
 
@@ -87,7 +94,8 @@ def test_ranks_of_a_similarity_matrix_match_released_argsort_metrics(n):
   similarity = random_similarity(n, seed=n)
   reference = released_compute_metrics(similarity)
   assert_same_metrics(metrics.summarize_ranks(metrics.similarity_ranks(similarity)), reference)
-  assert_same_metrics(metrics.summarize_ranks(ranks_of(similarity)), reference)
+  for engine in ENGINES:
+    assert_same_metrics(metrics.summarize_ranks(ranks_of(similarity, engine)), reference)
 
 
 @pytest.mark.parametrize("n", [64, 203])
@@ -183,15 +191,21 @@ def test_non_finite_or_unpaired_embeddings_are_rejected():
 
 # --- One pass, tiles and devices ------------------------------------------------------------------
 
-def two_pass_counts(text, image, chunk=64):
+def jax_matmul(a, b):
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+MATMULS = {"host": np.matmul, "jax": jax_matmul}   # each engine's own float32 multiply
+
+
+def two_pass_counts(text, image, chunk=64, matmul=jax_matmul):
   """The earlier two-pass computation, an independent reference: each direction scores chunks of
   its queries against the whole gallery (chunk x N) and reads the paired score from the same
   output."""
   def direction(queries, gallery):
     greater, equal = [], []
     for start in range(0, len(queries), chunk):
-      scores = jnp.matmul(queries[start:start + chunk], gallery.T,
-                          precision=jax.lax.Precision.HIGHEST)
+      scores = matmul(queries[start:start + chunk], gallery.T)
       rows = np.arange(start, min(start + chunk, len(queries)))
       paired = np.asarray(scores)[np.arange(len(rows)), rows][:, None]
       greater.append(np.sum(np.asarray(scores) > paired, axis=1))
@@ -200,16 +214,17 @@ def two_pass_counts(text, image, chunk=64):
   return {"t2i": direction(text, image), "i2t": direction(image, text)}
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("n", [1, 5, 203, 1000])
 @pytest.mark.parametrize("block_size", [None, 8, 96])
-def test_one_pass_counts_equal_two_passes_exactly(n, block_size):
+def test_one_pass_counts_equal_two_passes_exactly(engine, n, block_size):
   """Both directions from one pass over S equal one pass per direction, count for count (random
   float embeddings: the paired score must compare bit-exactly with its row and its column)."""
   rng = np.random.default_rng(n)
   text = metrics.l2_normalize(rng.standard_normal((n, 32), dtype=np.float32))
   image = metrics.l2_normalize(np.asarray(text) + rng.standard_normal((n, 32), dtype=np.float32))
-  ours = metrics.rank_counts(text, image, block_size=block_size)
-  reference = two_pass_counts(np.asarray(text), np.asarray(image))
+  ours = ENGINES[engine].rank_counts(text, image, block_size=block_size)
+  reference = two_pass_counts(np.asarray(text), np.asarray(image), matmul=MATMULS[engine])
   for direction in metrics.DIRECTIONS:
     for got, want in zip(ours[direction], reference[direction]):
       np.testing.assert_array_equal(np.asarray(got), want, err_msg=direction)
@@ -225,8 +240,9 @@ def unit_sign_vectors(n, d, seed):
   return rows
 
 
+@pytest.mark.parametrize("engine", ["host", "jax"])
 @pytest.mark.parametrize("ties", metrics.TIE_RULES)
-def test_one_pass_metrics_equal_two_passes_under_every_tie_rule(ties):
+def test_one_pass_metrics_equal_two_passes_under_every_tie_rule(ties, engine):
   text, image = unit_sign_vectors(150, 8, seed=3), unit_sign_vectors(150, 8, seed=4)
   text, image = np.concatenate([text, text[:50]]), np.concatenate([image, image[:50]])
   reference = two_pass_counts(text, image)
@@ -234,14 +250,16 @@ def test_one_pass_metrics_equal_two_passes_under_every_tie_rule(ties):
       {d: metrics.DirectionRanks(greater=reference[d][0], tied=reference[d][1], rule=ties)
        for d in metrics.DIRECTIONS})
   assert expected["ties"]["t2i_tied_queries"] > 100
-  assert metrics.retrieval_metrics(text, image, ties=ties, block_size=16) == expected
+  assert metrics.retrieval_metrics(text, image, ties=ties, block_size=16,
+                                   engine=engine) == expected
 
 
-def test_tiled_counts_equal_exact_ranks_for_any_tile_size():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tiled_counts_equal_exact_ranks_for_any_tile_size(engine):
   text, image = quantized_embeddings(203, 24, seed=1)
   exact = text.astype(np.float64) @ image.astype(np.float64).T
   for block_size in (1, 7, 64, 203, 1024):
-    counts = metrics.rank_counts(text, image, block_size=block_size)
+    counts = ENGINES[engine].rank_counts(text, image, block_size=block_size)
     for direction, matrix in (("t2i", exact), ("i2t", exact.T)):
       expected = metrics.similarity_ranks(matrix)
       np.testing.assert_array_equal(np.asarray(counts[direction][0]), expected.greater,
@@ -254,11 +272,11 @@ def test_tiled_counts_equal_exact_ranks_for_any_tile_size():
 def test_tiles_spread_over_8_devices_equal_one_device(n):
   assert jax.device_count() == 8
   text, image = quantized_embeddings(n, 24, seed=2)
-  single = metrics.rank_counts(text, image, block_size=8)
+  single = score_pass.rank_counts(text, image, block_size=8)
   for mesh in (jax.make_mesh((8,), ("data",)),
                jax.make_mesh((4, 2), ("data", "fsdp"),
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)):
-    sharded = metrics.rank_counts(text, image, block_size=8, mesh=mesh)
+    sharded = score_pass.rank_counts(text, image, block_size=8, mesh=mesh)
     for direction in metrics.DIRECTIONS:
       for ours, theirs in zip(sharded[direction], single[direction]):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
@@ -273,14 +291,73 @@ def test_retrieval_metrics_on_a_mesh_equal_one_device():
 
 def test_rank_counts_composes_under_jit():
   text, image = quantized_embeddings(37, 8, seed=5)
-  jitted = jax.jit(lambda q, g: metrics.rank_counts(q, g, block_size=8)["i2t"][0] + 1)
+  jitted = jax.jit(lambda q, g: score_pass.rank_counts(q, g, block_size=8)["i2t"][0] + 1)
   np.testing.assert_array_equal(np.asarray(jitted(text, image)),
                                 metrics.similarity_ranks(image @ text.T, ties="best").ranks)
 
 
 def test_default_tile_is_the_block_size_or_n_rounded_up_to_8():
-  assert metrics.default_block_size(10) == 16
-  assert metrics.default_block_size(100_000) == metrics.BLOCK_SIZE
+  assert score_pass_host.default_block_size(10) == 16
+  assert score_pass_host.default_block_size(100_000) == score_pass_host.BLOCK_SIZE
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_host_counts_do_not_depend_on_the_number_of_threads(workers):
+  """Tiles are claimed by threads in whatever order they run; rows and columns must add up
+  the same (here 26 x 26 tiles, so every thread handles many rows of tiles)."""
+  rng = np.random.default_rng(11)
+  text = metrics.l2_normalize(rng.standard_normal((203, 16), dtype=np.float32))
+  image = metrics.l2_normalize(text + rng.standard_normal((203, 16), dtype=np.float32))
+  one = score_pass_host.rank_counts(text, image, block_size=8, workers=1)
+  many = score_pass_host.rank_counts(text, image, block_size=8, workers=workers)
+  for direction in metrics.DIRECTIONS:
+    for a, b in zip(one[direction], many[direction]):
+      assert a.dtype == np.int64
+      np.testing.assert_array_equal(a, b)
+
+
+def test_host_counts_are_exact_when_a_tile_row_spans_more_than_255_words():
+  """The byte-lane sums run over at most 255 uint64 words at a time: a 2,100-wide tile (263 words
+  per row, 2,100 rows per column) must still count every entry, and no lane may overflow."""
+  text, image = quantized_embeddings(2100, 4, seed=6)   # d = 4: many exact ties
+  text[0], image[0] = 0.5, -2.0     # pair 0 scores below almost everything in its row and column
+  exact = text.astype(np.float64) @ image.astype(np.float64).T
+  counts = score_pass_host.rank_counts(text, image, block_size=2100)
+  for direction, matrix in (("t2i", exact), ("i2t", exact.T)):
+    expected = metrics.similarity_ranks(matrix)
+    assert expected.greater[0] > 8 * 255 and expected.tied.max() > 8   # a lane must pass 255
+    np.testing.assert_array_equal(counts[direction][0], expected.greater)
+    np.testing.assert_array_equal(counts[direction][1], expected.tied)
+
+
+def test_rank_engine_is_jax_for_a_mesh_and_host_on_a_cpu():
+  mesh = jax.make_mesh((8,), ("data",))
+  assert jax.default_backend() == "cpu"
+  assert metrics.rank_engine() is score_pass_host
+  assert metrics.rank_engine(mesh=mesh) is score_pass
+  assert metrics.rank_engine("jax") is score_pass
+  with pytest.raises(ValueError, match="takes no mesh"):
+    metrics.rank_engine("host", mesh=mesh)
+  with pytest.raises(ValueError, match="rank engine must be one of"):
+    metrics.rank_engine("gpu")
+  with pytest.raises(metrics.SettingsError, match="eval.rank_engine"):
+    metrics.MetricSettings(engine="gpu")
+
+
+def test_rank_engine_auto_picks_jax_where_an_accelerator_plugin_is_installed(monkeypatch):
+  """Before JAX is imported (as in `launch.py metrics`), an installed accelerator plugin means JAX
+  would run on it; JAX_PLATFORMS=cpu overrides that."""
+  monkeypatch.delitem(sys.modules, "jax")
+  installed = {"jax_plugins"}
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name: object() if name in installed else None)
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  assert metrics.rank_engine() is score_pass
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert metrics.rank_engine() is score_pass_host
+  monkeypatch.delenv("JAX_PLATFORMS")
+  installed.clear()
+  assert metrics.rank_engine() is score_pass_host
 
 
 # --- Bootstrap ------------------------------------------------------------------------------------

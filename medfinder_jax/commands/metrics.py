@@ -3,7 +3,8 @@
 
 The same computation as `launch.py eval` (metrics.embedding_metrics) on the file's contents;
 `write_metrics` is also how eval writes its files. Nothing here imports the input pipeline
-(TensorFlow), so the command starts in the time JAX takes to import.
+(TensorFlow), and on a machine without an accelerator the ranks are counted on the host
+(metrics.rank_engine), so JAX is not imported either unless volume -> volume retrieval needs it.
 """
 
 import json

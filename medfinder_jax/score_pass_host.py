@@ -1,0 +1,186 @@
+"""Both directions' rank counts in one pass over S = T·Iᵀ on the host CPU, without JAX.
+
+The same contract as score_pass.rank_counts (metrics.py, "Ties" and "One pass"): S is visited in
+square tiles of one shape, t2i counts by rows and i2t by columns of the same tiles, and every
+paired score is read from a tile of that shape, so it compares bit-exactly with its row and its
+column. Here the tiles are multiplied by the BLAS numpy links (one thread per core, each on its own
+tiles) and counted with numpy alone: comparisons into a byte mask, whose bytes are summed eight at
+a time as the lanes of uint64 words (at most 255 words per sum, so no lane overflows into the
+next).
+
+Why a second engine: on a CPU, XLA multiplies the score tiles at about half the rate of that BLAS,
+and importing JAX (or numba) costs about as much as the whole pass at N = 8,192.
+metrics.paired_ranks picks this engine on machines without an accelerator, so `launch.py metrics`
+never imports JAX there; score_pass (JAX) serves meshes and accelerators.
+
+Order of work: first the diagonal tiles (r, r), which hold the paired scores of their own rows and
+columns and are counted completely; then every other tile (r, c), whose rows compare with the
+paired scores of block r and whose columns with those of block c. Each tile is multiplied once.
+"""
+
+import itertools
+import math
+import os
+import threading
+
+import numpy as np
+import threadpoolctl
+
+BLOCK_SIZE = 1024   # rows and columns of one tile (4 MiB of float32: in cache while counted)
+LANE_LIMIT = 255    # uint64 words summed at once: each byte lane then holds at most 255
+
+
+def default_block_size(n):
+  """Rows (and columns) of one score tile: BLOCK_SIZE, or N rounded up to 8 when smaller."""
+  return int(min(BLOCK_SIZE, math.ceil(max(n, 1) / 8) * 8))
+
+
+def default_workers():
+  """Threads, one per core this process may run on."""
+  return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+
+
+def _lane_sums(words, axis):
+  """Sums of uint64 words of 0/1 bytes along `axis`, in runs of at most LANE_LIMIT words, as
+  (…, 8) byte lanes (int64): lane k of a sum counts byte k of the words summed. Bytes add in
+  place, whatever the byte order, because no lane carries into the next."""
+  total = 0
+  for start in range(0, words.shape[axis], LANE_LIMIT):
+    run = words[start:start + LANE_LIMIT] if axis == 0 else words[:, start:start + LANE_LIMIT]
+    lanes = np.sum(run, axis=axis, dtype=np.uint64)
+    total = total + lanes.view(np.uint8).reshape(lanes.shape + (8,)).astype(np.int64)
+  return total
+
+
+class _Counter:
+  """Counts of one thread's tiles: a byte mask (width rounded up to whole uint64 words, the
+  extra bytes always 0) and the column counts of every tile it counted."""
+
+  def __init__(self, block, size):
+    self.tile = np.empty((block, block), np.float32)
+    self.mask = np.zeros((block, math.ceil(block / 8) * 8), np.bool_)
+    self.words = self.mask.view(np.uint64)
+    self.col_greater = np.zeros(size, np.int64)
+    self.col_equal = np.zeros(size, np.int64)
+
+  def row_counts(self, compare, paired):
+    """(block,) rows' counts of tile entries `compare` (np.greater / np.equal) their paired score."""
+    block = self.tile.shape[0]
+    compare(self.tile, paired[:, None], out=self.mask[:, :block])
+    return _lane_sums(self.words, axis=1).sum(axis=1)
+
+  def col_counts(self, compare, paired):
+    """(block,) columns' counts of tile entries `compare` their paired score."""
+    block = self.tile.shape[0]
+    compare(self.tile, paired[None, :], out=self.mask[:, :block])
+    return _lane_sums(self.words, axis=0).reshape(-1)[:block]
+
+
+def _padded_blocks(x, blocks, block):
+  """(blocks·block, D) float32 C-contiguous copy of x, zero rows after the N real ones."""
+  out = np.zeros((blocks * block, x.shape[1]), np.float32)
+  out[:x.shape[0]] = x
+  return out
+
+
+class _Pass:
+  """The shared state of one pass: padded inputs, paired scores and the row counts (each row
+  block written by one thread at a time); column counts are kept per thread and summed."""
+
+  def __init__(self, text, image, block):
+    self.n = text.shape[0]
+    self.block = block
+    self.blocks = math.ceil(self.n / block)
+    self.text = _padded_blocks(text, self.blocks, block)
+    self.image = _padded_blocks(image, self.blocks, block)
+    size = self.blocks * block
+    self.paired = np.zeros(size, np.float32)
+    self.row_greater = np.zeros(size, np.int64)
+    self.row_equal = np.zeros(size, np.int64)
+
+  def span(self, r):
+    return slice(r * self.block, (r + 1) * self.block)
+
+  def valid(self, r):
+    return min(self.block, self.n - r * self.block)
+
+  def multiply(self, r, c, tile):
+    """Tile (r, c) of S; scores of padding rows and columns become -inf, which never count."""
+    np.matmul(self.text[self.span(r)], self.image[self.span(c)].T, out=tile)
+    tile[self.valid(r):] = -np.inf
+    tile[:, self.valid(c):] = -np.inf
+
+  def count(self, r, c, counter):
+    """Adds the counts of tile (r, c), in counter.tile, against the paired scores."""
+    rows, cols = self.span(r), self.span(c)
+    for compare, row_total, col_total in ((np.greater, self.row_greater, counter.col_greater),
+                                          (np.equal, self.row_equal, counter.col_equal)):
+      row_total[rows] += counter.row_counts(compare, self.paired[rows])
+      col_total[cols] += counter.col_counts(compare, self.paired[cols])
+
+
+def _claimed(counter, total):
+  """Indices below `total` drawn from a counter shared by threads: each goes to one thread
+  (next() on an itertools.count is atomic in CPython)."""
+  for i in counter:
+    if i >= total:
+      return
+    yield i
+
+
+def _run_on_threads(work, states):
+  """work(state) on one thread per state (the caller's thread runs the first); an exception in
+  any of them is raised here after all have finished."""
+  errors = []
+
+  def guarded(state):
+    try:
+      work(state)
+    except BaseException as err:   # pylint: disable=broad-except  (re-raised below)
+      errors.append(err)
+
+  threads = [threading.Thread(target=guarded, args=(s,)) for s in states[1:]]
+  for t in threads:
+    t.start()
+  guarded(states[0])
+  for t in threads:
+    t.join()
+  if errors:
+    raise errors[0]
+
+
+def rank_counts(text, image, block_size=None, workers=None):
+  """{"t2i": (greater, equal), "i2t": (greater, equal)}, each int64 (N,): how many gallery items
+  score > / == the paired item (the pair itself excluded), for paired rows text i <-> image i.
+
+  text, image: (N, D), compared by dot product in float32 as given (normalize first for cosine).
+  block_size: rows/columns per tile (None: default_block_size(N)); workers: threads (None: one
+  per core), each running the BLAS single-threaded on its own tiles.
+  """
+  text, image = np.asarray(text, np.float32), np.asarray(image, np.float32)
+  state = _Pass(text, image, block_size or default_block_size(text.shape[0]))
+  size, blocks = state.blocks * state.block, state.blocks
+  counters = [_Counter(state.block, size)
+              for _ in range(min(workers or default_workers(), blocks))]
+  diagonal, rows = itertools.count(), itertools.count()
+
+  def diagonal_tiles(counter):
+    for r in _claimed(diagonal, blocks):
+      state.multiply(r, r, counter.tile)
+      state.paired[state.span(r)] = np.diagonal(counter.tile)
+      state.count(r, r, counter)
+
+  def other_tiles(counter):   # a whole row of tiles per claim: its row counts have one writer
+    for r in _claimed(rows, blocks):
+      for c in itertools.chain(range(r), range(r + 1, blocks)):
+        state.multiply(r, c, counter.tile)
+        state.count(r, c, counter)
+
+  with threadpoolctl.threadpool_limits(1, user_api="blas"):
+    _run_on_threads(diagonal_tiles, counters)   # every paired score is known after this
+    _run_on_threads(other_tiles, counters)
+  n = state.n
+  column = lambda name: sum(getattr(c, name)[:n] for c in counters)  # noqa: E731
+  return {"t2i": (state.row_greater[:n], state.row_equal[:n] - 1),
+          "i2t": (column("col_greater"), column("col_equal") - 1)}
