@@ -103,7 +103,8 @@ def _accelerator_expected():
 
 
 def rank_engine(engine="auto", mesh=None):
-  """The module that counts ranks (score_pass or score_pass_host, both with rank_counts).
+  """The module whose passes over score matrices rank (score_pass or score_pass_host: both have
+  rank_counts and volume_neighbours).
 
   "jax": score_pass, and it is the only one that takes a mesh; "host": score_pass_host;
   "auto": score_pass for a mesh or an accelerator, else score_pass_host (faster on a CPU, and
@@ -441,7 +442,7 @@ def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords,
 # --- Volume -> volume retrieval ------------------------------------------------------------------
 
 def volume_retrieval(image_embeddings, labels, ks=VOLUME_KS, *, exclude_self=True,
-                     gallery="all"):
+                     gallery="all", engine="auto"):
   """Volume -> volume retrieval with label-overlap relevance (as CT-CLIP and CT-FM report it).
 
   Each volume queries the gallery (every volume, or with gallery="with_findings" only those with
@@ -454,7 +455,7 @@ def volume_retrieval(image_embeddings, labels, ks=VOLUME_KS, *, exclude_self=Tru
   and over every query, as a fraction in [0, 1]:
     Jaccard@K  the mean Jaccard index of the label sets of the query and each of its top K (what
                CT-CLIP's volume-to-volume script reports as "MAP@K").
-  Ties in score go to the lower gallery index.
+  Ties in score go to the lower gallery index. engine: as for paired_ranks (rank_engine).
   """
   labels = np.asarray(labels) > 0
   n = labels.shape[0]
@@ -466,8 +467,7 @@ def volume_retrieval(image_embeddings, labels, ks=VOLUME_KS, *, exclude_self=Tru
   if not valid:
     return {**result, "n_queries": 0, **{f"{m}@{k}": None for k in ks
                                          for m in ("P", "MAP", "Jaccard")}}
-  from medfinder_jax import score_pass   # pylint: disable=import-outside-toplevel  (JAX)
-  top, relevant = (np.asarray(x) for x in score_pass.volume_neighbours(
+  top, relevant = (np.asarray(x) for x in rank_engine(engine).volume_neighbours(
       l2_normalize(image_embeddings), labels.astype(np.float32), in_gallery,
       k=max(valid), exclude_self=bool(exclude_self)))
   retrieved = labels[top]                                         # (N, K, L)
@@ -580,7 +580,8 @@ def embedding_metrics(embeddings, settings, mesh=None):
   if embeddings.labels is not None and settings.volume_ks:
     result["volume_retrieval"] = volume_retrieval(
         embeddings.image_embeddings, embeddings.labels, settings.volume_ks,
-        exclude_self=settings.volume_exclude_self, gallery=settings.volume_gallery)
+        exclude_self=settings.volume_exclude_self, gallery=settings.volume_gallery,
+        engine=settings.engine)
   if settings.zeroshot.enabled:
     result["zeroshot"] = zeroshot_metrics(embeddings, settings)
   return result, ranks

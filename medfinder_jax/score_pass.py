@@ -1,9 +1,9 @@
-"""Score-matrix passes on JAX: both directions' rank counts in one pass over S = T·Iᵀ, and each
-volume's nearest volumes; tiles spread over a device mesh.
+"""Score-matrix passes on JAX: both directions' rank counts in one pass over S = T·Iᵀ (tiles
+spread over a device mesh), and each volume's nearest volumes.
 
-The rank counts follow metrics.py's conventions ("Ties", "One pass"); score_pass_host.py is the
-same contract on the host CPU without JAX. This engine is the one for meshes and accelerators
-(metrics.rank_engine picks), and the only one for volume -> volume neighbours.
+The rank counts follow metrics.py's conventions ("Ties", "One pass"); score_pass_host.py holds
+the same two functions with the same contracts on the host CPU without JAX. This engine is the
+one for meshes and accelerators (metrics.rank_engine picks).
 """
 
 import functools
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medfinder_jax.score_pass_host import BLOCK_SIZE, default_block_size
+from medfinder_jax.score_pass_host import default_block_size, rows_per_strip
 
 
 def _scores(queries, gallery):
@@ -126,16 +126,12 @@ def rank_counts(text, image, block_size=None, mesh=None):
 
 
 
-def _rows_per_block(n):
-  return int(max(8, min(BLOCK_SIZE, (1 << 24) // max(n, 1))))
-
-
 @functools.partial(jax.jit, static_argnames=("k", "exclude_self"))
 def volume_neighbours(image, labels, in_gallery, k, exclude_self):
   """Per query volume: the k best gallery volumes (ties to the lower index) and how many gallery
   volumes share a finding with it. image: (N, D) normalized; labels: (N, L) float32 0/1."""
   n = image.shape[0]
-  rows = _rows_per_block(n)
+  rows = rows_per_strip(n)
   blocks = math.ceil(n / rows)
   pad = lambda x: jnp.pad(x, ((0, blocks * rows - n),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
   queries = (pad(image).reshape(blocks, rows, -1), pad(labels).reshape(blocks, rows, -1),

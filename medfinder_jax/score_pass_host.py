@@ -1,6 +1,7 @@
-"""Both directions' rank counts in one pass over S = T·Iᵀ on the host CPU, without JAX.
+"""Score-matrix passes on the host CPU, without JAX: both directions' rank counts in one pass over
+S = T·Iᵀ, and each volume's nearest volumes.
 
-The same contract as score_pass.rank_counts (metrics.py, "Ties" and "One pass"): S is visited in
+rank_counts has the contract of score_pass.rank_counts (metrics.py, "Ties" and "One pass"): S is visited in
 square tiles of one shape, t2i counts by rows and i2t by columns of the same tiles, and every
 paired score is read from a tile of that shape, so it compares bit-exactly with its row and its
 column. Here the tiles are multiplied by the BLAS numpy links (one thread per core, each on its own
@@ -27,12 +28,19 @@ import numpy as np
 import threadpoolctl
 
 BLOCK_SIZE = 1024   # rows and columns of one tile (4 MiB of float32: in cache while counted)
+STRIP_SCORES = 1 << 24   # scores of one strip of volume -> volume queries (64 MiB of float32)
 LANE_LIMIT = 255    # uint64 words summed at once: each byte lane then holds at most 255
 
 
 def default_block_size(n):
   """Rows (and columns) of one score tile: BLOCK_SIZE, or N rounded up to 8 when smaller."""
   return int(min(BLOCK_SIZE, math.ceil(max(n, 1) / 8) * 8))
+
+
+def rows_per_strip(n):
+  """Queries per strip of volume -> volume scores against all N volumes (at most STRIP_SCORES
+  scores, between 8 and BLOCK_SIZE rows)."""
+  return int(max(8, min(BLOCK_SIZE, STRIP_SCORES // max(n, 1))))
 
 
 def default_workers():
@@ -184,3 +192,50 @@ def rank_counts(text, image, block_size=None, workers=None):
   column = lambda name: sum(getattr(c, name)[:n] for c in counters)  # noqa: E731
   return {"t2i": (state.row_greater[:n], state.row_equal[:n] - 1),
           "i2t": (column("col_greater"), column("col_equal") - 1)}
+
+
+# --- Volume -> volume neighbours ------------------------------------------------------------------
+
+def _top_k(scores, k):
+  """(R, k) column indices of each row's k largest scores, best first, ties to the lower index
+  (what jax.lax.top_k returns)."""
+  kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]      # each row's k-th largest score
+  above, at = scores > kth, scores == kth
+  chosen = above | at
+  surplus = np.flatnonzero(chosen.sum(axis=1) > k)   # rows tied at the k-th score: keep the first
+  if surplus.size:
+    wanted = k - above[surplus].sum(axis=1, keepdims=True)
+    chosen[surplus] = above[surplus] | (at[surplus] & (np.cumsum(at[surplus], axis=1) <= wanted))
+  columns = np.nonzero(chosen)[1].reshape(-1, k)                 # ascending within each row
+  order = np.argsort(-np.take_along_axis(scores, columns, axis=1), axis=1, kind="stable")
+  return np.take_along_axis(columns, order, axis=1)
+
+
+def volume_neighbours(image, labels, in_gallery, k, exclude_self):
+  """Per query volume: the k best gallery volumes (ties to the lower index) and how many gallery
+  volumes share a finding with it, as score_pass.volume_neighbours. image: (N, D) normalized;
+  labels: (N, L) 0/1; in_gallery: (N,) bool. Strips of queries run on threads, one per core."""
+  image = np.asarray(image, np.float32)
+  labels = np.asarray(labels, np.float32)
+  in_gallery = np.asarray(in_gallery, bool)
+  n = image.shape[0]
+  rows = rows_per_strip(n)
+  top, relevant = np.zeros((n, k), np.int64), np.zeros(n, np.int64)
+  strips = itertools.count()
+
+  def strip(start):
+    span = slice(start, min(start + rows, n))
+    allowed = np.broadcast_to(in_gallery, (span.stop - start, n)).copy()
+    if exclude_self:
+      allowed[np.arange(span.stop - start), np.arange(start, span.stop)] = False
+    scores = np.where(allowed, image[span] @ image.T, np.float32(-np.inf))
+    top[span] = _top_k(scores, k)
+    relevant[span] = np.sum(((labels[span] @ labels.T) > 0) & allowed, axis=1)
+
+  def work(_):
+    for s in _claimed(strips, math.ceil(n / rows)):
+      strip(s * rows)
+
+  with threadpoolctl.threadpool_limits(1, user_api="blas"):
+    _run_on_threads(work, list(range(min(default_workers(), math.ceil(n / rows)))))
+  return top, relevant

@@ -137,11 +137,15 @@ def test_labels_without_prompt_embeddings_skip_zeroshot_with_the_reason(tmp_path
 
 
 def test_metrics_on_a_cpu_never_imports_jax(tmp_path):
-  """Without an accelerator, ranks, keyword P@K and their CIs are counted on the host: the command
-  does not pay JAX's import (a large part of its start-up)."""
+  """Without an accelerator every section (ranks, keyword P@K, volume -> volume, zero-shot, CIs) is
+  computed on the host: the command does not pay JAX's import (a large part of its start-up)."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  npz = write_embeddings(tmp_path / "emb.npz")
+  rng = np.random.default_rng(1)
+  npz = write_embeddings(tmp_path / "emb.npz",
+                         labels=(rng.random((40, 2)) < 0.5).astype(np.int8),
+                         label_names=np.array(["effusion", "nodule"]),
+                         prompt_embeddings=rng.normal(size=(2, 2, 8)).astype(np.float32))
   script = ("import sys, launch\n"
             f"code = launch.main(['metrics', '--embeddings', {npz!r}, '--bootstrap', '20'])\n"
             "assert code == 0, code\n"
@@ -149,4 +153,6 @@ def test_metrics_on_a_cpu_never_imports_jax(tmp_path):
   done = subprocess.run([sys.executable, "-c", script], cwd=launch.HERE, capture_output=True,
                         text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert json.load(open(tmp_path / "metrics.json"))["n"] == 40
+  data = json.load(open(tmp_path / "metrics.json"))
+  assert data["n"] == 40 and data["volume_retrieval"]["n_queries"] > 0
+  assert set(data["zeroshot"]["labels"]) == {"effusion", "nodule"}

@@ -572,19 +572,40 @@ def brute_force_volume_retrieval(image, labels, ks, exclude_self, with_findings)
   return {name: float(np.mean(values)) for name, values in out.items()}
 
 
+@pytest.mark.parametrize("engine", ["host", "jax"])
 @pytest.mark.parametrize("exclude_self,gallery", [(True, "all"), (False, "with_findings")])
-def test_volume_retrieval_equals_a_brute_force_reference(exclude_self, gallery):
+def test_volume_retrieval_equals_a_brute_force_reference(exclude_self, gallery, engine):
   rng = np.random.default_rng(20)
   labels = (rng.random((300, 6)) < 0.25).astype(np.int8)
   image = labels @ rng.normal(size=(6, 16)) + rng.normal(size=(300, 16))
   ks = (1, 5, 10, 50)
-  ours = metrics.volume_retrieval(image, labels, ks, exclude_self=exclude_self, gallery=gallery)
+  ours = metrics.volume_retrieval(image, labels, ks, exclude_self=exclude_self, gallery=gallery,
+                                  engine=engine)
   reference = brute_force_volume_retrieval(image, labels, ks, exclude_self,
                                            gallery == "with_findings")
   for name, value in reference.items():
     assert ours[name] == pytest.approx(value), name
   assert ours["n_queries"] == int(sum(
       (labels @ labels.T > 0).sum(axis=1) - (labels.any(axis=1) if exclude_self else 0) > 0))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_volume_neighbours_break_ties_to_the_lower_index(engine):
+  """Volumes drawn from 5 distinct embeddings: every score ties with dozens of others, also at
+  the k-th place, so which neighbours are kept is decided by the tie rule alone."""
+  rng = np.random.default_rng(21)
+  image = metrics.l2_normalize(rng.normal(size=(5, 8))[rng.integers(0, 5, 120)])
+  labels = (rng.random((120, 3)) < 0.4).astype(np.float32)
+  in_gallery = rng.random(120) < 0.8
+  unit = image.astype(np.float64)
+  for exclude_self in (True, False):
+    top, relevant = (np.asarray(x) for x in ENGINES[engine].volume_neighbours(
+        image, labels, in_gallery, k=17, exclude_self=exclude_self))
+    for q in range(120):
+      allowed = in_gallery & ~((np.arange(120) == q) & exclude_self)
+      scores = np.where(allowed, unit @ unit[q], -np.inf)
+      np.testing.assert_array_equal(top[q], np.argsort(-scores, kind="stable")[:17])
+      assert relevant[q] == np.sum(allowed & ((labels @ labels[q]) > 0))
 
 
 def test_volume_retrieval_with_k_above_the_gallery_is_none():

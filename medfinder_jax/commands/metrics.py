@@ -4,7 +4,7 @@
 The same computation as `launch.py eval` (metrics.embedding_metrics) on the file's contents;
 `write_metrics` is also how eval writes its files. Nothing here imports the input pipeline
 (TensorFlow), and on a machine without an accelerator the ranks are counted on the host
-(metrics.rank_engine), so JAX is not imported either unless volume -> volume retrieval needs it.
+(metrics.rank_engine), so JAX is not imported either.
 """
 
 import json
