@@ -85,23 +85,34 @@ class _Counter:
     return _lane_sums(self.words, axis=0).reshape(-1)[:block]
 
 
-def _padded_blocks(x, blocks, block):
-  """(blocks·block, D) float32 C-contiguous copy of x, zero rows after the N real ones."""
-  out = np.zeros((blocks * block, x.shape[1]), np.float32)
-  out[:x.shape[0]] = x
-  return out
+class _Blocks:
+  """Rows of x in blocks of `block`: views of x, except a last partial block, which is a
+  zero-padded copy (so that every tile is multiplied in one shape, without copying x)."""
+
+  def __init__(self, x, block):
+    self.x, self.block = np.ascontiguousarray(x, np.float32), block
+    n, dim = self.x.shape
+    whole = n // block
+    self.tail = None
+    if whole * block < n:
+      self.tail = np.zeros((block, dim), np.float32)
+      self.tail[:n - whole * block] = self.x[whole * block:]
+
+  def __getitem__(self, r):
+    if (r + 1) * self.block <= self.x.shape[0]:
+      return self.x[r * self.block:(r + 1) * self.block]
+    return self.tail
 
 
 class _Pass:
-  """The shared state of one pass: padded inputs, paired scores and the row counts (each row
-  block written by one thread at a time); column counts are kept per thread and summed."""
+  """The shared state of one pass: the inputs in blocks, paired scores and the row counts (each
+  row block written by one thread at a time); column counts are kept per thread and summed."""
 
   def __init__(self, text, image, block):
     self.n = text.shape[0]
     self.block = block
     self.blocks = math.ceil(self.n / block)
-    self.text = _padded_blocks(text, self.blocks, block)
-    self.image = _padded_blocks(image, self.blocks, block)
+    self.text, self.image = _Blocks(text, block), _Blocks(image, block)
     size = self.blocks * block
     self.paired = np.zeros(size, np.float32)
     self.row_greater = np.zeros(size, np.int64)
@@ -115,7 +126,7 @@ class _Pass:
 
   def multiply(self, r, c, tile):
     """Tile (r, c) of S; scores of padding rows and columns become -inf, which never count."""
-    np.matmul(self.text[self.span(r)], self.image[self.span(c)].T, out=tile)
+    np.matmul(self.text[r], self.image[c].T, out=tile)
     tile[self.valid(r):] = -np.inf
     tile[:, self.valid(c):] = -np.inf
 
@@ -166,8 +177,7 @@ def rank_counts(text, image, block_size=None, workers=None):
   block_size: rows/columns per tile (None: default_block_size(N)); workers: threads (None: one
   per core), each running the BLAS single-threaded on its own tiles.
   """
-  text, image = np.asarray(text, np.float32), np.asarray(image, np.float32)
-  state = _Pass(text, image, block_size or default_block_size(text.shape[0]))
+  state = _Pass(text, image, block_size or default_block_size(np.shape(text)[0]))
   size, blocks = state.blocks * state.block, state.blocks
   counters = [_Counter(state.block, size)
               for _ in range(min(workers or default_workers(), blocks))]
