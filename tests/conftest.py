@@ -10,11 +10,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402  (after the environment above)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
                               "default.py")
 TINY_CONFIG = DEFAULT_CONFIG + ":tiny"       # --config for launch.py: the tests' tiny model
+
+
+# Both rank engines follow one contract (metrics.py "One pass"): tests of counts run on each
+# (metrics.rank_engine(name) is the module).
+RANK_ENGINES = ("host", "jax")
+
+
+def quantized_embeddings(n, d, seed):
+  """Embeddings on a 1/16 grid: every dot product is exact in float32, in any summation order,
+  so ranks cannot depend on how the matmul is split (chunks, devices)."""
+  rng = np.random.default_rng(seed)
+  text = rng.integers(-8, 9, size=(n, d)) / 16.0
+  image = text + rng.integers(-16, 17, size=(n, d)) / 16.0
+  return text.astype(np.float32), image.astype(np.float32)
 
 
 _CONVERTED = {}
