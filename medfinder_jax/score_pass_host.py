@@ -1,13 +1,13 @@
 """Score-matrix passes on the host CPU, without JAX: both directions' rank counts in one pass over
 S = T·Iᵀ, and each volume's nearest volumes.
 
-rank_counts has the contract of score_pass.rank_counts (metrics.py, "Ties" and "One pass"): S is visited in
-square tiles of one shape, t2i counts by rows and i2t by columns of the same tiles, and every
-paired score is read from a tile of that shape, so it compares bit-exactly with its row and its
-column. Here the tiles are multiplied by the BLAS numpy links (one thread per core, each on its own
-tiles) and counted with numpy alone: comparisons into a byte mask, whose bytes are summed eight at
-a time as the lanes of uint64 words (at most 255 words per sum, so no lane overflows into the
-next).
+rank_counts keeps the contract of score_pass.rank_counts (metrics.py, "Ties" and "One pass"): S
+is visited in square tiles of one shape, t2i counts by rows and i2t by columns of the same tiles,
+and every paired score is read from a tile of that shape, so it compares bit-exactly with its row
+and its column. Here the tiles are multiplied by the BLAS numpy links (one thread per core, each on
+its own tiles) and counted with numpy alone: comparisons into a byte mask, whose bytes are summed
+eight at a time as the lanes of uint64 words (at most 255 words per sum, so that no lane
+overflows into the next).
 
 Why a second engine: on a CPU, XLA multiplies the score tiles at about half the rate of that BLAS,
 and importing JAX (or numba) costs about as much as the whole pass at N = 8,192.
@@ -73,13 +73,14 @@ class _Counter:
     self.col_equal = np.zeros(size, np.int64)
 
   def row_counts(self, compare, paired):
-    """(block,) rows' counts of tile entries `compare` (np.greater / np.equal) their paired score."""
+    """(block,) rows' counts of tile entries that `compare` (np.greater, np.equal) true with their
+    paired score."""
     block = self.tile.shape[0]
     compare(self.tile, paired[:, None], out=self.mask[:, :block])
     return _lane_sums(self.words, axis=1).sum(axis=1)
 
   def col_counts(self, compare, paired):
-    """(block,) columns' counts of tile entries `compare` their paired score."""
+    """(block,) columns' counts of tile entries that `compare` true with their paired score."""
     block = self.tile.shape[0]
     compare(self.tile, paired[None, :], out=self.mask[:, :block])
     return _lane_sums(self.words, axis=0).reshape(-1)[:block]
