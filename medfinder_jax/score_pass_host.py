@@ -222,15 +222,16 @@ def _top_k(scores, k):
   return np.take_along_axis(columns, order, axis=1)
 
 
-def volume_neighbours(image, labels, in_gallery, k, exclude_self):
+def volume_neighbours(image, labels, in_gallery, k, exclude_self, rows=None, workers=None):
   """Per query volume: the k best gallery volumes (ties to the lower index) and how many gallery
-  volumes share a finding with it, as score_pass.volume_neighbours. image: (N, D) normalized;
-  labels: (N, L) 0/1; in_gallery: (N,) bool. Strips of queries run on threads, one per core."""
+  volumes share a finding with it, as score_pass.volume_neighbours: (N, k) and (N,) int64.
+  image: (N, D) normalized; labels: (N, L) 0/1; in_gallery: (N,) bool. Strips of `rows` queries
+  (None: rows_per_strip(N)) run on `workers` threads (None: one per core)."""
   image = np.asarray(image, np.float32)
   labels = np.asarray(labels, np.float32)
   in_gallery = np.asarray(in_gallery, bool)
   n = image.shape[0]
-  rows = rows_per_strip(n)
+  rows = rows or rows_per_strip(n)
   top, relevant = np.zeros((n, k), np.int64), np.zeros(n, np.int64)
   strips = itertools.count()
 
@@ -248,5 +249,5 @@ def volume_neighbours(image, labels, in_gallery, k, exclude_self):
       strip(s * rows)
 
   with threadpoolctl.threadpool_limits(1, user_api="blas"):
-    _run_on_threads(work, list(range(min(default_workers(), math.ceil(n / rows)))))
+    _run_on_threads(work, list(range(min(workers or default_workers(), math.ceil(n / rows)))))
   return top, relevant

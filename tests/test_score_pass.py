@@ -121,7 +121,16 @@ def test_rank_counts_composes_under_jit():
 
 def test_default_tile_is_the_block_size_or_n_rounded_up_to_8():
   assert score_pass_host.default_block_size(10) == 16
+  assert score_pass_host.default_block_size(17) == 24
+  assert score_pass_host.default_block_size(1000) == 1000
   assert score_pass_host.default_block_size(100_000) == score_pass_host.BLOCK_SIZE
+
+
+def test_a_strip_of_volume_queries_holds_at_most_strip_scores_and_8_rows_at_least():
+  strip = score_pass_host.rows_per_strip
+  assert strip(1000) == score_pass_host.BLOCK_SIZE
+  assert strip(100_000) == score_pass_host.STRIP_SCORES // 100_000 == 167
+  assert strip(10 ** 7) == 8
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -168,8 +177,30 @@ def test_volume_neighbours_break_ties_to_the_lower_index(engine):
   for exclude_self in (True, False):
     top, relevant = (np.asarray(x) for x in ENGINES[engine].volume_neighbours(
         image, labels, in_gallery, k=17, exclude_self=exclude_self))
+    assert top.shape == (120, 17) and np.issubdtype(top.dtype, np.integer)
+    assert np.issubdtype(relevant.dtype, np.integer)
     for q in range(120):
       allowed = in_gallery & ~((np.arange(120) == q) & exclude_self)
       scores = np.where(allowed, unit @ unit[q], -np.inf)
       np.testing.assert_array_equal(top[q], np.argsort(-scores, kind="stable")[:17])
       assert relevant[q] == np.sum(allowed & ((labels @ labels[q]) > 0))
+
+
+@pytest.mark.parametrize("rows,workers", [(7, 1), (7, 3), (64, 2)])
+def test_host_volume_neighbours_do_not_depend_on_strips_or_threads(rows, workers):
+  """Distinct scores (no ties): each query's k = 50 nearest are its stable argsort, in that
+  order, whichever strip of queries and thread it fell in (120 queries: strips of 7 end in a
+  partial one)."""
+  rng = np.random.default_rng(22)
+  image = metrics.l2_normalize(rng.normal(size=(120, 8)))
+  labels = (rng.random((120, 3)) < 0.4).astype(np.float32)
+  in_gallery = rng.random(120) < 0.9
+  top, relevant = score_pass_host.volume_neighbours(image, labels, in_gallery, k=50,
+                                                    exclude_self=True, rows=rows,
+                                                    workers=workers)
+  unit = image.astype(np.float64)
+  for q in range(120):
+    allowed = in_gallery & (np.arange(120) != q)
+    scores = np.where(allowed, unit @ unit[q], -np.inf)
+    np.testing.assert_array_equal(top[q], np.argsort(-scores, kind="stable")[:50])
+    assert relevant[q] == np.sum(allowed & ((labels @ labels[q]) > 0))
