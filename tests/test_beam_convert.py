@@ -178,7 +178,7 @@ def test_a_retried_bundle_rewrites_its_shard_with_the_same_bytes(phantom_root, r
 def test_a_failed_pipeline_keeps_its_shards_and_a_rerun_resumes(phantom_root, reference,
                                                                 tmp_path, monkeypatch):
   full = train_shards(phantom_root)[2].filename
-  real_writer = convert.tf.io.TFRecordWriter
+  real_writer = convert.tensorflow().io.TFRecordWriter
 
   class FullDisk:
     def __init__(self, path):
@@ -192,7 +192,7 @@ def test_a_failed_pipeline_keeps_its_shards_and_a_rerun_resumes(phantom_root, re
     def close(self):
       self.writer.close()
 
-  monkeypatch.setattr(convert.tf.io, "TFRecordWriter", FullDisk)
+  monkeypatch.setattr(convert.tensorflow().io, "TFRecordWriter", FullDisk)
   with pytest.raises(errors.UserError, match="No space left on device") as err:
     run_beam(phantom_root, tmp_path)
   monkeypatch.undo()
