@@ -1,15 +1,19 @@
-"""Beam conversion against the local pool: studies/s of the DirectRunner with N worker processes
-and of convert_corpus with N workers, on one phantom corpus, and their ratio.
+"""Beam conversion against the local pool: studies/s of the DirectRunner with N workers and of
+convert_corpus with N workers, on one phantom corpus, and their ratio.
 
   python benchmarks/beam_throughput.py [--n 32] [--size 512] [--slices 100] [--shape 224,224,96]
-      [--workers 2] [--repeats 1] [--corpus DIR]
+      [--workers 2] [--mode multi_threading|multi_processing] [--repeats 1] [--corpus DIR]
 
-Both are whole conversions from an empty output directory (process start-up, the TensorFlow
-import in every worker, shard files, metadata and report included), with the default shard
-plan (data.shard_size, data.min_shards), so the ratio is what a user sees on one machine. The
-runs alternate (local, Beam, local, Beam, ...) so that a machine whose load drifts penalizes
-both alike; the best of --repeats is kept. The two outputs are compared byte for byte.
-Goal: local/Beam wall time (= Beam/local studies/s inverted) within 1.3.
+--mode is the DirectRunner's direct_running_mode: multi_threading (the default of
+--beam_pipeline_options with direct_num_workers > 1, which the README recommends on one
+machine) or multi_processing (a Beam worker process per worker as well). Both runs are whole
+conversions from an empty output directory (the start-up of every worker and study process,
+shard files, metadata and report included), with the default shard plan (data.shard_size,
+data.min_shards), so the ratio is what a user sees on one machine; the launcher's own
+TensorFlow import (for the metadata) is done before either is timed. The runs alternate (local,
+Beam, local, Beam, ...) so that a machine whose load drifts penalizes both alike; the best of
+--repeats is kept. The two outputs are compared byte for byte.
+Goal: Beam/local wall time (= local/Beam studies/s) within 1.3.
 """
 
 import argparse
@@ -21,10 +25,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Only what launch.py imports: every study process (spawned) imports this script again, as it
+# imports launch.py there; Beam and the phantom writer are imported in main().
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_prep import beam_convert  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_prep import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_prep import phantom_layouts  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args():
@@ -35,12 +39,16 @@ def parse_args():
   parser.add_argument("--slices", type=int, default=100)
   parser.add_argument("--shape", default="224,224,96")
   parser.add_argument("--workers", type=int, default=2)
+  parser.add_argument("--mode", default="multi_threading",
+                      choices=("multi_threading", "multi_processing"),
+                      help="the DirectRunner's direct_running_mode")
   parser.add_argument("--repeats", type=int, default=1, help="runs of each (best kept)")
   parser.add_argument("--corpus", default="", help="corpus folder (created if missing)")
   return parser.parse_args()
 
 
 def ensure_corpus(args):
+  from data_prep import phantom_layouts  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   root = args.corpus or os.path.join(tempfile.gettempdir(),
                                      f"medfinder_bench_{args.n}_{args.size}_{args.slices}")
   if not os.path.isfile(os.path.join(root, "meta", phantom_layouts.CSV_NAME)):
@@ -63,6 +71,7 @@ def timed(convert_fn, out):
 
 
 def main():
+  from data_prep import beam_convert  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   args = parse_args()
   root = ensure_corpus(args)
   data_config = default.get_config().data
@@ -70,13 +79,14 @@ def main():
   data_config.shape = tuple(int(s) for s in args.shape.split(","))
   quiet = lambda *_: None  # noqa: E731
   options = (f"runner=DirectRunner,direct_num_workers={args.workers},"
-             f"direct_running_mode=multi_processing")
+             f"direct_running_mode={args.mode}")
   runs = {
       "local": lambda out: convert.convert_corpus(data_config, out, workers=args.workers,
                                                   progress=False, log=quiet),
       "beam": lambda out: beam_convert.convert_corpus(data_config, out, options, log=quiet),
   }
   plan = convert.plan_conversion(data_config, log=quiet)
+  convert.tensorflow()     # the launcher's own import (for the metadata), outside both timings
   print(f"{len(plan.corpus.studies)} studies of ~{args.size}x{args.size}x{args.slices} -> "
         f"{data_config.shape}, {len(plan.shards)} shards; load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
@@ -93,7 +103,7 @@ def main():
               f"(load {os.getloadavg()[0]:.1f})")
   n = len(plan.corpus.studies)
   print(f"local pool, {args.workers} workers: {n / best['local']:.2f} studies/s; "
-        f"DirectRunner, {args.workers} worker processes: {n / best['beam']:.2f} studies/s")
+        f"DirectRunner, {args.workers} workers ({args.mode}): {n / best['beam']:.2f} studies/s")
   print(f"Beam / local wall time: {best['beam'] / best['local']:.2f}x (goal <= 1.3); "
         f"shards byte-identical: {shards['beam'] == shards['local']}")
 
