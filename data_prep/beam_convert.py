@@ -85,12 +85,13 @@ def parse_pipeline_options(text):
   """PipelineOptions from TFDS's syntax: "runner=DirectRunner,direct_num_workers=2", each item
   one Beam flag without its dashes (so a value cannot hold a comma, as in TFDS). An option Beam
   does not know is refused (Beam would drop it with a warning: a typo would silently change the
-  run). Two defaults differ from Beam's: direct_num_workers > 1 without direct_running_mode
-  runs that many worker threads in this process (multi_threading; Beam's in_memory default
-  runs one), and worker logs start at WARNING (default_sdk_harness_log_level), not INFO.
-  Threads suffice because each converts its studies in a StudyProcess child of its own (the
-  GIL is not held while it waits); multi_processing would start a Beam worker process per
-  worker as well, each importing Beam and TensorFlow (for the shard writer) before it starts."""
+  run). Two defaults differ from Beam's: direct_num_workers > 1 (or 0: one per core) without
+  direct_running_mode runs that many worker threads in this process (multi_threading; Beam's
+  in_memory default runs one), and worker logs start at WARNING
+  (default_sdk_harness_log_level), not INFO. Threads suffice because each converts its
+  studies in a StudyProcess child of its own and holds no GIL while it waits;
+  multi_processing would start a Beam worker process per worker as well, each importing Beam,
+  and TensorFlow for the shard writer, before its first shard."""
   flags = [f"--{item.strip().lstrip('-')}" for item in str(text).split(",") if item.strip()]
   options = pipeline_options.PipelineOptions(flags)
   with _quiet_logger(pipeline_options.__name__):
@@ -103,7 +104,7 @@ def parse_pipeline_options(text):
         f"(see `python -m apache_beam.examples.wordcount --help` for every option)")
   given = {flag.split("=")[0][2:] for flag in flags}
   direct = options.view_as(pipeline_options.DirectOptions)
-  if (direct.direct_num_workers or 1) > 1 and "direct_running_mode" not in given:
+  if direct.direct_num_workers not in (None, 1) and "direct_running_mode" not in given:
     direct.direct_running_mode = "multi_threading"
   if "default_sdk_harness_log_level" not in given:   # not every worker's start-up notices
     options.view_as(pipeline_options.WorkerOptions).default_sdk_harness_log_level = "WARNING"

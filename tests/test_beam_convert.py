@@ -225,6 +225,8 @@ def test_pipeline_options_take_tfds_syntax_and_refuse_unknown_names():
   processes = beam_convert.parse_pipeline_options(
       "direct_num_workers=2,direct_running_mode=multi_processing").get_all_options()
   assert processes["direct_running_mode"] == "multi_processing"
+  per_core = beam_convert.parse_pipeline_options("direct_num_workers=0").get_all_options()
+  assert per_core["direct_running_mode"] == "multi_threading"
   one = beam_convert.parse_pipeline_options("runner=DirectRunner").get_all_options()
   assert one["direct_running_mode"] == "in_memory"
   with pytest.raises(beam_convert.BadPipelineOptions, match=r"\['direct_num_worker'\]"):
