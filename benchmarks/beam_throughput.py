@@ -12,12 +12,15 @@ shard files, metadata and report included), with the default shard plan (data.sh
 data.min_shards), so the ratio is what a user sees on one machine; the launcher's own
 TensorFlow import (for the metadata) is done before either is timed. The runs alternate (local,
 Beam, local, Beam, ...) so that a machine whose load drifts penalizes both alike; the best of
---repeats is kept. The two outputs are compared byte for byte.
+--repeats is kept. Each run also prints its CPU seconds (this process and the worker and study
+processes it started): the work done, which other load on the machine barely changes. The two
+outputs are compared byte for byte.
 Goal: Beam/local wall time (= local/Beam studies/s) within 1.3.
 """
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -64,10 +67,18 @@ def shard_bytes(out):
           for name in sorted(os.listdir(out)) if ".tfrecord-" in name}
 
 
+def cpu_seconds():
+  """CPU time of this process and of its children that ended (workers, study processes)."""
+  return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+             for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 def timed(convert_fn, out):
-  start = time.perf_counter()
+  """(wall seconds, CPU seconds, report) of one conversion. CPU time is the work done, which
+  other load on the machine barely changes; wall time is what a user waits."""
+  start, start_cpu = time.perf_counter(), cpu_seconds()
   report = convert_fn(out)
-  return time.perf_counter() - start, report
+  return time.perf_counter() - start, cpu_seconds() - start_cpu, report
 
 
 def main():
@@ -95,12 +106,12 @@ def main():
     for repeat in range(args.repeats):
       for name, run in runs.items():
         out = os.path.join(scratch, f"{name}{repeat}")
-        seconds, report = timed(run, out)
+        seconds, cpu, report = timed(run, out)
         shards[name] = shard_bytes(out)
         best[name] = min(best.get(name, seconds), seconds)
         print(f"  {name:5s} run {repeat + 1}: {report['num_converted']} studies in "
-              f"{seconds:.1f} s = {report['num_converted'] / seconds:.2f} studies/s "
-              f"(load {os.getloadavg()[0]:.1f})")
+              f"{seconds:.1f} s = {report['num_converted'] / seconds:.2f} studies/s, "
+              f"{cpu:.1f} CPU s (load {os.getloadavg()[0]:.1f})")
   n = len(plan.corpus.studies)
   print(f"local pool, {args.workers} workers: {n / best['local']:.2f} studies/s; "
         f"DirectRunner, {args.workers} workers ({args.mode}): {n / best['beam']:.2f} studies/s")
