@@ -5,13 +5,13 @@ convert_corpus with N workers, on one phantom corpus, and their ratio.
       [--workers 2] [--mode multi_threading|multi_processing] [--repeats 1] [--corpus DIR]
 
 --mode is the DirectRunner's direct_running_mode: multi_threading (the default of
---beam_pipeline_options with direct_num_workers > 1, which the README recommends on one
-machine) or multi_processing (a Beam worker process per worker as well). Both runs are whole
-conversions from an empty output directory (the start-up of every worker and study process,
-shard files, metadata and report included), with the default shard plan (data.shard_size,
-data.min_shards), so the ratio is what a user sees on one machine; the launcher's own
-TensorFlow import (for the metadata) is done before either is timed. The runs alternate (local,
-Beam, local, Beam, ...) so that a machine whose load drifts penalizes both alike; the best of
+--beam_pipeline_options with direct_num_workers > 1, which the README recommends on one machine)
+or multi_processing (a Beam worker process per worker as well). Both runs are whole conversions
+from an empty output directory (the start-up of every worker and study process, shard files,
+metadata and report included), with the default shard plan (data.shard_size, data.min_shards),
+so the ratio is what a user sees on one machine; the launcher's own TensorFlow import (for the
+shard writer and the metadata) is done before either is timed. The runs alternate (local, Beam,
+local, Beam, ...) so that a machine whose load drifts penalizes both alike; the best of
 --repeats is kept. Each run also prints its CPU seconds (this process and the worker and study
 processes it started): the work done, which other load on the machine barely changes. The two
 outputs are compared byte for byte.
@@ -51,7 +51,7 @@ def parse_args():
 
 
 def ensure_corpus(args):
-  from data_prep import phantom_layouts  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from data_prep import phantom_layouts  # pylint: disable=import-outside-toplevel
   root = args.corpus or os.path.join(tempfile.gettempdir(),
                                      f"medfinder_bench_{args.n}_{args.size}_{args.slices}")
   if not os.path.isfile(os.path.join(root, "meta", phantom_layouts.CSV_NAME)):
@@ -82,7 +82,7 @@ def timed(convert_fn, out):
 
 
 def main():
-  from data_prep import beam_convert  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from data_prep import beam_convert  # pylint: disable=import-outside-toplevel
   args = parse_args()
   root = ensure_corpus(args)
   data_config = default.get_config().data
@@ -97,7 +97,7 @@ def main():
       "beam": lambda out: beam_convert.convert_corpus(data_config, out, options, log=quiet),
   }
   plan = convert.plan_conversion(data_config, log=quiet)
-  convert.tensorflow()     # the launcher's own import (for the metadata), outside both timings
+  convert.tensorflow()     # the launcher's own import (the writers'), outside both timings
   print(f"{len(plan.corpus.studies)} studies of ~{args.size}x{args.size}x{args.slices} -> "
         f"{data_config.shape}, {len(plan.shards)} shards; load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
