@@ -31,7 +31,10 @@ processes, where no alarm can interrupt a study; in the child's main thread it c
 data.study_timeout_s applies as in the local pool, and a study that kills its process (out of
 memory) is a skip with `retry: true`, as there, not a crashed Beam worker. A Beam worker that
 dies for another reason is retried by the runner, which then fails the pipeline (Dataflow after
-4 attempts); rerunning resumes.
+4 attempts); rerunning resumes. The child does the study's work (read, preprocess, serialize:
+no TensorFlow, so it starts in about a second) and the DoFn only writes the records, so on one
+machine the DirectRunner's worker threads convert in parallel (multi_threading, the default
+parse_pipeline_options gives direct_num_workers > 1).
 
 The corpus may be on any file system Beam supports (data_prep/filesystem.py); the launcher
 reads its CSVs and listings, the workers its volumes.
@@ -82,10 +85,13 @@ def parse_pipeline_options(text):
   """PipelineOptions from TFDS's syntax: "runner=DirectRunner,direct_num_workers=2", each item
   one Beam flag without its dashes (so a value cannot hold a comma, as in TFDS). An option Beam
   does not know is refused (Beam would drop it with a warning: a typo would silently change the
-  run). Two defaults differ from Beam's: direct_num_workers > 1 without direct_running_mode
-  runs that many processes (multi_processing; Beam's in_memory default runs threads, which
-  share one core for this work), and worker logs start at WARNING
-  (default_sdk_harness_log_level), not INFO."""
+  run). Two defaults differ from Beam's: direct_num_workers > 1 (or 0: one per core) without
+  direct_running_mode runs that many worker threads in this process (multi_threading; Beam's
+  in_memory default runs one), and worker logs start at WARNING
+  (default_sdk_harness_log_level), not INFO. Threads suffice because each converts its
+  studies in a StudyProcess child of its own and holds no GIL while it waits;
+  multi_processing would start a Beam worker process per worker as well, each importing Beam,
+  and TensorFlow for the shard writer, before its first shard."""
   flags = [f"--{item.strip().lstrip('-')}" for item in str(text).split(",") if item.strip()]
   options = pipeline_options.PipelineOptions(flags)
   with _quiet_logger(pipeline_options.__name__):
@@ -98,8 +104,8 @@ def parse_pipeline_options(text):
         f"(see `python -m apache_beam.examples.wordcount --help` for every option)")
   given = {flag.split("=")[0][2:] for flag in flags}
   direct = options.view_as(pipeline_options.DirectOptions)
-  if (direct.direct_num_workers or 1) > 1 and "direct_running_mode" not in given:
-    direct.direct_running_mode = "multi_processing"
+  if direct.direct_num_workers not in (None, 1) and "direct_running_mode" not in given:
+    direct.direct_running_mode = "multi_threading"
   if "default_sdk_harness_log_level" not in given:   # not every worker's start-up notices
     options.view_as(pipeline_options.WorkerOptions).default_sdk_harness_log_level = "WARNING"
   return options

@@ -6,7 +6,7 @@ that no `os` call sees), by Beam and by the local pool.
 
 Prism (the DirectRunner's newer engine) downloads its binary from GitHub on first use, so it
 cannot run offline and is not tested here; the tests run Beam's FnApiRunner (in_memory, and
-multi_processing with two worker processes in the slow set)."""
+two workers as threads (multi_threading) or processes (multi_processing) in the slow set)."""
 
 import json
 import os
@@ -32,6 +32,7 @@ from test_convert import dataset_files, shard_stamps, train_shards  # noqa: E402
 ROOT = test_convert.ROOT
 TESTS = os.path.join(ROOT, "tests")
 IN_MEMORY = "runner=DirectRunner"
+TWO_THREADS = "runner=DirectRunner,direct_num_workers=2"     # multi_threading, our default
 TWO_PROCESSES = "runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing"
 
 
@@ -93,16 +94,17 @@ def test_a_study_that_raises_inside_a_worker_is_a_skip_and_the_rest_convert(
 
 
 @pytest.mark.slow
-def test_two_worker_processes_give_the_local_bytes_and_report_a_raising_study(
-    bad_corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", [TWO_THREADS, TWO_PROCESSES])
+def test_two_workers_give_the_local_bytes_and_report_a_raising_study(
+    bad_corpus, tmp_path, monkeypatch, options):
   root, local = bad_corpus
   monkeypatch.setenv("PYTHONPATH", TESTS)           # the workers unpickle raise_at_target
   monkeypatch.setenv("RAISE_AT_STUDY", "no-such-study")
-  report = run_beam(root, tmp_path / "out", TWO_PROCESSES, convert_fn=raise_at_target)
+  report = run_beam(root, tmp_path / "out", options, convert_fn=raise_at_target)
   assert dataset_files(tmp_path / "out") == dataset_files(local)
   target = train_shards(root)[0].studies[1].study_id
   monkeypatch.setenv("RAISE_AT_STUDY", target)
-  report = run_beam(root, tmp_path / "raising", TWO_PROCESSES, convert_fn=raise_at_target)
+  report = run_beam(root, tmp_path / "raising", options, convert_fn=raise_at_target)
   assert [s["reason"] for s in report["skipped"] if s["study_id"] == target] == [
       "unexpected error: RuntimeError: decoder crashed"]
   assert report["num_converted"] == 13 and report["num_skipped"] == 13
@@ -178,7 +180,7 @@ def test_a_retried_bundle_rewrites_its_shard_with_the_same_bytes(phantom_root, r
 def test_a_failed_pipeline_keeps_its_shards_and_a_rerun_resumes(phantom_root, reference,
                                                                 tmp_path, monkeypatch):
   full = train_shards(phantom_root)[2].filename
-  real_writer = convert.tf.io.TFRecordWriter
+  real_writer = convert.tensorflow().io.TFRecordWriter
 
   class FullDisk:
     def __init__(self, path):
@@ -192,7 +194,7 @@ def test_a_failed_pipeline_keeps_its_shards_and_a_rerun_resumes(phantom_root, re
     def close(self):
       self.writer.close()
 
-  monkeypatch.setattr(convert.tf.io, "TFRecordWriter", FullDisk)
+  monkeypatch.setattr(convert.tensorflow().io, "TFRecordWriter", FullDisk)
   with pytest.raises(errors.UserError, match="No space left on device") as err:
     run_beam(phantom_root, tmp_path)
   monkeypatch.undo()
@@ -219,10 +221,14 @@ def test_pipeline_options_take_tfds_syntax_and_refuse_unknown_names():
   options = beam_convert.parse_pipeline_options("runner=DirectRunner,direct_num_workers=2")
   values = options.get_all_options()
   assert (values["runner"], values["direct_num_workers"]) == ("DirectRunner", 2)
-  assert values["direct_running_mode"] == "multi_processing"     # processes, not threads
-  threads = beam_convert.parse_pipeline_options(
-      "direct_num_workers=2,direct_running_mode=multi_threading").get_all_options()
-  assert threads["direct_running_mode"] == "multi_threading"
+  assert values["direct_running_mode"] == "multi_threading"    # 2 workers, not in_memory's 1
+  processes = beam_convert.parse_pipeline_options(
+      "direct_num_workers=2,direct_running_mode=multi_processing").get_all_options()
+  assert processes["direct_running_mode"] == "multi_processing"
+  per_core = beam_convert.parse_pipeline_options("direct_num_workers=0").get_all_options()
+  assert per_core["direct_running_mode"] == "multi_threading"
+  one = beam_convert.parse_pipeline_options("runner=DirectRunner").get_all_options()
+  assert one["direct_running_mode"] == "in_memory"
   with pytest.raises(beam_convert.BadPipelineOptions, match=r"\['direct_num_worker'\]"):
     beam_convert.parse_pipeline_options("runner=DirectRunner,direct_num_worker=2")
   assert issubclass(beam_convert.BadPipelineOptions, errors.UserError)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -126,6 +127,30 @@ def test_two_processes_read_disjoint_shards_that_cover_the_split(reference):
 def test_parallel_workers_write_the_same_bytes_as_one_process(phantom_root, reference, tmp_path):
   run_convert(phantom_root, tmp_path, workers=2)
   assert dataset_files(tmp_path) == dataset_files(reference)
+
+
+def convert_noting_tensorflow(study):
+  """convert_study's result, or a skip if the process converting has imported TensorFlow."""
+  result = convert.convert_study(study)
+  return ("skip", "TensorFlow was imported") if "tensorflow" in sys.modules else result
+
+
+def test_studies_convert_in_processes_that_never_import_tensorflow(phantom_root, reference,
+                                                                    tmp_path):
+  """Only the writers of shards and metadata import TensorFlow: a worker of the local pool and
+  a StudyProcess (the Beam DoFn's child) start without its seconds-long import."""
+  report = run_convert(phantom_root, tmp_path, workers=1, convert_fn=convert_noting_tensorflow)
+  assert report["num_skipped"] == 0
+  assert dataset_files(tmp_path) == dataset_files(reference)
+  plan = convert.plan_conversion(data_config(phantom_root), log=lambda *_: None)
+  study_process = convert.StudyProcess(plan.init_args)
+  try:
+    status, record = study_process.run(convert_noting_tensorflow, plan.shards[0].studies[0])
+  finally:
+    study_process.close()
+  shard = (tmp_path / plan.shards[0].filename).read_bytes()
+  length, = struct.unpack("<Q", shard[:8])           # TFRecord framing: length, its CRC, data
+  assert status == "ok" and record == shard[12:12 + length]
 
 
 def test_rows_split_follows_csv_order(phantom_root, tmp_path):
@@ -484,7 +509,7 @@ def test_a_full_disk_stops_with_one_message_and_a_rerun_resumes(phantom_root, re
                                                                  tmp_path, monkeypatch):
   shards = train_shards(phantom_root)
   full = shards[2].filename
-  real_writer = convert.tf.io.TFRecordWriter
+  real_writer = convert.tensorflow().io.TFRecordWriter
 
   class FullDisk:
     def __init__(self, path):
@@ -498,7 +523,7 @@ def test_a_full_disk_stops_with_one_message_and_a_rerun_resumes(phantom_root, re
     def close(self):
       self.writer.close()
 
-  monkeypatch.setattr(convert.tf.io, "TFRecordWriter", FullDisk)
+  monkeypatch.setattr(convert.tensorflow().io, "TFRecordWriter", FullDisk)
   with pytest.raises(convert.OutputError) as err:
     run_convert(phantom_root, tmp_path, workers=2)
   monkeypatch.undo()
