@@ -46,6 +46,8 @@ def batch_size(n):
 
 
 def default_workers():
+  """Threads of a host pass: one per core this process may run on (bootstrap replicates, and
+  score_pass_host's tiles and strips)."""
   return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
              else os.cpu_count() or 1)
 

@@ -21,11 +21,12 @@ paired scores of block r and whose columns with those of block c. Each tile is m
 
 import itertools
 import math
-import os
 import threading
 
 import numpy as np
 import threadpoolctl
+
+from medfinder_jax import bootstrap
 
 BLOCK_SIZE = 1024   # rows and columns of one tile (4 MiB of float32: in cache while counted)
 STRIP_SCORES = 1 << 24   # scores of one strip of volume -> volume queries (64 MiB of float32)
@@ -41,12 +42,6 @@ def rows_per_strip(n):
   """Queries per strip of volume -> volume scores against all N volumes (at most STRIP_SCORES
   scores, between 8 and BLOCK_SIZE rows)."""
   return int(max(8, min(BLOCK_SIZE, STRIP_SCORES // max(n, 1))))
-
-
-def default_workers():
-  """Threads, one per core this process may run on."""
-  return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else os.cpu_count() or 1)
 
 
 def _lane_sums(words, axis):
@@ -181,7 +176,7 @@ def rank_counts(text, image, block_size=None, workers=None):
   state = _Pass(text, image, block_size or default_block_size(np.shape(text)[0]))
   size, blocks = state.blocks * state.block, state.blocks
   counters = [_Counter(state.block, size)
-              for _ in range(min(workers or default_workers(), blocks))]
+              for _ in range(min(workers or bootstrap.default_workers(), blocks))]
   diagonal, rows = itertools.count(), itertools.count()
 
   def diagonal_tiles(counter):
@@ -249,5 +244,5 @@ def volume_neighbours(image, labels, in_gallery, k, exclude_self, rows=None, wor
       strip(s * rows)
 
   with threadpoolctl.threadpool_limits(1, user_api="blas"):
-    _run_on_threads(work, list(range(min(workers or default_workers(), math.ceil(n / rows)))))
+    _run_on_threads(work, list(range(min(workers or bootstrap.default_workers(), math.ceil(n / rows)))))
   return top, relevant
