@@ -361,3 +361,105 @@ def test_a_damaged_embeddings_file_is_an_error_naming_it(index_dir, damage):
   with pytest.raises(index_lib.IndexFileError, match=f"{path}: unreadable embeddings .*remove "
                                                      f"this shard or rebuild the index"):
     index_lib.load_index(index_dir)
+
+
+def test_top_k_rows_are_the_k_best_of_a_full_sort_for_every_k():
+  rng = np.random.default_rng(0)
+  for trial in range(5):
+    scores = rng.permutation(40).astype(np.float32)          # distinct: one right answer
+    expected = np.argsort(-scores)
+    for k in range(1, 43):
+      np.testing.assert_array_equal(index_lib.top_k_rows(scores, k), expected[:k],
+                                    err_msg=f"trial {trial}, k={k}")
+  none = index_lib.top_k_rows(scores, 0)
+  assert none.shape == (0,) and none.dtype == np.int64
+
+
+def test_search_cuts_excerpts_at_the_length_asked(index_dir):
+  data, index = constructed_set(), index_lib.load_index(index_dir)
+  results = index_lib.search(index, data.text_embeddings[3], top_k=2, excerpt_chars=40)
+  assert results[0].excerpt.startswith("Study 3: right lower lobe")
+  assert all(len(r.excerpt) <= 41 and r.excerpt.endswith("…") for r in results)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("rows", [0, 5])
+def test_as_float32_gives_numpy_float32_values(dtype, rows):
+  block = np.random.default_rng(2).normal(size=(rows, 24)).astype(dtype)
+  out = index_lib.as_float32(block)
+  assert out.dtype == np.float32 and out.shape == (rows, 24)
+  np.testing.assert_array_equal(out, block.astype(np.float32))
+
+
+def test_search_ranks_every_study_by_default_and_returns_ten(tmp_path):
+  data = constructed_set(n=12)
+  data.reports[[1, 3]] = ""
+  index = index_lib.load_index(index_lib.build_index(str(tmp_path / "index"), data, MODEL))
+  results = index_lib.search(index, data.image_embeddings[1], against="text")
+  assert len(results) == 10 and results[0].row == 1       # a study without a report too
+  assert len(index_lib.search(index, data.image_embeddings[1], top_k=12, against="text")) == 12
+
+
+def test_search_refuses_no_results_or_a_batch_of_queries(index_dir):
+  index = index_lib.load_index(index_dir)
+  with pytest.raises(ValueError, match="top_k must be at least 1, got 0"):
+    index_lib.search(index, np.ones(32), top_k=0)
+  with pytest.raises(ValueError, match="search takes one query; use exact_top_k for a batch of 2"):
+    index_lib.search(index, np.ones((2, 32)))
+
+
+def test_removing_no_study_is_an_error(index_dir):
+  with pytest.raises(index_lib.IndexFileError, match="no study ids to remove"):
+    index_lib.remove_studies(index_dir, [])
+
+
+def test_exact_top_k_takes_float64_strided_queries_and_ranks_every_study_by_default(tmp_path):
+  data = constructed_set(n=12)
+  data.reports[[2, 5]] = ""
+  index = index_lib.load_index(index_lib.build_index(str(tmp_path / "index"), data, MODEL))
+  unit = data.text_embeddings / np.linalg.norm(data.text_embeddings, axis=1, keepdims=True)
+  queries = np.asfortranarray(unit[[2, 5, 7]].astype(np.float64))    # float64, column-major
+  rows, scores = index_lib.exact_top_k(index, queries, 12)
+  expected = index.image_embeddings.astype(np.float32) @ unit[[2, 5, 7]].T.astype(np.float32)
+  assert rows.shape == (3, 12)                                        # no-report rows too
+  np.testing.assert_allclose(scores, np.sort(expected.T, axis=1)[:, ::-1], rtol=1e-4, atol=1e-5)
+  assert list(rows[:, 0]) == [2, 5, 7]
+  none_rows, none_scores = index_lib.exact_top_k(index, queries, 0)
+  assert none_rows.shape == none_scores.shape == (3, 0)
+
+
+@pytest.mark.parametrize("batch", [2, 6])             # the float16-scan and matrix-product paths
+def test_merging_many_blocks_keeps_the_true_top_k_for_large_k(tmp_path, monkeypatch, batch):
+  monkeypatch.setattr(index_lib, "GEMM_ROWS", 64)
+  monkeypatch.setattr(index_lib, "SCAN_ROWS", 64)
+  data = constructed_set(n=300)
+  index = index_lib.load_index(index_lib.build_index(str(tmp_path / "index"), data, MODEL))
+  queries = index_lib.query_vectors(index, data.text_embeddings[:batch])
+  full = queries @ index.image_embeddings.astype(np.float32).T
+  for k in (1, 3, 40, 100):
+    rows, _ = index_lib.exact_top_k(index, queries, k)
+    for q in range(batch):
+      np.testing.assert_array_equal(np.sort(full[q][rows[q]])[::-1], np.sort(full[q])[::-1][:k],
+                                    err_msg=f"k={k}, query {q}")
+
+
+def test_a_replaced_study_moves_to_its_new_commit_place(tmp_path):
+  data = constructed_set(n=12)
+  directory = index_lib.build_index(str(tmp_path / "index"), subset(data, range(10)), MODEL)
+  index_lib.add_studies(directory, subset(data, [0, 10]), replace=True)
+  ids = list(index_lib.load_index(directory).study_ids)       # rows in commit order
+  assert ids == [f"sub-{i:04d}" for i in [*range(1, 10), 0, 10]]
+
+
+def test_a_study_removed_twice_by_racing_writers_is_just_gone(tmp_path):
+  data = constructed_set(n=6)
+  directory = index_lib.build_index(str(tmp_path / "index"), data, MODEL)
+  index_lib.remove_studies(directory, ["sub-0002"])
+  removals = os.path.join(directory, index_lib.REMOVALS_DIR)
+  (first,) = os.listdir(removals)
+  with open(os.path.join(removals, first), encoding="utf-8") as f:
+    record = f.read()
+  with open(os.path.join(removals, "z" + first), "w", encoding="utf-8") as f:   # a later commit
+    f.write(record)
+  assert "sub-0002" not in index_lib.load_index(directory).study_ids
+  assert index_lib.live_study_ids(directory) == {f"sub-{i:04d}" for i in (0, 1, 3, 4, 5)}

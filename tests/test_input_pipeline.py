@@ -197,3 +197,66 @@ def test_batch_larger_than_a_process_share_is_a_clear_error(builder, tokenizer):
   with pytest.raises(ip.DatasetError, match="fewer than one batch"):
     next(ip.train_batches(builder, "val", 64, tokenizer, seed=0, process_index=0,
                           process_count=1))
+
+
+# --- file assignment and batch counts (no dataset needed) ---------------------------------------
+
+def test_files_go_round_robin_with_their_first_dataset_index():
+  files = ip.SplitFiles(paths=tuple(f"f{i}" for i in range(7)), lengths=(5, 3, 4, 2, 6, 1, 3))
+  assert files.first_index == (0, 5, 8, 12, 14, 20, 21)
+  assert files.for_process(1, 3) == (["f1", "f4"], [3, 6], [5, 14])
+  assert files.for_process(0, 1) == (list(files.paths), list(files.lengths),
+                                     list(files.first_index))
+
+
+def test_every_process_yields_enough_eval_batches_for_the_largest_share():
+  files = ip.SplitFiles(paths=("a", "b", "c"), lengths=(5, 3, 4))
+  assert ip.num_eval_batches(files, 4, 2) == 3       # process 0 holds 5 + 4 = 9 studies
+  assert ip.num_eval_batches(files, 3, 1) == 4       # 12 studies
+  assert ip.num_eval_batches(files, 12, 1) == 1
+  empty = ip.SplitFiles(paths=("a", "b"), lengths=(0, 0))
+  assert ip.num_eval_batches(empty, 4, 2) == 1       # collectives still meet once
+
+
+def test_a_shuffle_buffer_of_two_already_mixes_records_across_positions(builder, tokenizer):
+  files_only = rows(train(builder, tokenizer, shuffle_buffer=1), 28)
+  assert rows(train(builder, tokenizer, shuffle_buffer=2), 28) != files_only
+
+
+def test_the_training_stream_reads_this_process_share_by_default(builder, tokenizer):
+  default = ip.train_batches(builder, "train", 4, tokenizer, seed=3, shuffle_buffer=8)
+  assert rows(default, 12) == rows(train(builder, tokenizer), 12)   # process 0 of 1
+
+
+def test_a_process_holding_exactly_one_batch_trains(builder, tokenizer):
+  assert sum(ip.split_files(builder, "val").lengths) == 4
+  batch = next(ip.train_batches(builder, "val", 4, tokenizer, seed=0, process_index=0,
+                                process_count=1))
+  assert batch["volume"].shape[0] == 4
+
+
+def test_more_training_processes_than_files_names_the_split(builder, tokenizer):
+  with pytest.raises(ip.DatasetError, match="split 'val' has .* shard files but 8 processes"):
+    next(ip.train_batches(builder, "val", 1, tokenizer, seed=0, process_index=0, process_count=8))
+
+
+def test_the_stream_is_endless_even_a_thousand_epochs_in(builder, tokenizer):
+  batch = next(train(builder, tokenizer, start_batch=7 * 1000 + 3))   # 7 batches an epoch
+  assert batch["volume"].shape == (4, 16, 16, 8)
+
+
+def test_a_slow_consumer_still_gets_every_batch():
+  """The producer waits for room however long the training step takes."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  batches = ({"x": np.full((8,), i, np.float32)} for i in range(4))
+  got = []
+
+  def consume():
+    for batch in ip.prefetch_to_device(batches, mesh, size=1):
+      time.sleep(0.3)   # a step slower than the producer's put timeout
+      got.append(int(batch["x"][0]))
+
+  consumer = threading.Thread(target=consume, daemon=True)
+  consumer.start()
+  consumer.join(timeout=30)
+  assert got == [0, 1, 2, 3]

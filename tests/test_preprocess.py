@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_prep import phantom
+from data_prep import phantom_layouts
 from data_prep import preprocess
 from data_prep import schema
 from data_prep import sources
@@ -512,3 +513,144 @@ def test_a_threshold_in_stored_integers_selects_the_same_voxels(dtype, threshold
   stored = preprocess.stored_threshold(raw.dtype, threshold, above)
   plain = raw.astype(np.float64) > threshold if above else raw.astype(np.float64) < threshold
   np.testing.assert_array_equal(raw > stored if above else raw < stored, plain)
+
+
+# --- Volumes from files and released-mode spacing, without a converted dataset -----------------
+
+def test_a_volume_file_gives_the_record_volume_of_its_source(tmp_path):
+  hu = np.full((24, 20, 12), -1000.0)
+  hu[4:20, 3:17, 2:10] = np.linspace(-400, 1200, 16)[:, None, None]
+  path = save_scaled(tmp_path / "v.nii.gz", hu, (1.0, 1.0, 2.0))
+  wanted = params(shape=(16, 16, 8))
+  volume = preprocess.volume_from_file(path, wanted)
+  expected, _ = preprocess.preprocess(sources.load_nifti(path), wanted)
+  assert volume.dtype == np.uint8 and volume.shape == (16, 16, 8)
+  np.testing.assert_array_equal(volume, expected)
+
+
+def test_a_volume_file_over_the_size_limit_is_refused_naming_it(tmp_path):
+  path = save(tmp_path / "big.nii.gz", np.zeros((64, 64, 32), np.float32), np.eye(4))  # 0.5 MiB
+  with pytest.raises(sources.BadVolume, match=r"big.nii.gz: declares 64x64x32 float32 voxels "
+                                              r"\(0.50 MiB\), over data.max_volume_mib=0.4"):
+    preprocess.volume_from_file(path, params(), max_volume_mib=0.4)
+
+
+def test_released_mode_records_the_mm_per_voxel_of_the_stretched_crop():
+  raw = np.full((40, 12, 6), -1000.0, np.float32)
+  raw[4:33, 2:11, 1:5] = 300.0                   # crop 29 x 9 x 4, padded to 29 x 16 x 8
+  source = sources.SourceVolume(raw, 1.0, 0.0, np.diag([0.5, 2.0, 3.0, 1.0]))
+  volume, spacing = preprocess.preprocess(source, params(mode="released", shape=(16, 16, 8)))
+  assert volume.dtype == np.uint8 and spacing.dtype == np.float32
+  np.testing.assert_allclose(spacing, [29 * 0.5 / 16, 16 * 2.0 / 16, 8 * 3.0 / 8], rtol=1e-6)
+
+
+def test_centre_crop_fitting_keeps_the_natural_size_down_to_one_voxel():
+  wanted = params(shape=(16, 16, 8), spacing=(1.0, 1.0, 2.0), fit="crop")
+  size = preprocess.target_size((30, 10, 3), np.array([1.0, 0.5, 0.25]), wanted)
+  assert size == (30, 5, 1)        # natural (30, 5, 0.375): rounded, at least one voxel
+
+
+def test_a_thin_body_keeps_one_voxel_when_shrunk_to_the_shape():
+  wanted = params(shape=(16, 16, 8), spacing=(1.0, 1.0, 2.0))
+  assert preprocess.target_size((30, 10, 1), np.array([0.5, 1.0, 0.25]), wanted) == (15, 10, 1)
+
+
+def test_a_whole_field_of_view_keeps_its_edge_planes():
+  """body_crop False and a shape equal to the source: every voxel windowed where it was."""
+  hu = np.linspace(-1000, 1000, 16 * 16 * 8).reshape(16, 16, 8)
+  source = sources.SourceVolume(hu.astype(np.float32), 1.0, 0.0, np.eye(4))
+  volume, spacing = preprocess.preprocess(source, params(shape=(16, 16, 8), body_crop=False))
+  np.testing.assert_array_equal(volume, np.rint((hu + 1000) / 2000 * 255).astype(np.uint8))
+  assert spacing.dtype == np.float32
+  np.testing.assert_allclose(spacing, [1.0, 1.0, 1.0])
+
+
+def test_body_voxels_just_above_a_fractional_threshold_count():
+  """slope 0.3: -500 HU is 1746.67 stored; 1747 (-499.9 HU) is body, its planes the box."""
+  raw = np.zeros((6, 5, 4), np.int16)
+  raw[1:4, 2:4, 1:3] = 1747
+  source = sources.SourceVolume(raw, 0.3, -1024.0, np.eye(4))
+  assert preprocess.body_box(source, -500.0) == [(1, 4), (2, 4), (1, 3)]
+
+
+def test_planes_under_a_thousandth_of_body_voxels_are_ignored():
+  """Planes of 100 x 100: 10 body voxels are 0.1% (ignored), 11 count; on small planes two."""
+  raw = np.full((100, 100, 12), -1000, np.int16)
+  raw[:, :, 4:8] = 40                          # the body: slices 4..7
+  raw[:10, 0, 2] = 40                          # 10 voxels of slice 2: ignored
+  raw[:11, 0, 9] = 40                          # 11 voxels of slice 9: counted
+  source = sources.SourceVolume(raw, 1.0, 0.0, np.eye(4))
+  assert preprocess.body_box(source, -500.0)[2] == (4, 10)
+  small = np.full((4, 3, 5), -1000, np.int16)
+  small[1:3, :, 1:3] = 40
+  small[0, :2, 4] = 40                         # two voxels in a 12-voxel plane: counted
+  assert preprocess.body_box(sources.SourceVolume(small, 1.0, 0.0, np.eye(4)), -500.0)[2] == (1, 5)
+
+
+def test_a_dicom_folder_is_read_as_a_series_under_the_size_limit(tmp_path):
+  raw = np.full((8, 6, 4), -1000, np.int16)
+  raw[2:6, 1:5, 1:3] = 40
+  folder = tmp_path / "series"
+  phantom_layouts.write_dicom_series(str(folder), raw + 1024, np.diag([0.8, 0.8, 2.0, 1.0]),
+                                     1.0, -1024.0)
+  source = preprocess.load_source(str(folder))
+  np.testing.assert_array_equal(source.raw * source.slope + source.inter, raw)
+  with pytest.raises(sources.VolumeTooLarge, match="over data.max_volume_mib=1e-05"):
+    preprocess.load_source(str(folder), max_volume_mib=1e-5)
+
+
+@pytest.mark.parametrize("slab_slices", [None, 1, 3])
+def test_released_mode_crops_to_the_foreground_whatever_the_slab_size(monkeypatch, slab_slices):
+  """A foreground box exactly the shape (nothing padded or resized): min-max of the crop; the
+  masks' slabs (one slice, three, or the whole volume) change nothing."""
+  raw = np.full((9, 8, 10), -1000.0, np.float32)
+  raw[1:4, 2:7, 2] = 100.0                       # x 1..3 in slice 2
+  raw[4:7, 3:5, 5] = 700.0                       # x 4..6 in slice 5: the box x 1..6, z 2..5
+  raw[2, 2, 3] = 300.0
+  if slab_slices:
+    monkeypatch.setattr(preprocess, "MASK_SLAB", 9 * 8 * slab_slices)
+  unit, padded = preprocess.released_transform(raw, (6, 5, 4))
+  crop = raw[1:7, 2:7, 2:6]
+  assert padded == (6, 5, 4)
+  np.testing.assert_allclose(unit, (crop + 1000) / 1700, rtol=1e-6, atol=1e-7)
+
+
+def test_released_mode_pads_an_odd_shortfall_after_the_crop():
+  """SpatialPad "symmetric": floor(d / 2) before, the rest after (here 0 and 1 along Y)."""
+  raw = np.full((9, 8, 10), -1000.0, np.float32)
+  raw[1:7, 2:7, 2:6] = np.linspace(-900, 900, 6 * 5 * 4).reshape(6, 5, 4)
+  unit, padded = preprocess.released_transform(raw, (6, 6, 4))
+  crop = np.pad(raw[1:7, 2:7, 2:6], ((0, 0), (0, 1), (0, 0)), constant_values=-1000.0)
+  assert padded == (6, 6, 4)
+  np.testing.assert_allclose(unit, (crop + 1000) / 1900, rtol=1e-6, atol=1e-7)
+
+
+def test_a_negative_slope_gives_the_released_volume_of_its_hu():
+  hu = np.full((8, 6, 5), -1000.0, np.float32)
+  hu[1:7, 1:5, 1:4] = np.linspace(-800, 1200, 6 * 4 * 3).reshape(6, 4, 3)
+  flipped = sources.SourceVolume(-hu, -1.0, 0.0, np.eye(4))     # HU = -raw
+  plain = sources.SourceVolume(hu, 1.0, 0.0, np.eye(4))
+  wanted = params(mode="released", shape=(6, 4, 3))
+  np.testing.assert_array_equal(preprocess.preprocess(flipped, wanted)[0],
+                                preprocess.preprocess(plain, wanted)[0])
+
+
+def test_a_body_column_of_256_voxels_in_the_first_slab_counts():
+  """A small plane gives slabs of 255 slices: a column of 256 body voxels from slice 0 would
+  wrap a uint8 count to 0 in a slab one slice longer."""
+  hu = np.full((4, 4, 300), -1000, np.int16)
+  hu[1:3, :, :256] = 40
+  source = sources.SourceVolume(hu, 1.0, 0.0, np.eye(4))
+  assert preprocess.body_box(source, -500.0) == [(1, 3), (0, 4), (0, 256)]
+
+
+def test_each_slice_is_counted_once_whatever_the_slab_size(monkeypatch):
+  """Slabs of one slice: a lone voxel (at the first or the last slice) stays under the count a
+  plane needs, however many slabs there are."""
+  hu = np.full((10, 10, 40), -1000, np.int16)
+  hu[2:8, 2:8, :] = 40
+  hu[0, 0, 0] = hu[9, 9, 39] = 40                # planes x=0 and x=9 hold one voxel each
+  monkeypatch.setattr(preprocess, "MASK_SLAB", 10 * 10)
+  source = sources.SourceVolume(hu, 1.0, 0.0, np.eye(4))
+  assert preprocess.body_box(source, -500.0) == reference_body_box(hu, 1.0, 0.0, -500.0) == [
+      (2, 8), (2, 8), (0, 40)]

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -257,7 +258,10 @@ state = sharding.init_sharded(lambda k: {"w": jax.random.normal(k, (8, 4))}, jax
 loss = jax.jit(lambda s, b: losses.clip(b["x"] @ s["w"].T, b["x"] @ s["w"].T + 0.1,
                                         jnp.float32(2.0))[0],
                out_shardings=sharding.replicated(mesh))(state, batch)
+gathered = sharding.gather_to_host(batch["x"])
+host_rows = sharding.gather_to_host(rows[pid * 8:(pid + 1) * 8] + 100.0)
 print(json.dumps({"shape": list(batch["x"].shape), "loss": float(loss),
+                  "gathered": gathered.tolist(), "host_rows": host_rows.tolist(),
                   "w_spec": str(state["w"].sharding.spec),
                   "local_rows": sorted(int(s.index[0].start) for s in
                                        batch["x"].addressable_shards)}))
@@ -282,13 +286,162 @@ def test_two_processes_build_one_global_batch(tmp_path, data, fsdp):
   outputs = [proc.communicate(timeout=120) for proc in procs]
   for proc, (_, err) in zip(procs, outputs):
     assert proc.returncode == 0, err[-3000:]
-  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  # the last JSON line (the CPU collectives' Gloo library prints its own lines to stdout)
+  results = [json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+             for out, _ in outputs]
   rows = np.arange(16 * 4, dtype=np.float32).reshape(16, 4) / 64.0
   w = jax.random.normal(jax.random.key(0), (8, 4))
   expected, _ = losses.clip(rows @ w.T, rows @ w.T + 0.1, jnp.float32(2.0))
   assert results[0]["shape"] == [16, 4]
+  for result in results:   # every process gets the whole array, and the host rows in order
+    np.testing.assert_array_equal(result["gathered"], rows)
+    np.testing.assert_array_equal(result["host_rows"], rows + 100.0)
   assert results[0]["local_rows"] == [0, 2, 4, 6] and results[1]["local_rows"] == [8, 10, 12, 14]
   for result in results:
     np.testing.assert_allclose(result["loss"], expected, rtol=1e-5)
   if fsdp > 1:
     assert results[0]["w_spec"] == str(P("fsdp"))
+
+
+# --- replication, batch sizes and activation sharding -------------------------------------------
+
+def _mesh(data, fsdp, spatial):
+  return sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, spatial=spatial)))
+
+
+def test_single_device_mesh_is_this_process_first_device():
+  mesh = sharding.single_device_mesh()
+  assert mesh.axis_names == ("data", "fsdp", "spatial")
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "spatial": 1}
+  assert list(mesh.devices.flat) == [jax.local_devices()[0]]
+
+
+@pytest.mark.parametrize("data, fsdp, spatial", [(2, 4, 1), (1, 2, 4)])
+def test_batch_rows_counts_the_rows_of_every_batch_shard_and_micro_batch(data, fsdp, spatial):
+  mesh = _mesh(data, fsdp, spatial)
+  shards = data * fsdp            # the devices of a spatial group hold the same rows
+  assert sharding.batch_rows(3, mesh, accum=2) == (3 * 2 * shards, 3 * 2 * shards)
+  assert sharding.batch_rows(3, mesh) == (3 * shards, 3 * shards)
+
+
+def test_replicate_gives_every_device_the_whole_value():
+  mesh = _mesh(2, 4, 1)
+  spread = sharding.make_global_batch({"x": np.arange(8.0, dtype=np.float32)}, mesh)["x"]
+  elsewhere = jax.device_put(np.arange(3, dtype=np.int32),
+                             sharding.replicated(sharding.single_device_mesh()))
+  tree = {"host": np.arange(6, dtype=np.float32).reshape(2, 3), "scalar": 2.5,
+          "spread": spread, "elsewhere": elsewhere}
+  out = sharding.replicate(tree, mesh)
+  expected = {"host": tree["host"], "scalar": np.float64(2.5), "spread": np.arange(8.0),
+              "elsewhere": np.arange(3)}
+  for name, value in out.items():
+    assert value.sharding.is_equivalent_to(sharding.replicated(mesh), value.ndim), name
+    assert len(value.addressable_shards) == 8, name
+    for shard in value.addressable_shards:
+      np.testing.assert_array_equal(shard.data, expected[name], err_msg=name)
+
+
+def test_replicate_keeps_a_value_already_replicated_on_the_mesh():
+  mesh = _mesh(2, 4, 1)
+  value = jax.device_put(np.arange(4.0), sharding.replicated(mesh))
+  assert sharding.replicate({"v": value}, mesh)["v"] is value
+
+
+def test_gather_to_host_gives_the_whole_array_as_numpy():
+  mesh = _mesh(2, 4, 1)
+  rows = np.arange(16, dtype=np.float32).reshape(8, 2)
+  gathered = sharding.gather_to_host(sharding.make_global_batch({"x": rows}, mesh)["x"])
+  assert isinstance(gathered, np.ndarray)
+  np.testing.assert_array_equal(gathered, rows)
+
+
+def test_activations_are_split_over_space_only_when_spatial_is_above_1():
+  assert sharding.activation_sharding(None) is None
+  assert sharding.activation_sharding(_mesh(2, 4, 1)) is None
+  mesh = _mesh(1, 2, 4)
+  assert sharding.activation_sharding(mesh) == sharding.SpatialSharding(mesh)
+
+
+@pytest.mark.parametrize("shape, shard_shape", [((2, 8, 3, 3, 2), (1, 2, 3, 3, 2)),
+                                                ((2, 8, 5), (1, 2, 5))])
+def test_spatial_sharding_splits_rows_over_batch_shards_and_axis_1_over_space(shape, shard_shape):
+  mesh = _mesh(1, 2, 4)
+  x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+  y = jax.jit(sharding.SpatialSharding(mesh))(x)
+  np.testing.assert_array_equal(y, x)
+  assert {shard.data.shape for shard in y.addressable_shards} == {shard_shape}
+  blocks = {(s.index[0].start or 0, s.index[1].start or 0) for s in y.addressable_shards}
+  assert blocks == {(b, x1) for b in (0, 1) for x1 in (0, 2, 4, 6)}
+
+
+def test_a_mesh_built_without_a_spatial_axis_keeps_volumes_whole():
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  assert sharding.spatial_size(mesh) == 1
+  assert sharding.activation_sharding(mesh) is None
+  assert sharding.batch_rows(3, mesh) == (24, 24)
+
+
+def test_a_bare_array_batch_with_uneven_rows_is_named_batch():
+  mesh = sharding.make_mesh(_mesh_config(-1, 1))
+  with pytest.raises(ValueError, match="batch field 'batch'"):
+    sharding.make_global_batch(np.zeros((12, 2), np.float32), mesh)
+
+
+@pytest.mark.parametrize("data, fsdp, message", [
+    (-2, 1, "mesh.data=-2: expected a positive size or -1"),
+    (-1, -1, "mesh.data and mesh.fsdp are both -1"),
+    (3, -1, r"cannot be split with data=3 x fsdp=-1 x spatial=1; the fixed sizes \(3\)")])
+def test_mesh_errors_name_the_axes_at_fault(data, fsdp, message):
+  with pytest.raises(ConfigError, match=message):
+    sharding.mesh_shape(_mesh_config(data, fsdp), 8)
+
+
+def test_the_rest_of_the_devices_is_a_whole_number():
+  shape = sharding.mesh_shape(_mesh_config(-1, 2), 8)
+  assert shape == (4, 2, 1) and all(type(size) is int for size in shape)
+
+
+def test_mesh_uses_the_devices_given_in_their_order():
+  devices = jax.devices()[4:][::-1]
+  mesh = sharding.make_mesh(_mesh_config(2, 2), devices=devices)
+  assert list(mesh.devices.flat) == devices
+
+
+class _Device:
+  def __init__(self, process_index):
+    self.process_index = process_index
+
+
+def _fake_mesh(processes):
+  """A stand-in mesh of fake devices (one process cannot make devices of another)."""
+  devices = np.vectorize(_Device, otypes=[object])(np.asarray(processes))
+  return type("FakeMesh", (), {"devices": devices, "shape": {"spatial": devices.shape[-1]}})()
+
+
+def test_a_spatial_group_spanning_two_processes_is_refused():
+  sharding._check_spatial_groups(_fake_mesh([[[0, 0], [1, 1]]]))   # each group in one process
+  with pytest.raises(ConfigError, match="mesh.spatial=2: the devices that share one volume"):
+    sharding._check_spatial_groups(_fake_mesh([[[0, 1], [1, 1]]]))
+
+
+def test_two_fsdp_devices_shard_kernels_from_exactly_min_size_elements():
+  mesh = sharding.make_mesh(_mesh_config(4, 2))
+  at = _specs(_sample_params(), mesh, sharding.PartitionRules(min_size=256 * 256))
+  above = _specs(_sample_params(), mesh, sharding.PartitionRules(min_size=256 * 256 + 1))
+  assert at["proj"]["kernel"] == P(None, "fsdp")               # 256 x 256 = min_size
+  assert above["proj"]["kernel"] == P()
+
+
+def test_uneven_rows_on_a_spatial_mesh_name_the_batch_shards():
+  with pytest.raises(ValueError, match="this process's 2 batch shards"):
+    sharding.make_global_batch({"x": np.zeros((3, 2), np.float32)}, _mesh(1, 2, 4))
+
+
+def test_path_string_joins_dict_keys_attributes_and_indices():
+  class Pair(NamedTuple):
+    first: dict
+    second: tuple
+
+  tree = {"params": Pair(first={"kernel": 1}, second=(2, 3))}
+  paths = [sharding.path_string(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  assert paths == ["params/first/kernel", "params/second/0", "params/second/1"]

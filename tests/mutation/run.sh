@@ -10,6 +10,10 @@
 #
 # Environment: MUTATION_WORK (the work directory, default .mutation/NAME), MUTATION_CHILDREN (parallel mutants, default 2), MUTATION_TIMEOUT_S (seconds
 # added to each mutant's measured test time before its wall-clock limit, default 30).
+# XLA compilations are cached on disk in .mutation/jax_cache (JAX_COMPILATION_CACHE_DIR to move
+# it), shared by all modules: most mutants leave the traced programs unchanged, so their test
+# runs reuse the clean run's compiles (the cache key is the program, so a mutant never reads
+# another program's code).
 # Prints the survivors and a one-line summary; exit 0 whatever survived (read the summary).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,6 +26,8 @@ row=$(awk -v n="$name" '$1 == n' tests/mutation/modules.txt)
 read -r _ source tests <<<"$row"
 
 work=${MUTATION_WORK:-"$root/.mutation/$name"}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-"$root/.mutation/jax_cache"}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 mkdir -p "$work"
 # The tree as git sees it (tracked + untracked, not ignored), refreshed on every run.
 git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$work"
