@@ -216,3 +216,44 @@ def test_a_fresh_leaf_needs_a_concrete_template():
   with pytest.raises(ValueError, match="params/fusion/kernel is kept fresh"):
     convert_weights.convert_tree(template, {}, lambda path: ".".join(path), "x.pt",
                                  fresh=("params/fusion",))
+
+
+def test_tf_era_layer_norm_names_are_read_as_pytorch_ones():
+  """What import_released_checkpoint and import_hf_bert apply to every key (test_bert.py imports
+  a whole BioBERT-style checkpoint); other keys ending in gamma/beta are left alone."""
+  state = {"text_encoder.embeddings.LayerNorm.gamma": 1, "text_encoder.embeddings.LayerNorm.beta": 2,
+           "fusion.gamma": 3, "x.LayerNorm.gamma.extra": 4, "y.LayerNorm.weight": 5}
+  assert convert_weights._rename_layer_norm(state) == {
+      "text_encoder.embeddings.LayerNorm.weight": 1, "text_encoder.embeddings.LayerNorm.bias": 2,
+      "fusion.gamma": 3, "x.LayerNorm.gamma.extra": 4, "y.LayerNorm.weight": 5}
+
+
+def _small_template():
+  return {"params": {"dense": {"kernel": np.zeros((3, 2), np.float32),
+                               "bias": np.zeros((2,), np.float32)},
+                     "norm": {"scale": np.zeros((2,), np.float32)}}}
+
+
+def test_convert_tree_lays_out_each_leaf_in_the_template_dtype():
+  weight = np.arange(6, dtype=np.float64).reshape(2, 3)          # torch Linear: (out, in)
+  state = {"dense.weight": weight, "dense.bias": np.ones(2), "norm.weight": np.full(2, 3.0),
+           "norm.num_batches_tracked": np.array(5)}
+  variables, report = convert_weights.convert_tree(_small_template(), state,
+                                                   convert_weights.rule_key_fn(()), "toy")
+  kernel = variables["params"]["dense"]["kernel"]
+  assert kernel.dtype == np.float32 and variables["params"]["norm"]["scale"].dtype == np.float32
+  np.testing.assert_array_equal(kernel, weight.T)
+  np.testing.assert_array_equal(variables["params"]["norm"]["scale"], [3.0, 3.0])
+  assert report == {"loaded": 3, "fresh": [], "ignored": ["norm.num_batches_tracked"]}
+
+
+def test_convert_tree_lists_every_missing_and_unexpected_key():
+  state = {"dense.weight": np.zeros((2, 3)), "head.weight": np.zeros((4, 2)),
+           "norm.num_batches_tracked": np.array(5)}
+  with pytest.raises(convert_weights.WeightImportError) as err:
+    convert_weights.convert_tree(_small_template(), state, convert_weights.rule_key_fn(()), "toy")
+  lines = str(err.value).splitlines()
+  assert lines[0] == "toy: state dict does not match the model: 2 missing keys, 1 unexpected keys"
+  assert "    dense.bias (for params/dense/bias (2,))" in lines
+  assert "    norm.weight (for params/norm/scale (2,))" in lines
+  assert "    head.weight" in lines and not any("num_batches_tracked" in l for l in lines)

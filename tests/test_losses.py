@@ -312,3 +312,29 @@ def test_l2_normalize_keeps_an_all_zero_row_finite_and_scales_others_to_unit_len
   assert out.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(out[0]), [0.0, 0.0, 0.0])
   np.testing.assert_allclose(np.asarray(out[1]), [0.6, 0.0, 0.8], rtol=1e-5)
+
+
+# --- the released loss's logged metrics -----------------------------------------------------------
+
+def test_released_metrics_count_rows_whose_own_image_scores_highest_in_their_block():
+  text, image = _pairs(n=12, d=8, seed=3)
+  mask = np.array([True] * 10 + [False] * 2)
+  _, metrics = losses.released(text, image, 3, temperature=0.1, mask=mask)
+  hits = []
+  for b in range(3):                                  # blocks of 4 rows: text -> image in block
+    rows = slice(4 * b, 4 * b + 4)
+    logits = text[rows] @ image[rows].T
+    logits[:, ~mask[rows]] = -np.inf                  # padding rows are no candidates
+    hits += list(np.argmax(logits, axis=1) == np.arange(4))
+  expected = np.sum(np.array(hits) & mask) / mask.sum()
+  assert 0 < expected < 1
+  np.testing.assert_allclose(metrics["accuracy_t2i"], expected, rtol=1e-6)
+  np.testing.assert_allclose(metrics["temperature"], 0.1, rtol=1e-6)
+  assert set(metrics) == {"contrastive", "temperature", "accuracy_t2i"}
+
+
+@pytest.mark.parametrize("logit_scale, scale", [(-1.0, 1.0), (0.5, math.exp(0.5)), (6.0, 100.0)])
+def test_clip_temperature_is_clamped_between_1_and_0_01(logit_scale, scale):
+  text, image = _pairs()
+  loss, _ = losses.clip(text, image, jnp.float32(logit_scale))
+  np.testing.assert_allclose(loss, _np_clip(text, image, scale), rtol=1e-5)
