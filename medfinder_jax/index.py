@@ -48,6 +48,7 @@ import numpy as np
 
 from medfinder_jax import interchange
 from medfinder_jax import metrics as metrics_lib
+from medfinder_jax import score_pass_host
 
 INDEX_FORMAT = "medfinder-index"
 INDEX_VERSION = 3   # 3: shards, memory-mapped float16/32, Arrow metadata, removals (2: one npz)
@@ -611,8 +612,7 @@ def top_k_rows(scores, k):
   k = min(int(k), scores.shape[0])
   if k <= 0:
     return np.zeros((0,), np.int64)
-  rows = np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(k)
-  return rows[np.lexsort((rows, -scores[rows]))]
+  return score_pass_host.top_k(np.asarray(scores)[None], k)[0]
 
 
 def query_vectors(index, query_embedding):
@@ -765,12 +765,10 @@ def _merge(rows_a, scores_a, rows_b, scores_b, k):
   """The top k (by score, then lower row) of two candidate sets, per query."""
   rows = np.concatenate([rows_a, rows_b], axis=1)
   scores = np.concatenate([scores_a, scores_b], axis=1)
-  if scores.shape[1] > k:
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    rows = np.take_along_axis(rows, part, axis=1)
-    scores = np.take_along_axis(scores, part, axis=1)
-  order = np.lexsort((rows, -scores), axis=1)
-  return np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)
+  by_row = np.argsort(rows, axis=1, kind="stable")   # then "lower position" is "lower row"
+  rows, scores = np.take_along_axis(rows, by_row, axis=1), np.take_along_axis(scores, by_row, axis=1)
+  best = score_pass_host.top_k(scores, min(k, scores.shape[1]))
+  return np.take_along_axis(rows, best, axis=1), np.take_along_axis(scores, best, axis=1)
 
 
 def results_of(index, rows, scores, excerpt_chars=200):

@@ -202,9 +202,11 @@ def rank_counts(text, image, block_size=None, workers=None):
 
 # --- Volume -> volume neighbours ------------------------------------------------------------------
 
-def _top_k(scores, k):
+def top_k(scores, k):
   """(R, k) column indices of each row's k largest scores, best first, ties to the lower index
-  (what jax.lax.top_k returns)."""
+  (what jax.lax.top_k returns); k <= the number of columns. O(columns) per row, plus k log k."""
+  if k == 0:
+    return np.zeros((scores.shape[0], 0), np.int64)
   kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]      # each row's k-th largest score
   above, at = scores > kth, scores == kth
   chosen = above | at
@@ -236,7 +238,7 @@ def volume_neighbours(image, labels, in_gallery, k, exclude_self, rows=None, wor
     if exclude_self:
       allowed[np.arange(span.stop - start), np.arange(start, span.stop)] = False
     scores = np.where(allowed, image[span] @ image.T, np.float32(-np.inf))
-    top[span] = _top_k(scores, k)
+    top[span] = top_k(scores, k)
     relevant[span] = np.sum(((labels[span] @ labels.T) > 0) & allowed, axis=1)
 
   def work(_):

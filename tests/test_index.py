@@ -463,3 +463,17 @@ def test_a_study_removed_twice_by_racing_writers_is_just_gone(tmp_path):
     f.write(record)
   assert "sub-0002" not in index_lib.load_index(directory).study_ids
   assert index_lib.live_study_ids(directory) == {f"sub-{i:04d}" for i in (0, 1, 3, 4, 5)}
+
+
+def test_ties_at_the_kth_place_keep_the_lower_rows():
+  """Equal scores straddling the cut: the promise is "ties: lower row first", so the lowest tied
+  rows are kept, in row order, by the single-block top k and by the merge of blocks alike."""
+  scores = np.zeros(40, np.float32)
+  scores[[3, 11, 25]] = 1.0                      # three clear winners, then 37 rows tied at 0
+  np.testing.assert_array_equal(index_lib.top_k_rows(scores, 13),
+                                [3, 11, 25, 0, 1, 2, 4, 5, 6, 7, 8, 9, 10])
+  order = np.random.default_rng(0).permutation(40)   # candidates in no particular row order
+  rows, merged = index_lib._merge(order[None, :20], scores[order[:20]][None],
+                                  order[None, 20:], scores[order[20:]][None], 13)
+  np.testing.assert_array_equal(rows[0], [3, 11, 25, 0, 1, 2, 4, 5, 6, 7, 8, 9, 10])
+  np.testing.assert_array_equal(merged[0], scores[rows[0]])
