@@ -338,3 +338,68 @@ def test_clip_temperature_is_clamped_between_1_and_0_01(logit_scale, scale):
   text, image = _pairs()
   loss, _ = losses.clip(text, image, jnp.float32(logit_scale))
   np.testing.assert_allclose(loss, _np_clip(text, image, scale), rtol=1e-5)
+
+
+# --- The scale zero-shot reads, and what total_loss forwards (mutation testing) -------------------
+
+@pytest.mark.parametrize("logit_scale,expected", [(math.log(30.0), 30.0), (-3.0, 1.0),
+                                                  (10.0, 100.0)])
+def test_similarity_scale_of_clip_is_the_clamped_scale_its_loss_applies(logit_scale, expected):
+  """Zero-shot P(present) must scale cosines as the trained loss does: exp(logit_scale) clamped
+  to [1, max_logit_scale], exactly where total_loss reports its temperature."""
+  config = _loss_config("clip", mse_weight=0.0)
+  params = {"logit_scale": np.float32(logit_scale)}
+  assert losses.similarity_scale(params, config) == pytest.approx(expected, rel=1e-6)
+  out = {**model_output(*_pairs(), config), "logit_scale": jnp.float32(logit_scale)}
+  _, metrics = losses.total_loss(out, config)
+  assert 1.0 / float(metrics["temperature"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_similarity_scale_of_siglip_is_unclamped_and_released_is_its_fixed_temperature():
+  params = {"logit_scale": np.float32(math.log(500.0))}
+  assert losses.similarity_scale(params, _loss_config("siglip")) == pytest.approx(500.0, rel=1e-6)
+  released = _loss_config("released", temperature_init=0.05)
+  assert losses.similarity_scale(params, released) == pytest.approx(20.0)
+  assert losses.similarity_scale({}, _loss_config("clip", temperature_init=0.1)) == pytest.approx(
+      10.0)
+  with pytest.raises(ValueError, match="loss.contrastive"):
+    losses.similarity_scale(params, _loss_config("infonce"))
+
+
+def test_total_loss_reports_the_loss_it_returns_and_masks_the_view_term():
+  text, image = _pairs(n=8)
+  view_a, view_b = _pairs(n=8, seed=1)
+  mask = np.array([True] * 6 + [False] * 2)
+  config = _loss_config("clip", mse_weight=1.0)
+  loss, metrics = losses.total_loss(model_output(text, image, config, view_a, view_b), config,
+                                    mask=mask)
+  assert float(metrics["loss"]) == float(loss)
+  np.testing.assert_allclose(metrics["mse"], losses.view_mse(view_a[:6], view_b[:6], normalize=True),
+                             rtol=1e-6)
+
+
+def test_total_loss_passes_num_blocks_to_the_released_loss():
+  text, image = _pairs(n=8)
+  config = _loss_config("released", mse_weight=0.0)
+  _, metrics = losses.total_loss(model_output(text, image, config), config, num_blocks=2)
+  np.testing.assert_allclose(metrics["contrastive"], losses.released(text, image, 2)[0], rtol=1e-6)
+  assert not np.isclose(float(metrics["contrastive"]), float(losses.released(text, image, 1)[0]))
+
+
+def test_logged_accuracy_is_the_share_of_real_rows_whose_pair_scores_highest():
+  """accuracy_t2i against an argmax reference on imperfect pairs with padding, and with a single
+  real row (a last batch of one study): its own pair is the best, accuracy 1, not 1/2."""
+  text, image = _pairs(n=8, seed=5)
+  image = image + 0.5 * text                         # some rows right, some wrong
+  mask = np.array([True] * 6 + [False] * 2)
+  config = _loss_config("clip", mse_weight=0.0)
+  _, metrics = losses.total_loss(model_output(text, image, config), config, mask=mask)
+  logits = _np_normalize(text[:6]) @ _np_normalize(image[:6]).T
+  t2i = np.mean(np.argmax(logits, axis=1) == np.arange(6))
+  i2t = np.mean(np.argmax(logits, axis=0) == np.arange(6))
+  assert 0.0 < t2i < 1.0 and t2i != i2t
+  assert float(metrics["accuracy_t2i"]) == pytest.approx(t2i)
+  assert float(metrics["accuracy_i2t"]) == pytest.approx(i2t)
+  one = np.array([True] + [False] * 7)
+  _, single = losses.total_loss(model_output(text, text, config), config, mask=one)
+  assert float(single["accuracy_t2i"]) == pytest.approx(1.0)
