@@ -118,7 +118,7 @@ def rank_engine(engine="auto", mesh=None):
   if engine == "jax" or (engine == "auto" and (mesh is not None or _accelerator_expected())):
     from medfinder_jax import score_pass   # pylint: disable=import-outside-toplevel  (JAX)
     return score_pass
-  from medfinder_jax import score_pass_host   # pylint: disable=import-outside-toplevel  (numba)
+  from medfinder_jax import score_pass_host   # pylint: disable=import-outside-toplevel
   return score_pass_host
 
 
@@ -371,14 +371,18 @@ def precision_at_k(scores, relevant, ks=PRECISION_KS):
   (precision over fewer than K retrieved items would not be P@K). Ties in score go to the lower
   gallery index (a stable descending sort).
   """
+  return _precisions_in_order(_descending_order(scores), relevant, ks)
+
+
+def _precisions_in_order(order, relevant, ks):
+  """precision_at_k from each query's gallery order (_descending_order)."""
   relevant = np.asarray(relevant, bool)
-  n = np.shape(scores)[-1]
+  n = order.shape[-1]
   valid = [k for k in ks if k <= n]
   out = {f"P@{k}": None for k in ks}
   if not valid:
     return out
-  top = _descending_order(scores)[..., :max(valid)]
-  hits = np.cumsum(np.take_along_axis(relevant, top, axis=-1), axis=-1)
+  hits = np.cumsum(np.take_along_axis(relevant, order[..., :max(valid)], axis=-1), axis=-1)
   for k in valid:
     out[f"P@{k}"] = 100.0 * hits[..., k - 1] / k
   return out
@@ -389,10 +393,10 @@ def _descending_order(scores):
   return np.argsort(-np.asarray(scores, np.float32), axis=-1, kind="stable")
 
 
-def _bootstrap_precisions(scores, relevant, seed, ks, num_samples):
-  """{K: (num_samples, Q) relevant-in-top-K counts} for (Q, N) scores and relevance, resampling
-  the gallery: a gallery item drawn c times fills c consecutive places of the ranking."""
-  order = _descending_order(scores)
+def _bootstrap_precisions(order, relevant, seed, ks, num_samples):
+  """{K: (num_samples, Q) relevant-in-top-K counts} for the (Q, N) gallery order of each query
+  (_descending_order) and relevance, resampling the gallery: a gallery item drawn c times fills
+  c consecutive places of the ranking."""
   relevant_sorted = np.ascontiguousarray(np.take_along_axis(np.asarray(relevant, bool), order,
                                                             axis=-1))
   ks = np.asarray(ks, np.int64)
@@ -417,13 +421,13 @@ def keyword_metrics(keyword_embeddings, gallery_embeddings, relevance, keywords,
   CIs resample the gallery (there is one query per keyword).
   """
   relevance = np.asarray(relevance, bool)
-  scores = l2_normalize(keyword_embeddings) @ l2_normalize(gallery_embeddings).T
-  point = precision_at_k(scores, relevance, ks)
+  order = _descending_order(l2_normalize(keyword_embeddings) @ l2_normalize(gallery_embeddings).T)
+  point = _precisions_in_order(order, relevance, ks)
   n = relevance.shape[-1]
   valid = tuple(k for k in ks if k <= n)
   intervals = {}
   if bootstrap_samples and valid:
-    hits = _bootstrap_precisions(scores, relevance, seed, valid, int(bootstrap_samples))
+    hits = _bootstrap_precisions(order, relevance, seed, valid, int(bootstrap_samples))
     intervals = {f"P@{k}": bootstrap.percentile_interval(100.0 * np.asarray(v, np.float64) / k,
                                                          level)
                  for k, v in hits.items()}

@@ -21,7 +21,7 @@ paired scores of block r and whose columns with those of block c. Each tile is m
 
 import itertools
 import math
-import threading
+from concurrent import futures
 
 import numpy as np
 import threadpoolctl
@@ -145,24 +145,10 @@ def _claimed(counter, total):
 
 
 def _run_on_threads(work, states):
-  """work(state) on one thread per state (the caller's thread runs the first); an exception in
-  any of them is raised here after all have finished."""
-  errors = []
-
-  def guarded(state):
-    try:
-      work(state)
-    except BaseException as err:   # pylint: disable=broad-except  (re-raised below)
-      errors.append(err)
-
-  threads = [threading.Thread(target=guarded, args=(s,)) for s in states[1:]]
-  for t in threads:
-    t.start()
-  guarded(states[0])
-  for t in threads:
-    t.join()
-  if errors:
-    raise errors[0]
+  """work(state) on one thread per state; the first exception of any is raised here, once all
+  have finished."""
+  with futures.ThreadPoolExecutor(len(states)) as pool:
+    list(pool.map(work, states))
 
 
 def rank_counts(text, image, block_size=None, workers=None):
@@ -230,7 +216,7 @@ def volume_neighbours(image, labels, in_gallery, k, exclude_self, rows=None, wor
   n = image.shape[0]
   rows = rows or rows_per_strip(n)
   top, relevant = np.zeros((n, k), np.int64), np.zeros(n, np.int64)
-  strips = itertools.count()
+  strips, num_strips = itertools.count(), math.ceil(n / rows)
 
   def strip(start):
     span = slice(start, min(start + rows, n))
@@ -242,9 +228,9 @@ def volume_neighbours(image, labels, in_gallery, k, exclude_self, rows=None, wor
     relevant[span] = np.sum(((labels[span] @ labels.T) > 0) & allowed, axis=1)
 
   def work(_):
-    for s in _claimed(strips, math.ceil(n / rows)):
+    for s in _claimed(strips, num_strips):
       strip(s * rows)
 
   with threadpoolctl.threadpool_limits(1, user_api="blas"):
-    _run_on_threads(work, list(range(min(workers or bootstrap.default_workers(), math.ceil(n / rows)))))
+    _run_on_threads(work, list(range(min(workers or bootstrap.default_workers(), num_strips))))
   return top, relevant

@@ -317,7 +317,7 @@ def test_bootstrapped_precision_fills_the_top_k_with_resampled_copies():
   # Every gallery item relevant: whatever the resample, its top K holds exactly K relevant copies.
   scores = np.linspace(1.0, 0.0, 60)[None]
   relevant = np.ones((1, 60), bool)
-  hits = metrics._bootstrap_precisions(scores, relevant, 0, (20, 50), 20)
+  hits = metrics._bootstrap_precisions(metrics._descending_order(scores), relevant, 0, (20, 50), 20)
   assert np.all(np.asarray(hits[20]) == 20) and np.all(np.asarray(hits[50]) == 50)
 
 
@@ -325,7 +325,8 @@ def test_bootstrapped_precision_equals_p_at_k_of_the_explicitly_resampled_galler
   rng = np.random.default_rng(4)
   scores = rng.integers(0, 40, size=(3, 200)).astype(np.float32)      # many tied scores
   relevant = rng.random((3, 200)) < 0.3
-  hits = metrics._bootstrap_precisions(scores, relevant, 5, (20, 50), 4)
+  hits = metrics._bootstrap_precisions(metrics._descending_order(scores), relevant, 5, (20, 50),
+                                       4)
   counts = bootstrap.resample_counts(5, 0, 4, 200)
   for b in range(4):
     drawn = np.repeat(np.arange(200), counts[:, b])           # the resampled gallery
