@@ -353,3 +353,57 @@ def test_a_replicate_drawing_the_single_positive_once_still_has_an_auroc():
       drawn = np.repeat(np.arange(40), counts[:, b])
       assert replicates["AUROC"][b, column] == pytest.approx(
           sk.roc_auc_score(labels[drawn, column], scores[drawn, column]), abs=1e-12)
+
+
+# --- Defaults, errors and averages a caller relies on (mutation testing) ---------------------------
+
+def test_without_thresholds_or_bootstrap_the_result_says_so_and_counts_the_studies():
+  """Called with defaults: thresholds from the evaluated split (said in the output), no
+  intervals at all, N stated; the bootstrap's default seed is 0."""
+  scores, labels = labelled_scores(120, 2, seed=21)
+  result = zeroshot.classification_metrics(scores, labels, names(2))
+  assert result["threshold_source"] == "evaluated split" and result["n"] == 120
+  assert "ci" not in result and "ci" not in result["macro"]
+  assert not any("ci" in result[name] for name in names(2))
+  default_seed = zeroshot.classification_metrics(scores, labels, names(2), bootstrap_samples=30)
+  seed_0 = zeroshot.classification_metrics(scores, labels, names(2), bootstrap_samples=30, seed=0)
+  assert default_seed == seed_0 and default_seed["ci"]["seed"] == 0
+
+
+def test_scores_and_labels_of_different_shapes_or_names_are_errors_naming_both():
+  scores, labels = labelled_scores(5, 3, seed=22)
+  with pytest.raises(zeroshot.ZeroShotError, match=r"scores \(5, 2\) and labels \(5, 3\)"):
+    zeroshot.classification_metrics(scores[:, :2], labels, names(3))
+  with pytest.raises(zeroshot.ZeroShotError, match=r"scores \(5,\) and labels \(5,\)"):
+    zeroshot.classification_metrics(scores[:, 0], labels[:, 0], names(1))
+  with pytest.raises(zeroshot.ZeroShotError, match="2 label names for 3 label columns"):
+    zeroshot.classification_metrics(scores, labels, names(2))
+
+
+def test_weighted_average_skips_an_undefined_label_and_holds_with_a_single_positive():
+  """A finding without positives has weight 0 and no value: the weighted average is that of the
+  defined labels, even when they hold one positive in all."""
+  scores, labels = labelled_scores(60, 3, seed=23)
+  labels[:, 1] = 0
+  result = zeroshot.classification_metrics(scores, labels, names(3))
+  defined, positives = [0, 2], labels.sum(axis=0)
+  aurocs = np.array([result[names(3)[j]]["AUROC"] for j in defined])
+  assert result["weighted"]["AUROC"] == pytest.approx(
+      np.sum(aurocs * positives[defined]) / positives[defined].sum())
+  labels[:, 2] = 0
+  labels[:, 0] = 0
+  labels[4, 0] = 1
+  single = zeroshot.classification_metrics(scores, labels, names(3))
+  assert single["weighted"]["AUROC"] == pytest.approx(
+      sk.roc_auc_score(labels[:, 0], scores[:, 0]))
+
+
+def test_probabilities_are_float32_and_saturate_without_overflow_at_a_huge_scale():
+  rng = np.random.default_rng(24)
+  image, prompts = rng.normal(size=(6, 8)), rng.normal(size=(3, 2, 8))
+  assert zeroshot.probabilities(image, prompts, scale=20.0).dtype == np.float32
+  with np.errstate(over="raise"):   # exp must not overflow: the clip keeps it finite
+    saturated = zeroshot.probabilities(image, prompts, scale=1e6)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  cosine = np.einsum("nd,lsd->nls", unit(image), unit(prompts))
+  np.testing.assert_array_equal(saturated, (cosine[..., 0] > cosine[..., 1]).astype(np.float32))

@@ -14,7 +14,8 @@
 # it), shared by all modules: most mutants leave the traced programs unchanged, so their test
 # runs reuse the clean run's compiles (the cache key is the program, so a mutant never reads
 # another program's code).
-# Prints the survivors and a one-line summary; exit 0 whatever survived (read the summary).
+# Prints the survivors, a one-line summary and the survivors tests/mutation/equivalent.md does not
+# list yet (tests/mutation/unlisted.py); exit 0 whatever survived (read the summary).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -52,3 +53,5 @@ awk -v name="$name" -v s="$(( $(date +%s) - start ))" '
   {n++; c[$NF]++}
   END {printf "%s: %d mutants, %d killed, %d timeout, %d survived, %d no tests, %d not checked (%ds)\n",
        name, n, c["killed"], c["timeout"], c["survived"], c["tests"], c["checked"], s}' results.txt
+# Survivors equivalent.md does not list yet (each needs a test or a line there).
+"$python" "$root/tests/mutation/unlisted.py" "$name" results.txt || true
