@@ -13,6 +13,7 @@ from medfinder_jax import interchange
 from medfinder_jax import metrics
 from medfinder_jax import score_pass
 from medfinder_jax import score_pass_host
+from medfinder_jax import zeroshot
 from conftest import RANK_ENGINES, quantized_embeddings
 
 
@@ -402,21 +403,19 @@ def brute_force_volume_retrieval(image, labels, ks, exclude_self, with_findings)
   gallery = labels.any(axis=1) if with_findings else np.ones(n, bool)
   out = {f"{m}@{k}": [] for k in ks for m in ("P", "MAP", "Jaccard")}
   for q in range(n):
-    candidates = [j for j in range(n) if gallery[j] and not (exclude_self and j == q)]
-    scores = unit[candidates] @ unit[q]
-    ranked = [candidates[i] for i in np.argsort(-scores, kind="stable")]
-    relevant = [bool(np.any(labels[q] & labels[j])) for j in ranked]
-    jaccard = [np.sum(labels[q] & labels[j]) / max(np.sum(labels[q] | labels[j]), 1)
-               for j in ranked]
-    total = sum(relevant)
+    candidates = np.array([j for j in range(n) if gallery[j] and not (exclude_self and j == q)])
+    ranked = candidates[np.argsort(-(unit[candidates] @ unit[q]), kind="stable")]
+    shared = np.sum(labels[q] & labels[ranked], axis=1)
+    relevant = shared > 0
+    jaccard = shared / np.maximum(np.sum(labels[q] | labels[ranked], axis=1), 1)
+    total = relevant.sum()
     for k in ks:
       out[f"Jaccard@{k}"].append(np.mean(jaccard[:k]))
       if total:
         hits = relevant[:k]
-        precisions = [np.mean(hits[:i + 1]) for i in range(k)]
+        precisions = np.array([np.mean(hits[:i + 1]) for i in range(k)])
         out[f"P@{k}"].append(100 * np.mean(hits))
-        out[f"MAP@{k}"].append(100 * sum(p for p, h in zip(precisions, hits) if h) /
-                               min(k, total))
+        out[f"MAP@{k}"].append(100 * np.sum(precisions[hits]) / min(k, total))
   return {name: float(np.mean(values)) for name, values in out.items()}
 
 
@@ -490,3 +489,123 @@ def test_paired_ranks_default_to_the_mid_tie_rule():
   for direction in metrics.paired_ranks(same, same).values():
     assert direction.rule == "mid"
     np.testing.assert_array_equal(direction.ranks, 2.5)
+
+
+# --- Zero-shot from an embedding set, and the tables below the directions (mutation testing) -----
+
+def zeroshot_set(**extra):
+  """Ten studies, two findings, prompts that separate them; `extra` adds or drops fields."""
+  rng = np.random.default_rng(31)
+  labels = (rng.random((10, 2)) < 0.5).astype(np.int8)
+  labels[0], labels[1] = [1, 0], [0, 1]          # both classes of both findings present
+  prompts = rng.normal(size=(2, 2, 6)).astype(np.float32)
+  image = (labels @ prompts[:, 0] + (1 - labels) @ prompts[:, 1]
+           + 0.5 * rng.normal(size=(10, 6))).astype(np.float32)
+  fields = {"image_embeddings": image, "text_embeddings": image + 0.1,
+            "study_ids": np.array([f"s{i}" for i in range(10)]), "labels": labels,
+            "label_names": np.array(["effusion", "nodule"]), "prompt_embeddings": prompts}
+  fields.update(extra)
+  return interchange.validate({k: v for k, v in fields.items() if v is not None})
+
+
+def reference_probabilities(image, prompts, scale):
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  logits = scale * np.einsum("nd,lsd->nls", unit(image), unit(prompts))
+  return np.exp(logits[..., 0]) / np.exp(logits).sum(axis=-1)
+
+
+def test_zeroshot_scores_use_the_files_similarity_scale_or_one_without_it():
+  embeddings = zeroshot_set(logit_scale=np.float32(14.0))
+  np.testing.assert_allclose(metrics.zeroshot_scores(embeddings), reference_probabilities(
+      embeddings.image_embeddings, embeddings.prompt_embeddings, 14.0), rtol=1e-5)
+  unscaled = zeroshot_set()
+  np.testing.assert_allclose(metrics.zeroshot_scores(unscaled), reference_probabilities(
+      unscaled.image_embeddings, unscaled.prompt_embeddings, 1.0), rtol=1e-5)
+  assert metrics.zeroshot_scores(zeroshot_set(prompt_embeddings=None)) is None
+
+
+def test_zeroshot_section_says_what_is_missing_and_which_thresholds_it_used():
+  settings = metrics.MetricSettings(bootstrap_samples=25, seed=4, level=0.9)
+  assert metrics.zeroshot_metrics(zeroshot_set(prompt_embeddings=None), settings) == {
+      "skipped": "no prompt_embeddings in the embedding set"}
+  assert metrics.zeroshot_metrics(zeroshot_set(labels=None, prompt_embeddings=None), settings) == {
+      "skipped": "no labels or prompt_embeddings in the embedding set"}
+  embeddings = zeroshot_set(label_thresholds=np.array([0.3, 0.6], np.float32))
+  section = metrics.zeroshot_metrics(embeddings, settings)
+  expected = zeroshot.classification_metrics(
+      metrics.zeroshot_scores(embeddings), embeddings.labels, ["effusion", "nodule"],
+      thresholds=[0.3, 0.6], threshold_source="validation split", bootstrap_samples=25, seed=4,
+      level=0.9)
+  assert section == expected and section["ci"] == {"level": 0.9, "samples": 25, "seed": 4}
+  own = metrics.zeroshot_metrics(zeroshot_set(), settings)
+  assert own["threshold_source"].startswith("evaluated split itself")
+  assert own["effusion"]["threshold"] == pytest.approx(float(zeroshot.youden_thresholds(
+      metrics.zeroshot_scores(zeroshot_set()), zeroshot_set().labels)[0]))
+
+
+def test_full_table_lays_out_keyword_and_volume_retrieval_below_the_directions():
+  result = {
+      "n": 12, "t2i": {"R@1": 50.0, "MdR": 1.5}, "i2t": {"R@1": 25.0, "MdR": 3.0},
+      "keywords": {
+          "effusion": {"P@1": 100.0, "P@5": 60.0, "n_relevant": 4, "chance": 33.333,
+                       "ci": {"P@1": [80.0, 100.0], "P@5": [40.0, 80.0]}},
+          "nodule": {"P@1": 0.0, "P@5": None, "n_relevant": 1, "chance": 8.3333}},
+      "volume_retrieval": {"P@1": 75.0, "MAP@1": 75.0, "Jaccard@1": 0.5, "P@5": 40.0,
+                           "MAP@5": 52.125, "Jaccard@5": 0.31234, "n_queries": 8,
+                           "gallery": "all", "gallery_size": 11, "exclude_self": True,
+                           "relevance": "shares a label"}}
+  assert metrics.format_metrics_table(result, show_chance=True).splitlines()[4:] == [
+      "",
+      "keyword                      P@1                   P@5  relevant  chance",
+      "effusion  100.00 [80.00, 100.00]  60.00 [40.00, 80.00]         4   33.33",
+      "nodule                      0.00                   n/a         1    8.33",
+      "",
+      "volume->volume over 8 queries, gallery all (11 volumes, query excluded), relevant = "
+      "shares a label",
+      "volume->volume     @1     @5",
+      "P               75.00  40.00",
+      "MAP             75.00  52.12",
+      "Jaccard         0.500  0.312"]
+  kept = dict(result, volume_retrieval=dict(result["volume_retrieval"], exclude_self=False))
+  table = metrics.format_metrics_table(kept, digits=1).splitlines()
+  assert table[4:7] == ["keyword                   P@1                P@5  relevant",
+                        "effusion  100.0 [80.0, 100.0]  60.0 [40.0, 80.0]         4",
+                        "nodule                    0.0                n/a         1"]
+  assert table[8] == ("volume->volume over 8 queries, gallery all (11 volumes), relevant = "
+                      "shares a label")
+  assert table[10:] == ["P                75.0   40.0", "MAP              75.0   52.1",
+                        "Jaccard         0.500  0.312"]
+
+
+def test_scan_gallery_ors_keyword_relevance_and_keeps_the_first_source_path():
+  embeddings = reconstructions()
+  fields = dict(embeddings.fields(),
+                source_paths=np.array(["a1.nii", "a2.nii", "a3.nii", "b.nii", "c.nii"]),
+                keywords=np.array(["effusion", "nodule"]),
+                keyword_embeddings=np.eye(2, 8, dtype=np.float32),
+                keyword_relevance=np.array([[1, 0, 0, 0, 0], [0, 0, 1, 1, 0]], bool))
+  merged = metrics.scan_gallery(interchange.validate(fields))
+  assert list(merged.source_paths) == ["a1.nii", "b.nii", "c.nii"]
+  np.testing.assert_array_equal(merged.keyword_relevance, [[1, 0, 0], [1, 1, 0]])
+  assert merged.image_embeddings.dtype == np.float32
+
+
+def test_direction_table_names_scans_and_shows_chance_for_the_results_own_ks():
+  """A per-scan gallery says so in the corner; the chance row comes from the result (its K list,
+  here R@50), or from N when a hand-made result has none."""
+  result = {"n": 40, "gallery": {"unit": "scan", "size": 40, "merged": True},
+            "t2i": {"R@1": 12.5, "R@50": 100.0}, "i2t": {"R@1": 7.5, "R@50": 100.0},
+            "ci": {"t2i": {"R@1": [5.0, 20.0]}},
+            "chance": metrics.chance_levels(40, ks=(1, 50))}
+  assert metrics.format_metrics_table(result, show_chance=True).splitlines() == [
+      "N=40 scans                  R@1    R@50",
+      "t2i         12.50 [5.00, 20.00]  100.00",
+      "i2t                        7.50  100.00",
+      "chance                     2.50  100.00"]
+  hand_made = {"n": 40, "t2i": {"R@1": 12.5, "R@5": 20.0}, "i2t": {"R@1": 7.5, "R@5": 15.0}}
+  assert metrics.format_metrics_table(hand_made, show_chance=True, digits=1).splitlines() == [
+      "N=40     R@1   R@5",
+      "t2i     12.5  20.0",
+      "i2t      7.5  15.0",
+      "chance   2.5  12.5"]
+  assert len(metrics.format_metrics_table(hand_made).splitlines()) == 3

@@ -38,7 +38,7 @@ def two_pass_counts(text, image, chunk=64, matmul=jax_matmul):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("n", [1, 5, 203, 1000])
+@pytest.mark.parametrize("n", [1, 5, 203, 333])
 @pytest.mark.parametrize("block_size", [None, 8, 96])
 def test_one_pass_counts_equal_two_passes_exactly(engine, n, block_size):
   """Both directions from one pass over S equal one pass per direction, count for count (random
@@ -79,9 +79,9 @@ def test_one_pass_metrics_equal_two_passes_under_every_tie_rule(ties, engine):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_tiled_counts_equal_exact_ranks_for_any_tile_size(engine):
-  text, image = quantized_embeddings(203, 24, seed=1)
+  text, image = quantized_embeddings(61, 24, seed=1)   # tiles of one row, ragged, N, beyond N
   exact = text.astype(np.float64) @ image.astype(np.float64).T
-  for block_size in (1, 7, 64, 203, 1024):
+  for block_size in (1, 7, 61, 64, 1024):
     counts = ENGINES[engine].rank_counts(text, image, block_size=block_size)
     for direction, matrix in (("t2i", exact), ("i2t", exact.T)):
       expected = metrics.similarity_ranks(matrix)
