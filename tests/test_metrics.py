@@ -609,3 +609,112 @@ def test_direction_table_names_scans_and_shows_chance_for_the_results_own_ks():
       "i2t      7.5  15.0",
       "chance   2.5  12.5"]
   assert len(metrics.format_metrics_table(hand_made).splitlines()) == 3
+
+
+def test_bootstrap_intervals_are_percentiles_of_the_metrics_of_resampled_queries():
+  """The intervals are in the metrics' own units (R@K percent, ranks), the 5th and 95th
+  percentiles at level 0.9 of the metric over explicitly resampled queries; by default 1,000
+  resamples from seed 0."""
+  directions = tied_directions(120, seed=3)
+  ranks = dict(zip(metrics.DIRECTIONS, directions))
+  got = metrics.bootstrap_rank_intervals(ranks, ks=(1, 5), num_samples=40, seed=6, level=0.9)
+  counts = bootstrap.resample_counts(6, 0, 40, 120)
+  for direction, d in ranks.items():
+    replicates = [metrics.summarize_ranks(d._replace(greater=d.greater[draws], tied=d.tied[draws]),
+                                          ks=(1, 5))
+                  for draws in (np.repeat(np.arange(120), counts[:, b]) for b in range(40))]
+    for metric in ("R@1", "R@5", "MdR", "MnR"):
+      values = [r[metric] for r in replicates]
+      np.testing.assert_allclose(got[direction][metric], np.percentile(values, [5, 95]),
+                                 rtol=1e-9, err_msg=f"{direction} {metric}")
+  assert metrics.bootstrap_rank_intervals(ranks) == metrics.bootstrap_rank_intervals(
+      ranks, num_samples=1000, seed=0)
+
+
+# --- Settings from the config, and embedding_metrics forwarding them (mutation testing) -----------
+
+def eval_config(**changes):
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config().eval
+  for key, value in changes.items():
+    config[key] = value
+  return config
+
+
+def test_settings_from_config_read_every_eval_field():
+  config = eval_config(recall_ks=(1, 3), keyword_topk=(2,), ties="worst", bootstrap_samples=7,
+                       ci_level=0.8, gallery="scan", rank_engine="host")
+  config.volume_retrieval.ks, config.volume_retrieval.exclude_self = (2, 4), False
+  config.volume_retrieval.gallery = "with_findings"
+  settings = metrics.MetricSettings.from_config(config, seed=5)
+  assert settings == metrics.MetricSettings(
+      ks=(1, 3), keyword_ks=(2,), ties="worst", bootstrap_samples=7, level=0.8, seed=5,
+      gallery="scan", volume_ks=(2, 4), volume_exclude_self=False,
+      volume_gallery="with_findings",
+      zeroshot=zeroshot.ZeroShotSettings.from_config(config.zeroshot), engine="host")
+  assert settings.zeroshot.enabled and settings.zeroshot.findings == tuple(config.zeroshot.findings)
+  assert metrics.MetricSettings.from_config(config, bootstrap_samples=0).bootstrap_samples == 0
+  assert metrics.MetricSettings.from_config(config).seed == 0
+
+
+def test_settings_from_an_eval_config_without_the_optional_sections_take_the_defaults():
+  """A config written before gallery, volume retrieval, zero-shot and the rank engine existed."""
+  config = eval_config()
+  for key in ("gallery", "volume_retrieval", "zeroshot", "rank_engine"):
+    del config[key]
+  settings = metrics.MetricSettings.from_config(config)
+  assert (settings.gallery, settings.volume_ks, settings.volume_exclude_self,
+          settings.volume_gallery, settings.zeroshot.enabled, settings.engine) == (
+              "volume", (), True, "all", False, "auto")
+
+
+def test_embedding_metrics_forward_every_setting_to_each_section():
+  """Each section equals its function called directly with the settings' values (none left at
+  a default)."""
+  rng = np.random.default_rng(32)
+  embeddings = zeroshot_set(
+      reports=np.array(["effusion." if i % 2 else "no findings." for i in range(10)]),
+      keywords=np.array(["effusion"]), keyword_embeddings=rng.normal(size=(1, 6)).astype(
+          np.float32), label_thresholds=np.array([0.4, 0.5], np.float32))
+  settings = metrics.MetricSettings(
+      ks=(1, 3), keyword_ks=(2, 4), ties="best", bootstrap_samples=15, level=0.8, seed=3,
+      volume_ks=(2, 3), volume_exclude_self=False, volume_gallery="with_findings",
+      zeroshot=zeroshot.ZeroShotSettings(), engine="host")
+  result, ranks = metrics.embedding_metrics(embeddings, settings)
+  expected_ranks = metrics.paired_ranks(embeddings.text_embeddings, embeddings.image_embeddings,
+                                        ties="best")
+  expected = metrics.metrics_from_ranks(expected_ranks, ks=(1, 3), bootstrap_samples=15, seed=3,
+                                        level=0.8)
+  assert {d: ranks[d].rule for d in ranks} == {"t2i": "best", "i2t": "best"}
+  assert {k: result[k] for k in expected} == expected
+  assert result["gallery"] == {"unit": "volume", "size": 10, "merged": False}
+  relevance = np.array([[i % 2 == 1 for i in range(10)]])
+  assert result["keywords"] == metrics.keyword_metrics(
+      embeddings.keyword_embeddings, embeddings.image_embeddings, relevance, embeddings.keywords,
+      ks=(2, 4), bootstrap_samples=15, seed=3, level=0.8)
+  assert result["keyword_relevance_from"] == "reports"
+  assert result["volume_retrieval"] == metrics.volume_retrieval(
+      embeddings.image_embeddings, embeddings.labels, (2, 3), exclude_self=False,
+      gallery="with_findings")
+  assert result["zeroshot"] == metrics.zeroshot_metrics(embeddings, settings)
+  given = interchange.validate(dict(embeddings.fields(), keyword_relevance=~relevance))
+  with_file, _ = metrics.embedding_metrics(given, settings)
+  assert with_file["keyword_relevance_from"] == "file"
+  assert with_file["keywords"]["effusion"]["n_relevant"] == 5 and relevance.sum() == 5
+  assert with_file["keywords"] != result["keywords"]
+  without, _ = metrics.embedding_metrics(embeddings, metrics.MetricSettings(volume_ks=()))
+  assert "volume_retrieval" not in without and "zeroshot" not in without
+
+
+@pytest.mark.parametrize("rule, meaning", [
+    ("mid", "the expected result under random tie-breaking"),
+    ("best", "the best position among the tied items, an optimistic bound"),
+    ("worst", "the worst position among the tied items, a pessimistic bound")])
+def test_tie_warning_counts_both_directions_and_explains_the_rule(rule, meaning):
+  result = {"n": 9, "ties": {"t2i_tied_queries": 3, "rule": rule}}
+  assert metrics.tie_warning(result) == (
+      f"warning: the paired item ties with other items in 3 t2i and 0 i2t queries of 9 (equal "
+      f"scores: a collapsed model?); ranked by the '{rule}' tie rule, {meaning} (config "
+      f"eval.ties)")
+  assert metrics.tie_warning({"n": 9, "ties": {"i2t_tied_queries": 1}}).endswith(
+      "ranked by the '?' tie rule,  (config eval.ties)")
