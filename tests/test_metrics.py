@@ -3,6 +3,7 @@
 import importlib.util
 import re
 import sys
+import types
 
 import jax
 import numpy as np
@@ -718,3 +719,88 @@ def test_tie_warning_counts_both_directions_and_explains_the_rule(rule, meaning)
       f"eval.ties)")
   assert metrics.tie_warning({"n": 9, "ties": {"i2t_tied_queries": 1}}).endswith(
       "ranked by the '?' tie rule,  (config eval.ties)")
+
+
+# --- Engines, pair checks and the arguments each layer passes on (mutation testing) ---------------
+
+def test_a_loaded_jax_decides_the_engine_over_installed_plugins(monkeypatch):
+  """Once JAX is imported its backend is the truth: a CPU backend beside an installed plugin
+  (a CUDA wheel on a machine without a GPU) stays on the host; a GPU backend takes JAX. Before
+  JAX is imported, libtpu counts like a CUDA/ROCm plugin."""
+  installed = {"jax_plugins"}
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name: object() if name in installed else None)
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  assert metrics.rank_engine() is score_pass_host                  # the real JAX, on the CPU
+  monkeypatch.setitem(sys.modules, "jax", types.SimpleNamespace(default_backend=lambda: "gpu"))
+  installed.clear()
+  assert metrics.rank_engine() is score_pass
+  monkeypatch.delitem(sys.modules, "jax")
+  installed.add("libtpu")
+  assert metrics.rank_engine() is score_pass
+
+
+def test_ranks_on_a_mesh_equal_the_host_engine():
+  text, image = quantized_embeddings(37, 8, seed=33)
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+  on_mesh = metrics.paired_ranks(text, image, mesh=mesh, block_size=8)
+  host = metrics.paired_ranks(text, image, engine="host")
+  for direction in metrics.DIRECTIONS:
+    np.testing.assert_array_equal(on_mesh[direction].greater, host[direction].greater)
+    np.testing.assert_array_equal(on_mesh[direction].tied, host[direction].tied)
+  assert metrics.retrieval_metrics(text, image, mesh=mesh) == metrics.retrieval_metrics(text, image)
+
+
+def test_one_pair_is_ranked_first_and_no_pairs_or_an_unknown_tie_rule_are_errors():
+  one = np.ones((1, 4), np.float32)
+  result = metrics.retrieval_metrics(one, one)
+  assert result["t2i"]["R@1"] == 100.0 and result["i2t"]["MdR"] == 1.0 and result["n"] == 1
+  with pytest.raises(ValueError, match=r"N >= 1; got text \(0, 4\) and image \(0, 4\)"):
+    metrics.paired_ranks(one[:0], one[:0])
+  with pytest.raises(ValueError, match="ties must be one of .*'first'"):
+    metrics.paired_ranks(one, one, ties="first")
+
+
+def test_non_finite_embeddings_are_named():
+  good, bad = np.ones((4, 3)), np.where(np.eye(4, 3) > 0, np.nan, 1.0)
+  with pytest.raises(ValueError, match="image_embeddings"):
+    metrics.retrieval_metrics(good, bad)
+  with pytest.raises(ValueError, match="text_embeddings"):
+    metrics.retrieval_metrics(bad, good)
+
+
+def test_retrieval_metrics_pass_on_ks_bootstrap_seed_and_level_and_add_chance():
+  text, image = quantized_embeddings(60, 8, seed=34)
+  ranks = metrics.paired_ranks(text, image)
+  result = metrics.retrieval_metrics(text, image, ks=(2, 60), bootstrap_samples=12, seed=8,
+                                     level=0.7)
+  assert list(result["t2i"]) == ["R@2", "R@60", "MdR", "MnR"]
+  assert result["chance"] == metrics.chance_levels(60, (2, 60))
+  intervals = metrics.bootstrap_rank_intervals(ranks, ks=(2, 60), num_samples=12, seed=8,
+                                               level=0.7)
+  assert {d: result["ci"][d] for d in metrics.DIRECTIONS} == intervals
+  assert {k: result["ci"][k] for k in ("level", "samples", "seed")} == {
+      "level": 0.7, "samples": 12, "seed": 8}
+  plain = metrics.retrieval_metrics(text, image)
+  assert "ci" not in plain and metrics.metrics_from_ranks(ranks) == plain
+  assert metrics.metrics_from_ranks(ranks, bootstrap_samples=12) == metrics.metrics_from_ranks(
+      ranks, bootstrap_samples=12, seed=0, level=0.95)
+  assert metrics.retrieval_metrics(text, image, bootstrap_samples=12) == metrics.retrieval_metrics(
+      text, image, bootstrap_samples=12, seed=0, level=0.95)
+
+
+def test_bootstrap_median_rank_of_distinct_ranks_is_that_of_the_resampled_queries():
+  """An even N of distinct ranks: the median is the mean of the two middle resampled ranks."""
+  ranks = np.random.default_rng(35).permutation(40) + 1
+  totals = metrics._bootstrap_rank_totals([metrics._as_direction_ranks(ranks)], seed=2,
+                                          ks=(1,), num_samples=30)
+  counts = bootstrap.resample_counts(2, 0, 30, 40)
+  for b in range(30):
+    assert float(totals["MdR"][b, 0]) == np.median(np.repeat(ranks, counts[:, b]))
+
+
+def test_precision_at_k_equal_to_the_gallery_size_is_the_prevalence():
+  scores = np.random.default_rng(36).random((2, 5)).astype(np.float32)
+  relevant = np.array([[1, 0, 1, 0, 0], [1, 1, 1, 1, 0]], bool)
+  np.testing.assert_allclose(metrics.precision_at_k(scores, relevant, ks=(5,))["P@5"],
+                             100 * relevant.mean(axis=1))
