@@ -364,13 +364,21 @@ def test_chance_levels_are_those_of_a_random_ranking():
     ("recall_ks", (0, -1), "eval.recall_ks=(0, -1)"),
     ("keyword_topk", (20, -5), "eval.keyword_topk=(20, -5)"),
     ("ci_level", 1.5, "eval.ci_level=1.5"),
+    ("ci_level", 1.0, "eval.ci_level=1.0"),
+    ("ci_level", 0.0, "eval.ci_level=0.0"),
+    ("volume_retrieval.ks", (5, 0), "eval.volume_retrieval.ks=(5, 0)"),
+    ("volume_retrieval.gallery", "some", "eval.volume_retrieval.gallery='some'"),
     ("bootstrap_samples", -1, "--bootstrap must be 0")])
 def test_unusable_eval_settings_name_the_field(field, value, message):
   from configs import default  # pylint: disable=import-outside-toplevel
   eval_config = default.get_config().eval
   metrics.MetricSettings.from_config(eval_config)
-  with eval_config.ignore_type():
-    eval_config[field] = value
+  *parents, name = field.split(".")
+  section = eval_config
+  for parent in parents:
+    section = section[parent]
+  with section.ignore_type():
+    section[name] = value
   with pytest.raises(metrics.SettingsError, match=re.escape(message)):
     metrics.MetricSettings.from_config(eval_config)
 
@@ -804,3 +812,69 @@ def test_precision_at_k_equal_to_the_gallery_size_is_the_prevalence():
   relevant = np.array([[1, 0, 1, 0, 0], [1, 1, 1, 1, 0]], bool)
   np.testing.assert_allclose(metrics.precision_at_k(scores, relevant, ks=(5,))["P@5"],
                              100 * relevant.mean(axis=1))
+
+
+def test_no_volume_retrieval_is_a_valid_setting():
+  assert metrics.MetricSettings(volume_ks=()).volume_ks == ()
+
+
+def test_keyword_metrics_report_k_up_to_the_gallery_with_intervals_in_percent():
+  """K = N is reported (P@N = the prevalence), K > N is None with no interval; intervals are
+  the percentiles of 100·hits/K over the resampled galleries; no bootstrap, no "ci"."""
+  rng = np.random.default_rng(37)
+  keywords, gallery = rng.normal(size=(2, 5)), rng.normal(size=(6, 5))
+  relevance = np.array([[1, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0]], bool)
+  got = metrics.keyword_metrics(keywords, gallery, relevance, ["a", "b"], ks=(2, 6, 10),
+                                bootstrap_samples=20, seed=3, level=0.8)
+  point = metrics.precision_at_k(keywords @ gallery.T / np.linalg.norm(gallery, axis=1),
+                                 relevance, ks=(2, 6))
+  order = metrics._descending_order(metrics.l2_normalize(keywords) @ metrics.l2_normalize(
+      gallery).T)
+  hits = metrics._bootstrap_precisions(order, relevance, 3, (2, 6), 20)
+  for q, name in enumerate(["a", "b"]):
+    assert got[name]["P@2"] == pytest.approx(point["P@2"][q])
+    assert got[name]["P@6"] == pytest.approx(100 * relevance[q].mean())
+    assert got[name]["P@10"] is None and got[name]["ci"]["P@10"] is None
+    assert got[name]["n_relevant"] == relevance[q].sum()
+    assert got[name]["chance"] == pytest.approx(100 * relevance[q].sum() / 6)
+    for k in (2, 6):
+      np.testing.assert_allclose(got[name]["ci"][f"P@{k}"],
+                                 np.percentile(100 * hits[k][:, q] / k, [10, 90]))
+  plain = metrics.keyword_metrics(keywords, gallery, relevance, ["a", "b"], ks=(2,))
+  assert "ci" not in plain["a"]
+  assert metrics.keyword_metrics(keywords, gallery, relevance, ["a", "b"], ks=(2,),
+                                 bootstrap_samples=20) == metrics.keyword_metrics(
+      keywords, gallery, relevance, ["a", "b"], ks=(2,), bootstrap_samples=20, seed=0)
+  beyond = metrics.keyword_metrics(keywords, gallery, relevance, ["a", "b"], ks=(7,),
+                                   bootstrap_samples=5)
+  assert beyond["a"]["P@7"] is None and beyond["a"]["ci"] == {"P@7": None}
+
+
+def test_volume_retrieval_keeping_the_query_has_the_whole_gallery_and_states_its_protocol():
+  rng = np.random.default_rng(38)
+  labels = np.array([[1, 0], [1, 0], [0, 1], [0, 0], [1, 1]], np.int8)
+  image = labels @ rng.normal(size=(2, 4)) + 0.3 * rng.normal(size=(5, 4))
+  got = metrics.volume_retrieval(image, labels, ks=(9, 1, 5), exclude_self=False)
+  reference = brute_force_volume_retrieval(image, labels, (1, 5), False, False)
+  assert {k: v for k, v in got.items() if k[0] in "PMJ" and v is not None} == pytest.approx(
+      reference)
+  assert {k: v for k, v in got.items() if k[0] not in "PMJ"} == {
+      "gallery": "all", "gallery_size": 5, "exclude_self": False,
+      "relevance": "shares a positive label", "n_queries": 4}
+  assert got["P@9"] is None and got["MAP@9"] is None and got["Jaccard@9"] is None
+  excluded = metrics.volume_retrieval(image, labels, ks=(4,))
+  assert excluded["gallery_size"] == 4 and excluded["exclude_self"] is True
+  assert excluded["P@4"] == pytest.approx(brute_force_volume_retrieval(
+      image, labels, (4,), True, False)["P@4"])
+
+
+def test_volume_retrieval_without_relevant_volumes_or_without_a_gallery():
+  image = np.random.default_rng(39).normal(size=(4, 3))
+  no_findings = np.zeros((4, 2), np.int8)
+  none_relevant = metrics.volume_retrieval(image, no_findings, ks=(1,))
+  assert (none_relevant["P@1"], none_relevant["MAP@1"], none_relevant["Jaccard@1"],
+          none_relevant["n_queries"]) == (None, None, 0.0, 0)
+  assert metrics.volume_retrieval(image, no_findings, ks=(1,), gallery="with_findings") == {
+      "gallery": "with_findings", "gallery_size": 0, "exclude_self": True,
+      "relevance": "shares a positive label", "n_queries": 0,
+      "P@1": None, "MAP@1": None, "Jaccard@1": None}
