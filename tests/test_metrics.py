@@ -156,6 +156,9 @@ def test_the_table_warns_when_queries_tie():
   table = metrics.format_metrics_table(metrics.retrieval_metrics(embeddings, embeddings))
   assert "warning: the paired item ties with other items in 6 t2i and 6 i2t queries of 6" in table
   assert "'mid' tie rule" in table
+  lines = table.splitlines()
+  assert lines[0].split() == ["N=6", "R@1", "R@5", "R@10", "MdR", "MnR"] and len(lines) == 4
+  assert lines[3] == metrics.tie_warning(metrics.retrieval_metrics(embeddings, embeddings))
   distinct = np.random.default_rng(0).normal(size=(6, 4))
   assert "warning" not in metrics.format_metrics_table(metrics.retrieval_metrics(distinct,
                                                                                  distinct))
@@ -479,6 +482,7 @@ def test_scan_gallery_merges_reconstructions_and_counts_identical_reports_once()
   per_volume, _ = metrics.embedding_metrics(embeddings, metrics.MetricSettings())
   per_scan, _ = metrics.embedding_metrics(embeddings, metrics.MetricSettings(gallery="scan"))
   assert per_volume["n"] == 5 and per_volume["ties"]["i2t_tied_queries"] == 3
+  assert per_volume["gallery"] == {"unit": "volume", "size": 5, "merged": False}
   assert per_scan["n"] == 3 and per_scan["gallery"] == {"unit": "scan", "size": 3,
                                                         "merged": True}
   assert per_scan["t2i"]["R@1"] == per_scan["i2t"]["R@1"] == 100.0
@@ -618,6 +622,18 @@ def test_direction_table_names_scans_and_shows_chance_for_the_results_own_ks():
       "i2t      7.5  15.0",
       "chance   2.5  12.5"]
   assert len(metrics.format_metrics_table(hand_made).splitlines()) == 3
+  keywords = {"effusion": {"P@1": 50.0, "n_relevant": 2, "chance": 33.333}}
+  assert metrics.format_keyword_table(keywords, show_chance=True, digits=1).splitlines() == [
+      "keyword    P@1  relevant  chance", "effusion  50.0         2    33.3"]
+
+
+def test_full_table_ends_with_the_zeroshot_table():
+  section = zeroshot.classification_metrics(np.array([[0.9], [0.2], [0.7], [0.4]], np.float32),
+                                            np.array([[1], [0], [1], [0]]), ["effusion"])
+  result = {"n": 4, "t2i": {"R@1": 50.0}, "i2t": {"R@1": 25.0}, "zeroshot": section}
+  table = metrics.format_metrics_table(result)
+  assert table.endswith("\n\n" + zeroshot.format_table(section))
+  assert "zero-shot" not in metrics.format_metrics_table(dict(result, zeroshot={"skipped": "x"}))
 
 
 def test_bootstrap_intervals_are_percentiles_of_the_metrics_of_resampled_queries():
@@ -664,6 +680,7 @@ def test_settings_from_config_read_every_eval_field():
   assert settings.zeroshot.enabled and settings.zeroshot.findings == tuple(config.zeroshot.findings)
   assert metrics.MetricSettings.from_config(config, bootstrap_samples=0).bootstrap_samples == 0
   assert metrics.MetricSettings.from_config(config).seed == 0
+  assert metrics.MetricSettings.from_config(eval_config()).volume_exclude_self is True
 
 
 def test_settings_from_an_eval_config_without_the_optional_sections_take_the_defaults():
@@ -711,6 +728,9 @@ def test_embedding_metrics_forward_every_setting_to_each_section():
   assert with_file["keyword_relevance_from"] == "file"
   assert with_file["keywords"]["effusion"]["n_relevant"] == 5 and relevance.sum() == 5
   assert with_file["keywords"] != result["keywords"]
+  kept_out, _ = metrics.embedding_metrics(embeddings, metrics.MetricSettings(volume_ks=(2,)))
+  assert kept_out["volume_retrieval"] == metrics.volume_retrieval(
+      embeddings.image_embeddings, embeddings.labels, (2,), exclude_self=True)
   without, _ = metrics.embedding_metrics(embeddings, metrics.MetricSettings(volume_ks=()))
   assert "volume_retrieval" not in without and "zeroshot" not in without
 
@@ -771,9 +791,9 @@ def test_one_pair_is_ranked_first_and_no_pairs_or_an_unknown_tie_rule_are_errors
 
 def test_non_finite_embeddings_are_named():
   good, bad = np.ones((4, 3)), np.where(np.eye(4, 3) > 0, np.nan, 1.0)
-  with pytest.raises(ValueError, match="image_embeddings"):
+  with pytest.raises(ValueError, match="^image_embeddings contains NaN or Inf values$"):
     metrics.retrieval_metrics(good, bad)
-  with pytest.raises(ValueError, match="text_embeddings"):
+  with pytest.raises(ValueError, match="^text_embeddings contains NaN or Inf values$"):
     metrics.retrieval_metrics(bad, good)
 
 
