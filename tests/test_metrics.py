@@ -632,7 +632,7 @@ def test_full_table_ends_with_the_zeroshot_table():
                                             np.array([[1], [0], [1], [0]]), ["effusion"])
   result = {"n": 4, "t2i": {"R@1": 50.0}, "i2t": {"R@1": 25.0}, "zeroshot": section}
   table = metrics.format_metrics_table(result)
-  assert table.endswith("\n\n" + zeroshot.format_table(section))
+  assert table.startswith("N=4") and table.endswith("\n\n" + zeroshot.format_table(section))
   assert "zero-shot" not in metrics.format_metrics_table(dict(result, zeroshot={"skipped": "x"}))
 
 
