@@ -204,3 +204,26 @@ def test_host_volume_neighbours_do_not_depend_on_strips_or_threads(rows, workers
     scores = np.where(allowed, unit @ unit[q], -np.inf)
     np.testing.assert_array_equal(top[q], np.argsort(-scores, kind="stable")[:50])
     assert relevant[q] == np.sum(allowed & ((labels @ labels[q]) > 0))
+
+
+# --- top_k on its own (mutation testing: the neighbour passes call it from worker threads) ---------
+
+def reference_top_k(scores, k):
+  """Python's stable sort on (-score, column): best first, ties to the lower column."""
+  return np.array([sorted(range(len(row)), key=lambda j, row=row: (-row[j], j))[:k]
+                   for row in scores], np.int64).reshape(len(scores), k)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 7, 12])
+def test_top_k_is_the_stable_order_of_the_k_best_with_ties_to_the_lower_column(k):
+  rng = np.random.default_rng(40)
+  tied = rng.integers(0, 4, size=(9, 12)).astype(np.float32)       # many ties at every cut
+  distinct = rng.permutation(12 * 9).reshape(9, 12).astype(np.float32)
+  with_inf = np.where(rng.random((9, 12)) < 0.3, -np.inf, tied).astype(np.float32)
+  for scores in (tied, distinct, with_inf):
+    got = score_pass_host.top_k(scores, k)
+    assert got.shape == (9, k) and got.dtype == np.int64
+    np.testing.assert_array_equal(got, reference_top_k(scores, k))
+  if k:
+    np.testing.assert_array_equal(score_pass_host.top_k(tied, k),
+                                  np.asarray(jax.lax.top_k(jnp.asarray(tied), k)[1]))
