@@ -266,3 +266,18 @@ def test_every_view_example_and_stream_gets_its_own_key():
   keys = jax.random.key_data(augment.example_keys(jax.random.key(9), 16, first_index=3))
   flat = np.asarray(keys).reshape(2 * 16 * 2, -1)
   assert len({tuple(k) for k in flat}) == len(flat)
+
+
+# --- Thin axes and dtypes (mutation testing) ------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(7, 2, 1), (1, 7, 2)])
+def test_resampling_an_axis_one_or_two_voxels_thick_matches_scipy(shape):
+  """A slab one or two voxels thick (a single slice, a thin crop) is sampled like any other
+  axis: edge values outside it, never a read into the neighbouring row of the flat volume."""
+  volume = _volumes(batch=1, shape=shape)[0]
+  matrix = augment.sampling_matrix(jnp.array([0.5, -0.4, 0.3]), 0.9)
+  coords = _source_coordinates(shape, matrix)
+  expected = scipy.ndimage.map_coordinates(np.asarray(volume[..., 0], np.float64),
+                                           np.moveaxis(coords, -1, 0), order=1, mode="nearest")
+  out = augment.resample_trilinear(volume, matrix)
+  np.testing.assert_allclose(out[..., 0], expected, atol=2e-6)
