@@ -281,3 +281,26 @@ def test_resampling_an_axis_one_or_two_voxels_thick_matches_scipy(shape):
                                            np.moveaxis(coords, -1, 0), order=1, mode="nearest")
   out = augment.resample_trilinear(volume, matrix)
   np.testing.assert_allclose(out[..., 0], expected, atol=2e-6)
+
+
+# --- The documented key numbering (mutation testing) ----------------------------------------------
+
+@pytest.mark.parametrize("first_index", [None, 5])
+def test_example_keys_are_the_fold_ins_the_docstring_documents(first_index):
+  """[v, i, s] = fold_in(key, 4 * (first_index + i) + 2 * v + s), first_index 0 by default: a
+  study's augmentation can be reproduced from the key, its global index and the view alone."""
+  key = jax.random.key(10)
+  args = () if first_index is None else (first_index,)
+  keys = np.asarray(jax.random.key_data(augment.example_keys(key, 3, *args)))
+  start = first_index or 0
+  expected = [[[jax.random.key_data(jax.random.fold_in(key, 4 * (start + i) + 2 * v + s))
+                for s in range(2)] for i in range(3)] for v in range(2)]
+  np.testing.assert_array_equal(keys, np.asarray(expected))
+
+
+def test_augment_batch_by_default_is_the_first_view_from_global_index_zero():
+  volumes, config = _volumes(batch=2, shape=(5, 4, 3)), _config(prob=1.0)
+  default = jax.jit(lambda k, v: augment.augment_batch(k, v, config, 1.0))(
+      jax.random.key(11), volumes)
+  np.testing.assert_allclose(default, _augment_batch(jax.random.key(11), volumes, config, 1.0,
+                                                     view=0, first_index=0), atol=1e-6)
