@@ -304,3 +304,15 @@ def test_augment_batch_by_default_is_the_first_view_from_global_index_zero():
       jax.random.key(11), volumes)
   np.testing.assert_allclose(default, _augment_batch(jax.random.key(11), volumes, config, 1.0,
                                                      view=0, first_index=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_view_keeps_the_shape_and_float_dtype_of_its_volumes(dtype):
+  """No promotion to float32 (half the memory of a view kept for bfloat16 input), no extra axis,
+  and the same warp as float32 up to bfloat16's precision (the noise is drawn in the volumes'
+  dtype, so its values differ: left out of the comparison)."""
+  volumes, config = _volumes(batch=2, shape=(5, 4, 3)), _config(prob=1.0, noise_std_max=0.0)
+  out = _augment_batch(jax.random.key(12), volumes.astype(dtype), config, 1.0)
+  assert out.shape == volumes.shape and out.dtype == dtype
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             _augment_batch(jax.random.key(12), volumes, config, 1.0), atol=3e-2)
