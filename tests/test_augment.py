@@ -1,6 +1,7 @@
 """On-device augmentation: geometry against analytic maps and scipy, noise statistics, keys."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +267,61 @@ def test_every_view_example_and_stream_gets_its_own_key():
   keys = jax.random.key_data(augment.example_keys(jax.random.key(9), 16, first_index=3))
   flat = np.asarray(keys).reshape(2 * 16 * 2, -1)
   assert len({tuple(k) for k in flat}) == len(flat)
+
+
+# --- Thin axes and dtypes (mutation testing) ------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(7, 2, 1), (1, 7, 2)])
+def test_resampling_an_axis_one_or_two_voxels_thick_matches_scipy(shape):
+  """A slab one or two voxels thick (a single slice, a thin crop) is sampled like any other
+  axis: edge values outside it, never a read into the neighbouring row of the flat volume."""
+  volume = _volumes(batch=1, shape=shape)[0]
+  matrix = augment.sampling_matrix(jnp.array([0.5, -0.4, 0.3]), 0.9)
+  coords = _source_coordinates(shape, matrix)
+  expected = scipy.ndimage.map_coordinates(np.asarray(volume[..., 0], np.float64),
+                                           np.moveaxis(coords, -1, 0), order=1, mode="nearest")
+  out = augment.resample_trilinear(volume, matrix)
+  np.testing.assert_allclose(out[..., 0], expected, atol=2e-6)
+
+
+# --- The documented key numbering (mutation testing) ----------------------------------------------
+
+@pytest.mark.parametrize("first_index", [None, 5])
+def test_example_keys_are_the_fold_ins_the_docstring_documents(first_index):
+  """[v, i, s] = fold_in(key, 4 * (first_index + i) + 2 * v + s), first_index 0 by default: a
+  study's augmentation can be reproduced from the key, its global index and the view alone."""
+  key = jax.random.key(10)
+  args = () if first_index is None else (first_index,)
+  keys = np.asarray(jax.random.key_data(augment.example_keys(key, 3, *args)))
+  start = first_index or 0
+  expected = [[[jax.random.key_data(jax.random.fold_in(key, 4 * (start + i) + 2 * v + s))
+                for s in range(2)] for i in range(3)] for v in range(2)]
+  np.testing.assert_array_equal(keys, np.asarray(expected))
+
+
+def test_augment_batch_by_default_is_the_first_view_from_global_index_zero():
+  volumes, config = _volumes(batch=2, shape=(5, 4, 3)), _config(prob=1.0)
+  default = jax.jit(lambda k, v: augment.augment_batch(k, v, config, 1.0))(
+      jax.random.key(11), volumes)
+  np.testing.assert_allclose(default, _augment_batch(jax.random.key(11), volumes, config, 1.0,
+                                                     view=0, first_index=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_view_keeps_the_shape_and_float_dtype_of_its_volumes(dtype):
+  """No promotion to float32 (half the memory of a view kept for bfloat16 input), no extra axis,
+  and the same warp as float32 up to bfloat16's precision (the noise is drawn in the volumes'
+  dtype, so its values differ: left out of the comparison)."""
+  volumes, config = _volumes(batch=2, shape=(5, 4, 3)), _config(prob=1.0, noise_std_max=0.0)
+  out = _augment_batch(jax.random.key(12), volumes.astype(dtype), config, 1.0)
+  assert out.shape == volumes.shape and out.dtype == dtype
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             _augment_batch(jax.random.key(12), volumes, config, 1.0), atol=3e-2)
+
+
+def test_no_gather_tells_the_compiler_its_indices_are_sorted():
+  """Rotated sample points are gathered out of order, and a gather marked sorted has undefined
+  results on a backend that uses the hint. XLA:CPU ignores it, so no value test here sees it."""
+  text = jax.jit(augment.resample_trilinear).lower(jnp.zeros((4, 3, 2, 1)), jnp.eye(3)).as_text()
+  flags = re.findall(r"indices_are_sorted = (\w+)", text)
+  assert flags and set(flags) == {"false"}
