@@ -227,3 +227,29 @@ def test_top_k_is_the_stable_order_of_the_k_best_with_ties_to_the_lower_column(k
   if k:
     np.testing.assert_array_equal(score_pass_host.top_k(tied, k),
                                   np.asarray(jax.lax.top_k(jnp.asarray(tied), k)[1]))
+
+
+def test_counts_compare_float64_inputs_in_float32_as_documented():
+  """1 + 0.9 * 2^-24 is 1.0 in float32: text 0 then scores both images 0 (a tie), where float64
+  arithmetic would score image 1 at 0.9 * 2^-24 above its pair, on either engine."""
+  text = np.array([[1.0, -1.0], [0.0, 1.0]])
+  image = np.array([[1.0, 1.0], [1.0 + 0.9 * 2.0 ** -24, 1.0]])
+  for engine in ENGINES.values():
+    for block_size in (None, 1, 2):   # a padded copy, and views of the input
+      greater, tied = engine.rank_counts(text, image, block_size=block_size)["t2i"]
+      assert (int(greater[0]), int(tied[0])) == (0, 1), block_size
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_duplicate_of_the_paired_image_ties_with_it_wherever_the_tiles_fall(engine):
+  """Image 4 is image 0 again: for text 0 it must tie with the pair exactly (bit-equal scores),
+  whether the two sit in one tile, in a tile of views and a padded tile, or on either side."""
+  rng = np.random.default_rng(41)
+  text = rng.standard_normal((5, 96)).astype(np.float32)
+  image = rng.standard_normal((5, 96)).astype(np.float32)
+  image[4] = image[0]
+  for block_size in (None, 1, 2, 3, 4):
+    t2i_greater, t2i_tied = ENGINES[engine].rank_counts(text, image, block_size=block_size)["t2i"]
+    exact = (text[0].astype(np.float64) @ image.astype(np.float64).T)
+    assert int(t2i_tied[0]) == 1, block_size
+    assert int(t2i_greater[0]) == int(np.sum(np.delete(exact, [0, 4]) > exact[0])), block_size
