@@ -253,3 +253,11 @@ def test_a_duplicate_of_the_paired_image_ties_with_it_wherever_the_tiles_fall(en
     exact = (text[0].astype(np.float64) @ image.astype(np.float64).T)
     assert int(t2i_tied[0]) == 1, block_size
     assert int(t2i_greater[0]) == int(np.sum(np.delete(exact, [0, 4]) > exact[0])), block_size
+
+
+@pytest.mark.parametrize("k", [1, 50, 999])
+def test_top_k_of_wide_rows_where_the_partition_leaves_the_rest_unsorted(k):
+  scores = np.random.default_rng(42).standard_normal((3, 4000)).astype(np.float32)
+  scores[1, ::7] = scores[1, 3]                                 # a row tied at many columns
+  expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  np.testing.assert_array_equal(score_pass_host.top_k(scores, k), expected)
