@@ -1,6 +1,8 @@
 """The score-matrix passes of both engines (score_pass on JAX, score_pass_host on the CPU's BLAS):
 one pass equals two, tiles, threads, devices, byte-lane counts, volume neighbours' tie rule."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -261,3 +263,19 @@ def test_top_k_of_wide_rows_where_the_partition_leaves_the_rest_unsorted(k):
   scores[1, ::7] = scores[1, 3]                                 # a row tied at many columns
   expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
   np.testing.assert_array_equal(score_pass_host.top_k(scores, k), expected)
+
+
+def test_jax_engine_asks_every_backend_for_full_float32_products():
+  """On GPUs and TPUs XLA's default float32 matmul may run in TF32 or bfloat16 passes, which
+  would round scores and move ranks: every product of embeddings (over D = 8 here) in the
+  compiled passes asks for HIGHEST precision (XLA:CPU is exact either way, so this reads the
+  lowered program). The 0/1 label overlaps (over L = 3) are exact at any precision."""
+  text, image = quantized_embeddings(37, 8, seed=5)
+  labels = (np.arange(37)[:, None] % 3 == np.arange(3)).astype(np.float32)
+  programs = [
+      jax.jit(lambda q, g: score_pass.rank_counts(q, g, block_size=8)).lower(text, image),
+      jax.jit(lambda x, l: score_pass.volume_neighbours(x, l, np.ones(37, bool), k=5,
+                                                        exclude_self=True)).lower(image, labels)]
+  for program in programs:
+    dots = [d for d in re.findall(r"dot_general.*", program.as_text()) if "tensor<8x" in d]
+    assert dots and all("precision = [HIGHEST, HIGHEST]" in dot for dot in dots), dots
