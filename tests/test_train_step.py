@@ -37,8 +37,10 @@ SEEN = []              # what the stand-in saw in training: (input_ids, view_a, 
 # --- The stand-in model ---------------------------------------------------------------------------
 
 class StandInImageTower(nn.Module):
-  """Pooled voxels -> Dense (no bias: BatchNorm follows) -> BatchNorm -> Dropout -> Dense.
-  Returns (embedding, the dropout mask applied)."""
+  """Pooled voxels -> Dense -> BatchNorm -> Dropout -> Dense. Returns (embedding, the dropout
+  mask applied). No Dense biases: neither has a gradient (BatchNorm follows the first; the
+  released loss is blind to a shift of every image embedding), and AdamW would turn their
+  float-noise gradients into lr-sized steps of either sign."""
   embed_dim: int
 
   @nn.compact
@@ -47,7 +49,7 @@ class StandInImageTower(nn.Module):
     hidden = nn.Dense(8, use_bias=False)(pooled)
     hidden = nn.BatchNorm(use_running_average=not train, momentum=0.5)(hidden)
     dropped = nn.Dropout(0.5, deterministic=not train)(hidden)
-    return nn.Dense(self.embed_dim)(dropped), (dropped == 0) & (hidden != 0)
+    return nn.Dense(self.embed_dim, use_bias=False)(dropped), (dropped == 0) & (hidden != 0)
 
 
 class StandIn(nn.Module):
@@ -100,7 +102,10 @@ def make_config(**overrides):
 
 
 def make_model(config):
-  return StandIn(losses.learnable_scalars(config.loss)["logit_scale"])
+  """The stand-in with the loss's initial logit_scale (released, which has none, reads no
+  scalar: the stand-in keeps one at log(1 / temperature) as a frozen parameter to check)."""
+  scalars = losses.learnable_scalars(config.loss)
+  return StandIn(scalars.get("logit_scale", math.log(1 / config.loss.temperature_init)))
 
 
 def make_mesh(data=2, fsdp=1, spatial=1):
@@ -234,18 +239,20 @@ def reference_steps(run, steps):
   results = []
   for s in range(steps):
     key = jax.random.fold_in(jax.random.key(7), s)
-    grads, micro_losses = [], []
+    grads, micro_losses, micro_contrastive = [], [], []
     for a in range(accum):
       micro = jax.tree.map(lambda x, a=a: x[a::accum], run.batch)
       grad, (metrics, stats) = grad_fn(params, fresh.frozen, stats, micro,
                                        jax.random.fold_in(key, a), a * (ROWS // accum))
       grads.append(grad)
       micro_losses.append(float(metrics["loss"]))
+      micro_contrastive.append(float(metrics["contrastive"]))
     grads = jax.tree.map(lambda *g: sum(g) / accum, *grads)
     updates, opt_state = jax.jit(tx.update)(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     results.append({"trainable": params, "batch_stats": stats, "grads": grads,
-                    "loss": np.mean(micro_losses), "seen": seen_by_micro_batch()})
+                    "loss": np.mean(micro_losses), "contrastive": np.mean(micro_contrastive),
+                    "seen": seen_by_micro_batch()})
   return results
 
 
@@ -289,10 +296,12 @@ def run():
 
 @pytest.fixture(scope="module")
 def one_view_run():
-  """One micro-batch (the default), one view, a fixed temperature, 2 devices (data = 2): one
-  step and its reference."""
+  """One micro-batch (the default), one view, the released loss (contrastive within each
+  device's rows: num_blocks = 2), the loss scalar frozen, 2 devices (data = 2): one step and
+  its reference."""
   config = make_config(**{"train.grad_accum_steps": 1, "train.batch_size_per_device": 2,
-                          "augment.two_views": False, "loss.learn_temperature": False})
+                          "augment.two_views": False, "loss.contrastive": "released",
+                          "loss.learn_temperature": False})
   run, state = start_run(config, make_mesh(data=2))
   _, _, run.taken = take_steps(run, state, 1)
   run.reference = reference_steps(run, 1)
@@ -439,7 +448,7 @@ def test_a_step_moves_the_trainable_params_and_never_the_frozen_ones(run):
       assert not np.allclose(tree_paths(state.trainable)[path], value), path
 
 
-def test_a_fixed_temperature_stays_at_its_initial_value_and_gets_no_optimizer_state(
+def test_a_fixed_loss_scalar_stays_at_its_initial_value_and_gets_no_optimizer_state(
     one_view_run):
   (state, _, _), = one_view_run.taken
   assert set(state.frozen) == {"text_encoder", "logit_scale"}
@@ -458,6 +467,7 @@ def test_step_metrics_are_the_micro_batch_mean_the_gradient_norm_and_the_learnin
                                                  rel=1e-4)
     assert metrics["lr"] == pytest.approx(float(schedule(s)))
     assert {"contrastive", "temperature", "accuracy_t2i"} <= set(metrics)
+    assert metrics["contrastive"] == pytest.approx(reference["contrastive"], rel=1e-4)
     assert (metrics["mse"] > 0) == bool(run.config.augment.two_views)
 
 
