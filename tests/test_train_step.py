@@ -326,7 +326,7 @@ def test_the_config_decides_what_is_frozen(contrastive, text_trainable, learn_te
   assert trainable == {k: v for k, v in params.items() if k not in frozen}
 
 
-def test_a_fresh_state_holds_the_model_init_with_optimizer_state_for_the_trainable_only(run):
+def check_a_fresh_state_holds_the_model_init_with_optimizer_state_for_the_trainable_only(run):
   fresh = run.fresh
   volume, tokens = jnp.zeros((1, *SHAPE, 1)), jnp.ones((1, TOKENS), jnp.int32)
   variables = jax.eval_shape(functools.partial(run.model.init, train=False),
@@ -345,7 +345,7 @@ def test_a_fresh_state_holds_the_model_init_with_optimizer_state_for_the_trainab
   np.testing.assert_array_equal(stats["image_encoder/BatchNorm_0/var"], 1.0)
 
 
-def test_pretrained_text_params_are_the_frozen_text_tower(run):
+def check_pretrained_text_params_are_the_frozen_text_tower(run):
   np.testing.assert_array_equal(run.fresh.frozen["text_encoder"]["embedding"],
                                 run.text["embedding"])
 
@@ -356,7 +356,7 @@ def described(tree, shardings):
           for path, leaf in tree_paths(tree).items()}
 
 
-def test_the_abstract_state_is_the_created_one_without_computing_it(run):
+def check_the_abstract_state_is_the_created_one_without_computing_it(run):
   """Shapes, dtypes and shardings (fsdp-sharded kernels included): what a restore targets."""
   abstract = train_step.abstract_train_state(run.model, run.tx, run.config, SHAPE, run.mesh,
                                              RULES)
@@ -418,28 +418,24 @@ def assert_same_sight(got, expected, rtol=1e-5, atol=1e-6):
     np.testing.assert_array_equal(got[name][2], dropped)
 
 
-@pytest.mark.parametrize("name", ["run", "one_view_run"])
-def test_each_micro_batch_sees_the_documented_views_and_dropout(name, request):
+def check_each_micro_batch_sees_the_documented_views_and_dropout(run):
   """Step s, micro-batch a: its rows, views from fold_in(fold_in(base, s), a) at first study
   index a * rows, dropout from the same key (see documented_micro_batch_loss)."""
-  run = request.getfixturevalue(name)
   for (_, _, seen), reference in zip(run.taken, run.reference):
     assert_same_sight(seen, reference["seen"])
 
 
-@pytest.mark.parametrize("name", ["run", "one_view_run"])
-def test_a_step_is_an_adamw_update_on_the_mean_micro_batch_gradient(name, request):
+def check_a_step_is_an_adamw_update_on_the_mean_micro_batch_gradient(run):
   """The jitted step's params and BatchNorm statistics after each step equal the reference's:
   hand AdamW (masked decay, the schedule's learning rate of each step) on the mean of the
   micro-batch gradients, statistics flowing from one micro-batch to the next."""
-  run = request.getfixturevalue(name)
   for s, ((state, _, _), reference) in enumerate(zip(run.taken, run.reference)):
     assert_trees_close(state.trainable, reference["trainable"], rtol=1e-4, atol=1e-6)
     assert_trees_close(state.batch_stats, reference["batch_stats"], rtol=1e-4)
     assert int(state.step) == s + 1
 
 
-def test_a_step_moves_the_trainable_params_and_never_the_frozen_ones(run):
+def check_a_step_moves_the_trainable_params_and_never_the_frozen_ones(run):
   fresh = run.fresh
   for state, _, _ in run.taken:
     assert_trees_close(state.frozen, fresh.frozen, rtol=0, atol=0)
@@ -448,18 +444,15 @@ def test_a_step_moves_the_trainable_params_and_never_the_frozen_ones(run):
       assert not np.allclose(tree_paths(state.trainable)[path], value), path
 
 
-def test_a_fixed_loss_scalar_stays_at_its_initial_value_and_gets_no_optimizer_state(
-    one_view_run):
-  (state, _, _), = one_view_run.taken
+def check_a_fixed_loss_scalar_stays_at_its_initial_value_and_gets_no_optimizer_state(run):
+  (state, _, _), = run.taken
   assert set(state.frozen) == {"text_encoder", "logit_scale"}
   assert float(state.params["logit_scale"]) == pytest.approx(math.log(1 / 0.07))
   assert not any("logit_scale" in path for path in tree_paths(state.opt_state))
 
 
-@pytest.mark.parametrize("name", ["run", "one_view_run"])
-def test_step_metrics_are_the_micro_batch_mean_the_gradient_norm_and_the_learning_rate(
-    name, request):
-  run = request.getfixturevalue(name)
+def check_step_metrics_are_the_micro_batch_mean_the_gradient_norm_and_the_learning_rate(
+    run):
   schedule = train_step.learning_rate_schedule(run.config.train, TOTAL_STEPS)
   for s, ((_, metrics, _), reference) in enumerate(zip(run.taken, run.reference)):
     assert metrics["loss"] == pytest.approx(reference["loss"], rel=1e-4)
@@ -471,7 +464,7 @@ def test_step_metrics_are_the_micro_batch_mean_the_gradient_norm_and_the_learnin
     assert (metrics["mse"] > 0) == bool(run.config.augment.two_views)
 
 
-def test_consecutive_steps_draw_new_augmentations_and_dropout_masks(run):
+def check_consecutive_steps_draw_new_augmentations_and_dropout_masks(run):
   """Over the same batch, step 1 must not replay step 0's views or dropout: a run that drew
   the same ones every step would see each study under one augmentation only."""
   (_, _, seen0), (_, _, seen1) = run.taken
@@ -482,7 +475,7 @@ def test_consecutive_steps_draw_new_augmentations_and_dropout_masks(run):
     assert np.abs(view_a - view_b).max() > 1e-3   # and the two views of a step differ
 
 
-def test_a_resumed_step_draws_what_the_uninterrupted_run_drew(run):
+def check_a_resumed_step_draws_what_the_uninterrupted_run_drew(run):
   """A resumed run holds the restored state (step count included) and the run's base key: its
   step 1 sees step 1's views and dropout, and ends where the uninterrupted run did."""
   (resumed, resumed_metrics, resumed_seen), = run.resumed
@@ -499,7 +492,7 @@ def test_the_step_key_is_fold_in_of_the_step_for_typed_and_raw_base_keys():
     np.testing.assert_array_equal(jax.random.key_data(train_step.step_key(base, 5)), expected)
 
 
-def test_the_jitted_step_donates_the_state_and_keeps_its_shardings(run):
+def check_the_jitted_step_donates_the_state_and_keeps_its_shardings(run):
   """The step reuses the state's buffers (XLA:CPU copies scalars: those may stay)."""
   assert all(leaf.is_deleted() for leaf in jax.tree.leaves(run.given) if leaf.ndim)
   state_shardings, metric_shardings = run.out_shardings
@@ -518,3 +511,39 @@ def test_the_abstract_batch_is_the_global_batch_the_pipeline_builds():
   for name, value in real.items():
     assert (abstract[name].shape, abstract[name].dtype) == (value.shape, value.dtype), name
     assert abstract[name].sharding == value.sharding, name
+
+
+# --- The two runs, checked ------------------------------------------------------------------------
+# One test per run: mutmut credits what a module fixture runs (the state, the steps) to the
+# first test that builds it and reruns only credited tests for a mutant, so the test that
+# builds a run makes every check of it.
+
+DEFAULT_RUN_CHECKS = (
+    check_a_fresh_state_holds_the_model_init_with_optimizer_state_for_the_trainable_only,
+    check_pretrained_text_params_are_the_frozen_text_tower,
+    check_the_abstract_state_is_the_created_one_without_computing_it,
+    check_each_micro_batch_sees_the_documented_views_and_dropout,
+    check_a_step_is_an_adamw_update_on_the_mean_micro_batch_gradient,
+    check_a_step_moves_the_trainable_params_and_never_the_frozen_ones,
+    check_step_metrics_are_the_micro_batch_mean_the_gradient_norm_and_the_learning_rate,
+    check_consecutive_steps_draw_new_augmentations_and_dropout_masks,
+    check_a_resumed_step_draws_what_the_uninterrupted_run_drew,
+    check_the_jitted_step_donates_the_state_and_keeps_its_shardings)
+
+ONE_VIEW_RUN_CHECKS = (
+    check_each_micro_batch_sees_the_documented_views_and_dropout,
+    check_a_step_is_an_adamw_update_on_the_mean_micro_batch_gradient,
+    check_step_metrics_are_the_micro_batch_mean_the_gradient_norm_and_the_learning_rate,
+    check_a_fixed_loss_scalar_stays_at_its_initial_value_and_gets_no_optimizer_state)
+
+
+def test_the_default_run_two_steps_and_a_resume(run):
+  """2 micro-batches, two views, the temperature learnt, fsdp-sharded kernels."""
+  for check in DEFAULT_RUN_CHECKS:
+    check(run)
+
+
+def test_the_one_view_released_loss_run(one_view_run):
+  """1 micro-batch, one view, the released loss, its scalar frozen."""
+  for check in ONE_VIEW_RUN_CHECKS:
+    check(one_view_run)
