@@ -42,12 +42,14 @@ class StandInImageTower(nn.Module):
   released loss is blind to a shift of every image embedding), and AdamW would turn their
   float-noise gradients into lr-sized steps of either sign."""
   embed_dim: int
+  batch_norm: bool = True
 
   @nn.compact
   def __call__(self, volume, train):
     pooled = volume.reshape(volume.shape[0], 8, -1).mean(-1)
     hidden = nn.Dense(8, use_bias=False)(pooled)
-    hidden = nn.BatchNorm(use_running_average=not train, momentum=0.5)(hidden)
+    if self.batch_norm:
+      hidden = nn.BatchNorm(use_running_average=not train, momentum=0.5)(hidden)
     dropped = nn.Dropout(0.5, deterministic=not train)(hidden)
     return nn.Dense(self.embed_dim, use_bias=False)(dropped), (dropped == 0) & (hidden != 0)
 
@@ -58,6 +60,7 @@ class StandIn(nn.Module):
   image = their mean (the fused embedding's place)."""
   logit_scale_init: float
   embed_dim: int = 4
+  batch_norm: bool = True   # False: no "batch_stats" collection (as the ViT tower)
 
   @nn.compact
   def __call__(self, view_a, view_b, input_ids, attention_mask, train=True):
@@ -66,7 +69,7 @@ class StandIn(nn.Module):
     out = {"text": (tokens * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0),
            "logit_scale": self.param("logit_scale", nn.initializers.constant(
                self.logit_scale_init), (), jnp.float32)}
-    tower = StandInImageTower(self.embed_dim, name="image_encoder")
+    tower = StandInImageTower(self.embed_dim, self.batch_norm, name="image_encoder")
     if view_b is None:
       out["image_a"], dropped = tower(view_a, train)
       out["image"] = out["image_a"]
@@ -348,6 +351,39 @@ def check_a_fresh_state_holds_the_model_init_with_optimizer_state_for_the_traina
 def check_pretrained_text_params_are_the_frozen_text_tower(run):
   np.testing.assert_array_equal(run.fresh.frozen["text_encoder"]["embedding"],
                                 run.text["embedding"])
+
+
+def test_the_state_gives_the_model_its_collections_as_init_made_them():
+  """variables(): {"params": trainable + frozen, "batch_stats"}, with no "batch_stats" for a
+  model without BatchNorm (what init gives it, and what checkpoints and loading expect);
+  variables(other) swaps in other trainable params (what the gradient differentiates)."""
+  make = lambda stats: train_step.TrainState(  # noqa: E731
+      step=0, trainable={"image_encoder": 1}, frozen={"text_encoder": 2}, batch_stats=stats,
+      opt_state=(), apply_fn=None, tx=None)
+  assert make({"image_encoder": 3}).variables() == {
+      "params": {"image_encoder": 1, "text_encoder": 2}, "batch_stats": {"image_encoder": 3}}
+  assert make({}).variables() == {"params": {"image_encoder": 1, "text_encoder": 2}}
+  assert make({}).variables({"image_encoder": 4}) == {
+      "params": {"image_encoder": 4, "text_encoder": 2}}
+  assert make({}).params == {"image_encoder": 1, "text_encoder": 2}
+
+
+def test_a_model_without_batchnorm_keeps_its_empty_statistics():
+  """No BatchNorm (the ViT tower): a micro-batch returns the state's empty batch_stats, so
+  the state keeps its structure step after step (traced only: jax.eval_shape)."""
+  config = make_config(**{"train.grad_accum_steps": 1, "train.batch_size_per_device": 4})
+  model = StandIn(2.0, batch_norm=False)
+  volume, tokens = jnp.zeros((1, *SHAPE, 1)), jnp.ones((1, TOKENS), jnp.int32)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             volume, volume, tokens, tokens)
+  assert set(variables) == {"params"}
+  trainable, frozen = train_step.split_params(variables["params"], {"text_encoder"})
+  state = train_step.TrainState(step=0, trainable=trainable, frozen=frozen, batch_stats={},
+                                opt_state=(), apply_fn=model.apply, tx=None)
+  loss = functools.partial(train_step.micro_batch_loss, config=config,
+                           model_input=SPEC.intensity, num_blocks=1)
+  _, (_, stats) = jax.eval_shape(loss, trainable, state, host_batch(), jax.random.key(0), 0)
+  assert stats == {}
 
 
 def described(tree, shardings):
