@@ -369,8 +369,9 @@ def test_the_state_gives_the_model_its_collections_as_init_made_them():
 
 
 def test_a_model_without_batchnorm_keeps_its_empty_statistics():
-  """No BatchNorm (the ViT tower): a micro-batch returns the state's empty batch_stats, so
-  the state keeps its structure step after step (traced only: jax.eval_shape)."""
+  """No BatchNorm (the ViT tower): a fresh state holds empty batch_stats and a micro-batch
+  returns them as they were, so the state keeps its structure step after step (traced only:
+  jax.eval_shape)."""
   config = make_config(**{"train.grad_accum_steps": 1, "train.batch_size_per_device": 4})
   model = StandIn(2.0, batch_norm=False)
   volume, tokens = jnp.zeros((1, *SHAPE, 1)), jnp.ones((1, TOKENS), jnp.int32)
@@ -384,6 +385,9 @@ def test_a_model_without_batchnorm_keeps_its_empty_statistics():
                            model_input=SPEC.intensity, num_blocks=1)
   _, (_, stats) = jax.eval_shape(loss, trainable, state, host_batch(), jax.random.key(0), 0)
   assert stats == {}
+  abstract = train_step.abstract_train_state(model, train_step.make_optimizer(config.train, 10),
+                                             config, SHAPE, make_mesh(), RULES)
+  assert abstract.batch_stats == {} and "batch_stats" not in abstract.variables()
 
 
 def described(tree, shardings):
