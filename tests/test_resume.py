@@ -5,6 +5,7 @@ damaged newest step gives way to the one before; a changed setup is refused nami
 difference. tests/test_train.py and tests/test_launch_train.py resume the real model.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -16,7 +17,8 @@ from medfinder_jax import config_utils
 from medfinder_jax import sharding
 from medfinder_jax import train
 from medfinder_jax import train_step
-from test_train_step import RULES, SHAPE, SPEC, TOTAL_STEPS, make_config, make_mesh, make_model
+from test_train_step import RULES, SHAPE, SPEC, TOTAL_STEPS, StandIn, make_config, make_mesh
+from test_train_step import make_model
 from test_train_step import tree_paths
 
 GLOBAL_BATCH = 4
@@ -90,6 +92,21 @@ def test_a_restart_holds_the_newest_saved_state_in_its_shardings(saved):
   assert meta["step"] == 4 and meta["checkpoint_path"].endswith(os.path.join("checkpoints", "4"))
   assert int(state.step) == 4 and state.step.dtype == np.int32
   assert_state_is(state, states[4], run)
+
+
+def test_a_model_without_batchnorm_restores_with_empty_statistics(tmp_path):
+  """As the ViT tower: no "batch_stats" collection in the checkpoint, and the restored state has
+  the fresh state's empty statistics (the same pytree, so the jitted step takes it)."""
+  config = make_config()
+  run = dataclasses.replace(make_run(config, tmp_path), model=StandIn(2.0, batch_norm=False))
+  manager = checkpoint.make_manager(checkpoint.checkpoint_dir(str(tmp_path)))
+  state = stepped_state(run, 2, seed=2)
+  assert state.batch_stats == {}
+  save_step(run, manager, state)
+  restored, _ = train.initial_state(run, manager)
+  manager.close()
+  assert restored.batch_stats == {}
+  assert_state_is(restored, jax.device_get(state), run)
 
 
 def test_a_damaged_newest_step_is_set_aside_and_the_one_before_restored(saved, capsys):
