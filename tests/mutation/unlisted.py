@@ -44,6 +44,8 @@ def main(name, results=None):
   if not match:
     sys.exit(f"equivalent.md has no '## {name}' section")
   names = listed(match.group(1))
+  if not os.path.exists(results):
+    sys.exit(f"{results}: no results yet (run tests/mutation/run.sh {name} first)")
   missing = []
   for line in open(results, encoding="utf-8"):
     mutant, _, status = line.strip().rpartition(": ")
