@@ -1,6 +1,8 @@
 """Importing the released code's saved PyTorch MedFinder (best_model.pt / checkpoint_epoch_N.pt) and the
 safety and error behaviour of state dict loading."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -197,6 +199,7 @@ def test_wrong_backbone_checkpoint_lists_the_mismatch(tmp_path):
   assert str(path) in message
   assert "missing keys" in message and "text_projection.bias" in message
   assert "wrongly shaped keys" in message and "visual_encoder.projection.weight" in message
+  assert re.search(r"^  \d+ wrongly shaped keys:$", message, re.M)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -257,3 +260,45 @@ def test_convert_tree_lists_every_missing_and_unexpected_key():
   assert "    dense.bias (for params/dense/bias (2,))" in lines
   assert "    norm.weight (for params/norm/scale (2,))" in lines
   assert "    head.weight" in lines and not any("num_batches_tracked" in l for l in lines)
+
+
+# --- Reading torch files (mutation testing) --------------------------------------------------------
+
+def test_a_refused_pickle_names_the_reader_error(tmp_path):
+  path = tmp_path / "evil.pt"
+  torch.save({"model_state_dict": {}, "payload": Payload()}, path)
+  with pytest.raises(convert_weights.WeightImportError,
+                     match=r"evil.pt: not a PyTorch state dict readable with weights_only=True "
+                           r"\(UnpicklingError: "):
+    convert_weights.load_state_dict(str(path))
+
+
+def test_torch_files_load_onto_the_cpu_with_weights_only(tmp_path, monkeypatch):
+  """A checkpoint saved on a GPU must load on a host without one, and never run pickled code."""
+  path = tmp_path / "best_model.pt"
+  torch.save({"w": torch.ones(2)}, path)
+  seen = {}
+  load = torch.load
+  monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.update(kw) or load(*a, **kw))
+  convert_weights.load_state_dict(str(path))
+  assert seen == {"map_location": "cpu", "weights_only": True}
+
+
+@pytest.mark.parametrize("saved, found", [({1: torch.ones(2)}, "dict"), ([torch.ones(2)], "list")])
+def test_a_file_that_is_not_a_state_dict_says_what_it_holds(tmp_path, saved, found):
+  path = tmp_path / "weights.pt"
+  torch.save(saved, path)
+  with pytest.raises(convert_weights.WeightImportError,
+                     match=rf"weights.pt: expected a state dict \(names -> tensors\), found "
+                           rf"{found}$"):
+    convert_weights.load_state_dict(str(path))
+
+
+def test_parameters_half_floats_and_plain_numbers_become_numpy(tmp_path):
+  path = tmp_path / "weights.pt"
+  torch.save({"w": torch.nn.Parameter(torch.ones(2, 3)), "h": torch.ones(4, dtype=torch.float16),
+              "step": 3}, path)
+  state = convert_weights.load_state_dict(str(path))
+  assert state["w"].dtype == np.float32 and state["w"].shape == (2, 3)
+  assert state["h"].dtype == np.float32
+  assert state["step"] == 3 and isinstance(state["step"], np.ndarray)
