@@ -94,6 +94,15 @@ def test_a_restart_holds_the_newest_saved_state_in_its_shardings(saved):
   assert_state_is(state, states[4], run)
 
 
+def test_a_restart_on_another_mesh_holds_the_state_in_the_new_meshs_shardings(saved):
+  """Saved with fsdp = 2, resumed with data = 2: every leaf is placed as the new run's abstract
+  state says (replicated where it was split), not where it was saved."""
+  run, manager, states = saved
+  moved = dataclasses.replace(run, mesh=make_mesh(data=2, fsdp=1))
+  state, _ = train.initial_state(moved, manager)
+  assert_state_is(state, states[4], moved)
+
+
 def test_a_model_without_batchnorm_restores_with_empty_statistics(tmp_path):
   """As the ViT tower: no "batch_stats" collection in the checkpoint, and the restored state has
   the fresh state's empty statistics (the same pytree, so the jitted step takes it)."""
