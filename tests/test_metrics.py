@@ -16,6 +16,7 @@ from medfinder_jax import score_pass
 from medfinder_jax import score_pass_host
 from medfinder_jax import zeroshot
 from conftest import RANK_ENGINES, quantized_embeddings
+from test_zeroshot import reference_probabilities
 
 
 def released_compute_metrics(similarities):
@@ -360,6 +361,15 @@ def test_chance_levels_are_those_of_a_random_ranking():
   assert metrics.chance_levels(4)["R@10"] == 100.0
 
 
+def eval_config(**changes):
+  """Config `eval` of configs/default.py, with `changes` set."""
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config().eval
+  for key, value in changes.items():
+    config[key] = value
+  return config
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("ties", "median", "eval.ties='median'"),
     ("recall_ks", (1, 0), "eval.recall_ks=(1, 0)"),
@@ -373,17 +383,16 @@ def test_chance_levels_are_those_of_a_random_ranking():
     ("volume_retrieval.gallery", "some", "eval.volume_retrieval.gallery='some'"),
     ("bootstrap_samples", -1, "--bootstrap must be 0")])
 def test_unusable_eval_settings_name_the_field(field, value, message):
-  from configs import default  # pylint: disable=import-outside-toplevel
-  eval_config = default.get_config().eval
-  metrics.MetricSettings.from_config(eval_config)
+  config = eval_config()
+  metrics.MetricSettings.from_config(config)
   *parents, name = field.split(".")
-  section = eval_config
+  section = config
   for parent in parents:
     section = section[parent]
   with section.ignore_type():
     section[name] = value
   with pytest.raises(metrics.SettingsError, match=re.escape(message)):
-    metrics.MetricSettings.from_config(eval_config)
+    metrics.MetricSettings.from_config(config)
 
 
 def test_an_embedding_set_with_keywords_derives_relevance_from_reports():
@@ -521,12 +530,6 @@ def zeroshot_set(**extra):
   return interchange.validate({k: v for k, v in fields.items() if v is not None})
 
 
-def reference_probabilities(image, prompts, scale):
-  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-  logits = scale * np.einsum("nd,lsd->nls", unit(image), unit(prompts))
-  return np.exp(logits[..., 0]) / np.exp(logits).sum(axis=-1)
-
-
 def test_zeroshot_scores_use_the_files_similarity_scale_or_one_without_it():
   embeddings = zeroshot_set(logit_scale=np.float32(14.0))
   np.testing.assert_allclose(metrics.zeroshot_scores(embeddings), reference_probabilities(
@@ -658,14 +661,6 @@ def test_bootstrap_intervals_are_percentiles_of_the_metrics_of_resampled_queries
 
 # --- Settings from the config, and embedding_metrics forwarding them (mutation testing) -----------
 
-def eval_config(**changes):
-  from configs import default  # pylint: disable=import-outside-toplevel
-  config = default.get_config().eval
-  for key, value in changes.items():
-    config[key] = value
-  return config
-
-
 def test_settings_from_config_read_every_eval_field():
   config = eval_config(recall_ks=(1, 3), keyword_topk=(2,), ties="worst", bootstrap_samples=7,
                        ci_level=0.8, gallery="scan", rank_engine="host")
@@ -726,7 +721,7 @@ def test_embedding_metrics_forward_every_setting_to_each_section():
   given = interchange.validate(dict(embeddings.fields(), keyword_relevance=~relevance))
   with_file, _ = metrics.embedding_metrics(given, settings)
   assert with_file["keyword_relevance_from"] == "file"
-  assert with_file["keywords"]["effusion"]["n_relevant"] == 5 and relevance.sum() == 5
+  assert with_file["keywords"]["effusion"]["n_relevant"] == (~relevance).sum()
   assert with_file["keywords"] != result["keywords"]
   kept_out, _ = metrics.embedding_metrics(embeddings, metrics.MetricSettings(volume_ks=(2,)))
   assert kept_out["volume_retrieval"] == metrics.volume_retrieval(

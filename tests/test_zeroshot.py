@@ -127,15 +127,23 @@ def test_bootstrap_intervals_are_seeded_and_hold_the_point_estimate():
   assert first["ci"] == {"level": 0.95, "samples": 200, "seed": 3}
 
 
+def prompt_cosines(image, prompts):
+  """(N, L, 2) cosines of each image with each label's (positive, negative) prompt."""
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  return np.einsum("nd,lsd->nls", unit(image), unit(prompts))
+
+
+def reference_probabilities(image, prompts, scale):
+  """The softmax over (positive, negative) of the scaled cosines, at the positive."""
+  logits = scale * prompt_cosines(image, prompts)
+  return np.exp(logits[..., 0]) / np.exp(logits).sum(axis=-1)
+
+
 def test_probability_is_the_softmax_of_the_scaled_prompt_similarities():
   rng = np.random.default_rng(9)
   image, prompts = rng.normal(size=(6, 8)), rng.normal(size=(3, 2, 8))
   got = zeroshot.probabilities(image, prompts, scale=20.0)
-  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-  cosine = np.einsum("nd,lsd->nls", unit(image), unit(prompts))
-  logits = 20.0 * cosine
-  expected = np.exp(logits[..., 0]) / np.exp(logits).sum(axis=-1)
-  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  np.testing.assert_allclose(got, reference_probabilities(image, prompts, 20.0), rtol=1e-5)
 
 
 def test_prompt_ensembling_averages_normalized_embeddings():
@@ -404,6 +412,5 @@ def test_probabilities_are_float32_and_saturate_without_overflow_at_a_huge_scale
   assert zeroshot.probabilities(image, prompts, scale=20.0).dtype == np.float32
   with np.errstate(over="raise"):   # exp must not overflow: the clip keeps it finite
     saturated = zeroshot.probabilities(image, prompts, scale=1e6)
-  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-  cosine = np.einsum("nd,lsd->nls", unit(image), unit(prompts))
+  cosine = prompt_cosines(image, prompts)
   np.testing.assert_array_equal(saturated, (cosine[..., 0] > cosine[..., 1]).astype(np.float32))
