@@ -5,7 +5,8 @@ The released code counted a study as relevant when the keyword was a substring o
 at least one mention of it is affirmed. Rules (NegEx-style, for English radiology reports):
 
 - Matching is case-insensitive on whole words, with inflections of the last word: plurals
-  (effusion/effusions, nodule/nodules, adenopathy/adenopathies, atelectasis/atelectases) and the
+  (effusion/effusions, nodule/nodules, adenopathy/adenopathies, atelectasis/atelectases,
+  sinus/sinuses), whichever of the two the keyword is given in, and the
   -asis/-osis adjectives (atelectatic, fibrotic). Single-word keywords of 6+ letters also match as
   the end of a compound (lymphadenopathy for adenopathy, micronodules for nodule).
 - A report is split into sentences (. ! ? ; : and line breaks, not decimal points) and sentences
@@ -48,10 +49,10 @@ _POST_WINDOW_WORDS = 8
 
 
 def _singular(word):
-  """A plural keyword ("nodules", "masses", "adenopathies") to its singular."""
+  """A plural keyword ("nodules", "masses", "adenopathies", "sinuses") to its singular."""
   if word.endswith("ies"):
     return word[:-3] + "y"
-  if word.endswith(("sses", "xes", "ches", "shes")):
+  if word.endswith(("sses", "uses", "xes", "ches", "shes")):
     return word[:-2]
   if word.endswith("s") and not word.endswith(("ss", "is", "us")):
     return word[:-1]
