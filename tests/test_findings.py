@@ -138,7 +138,8 @@ def test_mentions_give_each_mention_in_place_with_its_negation():
   assert findings.mentions(report, "effusion") == [(3, 11, True), (24, 32, False)]
   assert findings.mentions(report, "nodule") == [(64, 70, False), (72, 79, True)]
   assert [report[s:e] for s, e, _ in findings.mentions(report, "nodule")] == ["nodule", "nodules"]
-  assert findings.mentions("", "nodule") == [] and findings.mentions(None, "nodule") == []
+  for missing in ("", None, float("nan")):
+    assert findings.mentions(missing, "nodule") == []
 
 
 @pytest.mark.parametrize("report,keyword", NEGATED + STATED + UNRELATED,
