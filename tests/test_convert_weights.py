@@ -1,6 +1,8 @@
 """Importing the released code's saved PyTorch MedFinder (best_model.pt / checkpoint_epoch_N.pt) and the
 safety and error behaviour of state dict loading."""
 
+import json
+import os
 import re
 
 import jax
@@ -302,3 +304,132 @@ def test_parameters_half_floats_and_plain_numbers_become_numpy(tmp_path):
   assert state["w"].dtype == np.float32 and state["w"].shape == (2, 3)
   assert state["h"].dtype == np.float32
   assert state["step"] == 3 and isinstance(state["step"], np.ndarray)
+
+
+# --- Single towers: HF BERT folders, MONAI networks --------------------------------------------
+
+def hf_bert(**config):
+  """A tiny transformers BertModel (seeded) and its state dict as numpy."""
+  torch.manual_seed(0)
+  model = transformers.BertModel(transformers.BertConfig(**{**TINY_BERT, **config}))
+  return model, {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def test_hf_bert_weights_land_on_our_leaves_in_our_layout():
+  _, state = hf_bert()
+  params = convert_weights.import_hf_bert(
+      state, convert_weights.bert_template(bert.BertConfig(**TINY_BERT)))["params"]
+  np.testing.assert_array_equal(params["embeddings"]["word_embeddings"]["embedding"],
+                                state["embeddings.word_embeddings.weight"])
+  np.testing.assert_array_equal(params["embeddings"]["LayerNorm"]["scale"],
+                                state["embeddings.LayerNorm.weight"])
+  for layer in (0, 1):   # each HF layer to its own Flax layer; Linear weights transposed
+    ours = params["encoder"][f"layer_{layer}"]
+    np.testing.assert_array_equal(ours["attention"]["self"]["query"]["kernel"],
+                                  state[f"encoder.layer.{layer}.attention.self.query.weight"].T)
+    np.testing.assert_array_equal(ours["output"]["dense"]["bias"],
+                                  state[f"encoder.layer.{layer}.output.dense.bias"])
+  np.testing.assert_array_equal(params["pooler"]["dense"]["kernel"],
+                                state["pooler.dense.weight"].T)
+  # Every tensor of the checkpoint is used, once.
+  leaves = jax.tree.leaves(params)
+  assert len(leaves) == len(state)
+  assert sum(leaf.size for leaf in leaves) == sum(v.size for v in state.values())
+
+
+def test_pretraining_checkpoint_names_import_as_the_bert_model_ones():
+  """BioBERT-style checkpoints: keys under `bert.`, TF-era LayerNorm gamma/beta, and the
+  pre-training heads (`cls.`), which carry nothing the text tower uses."""
+  _, state = hf_bert()
+  tf_name = lambda k: re.sub(r"LayerNorm\.bias$", "LayerNorm.beta",  # noqa: E731
+                             re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", k))
+  pretraining = {f"bert.{tf_name(k)}": v for k, v in state.items()}
+  pretraining["cls.predictions.bias"] = np.zeros(TINY_BERT["vocab_size"], np.float32)
+  template = convert_weights.bert_template(bert.BertConfig(**TINY_BERT))
+  want = convert_weights.import_hf_bert(state, template)
+  got = convert_weights.import_hf_bert(pretraining, template)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("importer,source", [(convert_weights.import_monai_resnet, "MONAI ResNet"),
+                                             (convert_weights.import_monai_vit, "MONAI ViT"),
+                                             (convert_weights.import_hf_bert, "HF BERT")])
+def test_a_tower_mismatch_names_the_kind_of_checkpoint(importer, source):
+  template = {"params": {"dense": {"kernel": np.zeros((3, 2), np.float32)}}}
+  with pytest.raises(convert_weights.WeightImportError,
+                     match=rf"^{source}: state dict does not match the model: 1 missing keys"):
+    importer({}, template)
+
+
+def write_bert_folder(folder, weights="model.safetensors", **config):
+  """A local HF BERT folder: config.json as transformers writes it, and one weights file
+  (safetensors, or a torch-saved state dict as older HF releases ship)."""
+  model, _ = hf_bert(**config)
+  if weights.endswith(".safetensors"):
+    model.save_pretrained(folder)
+  else:
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), os.path.join(folder, weights))
+  assert os.listdir(folder) and os.path.isfile(os.path.join(folder, weights))
+  return model
+
+
+def test_a_local_bert_folder_gives_its_config_and_weights(tmp_path):
+  for weights in convert_weights.text_lib.WEIGHT_FILES:
+    folder = str(tmp_path / weights.replace(".", "_"))
+    model = write_bert_folder(folder, weights)
+    config, params = convert_weights.load_hf_bert(folder)
+    assert config == bert.BertConfig(**TINY_BERT)
+    np.testing.assert_array_equal(params["embeddings"]["position_embeddings"]["embedding"],
+                                  model.embeddings.position_embeddings.weight.detach().numpy())
+    assert jax.tree.map(np.shape, params) == jax.tree.map(
+        np.shape, convert_weights.bert_template(config)["params"])
+
+
+def test_the_safetensors_file_is_preferred_and_a_folder_without_weights_is_named(tmp_path):
+  folder = str(tmp_path)
+  for name in ("pytorch_model.bin", "model.safetensors"):
+    (tmp_path / name).write_bytes(b"")
+    assert convert_weights.bert_weights_file(folder) == os.path.join(folder, name)
+  os.remove(tmp_path / "model.safetensors")
+  os.remove(tmp_path / "pytorch_model.bin")
+  with pytest.raises(convert_weights.text_lib.TextModelError,
+                     match=rf"^{re.escape(folder)}: no model.safetensors or pytorch_model.bin$"):
+    convert_weights.bert_weights_file(folder)
+
+
+def test_a_weights_file_that_does_not_fit_the_config_is_named(tmp_path):
+  folder = str(tmp_path)
+  write_bert_folder(folder)
+  with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+    values = json.load(f)
+  with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({**values, "num_hidden_layers": 3}, f)
+  with pytest.raises(convert_weights.WeightImportError,
+                     match=rf"^{re.escape(os.path.join(folder, 'model.safetensors'))}: state dict "
+                           r"does not match the model: \d+ missing keys"):
+    convert_weights.load_hf_bert(folder)
+
+
+@pytest.mark.parametrize("content,error", [
+    (None, r"config.json: cannot read a BERT config \(.*No such file"),
+    ("{not json", r"config.json: cannot read a BERT config \(Expecting property name"),
+    (json.dumps({**TINY_BERT, "model_type": "roberta"}),
+     r"config.json: model_type 'roberta', expected 'bert'$"),
+])
+def test_a_bert_config_that_is_missing_unreadable_or_not_bert_is_named(tmp_path, content, error):
+  if content is not None:
+    (tmp_path / "config.json").write_text(content)
+  with pytest.raises(convert_weights.text_lib.TextModelError,
+                     match=rf"^{re.escape(str(tmp_path))}/{error}"):
+    convert_weights.load_bert_config(str(tmp_path))
+
+
+def test_a_bert_config_without_model_type_is_read_as_bert(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({**TINY_BERT, "unknown_key": 1}))
+  assert convert_weights.load_bert_config(str(tmp_path)) == bert.BertConfig(**TINY_BERT)
+  (tmp_path / "config.json").write_text(json.dumps({**TINY_BERT, "hidden_act": "swish"}))
+  with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path))}/config.json: hidden_act"):
+    convert_weights.load_bert_config(str(tmp_path))
