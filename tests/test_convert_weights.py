@@ -353,6 +353,41 @@ def test_pretraining_checkpoint_names_import_as_the_bert_model_ones():
     np.testing.assert_array_equal(a, b)
 
 
+def monai_tower(backbone):
+  """(the MONAI image network of a tiny released model as a numpy state dict, our image tower's
+  variables template)."""
+  encoder = released_model(*TINY, backbone).visual_encoder.encoder
+  full = template(our_model(*TINY, fusion=False, backbone=backbone))
+  return ({k: v.detach().numpy() for k, v in encoder.state_dict().items()},
+          {c: tree["image_encoder"] for c, tree in full.items() if "image_encoder" in tree})
+
+
+def test_a_monai_resnet_gives_our_resnet_its_weights_and_statistics():
+  state, tower = monai_tower("resnet50")
+  variables = convert_weights.import_monai_resnet(state, tower)
+  np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"],
+                                np.transpose(state["conv1.weight"], (2, 3, 4, 1, 0)))
+  np.testing.assert_array_equal(variables["params"]["layer1"]["block0"]["bn1"]["scale"],
+                                state["layer1.0.bn1.weight"])
+  np.testing.assert_array_equal(variables["batch_stats"]["layer1"]["block0"]["bn1"]["mean"],
+                                state["layer1.0.bn1.running_mean"])
+  used = [k for k in state if not k.endswith("num_batches_tracked")]
+  assert len(jax.tree.leaves(variables)) == len(used)
+  assert sum(x.size for x in jax.tree.leaves(variables)) == sum(state[k].size for k in used)
+
+
+def test_a_monai_vit_gives_our_vit_its_weights():
+  state, tower = monai_tower("vit")
+  params = convert_weights.import_monai_vit(state, tower)["params"]
+  np.testing.assert_array_equal(params["position_embeddings"],
+                                state["patch_embedding.position_embeddings"])
+  np.testing.assert_array_equal(params["block1"]["attn"]["qkv"]["kernel"],
+                                state["blocks.1.attn.qkv.weight"].T)
+  used = [k for k in state if ".norm_cross_attn." not in k]   # created by MONAI, never used
+  assert len(jax.tree.leaves(params)) == len(used)
+  assert sum(x.size for x in jax.tree.leaves(params)) == sum(state[k].size for k in used)
+
+
 @pytest.mark.parametrize("importer,source", [(convert_weights.import_monai_resnet, "MONAI ResNet"),
                                              (convert_weights.import_monai_vit, "MONAI ViT"),
                                              (convert_weights.import_hf_bert, "HF BERT")])
