@@ -4,6 +4,10 @@ Every kernel reads a batch of replicates as draw counts `counts` (N items x R re
 rows contiguous), walks the items once in a metric's sorted order and keeps R running totals, so
 a batch costs one pass over N x R small integers with no N x R temporaries. Kernels release the
 GIL: bootstrap.run_replicates runs batches on threads.
+
+Each kernel is written as a plain Python function (`_<name>_py`) and compiled by a call, not
+a decorator: mutation testing skips decorated functions, and with NUMBA_DISABLE_JIT=1 the same
+source runs as Python (tests/mutation/run.sh bootstrap_kernels).
 """
 
 import numba
@@ -13,16 +17,21 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _UNIT = 1.0 / 9007199254740992.0   # 2**-53
 
 
-@numba.njit(nogil=True, cache=True)
-def _mix64(z):
+def _compile(kernel):
+  return numba.njit(nogil=True, cache=True)(kernel)
+
+
+def _mix64_py(z):
   """SplitMix64's output function: a bijective 64-bit hash."""
   z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
   z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
   return z ^ (z >> np.uint64(31))
 
 
-@numba.njit(nogil=True, cache=True)
-def draw_counts(seed, first, counts):
+_mix64 = _compile(_mix64_py)
+
+
+def _draw_counts_py(seed, first, counts):
   """Fill counts (R, N), zeros on entry, with replicate first + r's draw counts in row r.
 
   Replicate r draws N items uniformly with replacement from a SplitMix64 stream keyed by
@@ -42,8 +51,10 @@ def draw_counts(seed, first, counts):
   return True
 
 
-@numba.njit(nogil=True, cache=True)
-def rank_totals(counts, order, ranks, hits, middle, out_hits, out_rank_sum, out_median):
+draw_counts = _compile(_draw_counts_py)
+
+
+def _rank_totals_py(counts, order, ranks, hits, middle, out_hits, out_rank_sum, out_median):
   """Per direction m and replicate c: Σ count·hits_k, Σ count·rank and the median rank.
 
   order (M, N): items by ascending rank; ranks (M, N) and hits (M, K, N) in that order; middle:
@@ -76,8 +87,10 @@ def rank_totals(counts, order, ranks, hits, middle, out_hits, out_rank_sum, out_
       out_median[m, c] = 0.5 * (low[c] + high[c])
 
 
-@numba.njit(nogil=True, cache=True)
-def precision_totals(counts, order, relevant, ks, out):
+rank_totals = _compile(_rank_totals_py)
+
+
+def _precision_totals_py(counts, order, relevant, ks, out):
   """Relevant copies among the top K of each resampled gallery: out (Q, K, R).
 
   order (Q, N): gallery items, best first; relevant (Q, N) in that order. An item drawn w times
@@ -103,8 +116,10 @@ def precision_totals(counts, order, relevant, ks, out):
         break
 
 
-@numba.njit(nogil=True, cache=True)
-def label_totals(counts, order, positive, group_end, cut, out):
+precision_totals = _compile(_precision_totals_py)
+
+
+def _label_totals_py(counts, order, positive, group_end, cut, out):
   """One label's weighted Mann-Whitney and confusion counts for R replicates: out (5, R) =
   (2U, positive weight, negative weight, positive weight below cut, negative weight below cut).
 
@@ -156,3 +171,6 @@ def label_totals(counts, order, positive, group_end, cut, out):
   out[0, :] = twice_u
   out[1, :] = pos
   out[2, :] = neg
+
+
+label_totals = _compile(_label_totals_py)

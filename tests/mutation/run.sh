@@ -3,7 +3,8 @@
 #
 # NAME is a row of tests/mutation/modules.txt: its source file is mutated and every mutant runs
 # against that row's test files only (the tests that reach the mutated function, as mutmut
-# measured on the clean code). The work happens in a copy of the repository under
+# measured on the clean code); words of the row like NAME=VALUE are set in their environment.
+# The work happens in a copy of the repository under
 # .mutation/NAME/ (git-ignored), so the working tree is never modified and a rerun resumes:
 # results stand for unchanged functions; new tests are detected and measured; name mutants
 # (globs such as 'medfinder_jax.train_step.x_step_key*') to run just those again.
@@ -25,6 +26,11 @@ shift
 row=$(awk -v n="$name" '$1 == n' tests/mutation/modules.txt)
 [ -n "$row" ] || { echo "unknown module $name; one of:"; awk '!/^#/ && NF {print "  " $1}' tests/mutation/modules.txt; exit 2; }
 read -r _ source tests <<<"$row"
+# Words of the row such as NUMBA_DISABLE_JIT=1 are set in the environment of the tests.
+args=()
+for word in $tests; do
+  if [[ $word =~ ^[A-Z_][A-Z0-9_]*= ]]; then export "${word?}"; else args+=("$word"); fi
+done
 
 work=${MUTATION_WORK:-"$root/.mutation/$name"}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-"$root/.mutation/jax_cache"}
@@ -37,7 +43,7 @@ git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$
   echo "source_paths ="; printf '    %s\n' medfinder_jax data_prep
   echo "only_mutate = $source"
   echo "also_copy ="; printf '    %s\n' configs launch.py pytest.ini benchmarks docs
-  echo "pytest_add_cli_args_test_selection ="; printf '    %s\n' $tests
+  echo "pytest_add_cli_args_test_selection ="; printf '    %s\n' "${args[@]}"
   echo "process_isolation = forkserver"
   echo "timeout_multiplier = 4.0"
   echo "timeout_constant = ${MUTATION_TIMEOUT_S:-30}"
