@@ -64,8 +64,10 @@ def test_rank_totals_are_each_replicates_hits_rank_sum_and_median():
   ranks = np.stack([rng.integers(1, 40, n), rng.integers(1, 5, n)])     # the second heavily tied
   order = np.argsort(ranks, axis=1, kind="stable")
   sorted_ranks = np.ascontiguousarray(np.take_along_axis(ranks, order, axis=1))
-  hits = np.ascontiguousarray(np.stack([[(sorted_ranks[m] <= k).astype(np.float64) for k in ks]
-                                        for m in range(2)]))
+  # Hits in [0, 1]: 0/1, or under the "mid" tie rule the chance of being in the top K
+  # (quarters here, so that every sum is exact).
+  hits = np.ascontiguousarray(np.stack([[(sorted_ranks[0] <= k).astype(np.float64) for k in ks],
+                                        rng.integers(0, 5, (len(ks), n)) / 4.0]))
   for total in (n, n - 1):          # an odd and an even number of draws: one or two middles
     counts = random_counts(n, replicates, seed=total)
     if total != n:
@@ -79,7 +81,10 @@ def test_rank_totals_are_each_replicates_hits_rank_sum_and_median():
       for c in range(replicates):
         drawn = expanded(ranks[m], counts[:, c])
         assert len(drawn) == total
-        np.testing.assert_array_equal(out_hits[m, :, c], [np.sum(drawn <= k) for k in ks])
+        weights = counts[order[m], c].astype(np.int64)          # in rank order, like hits
+        np.testing.assert_array_equal(out_hits[m, :, c], hits[m] @ weights)
+        if m == 0:
+          np.testing.assert_array_equal(out_hits[m, :, c], [np.sum(drawn <= k) for k in ks])
         assert out_sum[m, c] == drawn.sum()
         assert out_median[m, c] == np.median(drawn)
 
@@ -89,14 +94,15 @@ def test_precision_totals_count_relevant_copies_in_each_resampled_top_k():
   rng = np.random.default_rng(2)
   order = np.stack([rng.permutation(n) for _ in range(queries)])
   relevant = rng.random((queries, n)) < 0.3                   # in `order`'s order
-  ks = np.array([1, 5, 10, 60], np.int64)                     # 60: more places than draws
   counts = random_counts(n, replicates, seed=3)
-  out = np.zeros((queries, len(ks), replicates))
-  kernels.precision_totals(counts, np.ascontiguousarray(order), relevant, ks, out)
-  for q in range(queries):
-    for c in range(replicates):
-      ranking = expanded(relevant[q], counts[order[q], c])    # the resampled gallery, best first
-      np.testing.assert_array_equal(out[q, :, c], [ranking[:k].sum() for k in ks])
+  # 60: more places than draws, so every walk goes to the end; up to 10, walks stop early.
+  for ks in (np.array([1, 5, 10, 60], np.int64), np.array([1, 5, 10], np.int64)):
+    out = np.zeros((queries, len(ks), replicates))
+    kernels.precision_totals(counts, np.ascontiguousarray(order), relevant, ks, out)
+    for q in range(queries):
+      for c in range(replicates):
+        ranking = expanded(relevant[q], counts[order[q], c])  # the resampled gallery, best first
+        np.testing.assert_array_equal(out[q, :, c], [ranking[:k].sum() for k in ks])
 
 
 def tied_scores(n, rng):
