@@ -3,12 +3,12 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from data_prep import schema
 from medfinder_jax import checkpoint
-from medfinder_jax import loading
 from medfinder_jax import train_step
 
 SPEC = schema.DatasetSpec(directory="/data/tiny",
@@ -17,17 +17,33 @@ SPEC = schema.DatasetSpec(directory="/data/tiny",
                           label_columns=("findings",))
 
 
+def variables_tree(seed):
+  """Random variables in the model's top-level layout (checkpoint.py only sees a pytree): image
+  tower kernels and norms, a bfloat16 projection, the frozen text tower, the loss scalar and
+  the ResNet's BatchNorm statistics."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape, dtype=jnp.float32: jnp.asarray(  # noqa: E731
+      rng.standard_normal(shape, dtype=np.float32), dtype=dtype)
+  params = {"image_encoder": {"conv1": {"kernel": normal(3, 3, 3, 1, 4)},
+                              "bn1": {"scale": normal(4), "bias": normal(4)}},
+            "image_projection": {"kernel": normal(4, 8, dtype=jnp.bfloat16), "bias": normal(8)},
+            "text_encoder": {"embeddings": {"embedding": normal(10, 8)}},
+            "logit_scale": normal()}
+  stats = {"bn1": {"mean": normal(4), "var": jnp.abs(normal(4))}}
+  return {"params": params, "batch_stats": {"image_encoder": stats}}
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A tiny model's variables (loss scalars included), the optimizer state of its trainable
-  part after one update, and the config."""
+def trained():
+  """Variables in the model's layout (loss scalars included), the optimizer state of their
+  trainable part after one update, and the tiny config (saved in the meta)."""
   from conftest import make_tiny_config  # pylint: disable=import-outside-toplevel
   config = make_tiny_config()
-  model, variables = loading.init_model(config, config.data.shape, jax.random.key(0))
+  variables = variables_tree(0)
   trainable, _ = train_step.split_params(variables["params"], train_step.frozen_keys(config))
   tx = train_step.make_optimizer(config.train, total_steps=10)
-  _, opt_state = tx.update(jax.tree.map(np.ones_like, trainable), tx.init(trainable), trainable)
-  return config, model, variables, opt_state
+  one_update = jax.jit(lambda p: tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)[1])
+  return config, variables, one_update(trainable)
 
 
 def meta_for(config, step, r10=None):
@@ -40,7 +56,7 @@ def meta_for(config, step, r10=None):
 
 def write_steps(directory, trained, scores, keep=2):
   """Saves one checkpoint per (step, val R@10 or None) and returns the manager's steps."""
-  config, _, variables, opt_state = trained
+  config, variables, opt_state = trained
   manager = checkpoint.make_manager(directory, keep=keep)
   for step, r10 in scores:
     metrics = None if r10 is None else {checkpoint.BEST_METRIC: r10}
@@ -74,7 +90,7 @@ def on_one_device(tree):
 
 
 def test_the_best_step_is_read_by_default_and_any_step_on_request(tmp_path, trained):
-  config, _, variables, _ = trained
+  config, variables, _ = trained
   write_steps(checkpoint.checkpoint_dir(str(tmp_path)), trained,
               [(1, 10.0), (2, 75.0), (3, 5.0)], keep=3)
   meta = checkpoint.read_meta(str(tmp_path))
@@ -97,7 +113,7 @@ def test_without_validated_steps_the_latest_is_loaded(tmp_path, trained):
 
 
 def test_train_state_round_trips_exactly_including_the_optimizer(tmp_path, trained):
-  config, _, variables, opt_state = trained
+  config, variables, opt_state = trained
   directory = checkpoint.checkpoint_dir(str(tmp_path))
   write_steps(directory, trained, [(7, None)])
   manager = checkpoint.make_manager(directory)
@@ -112,6 +128,7 @@ def test_train_state_round_trips_exactly_including_the_optimizer(tmp_path, train
   assert jax.tree.structure(got_opt) == jax.tree.structure(opt_state)
   for got, want in zip(jax.tree.leaves((got_vars, got_opt)),
                        jax.tree.leaves((variables, opt_state))):
+    assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
   assert meta["step"] == 7 and meta["batches_consumed"] == 7 and meta["seed"] == 42
   assert meta["rng_key_data"] == [int(x) for x in jax.random.key_data(jax.random.key(42))]
@@ -135,7 +152,7 @@ def test_a_checkpoint_of_another_format_version_is_refused(tmp_path, trained):
   config = trained[0]
   meta = {**meta_for(config, 1), "version": 1}
   manager = checkpoint.make_manager(checkpoint.checkpoint_dir(str(tmp_path)))
-  checkpoint.save(manager, 1, trained[2], trained[3], meta)
+  checkpoint.save(manager, 1, trained[1], trained[2], meta)
   manager.wait_until_finished()
   manager.close()
   with pytest.raises(checkpoint.CheckpointError, match="format version 1; this version of "
@@ -154,7 +171,7 @@ def truncate_largest_array_file(step_dir):
 
 
 def test_a_truncated_array_file_is_a_damaged_checkpoint_naming_the_step(tmp_path, trained):
-  _, _, variables, _ = trained
+  _, variables, _ = trained
   directory = checkpoint.checkpoint_dir(str(tmp_path))
   write_steps(directory, trained, [(1, None), (2, None)])
   truncate_largest_array_file(os.path.join(directory, "2"))
@@ -192,7 +209,7 @@ def test_a_damaged_step_set_aside_leaves_the_earlier_ones_in_use(tmp_path, train
 def test_a_failed_write_is_a_clear_error_and_keeps_the_earlier_steps(tmp_path, trained,
                                                                     monkeypatch):
   import errno  # pylint: disable=import-outside-toplevel
-  config, _, variables, opt_state = trained
+  config, variables, opt_state = trained
   directory = checkpoint.checkpoint_dir(str(tmp_path))
   write_steps(directory, trained, [(1, None)])
   manager = checkpoint.make_manager(directory)
