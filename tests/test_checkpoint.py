@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 
 from data_prep import schema
 from medfinder_jax import checkpoint
@@ -421,7 +422,10 @@ TS_WRITE = ("Error writing \"abc\" in OCDBT database: UNKNOWN: [os_error_code='2
                                                                             "v/manifest"),
     (raised(ValueError("outer"), ValueError("FAILED_PRECONDITION: ro"), "context"),
      "FAILED_PRECONDITION: ro"),
+    (raised(ValueError("DATA_LOSS: the outer one"), ValueError("UNKNOWN: inner")),
+     "DATA_LOSS: the outer one"),
     (ValueError("  the first line\nthe second"), "the first line"),
+    (raised(KeyError(), ValueError("the inner error\nmore")), "the inner error"),
     (KeyError(), "KeyError"),
     (ValueError("x" * 500), "x" * 400),
 ])
@@ -597,3 +601,66 @@ def test_only_reports_of_abandoned_checkpoint_io_are_dropped(monkeypatch):
   assert reported == kept
   checkpoint._drop_reports_of_abandoned_io()  # pylint: disable=protected-access
   assert sys.unraisablehook is hook     # installed once
+
+
+# --- Several processes ----------------------------------------------------------------------------
+
+def as_process(monkeypatch, index, count=2):
+  monkeypatch.setattr(jax, "process_count", lambda: count)
+  monkeypatch.setattr(jax, "process_index", lambda: index)
+
+
+def test_every_process_refuses_a_save_that_one_process_has_no_space_for(tmp_path, monkeypatch):
+  trees = ({"a": np.zeros(MIB, np.uint8)},)
+  as_process(monkeypatch, 0)
+  free_space(monkeypatch, 100 * MIB)
+  verdicts = {}
+
+  def allgather(mine, others):
+    verdicts["mine"] = int(mine)
+    return np.array([int(mine), others], np.int32)
+
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: allgather(x, 0))
+  with pytest.raises(checkpoint.CheckpointWriteError, match="not enough space"):
+    checkpoint.check_space(fake_manager(str(tmp_path)), 5, trees)
+  assert verdicts == {"mine": 1}
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: allgather(x, 1))
+  checkpoint.check_space(fake_manager(str(tmp_path)), 5, trees)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_step_is_set_aside_by_process_0_with_every_process_waiting_for_it(
+    tmp_path, monkeypatch, index):
+  os.makedirs(tmp_path / "2" / "meta")
+  as_process(monkeypatch, index)
+  events = []
+  monkeypatch.setattr(multihost_utils, "sync_global_devices",
+                      lambda name: events.append(("sync", name, os.path.isdir(tmp_path / "2"))))
+  manager = fake_manager(str(tmp_path), reload=lambda: events.append(("reload",)))
+  assert checkpoint.set_aside(manager, 2) == str(tmp_path / "2.damaged")
+  assert os.path.isdir(tmp_path / "2.damaged") == (index == 0)
+  (what, name, step_still_there), reload = events     # the barrier, then the step list reloaded
+  assert what == "sync" and isinstance(name, str) and reload == ("reload",)
+  assert step_still_there == (index != 0)                # process 0 renamed before the barrier
+
+
+# --- Placement ------------------------------------------------------------------------------------
+
+def test_a_restored_state_is_placed_as_the_targets_say(tmp_path, trained):
+  config, variables, opt_state = trained
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  write_steps(directory, trained, [(1, None)])
+  manager = checkpoint.make_manager(directory)
+  checkpoint.save(manager, 2, jax.tree.map(lambda x: x + 1, variables), opt_state,
+                  meta_for(config, 2))
+  checkpoint.wait_until_finished(manager)
+  placement = jax.sharding.SingleDeviceSharding(jax.devices()[1])
+  target = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), tree)
+  got_vars, got_opt = checkpoint.restore_train(manager, 1, target(variables), target(opt_state))
+  manager.close()
+  read = checkpoint.read_variables(str(tmp_path), target(variables), step=1)
+  for got, want in zip(jax.tree.leaves((got_vars, got_opt, read)),
+                       jax.tree.leaves((variables, opt_state, variables))):
+    assert got.sharding == placement
+    np.testing.assert_array_equal(got, want)
