@@ -82,6 +82,7 @@ def test_keeps_the_latest_k_and_the_best_validated_step(tmp_path, trained):
   assert steps == [1, 3, 4]          # 3, 4 latest; 1 best; 2 neither
   assert sorted(os.listdir(directory)) == ["1", "3", "4"]
   listing = checkpoint.steps(str(tmp_path))
+  assert listing["directory"] == directory
   assert listing["steps"] == [1, 3, 4] and listing["latest"] == 4 and listing["best"] == 1
   assert listing["metrics"][3] is None and listing["metrics"][4] == {checkpoint.BEST_METRIC: 30.0}
 
@@ -239,9 +240,10 @@ def test_keeping_fewer_than_one_step_still_keeps_the_latest(tmp_path, trained):
   assert write_steps(str(tmp_path), trained, [(1, None), (2, None), (3, None)], keep=0) == [3]
 
 
-def test_an_unvalidated_step_older_than_the_latest_k_is_deleted(tmp_path, trained):
-  assert write_steps(str(tmp_path), trained, [(1, None), (2, 10.0), (3, 5.0), (4, None)],
-                     keep=2) == [2, 3, 4]
+def test_only_the_best_and_the_latest_k_are_kept_unvalidated_or_second_best_steps_not(
+    tmp_path, trained):
+  assert write_steps(str(tmp_path), trained, [(1, None), (2, 10.0), (3, 5.0), (4, None), (5, None)],
+                     keep=2) == [2, 4, 5]
 
 
 def test_saving_a_step_that_exists_changes_nothing(tmp_path, trained):
@@ -487,16 +489,18 @@ def test_a_meta_without_a_usable_dataset_spec_is_a_checkpoint_error(dataset):
 
 
 @pytest.mark.parametrize("meta, error", [
-    ([1, 2], "1/meta: not a JSON object"),
-    ({"step": 1}, "format version None; this version of launch.py reads version 2"),
+    ([1, 2], "/meta: not a JSON object"),
+    ({"step": 1}, ": checkpoint format version None; this version of launch.py reads version 2"),
 ])
 def test_a_meta_that_is_not_this_versions_object_is_refused(tmp_path, trained, meta, error):
-  manager = checkpoint.make_manager(checkpoint.checkpoint_dir(str(tmp_path)))
+  directory = checkpoint.checkpoint_dir(str(tmp_path))
+  manager = checkpoint.make_manager(directory)
   checkpoint.save(manager, 1, trained[1], trained[2], meta)
   checkpoint.wait_until_finished(manager)
   manager.close()
-  with pytest.raises(checkpoint.CheckpointError, match=re.escape(error)):
+  with pytest.raises(checkpoint.CheckpointError) as err:
     checkpoint.read_meta(str(tmp_path))
+  assert str(err.value).startswith(os.path.join(directory, "1") + error)   # the step dir first
 
 
 # --- Finding checkpoints --------------------------------------------------------------------------
@@ -530,6 +534,13 @@ def test_a_numbered_folder_counts_as_a_step_only_with_a_steps_files(tmp_path):
   assert checkpoint.resolve(str(directory / "7")) == (str(directory), 7)
   os.makedirs(directory / "8" / "opt_state")
   assert checkpoint.resolve(str(directory / "8")) == (str(directory), 8)
+
+
+def test_step_folders_orbax_does_not_list_are_no_finished_checkpoint(tmp_path):
+  os.makedirs(tmp_path / "checkpoints" / "007" / "meta")    # not a name orbax gives a step
+  with pytest.raises(checkpoint.CheckpointError, match=re.escape(
+      f"{str(tmp_path / 'checkpoints')!r} holds no finished checkpoint")):
+    checkpoint.read_meta(str(tmp_path))
 
 
 def test_missing_items_are_all_named(tmp_path, trained):
