@@ -325,7 +325,7 @@ def free_space(monkeypatch, free):
 
   def disk_usage(path):
     asked.append(path)
-    return shutil._ntuple_diskusage(total=10 * free + 1, used=9 * free + 1, free=free)  # pylint: disable=protected-access
+    return types.SimpleNamespace(total=10 * free + 1, used=9 * free + 1, free=free)
 
   monkeypatch.setattr(shutil, "disk_usage", disk_usage)
   return asked
@@ -341,7 +341,8 @@ def test_not_enough_space_is_refused_naming_the_need_the_free_space_and_the_step
   message = str(err.value)
   assert message.startswith(f"{tmp_path}: not enough space for checkpoint step 40")
   assert "needs about 12 MiB and 12 MiB are free" in message
-  assert "steps saved before ([10, 30]) are intact" in message and "rerun the same command" in message
+  assert "steps saved before ([10, 30]) are intact" in message
+  assert "rerun the same command" in message
   assert asked == [str(tmp_path)]
   free_space(monkeypatch, 13 * MIB)
   checkpoint.check_space(manager, 40, trees)
@@ -414,8 +415,8 @@ TS_WRITE = ("Error writing \"abc\" in OCDBT database: UNKNOWN: [os_error_code='2
     (ValueError(TS_WRITE), "No space left on device: "
                            "/run/checkpoints/2.orbax-checkpoint-tmp/d/abc"),
     (ValueError("UNKNOWN: [os_error_code='5'] reading"), "Input/output error"),
-    (raised(ValueError("outer"), ValueError(TS_WRITE)), "No space left on device: "
-                                                        "/run/checkpoints/2.orbax-checkpoint-tmp/d/abc"),
+    (raised(ValueError("outer"), ValueError(TS_WRITE)),
+     "No space left on device: /run/checkpoints/2.orbax-checkpoint-tmp/d/abc"),
     (raised(ValueError("outer"), ValueError(TS_WRITE), "context"),
      "No space left on device: /run/checkpoints/2.orbax-checkpoint-tmp/d/abc"),
     (ValueError("Traceback\nDATA_LOSS: Error reading \"v/d/1\": unexpected EOF\nmore"),
