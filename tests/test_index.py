@@ -6,6 +6,7 @@ import json
 import mmap
 import os
 import re
+import socket
 import time
 
 import numpy as np
@@ -633,9 +634,64 @@ def test_studies_without_reports_or_paths_are_indexed_with_empty_ones(tmp_path):
   index = index_lib.load_index(index_lib.build_index(str(tmp_path / "index"), bare, MODEL))
   assert list(index.reports) == list(index.source_paths) == ["", "", ""]
   assert index.reports_count == 0 and not index.has_report(0)
+  assert index.thumbnail(0) == b"" and not index.study(0)["has_thumbnail"]   # none given
+
+
+def test_a_shard_s_files_hold_what_the_readme_documents(tmp_path, monkeypatch):
+  """shard.json, studies.arrow and thumbnails.bin as another tool reads them (json, pyarrow)."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  (tmp_path / "cwd").mkdir()
+  monkeypatch.chdir(tmp_path / "cwd")
+  data = constructed_set(n=3)
+  data.reports[2] = " "
+  directory = index_lib.build_index(str(tmp_path / "index"), subset(data, [0, 1]), MODEL)
+  name = index_lib.add_studies(directory, subset(data, [1, 2]), thumbnails=[b"ab", b"cde"],
+                               replace=True)
+  folder = os.path.join(directory, index_lib.SHARDS_DIR, name)
+  with open(os.path.join(folder, index_lib.SHARD_META), encoding="utf-8") as f:
+    record = json.load(f)
+  assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record.pop("created"))
+  assert record == {"n": 2, "dim": 32, "dtype": "float16", "replaces": ["sub-0001"],
+                    "writer": {"host": socket.gethostname(), "pid": os.getpid()}}
+  table = pa.ipc.open_file(os.path.join(folder, index_lib.TABLE_FILE)).read_all()
+  assert table.to_pydict() == {
+      "study_id": ["sub-0001", "sub-0002"], "source_path": list(data.source_paths[1:]),
+      "report": list(data.reports[1:]), "has_report": [True, False],
+      "thumbnail": [index_lib.THUMBNAILS_FILE] * 2, "thumbnail_offset": [0, 2],
+      "thumbnail_length": [2, 3]}
+  with open(os.path.join(folder, index_lib.THUMBNAILS_FILE), "rb") as f:
+    assert f.read() == b"abcde"
+  first = index_lib.load_index(directory).shards[0].table
+  assert first.column("thumbnail").to_pylist() == ["", ""]
+  assert first.column("thumbnail_length").to_pylist() == [0, 0]
+  assert not os.listdir(tmp_path / "cwd")
 
 
 # --- Reading: damaged files -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "unreadable ("), ("[]", "format None version None, this version"),
+    ('{"format": "other-index", "version": 3}', "format 'other-index' version 3, this version")])
+def test_an_unreadable_or_foreign_index_meta_is_an_error_naming_it(index_dir, content, problem):
+  path = os.path.join(index_dir, index_lib.META_FILE)
+  open(path, "w", encoding="utf-8").write(content)
+  with pytest.raises(index_lib.IndexFileError, match=re.escape(f"{path}: {problem}")):
+    index_lib.load_index(index_dir)
+
+
+def test_other_files_beside_the_commits_are_ignored(index_dir):
+  """A stray note in shards/ or removals/, an unfinished removal record, macOS's AppleDouble
+  copy of a record ("._<name>.json"): not commits."""
+  index_lib.remove_studies(index_dir, ["sub-0001"])
+  removals = os.path.join(index_dir, index_lib.REMOVALS_DIR)
+  (record,) = os.listdir(removals)
+  for path in (os.path.join(index_dir, index_lib.SHARDS_DIR, "notes.txt"),
+               os.path.join(removals, "notes.txt"), os.path.join(removals, "._" + record),
+               os.path.join(removals, record + ".tmp-0a1b2c3d")):
+    open(path, "wb").write(b"\0\1 not a commit")
+  index = index_lib.load_index(index_dir)
+  assert index.n == 299 and len(index.commits) == 2
+
 
 @pytest.mark.parametrize("damage", ["truncated", "not arrow"])
 def test_a_damaged_metadata_table_is_an_error_naming_it(index_dir, damage):
