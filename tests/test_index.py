@@ -1,8 +1,13 @@
 """The archive index on disk and exact search: round trip, the recorded model, ranked results,
 shards appended and removed (each study once), batched blockwise search, versions."""
 
+import datetime
 import json
+import mmap
 import os
+import re
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -477,3 +482,448 @@ def test_ties_at_the_kth_place_keep_the_lower_rows():
                                   order[None, 20:], scores[order[20:]][None], 13)
   np.testing.assert_array_equal(rows[0], [3, 11, 25, 0, 1, 2, 4, 5, 6, 7, 8, 9, 10])
   np.testing.assert_array_equal(merged[0], scores[rows[0]])
+
+
+# --- Writing: targets, staging, dtypes, names -----------------------------------------------------
+
+def test_appending_needs_an_index_at_the_target(index_dir, tmp_path):
+  index_lib.check_index_target(index_dir, append=True)                 # an index: append to it
+  (tmp_path / "data").mkdir()
+  with pytest.raises(index_lib.IndexFileError, match=f"{tmp_path / 'data'}: not a MedFinder index"):
+    index_lib.check_index_target(str(tmp_path / "data"), append=True)
+
+
+def test_unusable_embeddings_to_index_are_an_error_naming_the_target(tmp_path):
+  target = str(tmp_path / "index")
+  with pytest.raises(interchange.InterchangeError, match=f"{target}: missing required field"):
+    index_lib.build_index(target, {"image_embeddings": np.ones((2, 4), np.float32)}, MODEL)
+  assert not os.path.exists(target)
+
+
+def test_an_index_is_staged_in_its_target_s_parent(tmp_path, monkeypatch):
+  """The staging folder is renamed into place: it must be on the target's filesystem (the system
+  temporary directory may be another one)."""
+  elsewhere = tmp_path / "system-tmp"
+  elsewhere.mkdir()
+  monkeypatch.setattr(index_lib.tempfile, "tempdir", str(elsewhere))
+  staged = []
+  add_studies = index_lib.add_studies
+  monkeypatch.setattr(index_lib, "add_studies",
+                      lambda directory, *a, **k: staged.append(directory) or add_studies(
+                          directory, *a, **k))
+  target = str(tmp_path / "indexes" / "index")
+  index_lib.build_index(target, constructed_set(n=4), MODEL)
+  assert [os.path.dirname(s) for s in staged] == [str(tmp_path / "indexes")]
+  assert os.listdir(tmp_path / "indexes") == ["index"] and not os.listdir(elsewhere)
+
+
+def test_a_failed_build_leaves_nothing_behind_and_the_old_index_as_it_was(index_dir):
+  with pytest.raises(ValueError, match="3 thumbnails for 10 studies"):
+    index_lib.build_index(index_dir, constructed_set(n=10), MODEL, overwrite=True,
+                          thumbnails=[b""] * 3)
+  assert os.listdir(os.path.dirname(index_dir)) == ["index"]
+  assert list(index_lib.load_index(index_dir).study_ids) == list(constructed_set().study_ids)
+
+
+def test_a_float32_index_stores_float32_unit_rows(tmp_path):
+  data = constructed_set(n=6)
+  directory = index_lib.build_index(str(tmp_path / "index"), data, MODEL, dtype="float32")
+  index = index_lib.load_index(directory)
+  assert index.meta["dtype"] == "float32" and index.shards[0].image.dtype == np.float32
+  unit = data.image_embeddings / np.linalg.norm(data.image_embeddings, axis=1, keepdims=True)
+  np.testing.assert_allclose(index.image_embeddings, unit, rtol=1e-6, atol=1e-7)
+
+
+def test_commit_names_and_stamps_are_utc_time_safe_host_pid_and_random(monkeypatch):
+  """`<UTC time>-<host>-<pid>-<random>` in any host time zone (names sort by time across hosts),
+  the host name made safe for a file name."""
+  monkeypatch.setattr(index_lib.socket, "gethostname", lambda: "ct node/3.example.org")
+  monkeypatch.setenv("TZ", "JST-9")
+  time.tzset()
+  try:
+    before = datetime.datetime.now(datetime.timezone.utc)
+    name, stamp = index_lib.commit_name(), index_lib._stamp()   # pylint: disable=protected-access
+    after = datetime.datetime.now(datetime.timezone.utc)
+  finally:
+    monkeypatch.undo()
+    time.tzset()
+  match = re.fullmatch(rf"(\d{{8}}T\d{{12}}Z)-ct_node_3_example_org-{os.getpid()}-[0-9a-f]{{6}}",
+                       name)
+  assert match, name
+  named = datetime.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S%fZ").replace(
+      tzinfo=datetime.timezone.utc)
+  stamped = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(
+      tzinfo=datetime.timezone.utc)
+  assert before <= named <= after
+  assert before.replace(microsecond=0) <= stamped <= after
+
+
+def test_a_host_without_a_name_is_named_host(monkeypatch):
+  monkeypatch.setattr(index_lib.socket, "gethostname", lambda: "")
+  assert f"-host-{os.getpid()}-" in index_lib.commit_name()
+
+
+def test_an_unknown_index_dtype_is_an_error_naming_the_choices(tmp_path):
+  with pytest.raises(index_lib.IndexFileError, match=re.escape(
+      "index dtype 'bfloat16': expected one of ('float16', 'float32')")):
+    index_lib.build_index(str(tmp_path / "index"), constructed_set(n=4), MODEL, dtype="bfloat16")
+
+
+def test_creating_an_index_makes_its_folders_there_and_nothing_in_the_working_directory(
+    tmp_path, monkeypatch):
+  (tmp_path / "cwd").mkdir()
+  monkeypatch.chdir(tmp_path / "cwd")
+  directory = str(tmp_path / "index")
+  index_lib.open_or_create(directory, 32, MODEL)
+  assert sorted(os.listdir(directory)) == [index_lib.META_FILE, index_lib.REMOVALS_DIR,
+                                           index_lib.SHARDS_DIR]
+  assert not os.listdir(tmp_path / "cwd")
+
+
+def test_studies_of_another_dimension_are_an_error_naming_both(index_dir):
+  with pytest.raises(index_lib.IndexFileError, match=re.escape(
+      f"{os.path.join(index_dir, index_lib.META_FILE)}: the index holds 32-d embeddings, the "
+      f"studies to add are 16-d (another model)")):
+    index_lib.open_or_create(index_dir, 16, MODEL)
+  with pytest.raises(index_lib.IndexFileError, match=re.escape(
+      f"{index_dir}: the index holds 32-d embeddings, the studies to add are 16-d")):
+    index_lib.add_studies(index_dir, constructed_set(n=4, d=16))
+  with pytest.raises(interchange.InterchangeError, match=f"{index_dir}: missing required field"):
+    index_lib.add_studies(index_dir, {"image_embeddings": np.ones((2, 32), np.float32)})
+
+
+@pytest.mark.parametrize("count, shown", [
+    (5, "(sub-0000, sub-0001, sub-0002, sub-0003, sub-0004)"),
+    (6, "(sub-0000, sub-0001, sub-0002, sub-0003, sub-0004 and 1 more)")])
+def test_a_duplicate_error_names_the_first_five_studies(index_dir, count, shown):
+  with pytest.raises(index_lib.DuplicateStudyError, match=re.escape(
+      f"{count} of the {count} studies to add are already in the index {shown}; pass --replace")):
+    index_lib.add_studies(index_dir, subset(constructed_set(), range(count)))
+
+
+def test_a_shard_is_written_hidden_in_shards_and_appears_whole(index_dir, monkeypatch):
+  """Readers skip the hidden staging folder (a search meanwhile sees the old studies); it is on
+  the shard's filesystem, so the rename that publishes it is atomic."""
+  seen = []
+  write_shard = index_lib._write_shard   # pylint: disable=protected-access
+
+  def write_and_look(folder, *args, **kwargs):
+    write_shard(folder, *args, **kwargs)
+    seen.append((folder, index_lib.load_index(index_dir).n))
+  monkeypatch.setattr(index_lib, "_write_shard", write_and_look)
+  name = index_lib.add_studies(index_dir, subset(constructed_set(n=302), [300, 301]))
+  ((folder, n_meanwhile),) = seen
+  assert os.path.dirname(folder) == os.path.join(index_dir, index_lib.SHARDS_DIR)
+  assert os.path.basename(folder).startswith(".") and n_meanwhile == 300
+  assert index_lib.load_index(index_dir).n == 302 and index_lib.load_index(
+      index_dir).shards[-1].name == name
+
+
+def test_a_failed_append_leaves_the_index_as_it_was(index_dir):
+  shards = sorted(os.listdir(os.path.join(index_dir, index_lib.SHARDS_DIR)))
+  with pytest.raises(ValueError, match="1 thumbnails for 2 studies"):
+    index_lib.add_studies(index_dir, subset(constructed_set(n=302), [300, 301]), thumbnails=[b""])
+  assert sorted(os.listdir(os.path.join(index_dir, index_lib.SHARDS_DIR))) == shards
+  assert index_lib.load_index(index_dir).n == 300
+
+
+def test_studies_without_reports_or_paths_are_indexed_with_empty_ones(tmp_path):
+  data = constructed_set(n=3)
+  bare = interchange.EmbeddingSet(image_embeddings=data.image_embeddings,
+                                  text_embeddings=data.text_embeddings, study_ids=data.study_ids)
+  index = index_lib.load_index(index_lib.build_index(str(tmp_path / "index"), bare, MODEL))
+  assert list(index.reports) == list(index.source_paths) == ["", "", ""]
+  assert index.reports_count == 0 and not index.has_report(0)
+  assert index.thumbnail(0) == b"" and not index.study(0)["has_thumbnail"]   # none given
+
+
+def test_a_shard_s_files_hold_what_the_readme_documents(tmp_path, monkeypatch):
+  """shard.json, studies.arrow and thumbnails.bin as another tool reads them (json, pyarrow)."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  (tmp_path / "cwd").mkdir()
+  monkeypatch.chdir(tmp_path / "cwd")
+  data = constructed_set(n=3)
+  data.reports[2] = " "
+  directory = index_lib.build_index(str(tmp_path / "index"), subset(data, [0, 1]), MODEL)
+  name = index_lib.add_studies(directory, subset(data, [1, 2]), thumbnails=[b"ab", b"cde"],
+                               replace=True)
+  folder = os.path.join(directory, index_lib.SHARDS_DIR, name)
+  with open(os.path.join(folder, index_lib.SHARD_META), encoding="utf-8") as f:
+    record = json.load(f)
+  assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record.pop("created"))
+  assert record == {"n": 2, "dim": 32, "dtype": "float16", "replaces": ["sub-0001"],
+                    "writer": {"host": socket.gethostname(), "pid": os.getpid()}}
+  table = pa.ipc.open_file(os.path.join(folder, index_lib.TABLE_FILE)).read_all()
+  assert table.to_pydict() == {
+      "study_id": ["sub-0001", "sub-0002"], "source_path": list(data.source_paths[1:]),
+      "report": list(data.reports[1:]), "has_report": [True, False],
+      "thumbnail": [index_lib.THUMBNAILS_FILE] * 2, "thumbnail_offset": [0, 2],
+      "thumbnail_length": [2, 3]}
+  with open(os.path.join(folder, index_lib.THUMBNAILS_FILE), "rb") as f:
+    assert f.read() == b"abcde"
+  first = index_lib.load_index(directory).shards[0].table
+  assert first.column("thumbnail").to_pylist() == ["", ""]
+  assert first.column("thumbnail_length").to_pylist() == [0, 0]
+  assert not os.listdir(tmp_path / "cwd")
+
+
+# --- Reading: damaged files -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "unreadable ("), ("[]", "format None version None, this version"),
+    ('{"format": "other-index", "version": 3}', "format 'other-index' version 3, this version")])
+def test_an_unreadable_or_foreign_index_meta_is_an_error_naming_it(index_dir, content, problem):
+  path = os.path.join(index_dir, index_lib.META_FILE)
+  open(path, "w", encoding="utf-8").write(content)
+  with pytest.raises(index_lib.IndexFileError, match=re.escape(f"{path}: {problem}")):
+    index_lib.load_index(index_dir)
+
+
+def test_other_files_beside_the_commits_are_ignored(index_dir):
+  """A stray note in shards/ or removals/, an unfinished removal record, macOS's AppleDouble
+  copy of a record ("._<name>.json"): not commits."""
+  index_lib.remove_studies(index_dir, ["sub-0001"])
+  removals = os.path.join(index_dir, index_lib.REMOVALS_DIR)
+  (record,) = os.listdir(removals)
+  for path in (os.path.join(index_dir, index_lib.SHARDS_DIR, "notes.txt"),
+               os.path.join(removals, "notes.txt"), os.path.join(removals, "._" + record),
+               os.path.join(removals, record + ".tmp-0a1b2c3d")):
+    open(path, "wb").write(b"\0\1 not a commit")
+  index = index_lib.load_index(index_dir)
+  assert index.n == 299 and len(index.commits) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not arrow"])
+def test_a_damaged_metadata_table_is_an_error_naming_it(index_dir, damage):
+  shard = index_lib.load_index(index_dir).shards[0]
+  path = os.path.join(shard.folder, index_lib.TABLE_FILE)
+  if damage == "truncated":
+    os.truncate(path, os.path.getsize(path) // 2)
+  else:
+    open(path, "wb").write(b"not a table")
+  with pytest.raises(index_lib.IndexFileError, match=f"{path}: unreadable metadata table .*remove "
+                                                     f"this shard or rebuild the index"):
+    index_lib.load_index(index_dir)
+
+
+@pytest.mark.parametrize("record", ["not json", '{"ids": ["sub-0001"]}', '["sub-0001"]'])
+def test_a_damaged_removal_record_is_an_error_naming_it(index_dir, record):
+  index_lib.remove_studies(index_dir, ["sub-0001"])
+  removals = os.path.join(index_dir, index_lib.REMOVALS_DIR)
+  path = os.path.join(removals, os.listdir(removals)[0])
+  open(path, "w", encoding="utf-8").write(record)
+  with pytest.raises(index_lib.IndexFileError, match=f"{path}: unreadable removal record"):
+    index_lib.load_index(index_dir)
+
+
+def embeddings_file(index_dir):
+  return os.path.join(index_lib.load_index(index_dir).shards[0].folder, index_lib.IMAGE_FILE)
+
+
+def test_an_npy_file_of_format_version_2_is_read(index_dir):
+  path = embeddings_file(index_dir)
+  array = np.load(path)
+  with open(path, "wb") as f:
+    np.lib.format.write_array(f, array, version=(2, 0))
+  np.testing.assert_array_equal(index_lib.load_index(index_dir).embeddings("image", np.float16),
+                                array)
+
+
+@pytest.mark.parametrize("write, problem", [
+    (lambda f, a: np.lib.format.write_array(f, a, version=(3, 0)),
+     "npy format version (3, 0), expected 1.0 or 2.0"),
+    (lambda f, a: np.save(f, np.asfortranarray(a)),
+     "a Fortran-order array of shape (300, 32), expected a C-order (rows, dim) one"),
+    (lambda f, a: np.save(f, a.reshape(300, 4, 8)),
+     "a array of shape (300, 4, 8), expected a C-order (rows, dim) one")])
+def test_an_npy_file_of_another_layout_is_an_error_saying_what_was_expected(index_dir, write,
+                                                                            problem):
+  path = embeddings_file(index_dir)
+  array = np.load(path)
+  with open(path, "wb") as f:
+    write(f, array)
+  with pytest.raises(index_lib.IndexFileError, match=re.escape(f"{path}: unreadable embeddings "
+                                                               f"({problem}); remove this shard")):
+    index_lib.load_index(index_dir)
+
+
+@pytest.mark.parametrize("shape, dtype", [((300, 16), np.float16), ((299, 32), np.float16),
+                                          ((300, 32), np.float32)])
+def test_embeddings_of_another_shape_or_dtype_are_an_error_saying_what_was_expected(
+    index_dir, shape, dtype):
+  path = embeddings_file(index_dir)
+  np.save(path, np.zeros(shape, dtype))
+  found = f"{shape} {np.dtype(dtype).name}"
+  with pytest.raises(index_lib.IndexFileError, match=re.escape(
+      f"{path}: {found}, expected (300, 32) float16 (studies.arrow has 300 rows)")):
+    index_lib.load_index(index_dir)
+
+
+# --- Reading: rows, studies, thumbnails, description ----------------------------------------------
+
+def npy_rows_by_study(directory):
+  """{study id: (image row, text row)} as the shard files hold them (np.load, pyarrow), later
+  commits superseding earlier ones, removals applied: the live rows, read independently."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  commits = [(n, "shard") for n in os.listdir(os.path.join(directory, index_lib.SHARDS_DIR))]
+  commits += [(n[:-len(".json")], "removal")
+              for n in os.listdir(os.path.join(directory, index_lib.REMOVALS_DIR))]
+  rows = {}
+  for name, kind in sorted(commits):
+    if kind == "removal":
+      with open(os.path.join(directory, index_lib.REMOVALS_DIR, name + ".json")) as f:
+        for study in json.load(f)["study_ids"]:
+          del rows[study]
+      continue
+    folder = os.path.join(directory, index_lib.SHARDS_DIR, name)
+    ids = pa.ipc.open_file(os.path.join(folder, index_lib.TABLE_FILE)).read_all()["study_id"]
+    image, text = (np.load(os.path.join(folder, f))
+                   for f in (index_lib.IMAGE_FILE, index_lib.TEXT_FILE))
+    for local, study in enumerate(ids.to_pylist()):
+      rows.pop(study, None)
+      rows[study] = (image[local], text[local])
+  return rows
+
+
+@pytest.fixture
+def archive(tmp_path):
+  """Three shards: one study, then seven, then a replacement of sub-0003 with a new sub-0008 that
+  is then removed (a dead row after the last live one)."""
+  data = constructed_set(n=9)
+  directory = index_lib.build_index(str(tmp_path / "index"), subset(data, [0]), MODEL)
+  index_lib.add_studies(directory, subset(data, range(1, 8)))
+  index_lib.add_studies(directory, subset(data, [3, 8]), replace=True)
+  index_lib.remove_studies(directory, ["sub-0008"])
+  return directory
+
+
+def test_embeddings_and_vectors_are_the_live_rows_of_the_files(archive):
+  index, expected = index_lib.load_index(archive), npy_rows_by_study(archive)
+  ids = [f"sub-{i:04d}" for i in (0, 1, 2, 4, 5, 6, 7, 3)]
+  assert list(index.study_ids) == ids == list(expected)
+  for position, against in enumerate(index_lib.TARGETS):
+    rows = np.array([expected[s][position] for s in ids])
+    np.testing.assert_array_equal(index.embeddings(against), rows)
+    assert index.embeddings(against).dtype == np.float32
+    assert index.embeddings(against, np.float16).dtype == np.float16
+    picked = [7, 0, 3, 0]
+    vectors = index.vectors(picked, against)
+    assert vectors.dtype == np.float32
+    np.testing.assert_array_equal(vectors, rows[picked])
+    assert index.vectors([], against).shape == (0, 32)
+  np.testing.assert_array_equal(index.embeddings(), index.embeddings("image"))
+
+
+def test_a_loaded_index_names_its_directory_commits_and_has_its_own_memo(archive):
+  index = index_lib.load_index(archive)
+  shards = sorted(os.listdir(os.path.join(archive, index_lib.SHARDS_DIR)))
+  (removal,) = os.listdir(os.path.join(archive, index_lib.REMOVALS_DIR))
+  assert index.directory == archive
+  assert index.commits == [f"shard:{n}" for n in shards] + [f"removal:{removal[:-5]}"]
+  index.cache["keyword"] = 1
+  assert index_lib.load_index(archive).cache == {}
+  with pytest.raises(ValueError, match=re.escape(f"the index {archive} expects vectors of "
+                                                 f"dimension 32")):
+    index_lib.search(index, np.ones(16))
+
+
+def test_studies_and_thumbnails_are_read_back_by_row(tmp_path):
+  data = constructed_set(n=3)
+  data.reports[1] = ""
+  pngs = [b"\x89", b"", b"\x89PNG third"]                     # one byte is a thumbnail too
+  index = index_lib.load_index(index_lib.build_index(str(tmp_path / "index"), data, MODEL,
+                                                     thumbnails=pngs))
+  assert [index.study(r) for r in range(3)] == [
+      {"study_id": f"sub-{r:04d}", "source_path": f"CT{r}/ct/sub-{r:04d}.nii.gz",
+       "report": data.reports[r], "has_thumbnail": bool(pngs[r])} for r in range(3)]
+  assert [index.thumbnail(r) for r in range(3)] == pngs
+  assert [index.has_report(r) for r in range(3)] == [True, False, True]
+  assert index.reports_count == 2
+
+
+def test_describe_counts_the_live_studies_and_the_shards_bytes(archive):
+  index = index_lib.load_index(archive)
+  shards = os.path.join(archive, index_lib.SHARDS_DIR)
+  size = sum(os.path.getsize(os.path.join(folder, f))
+             for folder, _, files in os.walk(shards) for f in files)
+  assert index_lib.describe(index) == {"n": 8, "dim": 32, "dtype": "float16", "shards": 3,
+                                       "bytes": size}
+
+
+# --- Memory-mapped rows: reads and released pages -------------------------------------------------
+
+def mapped_pages(mapped):
+  """(pages,) bool: which pages of a MappedRows mapping this process has mapped (the present bit
+  of /proc/self/pagemap; page-cache residency, which release keeps, does not count)."""
+  page = mmap.PAGESIZE
+  start = np.frombuffer(mapped.mapping, np.uint8).ctypes.data
+  count = -(-len(mapped.mapping) // page)
+  with open("/proc/self/pagemap", "rb") as f:
+    f.seek(start // page * 8)
+    entries = np.frombuffer(f.read(8 * count), np.uint64)
+  return (entries >> np.uint64(63)).astype(bool)
+
+
+def pages_of_rows(path, start, stop, row_bytes):
+  """The pages holding any byte of rows [start, stop) of an .npy file (np.load's data offset)."""
+  offset = np.load(path, mmap_mode="r").offset
+  first, end = offset + start * row_bytes, offset + stop * row_bytes
+  return set(range(first // mmap.PAGESIZE, -(-end // mmap.PAGESIZE)))
+
+
+@pytest.mark.parametrize("n, d, dtype", [(3000, 8, "float32"),     # many rows to a page
+                                         (3000, 8, "float16"),
+                                         (6, 2048, "float32")])    # a row over two pages
+def test_released_pages_are_exactly_those_of_the_rows_asked(tmp_path, n, d, dtype):
+  directory = index_lib.build_index(str(tmp_path / "index"), constructed_set(n=n, d=d), MODEL,
+                                    dtype=dtype)
+  shard = index_lib.load_index(directory).shards[0]
+  mapped, row_bytes = shard.mapped["text"], d * np.dtype(dtype).itemsize
+  start, stop = n // 6 + 1, n // 2 + 1
+  np.asarray(mapped.rows).sum()                             # every page mapped
+  assert mapped_pages(mapped).all()
+  shard.release("text", start, stop)
+  expected = pages_of_rows(mapped.path, start, stop, row_bytes)
+  assert set(np.flatnonzero(~mapped_pages(mapped))) == expected
+  np.asarray(mapped.rows).sum()
+  shard.release("text")                                     # by default, every row
+  assert not mapped_pages(mapped).any()
+  np.asarray(mapped.rows).sum()
+  mapped.release()
+  assert not mapped_pages(mapped).any()
+
+
+@pytest.mark.parametrize("d, dtype", [(8, "float16"), (2048, "float32")])
+def test_read_rows_are_the_file_s_rows_and_nothing_is_left_mapped(tmp_path, d, dtype):
+  directory = index_lib.build_index(str(tmp_path / "index"), constructed_set(n=6, d=d), MODEL,
+                                    dtype=dtype)
+  index = index_lib.load_index(directory)
+  mapped = index.shards[0].mapped["image"]
+  picked = [5, 0, 3, 3, 1]
+  rows = mapped.read(picked)
+  assert rows.dtype == np.dtype(dtype)
+  np.testing.assert_array_equal(rows, np.load(mapped.path)[picked])
+  index.embeddings("image")                                 # reads and releases every row
+  assert not mapped_pages(mapped).any()
+  mapped.read(picked)
+  assert not mapped_pages(mapped).any()
+
+
+def test_exact_search_without_faiss_ranks_by_matrix_products(index_dir, monkeypatch):
+  monkeypatch.setattr(index_lib, "_half_quantizer", lambda dim: None)   # as without faiss
+  index = index_lib.load_index(index_dir)
+  queries = index_lib.query_vectors(index, constructed_set().text_embeddings[:2])
+  rows, scores = index_lib.exact_top_k(index, queries, 5)
+  expected_rows, expected_scores = numpy_top_k(queries, index.embeddings(), True, 5)
+  np.testing.assert_array_equal(rows, expected_rows)
+  np.testing.assert_allclose(scores, expected_scores, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(index_lib.as_float32(index.shards[0].image[:3]),
+                                np.asarray(index.shards[0].image[:3], np.float32))
+
+
+# --- Search: excerpts -----------------------------------------------------------------------------
+
+def test_excerpts_collapse_whitespace_and_cut_at_the_last_word_that_fits():
+  assert index_lib.excerpt("alpha\n beta\tgamma  delta", 17) == "alpha beta gamma…"
+  assert index_lib.excerpt("alpha beta", 10) == "alpha beta"                 # fits exactly
+  assert index_lib.excerpt("x" * 30, 10) == "x" * 10 + "…"                   # one long word
