@@ -260,3 +260,91 @@ def test_a_slow_consumer_still_gets_every_batch():
   consumer.start()
   consumer.join(timeout=30)
   assert got == [0, 1, 2, 3]
+
+
+# --- Which dataset a config names -------------------------------------------------------------
+
+def data_config(tfrecord_dir="", data_root=""):
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config().data
+  config.tfrecord_dir, config.data_root = tfrecord_dir, data_root
+  return config
+
+
+def test_the_dataset_is_tfrecord_dir_else_a_converted_data_root(tmp_path):
+  (tmp_path / "dataset_info.json").write_text("{}")
+  assert ip.resolve_dataset_dir(data_config("/data/converted", str(tmp_path))) == (
+      "/data/converted")
+  assert ip.resolve_dataset_dir(data_config(data_root=str(tmp_path))) == str(tmp_path)
+  assert ip.resolve_dataset_dir(data_config(), required=False) == ""
+  with pytest.raises(ip.DatasetError, match=r"^no dataset: pass --config.data.tfrecord_dir DIR "
+                                            r"\(a dataset written by `launch.py convert`\) or "
+                                            r"--data_root DIR of one$"):
+    ip.resolve_dataset_dir(data_config())
+
+
+@pytest.mark.parametrize("raw", ["meta", "CT-0001"])
+def test_a_raw_corpus_as_data_root_prints_the_convert_command(tmp_path, raw):
+  (tmp_path / raw).mkdir()
+  root, converted = str(tmp_path), str(tmp_path) + "_tfrecords"
+  with pytest.raises(ip.DatasetError) as err:
+    ip.resolve_dataset_dir(data_config(data_root=root), required=False)
+  assert str(err.value) == (
+      f"--data_root {root}: a raw corpus (CT*/ct/*.nii.gz, meta/*.csv), not a converted "
+      f"dataset. Convert it once:\n  python launch.py convert --data_root {root} --output_dir "
+      f"{converted}\nthen pass --config.data.tfrecord_dir {converted}")
+
+
+@pytest.mark.parametrize("make", ["empty", "missing", "file"])
+def test_a_data_root_that_is_neither_dataset_nor_corpus_is_named(tmp_path, make):
+  root = tmp_path / "root"
+  if make == "empty":
+    root.mkdir()
+    (root / "scans").mkdir()              # a folder, but not a CT* one
+  elif make == "file":
+    root.write_text("")
+  with pytest.raises(ip.DatasetError, match=rf"^--data_root {root}: not a converted dataset "
+                                            r"\(no dataset_info.json\) nor a raw corpus \(no "
+                                            r"meta/ or CT\*/ folders\)$"):
+    ip.resolve_dataset_dir(data_config(data_root=str(root)))
+
+
+# --- Labels of a split ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+  """(builder, {study id: label row from the corpus's CSVs}) of a small CT-RATE-layout phantom
+  (18 label columns), converted at 8x8x4."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import pandas as pd  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from data_prep import convert, corpus_base, phantom_layouts  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("ctrate")
+  raw, out = str(root / "raw"), str(root / "tfrecords")
+  phantom_layouts.write_phantom_corpus(raw, 8, seed=0, folders=4, layout="ctrate", size=32,
+                                       slices=8)
+  config = default.get_config().data
+  config.data_root, config.shape, config.spacing, config.min_shards = raw, (8, 8, 4), (), 1
+  convert.convert_corpus(config, out, workers=0, progress=False, log=lambda *_: None)
+  expected = {}
+  for path in glob.glob(f"{raw}/**/*labels*.csv", recursive=True):
+    for _, row in pd.read_csv(path).iterrows():
+      expected[corpus_base.study_id_of(row["VolumeName"])] = [
+          int(row[name]) for name in phantom_layouts.CTRATE_LABELS]
+  return ip.open_dataset(out)[0], expected
+
+
+def test_split_labels_are_each_studys_csv_row_in_dataset_order(labelled):
+  builder, expected = labelled
+  assert len(expected) == 8
+  for split in builder.info.splits:
+    labels = ip.split_labels(builder, split)
+    ids = ip.split_texts(builder, split)["study_id"]
+    assert labels.dtype == np.int8 and labels.shape == (len(ids), 18)
+    assert labels.tolist() == [expected[study_id] for study_id in ids]
+    assert ip.split_labels(builder, split) is labels      # read once per split's files
+
+
+def test_a_dataset_without_label_names_has_no_label_columns(builder):
+  labels = ip.split_labels(builder, "test")
+  assert labels.shape == (8, 0) and labels.dtype == np.int8
