@@ -2,6 +2,8 @@
 
 import hashlib
 import itertools
+import os
+import re
 import threading
 import time
 
@@ -132,6 +134,19 @@ def test_eval_text_is_deterministic_and_matches_the_reports(builder, tokenizer):
   np.testing.assert_array_equal(batch["input_ids"][:n], ids)
 
 
+def test_an_eval_batch_is_padded_with_empty_reports_and_blank_volumes(builder, tokenizer):
+  texts = ip.split_texts(builder, "val")
+  (batch,) = ip.eval_batches(builder, "val", 8, tokenizer, process_index=0, process_count=1)
+  n = len(texts["report"])
+  assert n < 8 and set(batch) == {"volume", "input_ids", "attention_mask", "mask", "index"}
+  ids, attention = tokenizer(list(texts["report"]) + [""] * (8 - n))
+  np.testing.assert_array_equal(batch["input_ids"], ids)
+  np.testing.assert_array_equal(batch["attention_mask"], attention)
+  np.testing.assert_array_equal(batch["mask"], np.arange(8) < n)
+  np.testing.assert_array_equal(batch["index"][n:], -1)
+  assert not batch["volume"][n:].any()
+
+
 def test_prefetch_to_device_builds_sharded_global_batches(builder, tokenizer):
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
   stream = ip.train_batches(builder, "train", 8, tokenizer, seed=0, shuffle_buffer=1,
@@ -140,6 +155,18 @@ def test_prefetch_to_device_builds_sharded_global_batches(builder, tokenizer):
   assert isinstance(batch["volume"], jax.Array)
   assert batch["volume"].shape == (8, 16, 16, 8)
   assert batch["volume"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 4)
+
+
+def test_prefetch_yields_a_finite_stream_whole_then_ends_on_a_daemon_thread():
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  batches = [{"x": np.full((8,), i, np.float32)} for i in range(3)]
+  before = set(threading.enumerate())
+  stream = ip.prefetch_to_device(iter(batches), mesh)
+  first = next(stream)
+  (producer,) = [t for t in set(threading.enumerate()) - before if t.name == "prefetch_to_device"]
+  assert producer.daemon        # a run that dies with batches queued still exits
+  rest = list(itertools.islice(stream, 3))        # one more than is left: the stream must end
+  assert [int(b["x"][0]) for b in [first] + rest] == [0, 1, 2]
 
 
 def test_prefetch_reraises_producer_errors():
@@ -179,8 +206,66 @@ def test_leaving_the_prefetch_stream_early_stops_its_thread():
 
 
 def test_not_a_dataset_is_a_clear_error(tmp_path):
-  with pytest.raises(ip.DatasetError, match="not a converted dataset"):
+  with pytest.raises(ip.DatasetError) as err:
     ip.open_dataset(str(tmp_path))
+  assert str(err.value) == (f"{str(tmp_path)!r} is not a converted dataset (no "
+                            "dataset_info.json); create one with `launch.py convert --data_root R "
+                            f"--output_dir {tmp_path}`")
+
+
+def test_the_spec_names_the_dataset_its_splits_and_label_names(tiny_dataset, labelled):
+  _, spec = ip.open_dataset(tiny_dataset)
+  assert spec.directory == tiny_dataset and spec.label_names == ()
+  assert spec.split_sizes == {"train": 28, "val": 4, "test": 8}
+  from data_prep import phantom_layouts  # pylint: disable=import-outside-toplevel
+  builder, _ = labelled
+  assert ip.open_dataset(builder.data_dir)[1].label_names == phantom_layouts.CTRATE_LABELS
+
+
+def copy_with_metadata(tiny_dataset, tmp_path, **changes):
+  """A copy of the tiny dataset whose metadata.json has `changes` ({key: value}; nested
+  preprocess keys as preprocess__shape); returns (directory, metadata.json path)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  directory = str(tmp_path / "dataset")
+  shutil.copytree(tiny_dataset, directory)
+  path = os.path.join(directory, "metadata.json")
+  with open(path, encoding="utf-8") as f:
+    metadata = json.load(f)
+  for key, value in changes.items():
+    if key.startswith("preprocess__"):
+      metadata["preprocess"][key[len("preprocess__"):]] = value
+    else:
+      metadata[key] = value
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(metadata, f)
+  return directory, path
+
+
+def test_a_dataset_of_another_schema_version_is_refused_naming_its_metadata(tiny_dataset,
+                                                                           tmp_path):
+  from data_prep import schema  # pylint: disable=import-outside-toplevel
+  directory, path = copy_with_metadata(tiny_dataset, tmp_path, schema_version=99)
+  with pytest.raises(ip.DatasetError) as err:
+    ip.open_dataset(directory)
+  assert str(err.value) == (f"{path}: schema version 99, this version of launch.py reads version "
+                            f"{schema.SCHEMA_VERSION}: reconvert the corpus with `launch.py "
+                            "convert` into a new --output_dir")
+
+
+def test_unusable_preprocessing_metadata_is_refused_naming_its_file(tiny_dataset, tmp_path):
+  directory, path = copy_with_metadata(tiny_dataset, tmp_path, preprocess__shape="big")
+  with pytest.raises(ip.DatasetError, match=rf"^{re.escape(path)}: .*shape"):
+    ip.open_dataset(directory)
+
+
+def test_volumes_stored_otherwise_than_the_metadata_says_are_refused(tiny_dataset, tmp_path):
+  directory, path = copy_with_metadata(tiny_dataset, tmp_path, preprocess__shape=[8, 8, 4])
+  with pytest.raises(ip.DatasetError) as err:
+    ip.open_dataset(directory)
+  message = str(err.value)
+  assert message.startswith(f"{directory}: volumes are stored as ((16, 16, 8), ")
+  assert f"but {path} records ((8, 8, 4), " in message and message.endswith("reconvert the corpus")
 
 
 def test_missing_split_names_the_available_ones(builder):
