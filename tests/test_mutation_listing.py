@@ -29,6 +29,9 @@ def test_survivors_not_in_the_section_are_reported(unlisted, tmp_path, capsys):
   results = tmp_path / "results.txt"
   results.write_text("    medfinder_jax.losses.x_siglip__mutmut_21: survived\n"
                      "    medfinder_jax.losses.x_siglip__mutmut_22: killed\n"
-                     "    medfinder_jax.losses.x_siglip__mutmut_999: survived\n")
+                     "    medfinder_jax.losses.x_siglip__mutmut_999: survived\n"
+                     "    medfinder_jax.losses.x_siglip__mutmut_1000: no tests\n")
   assert unlisted.main("losses", str(results)) == 1
-  assert capsys.readouterr().out.split() == ["medfinder_jax.losses.x_siglip__mutmut_999"]
+  assert capsys.readouterr().out.splitlines() == [
+      "medfinder_jax.losses.x_siglip__mutmut_999",
+      "medfinder_jax.losses.x_siglip__mutmut_1000 (no tests)"]

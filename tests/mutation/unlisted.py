@@ -4,7 +4,8 @@
 
 Reads .mutation/NAME/results.txt (or RESULTS) and the "## NAME" section of equivalent.md, where a
 bullet names mutants as `x_fn__mutmut_3`, then `_5` for more of the same function, and `_7` to
-`_9` (or `_7`..`_9`) for a range. Prints each unlisted survivor; exit 1 when there is one.
+`_9` (or `_7`..`_9`) for a range. Prints each unlisted survivor; exit 1 when there is one. A
+mutant no test reaches ("no tests") survives every run, so it counts as a survivor (marked).
 """
 
 import os
@@ -49,8 +50,8 @@ def main(name, results=None):
   missing = []
   for line in open(results, encoding="utf-8"):
     mutant, _, status = line.strip().rpartition(": ")
-    if status == "survived" and mutant.rsplit(".", 1)[-1] not in names:
-      missing.append(mutant)
+    if status in ("survived", "no tests") and mutant.rsplit(".", 1)[-1] not in names:
+      missing.append(mutant + (" (no tests)" if status == "no tests" else ""))
   print("\n".join(missing) or f"{name}: every survivor is listed")
   return 1 if missing else 0
 
