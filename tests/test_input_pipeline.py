@@ -94,6 +94,39 @@ def test_resumed_stream_continues_where_an_uninterrupted_one_is(builder, tokeniz
     np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
 
 
+def test_report_windows_are_drawn_afresh_each_epoch_and_resume_exactly(builder, tokenizer):
+  """With windows shorter than the reports (text augmentation), a study's window changes from
+  epoch to epoch, and a resumed stream draws the windows the uninterrupted one drew."""
+  per_epoch = 7                                  # 28 train studies / 4
+  stream = list(itertools.islice(train(builder, tokenizer, window_words=3), 2 * per_epoch))
+  windows = {}
+  for epoch in (0, 1):
+    for batch in stream[epoch * per_epoch:(epoch + 1) * per_epoch]:
+      for volume, ids in zip(batch["volume"], batch["input_ids"]):
+        windows.setdefault(digest(volume), {})[epoch] = ids.tolist()
+  assert len(windows) == 28
+  assert sum(w[0] != w[1] for w in windows.values()) >= 14
+  resumed = list(itertools.islice(train(builder, tokenizer, window_words=3, start_batch=9), 3))
+  for a, b in zip(stream[9:12], resumed):
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+
+
+def parallel_maps(dataset):
+  """The ParallelMapDataset nodes of a tf.data pipeline's graph."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  graph = tf.compat.v1.GraphDef.FromString(
+      dataset._as_serialized_graph().numpy())  # pylint: disable=protected-access
+  return [node for node in graph.node if node.op.startswith("ParallelMapDataset")]
+
+
+def test_the_training_decode_runs_in_parallel_and_keeps_record_order(builder):
+  """Decoding runs on tf.data's threads but may not reorder records: the stream must be a
+  function of the seed and the resume position alone."""
+  dataset = ip.train_records(builder, "train", 4, seed=0, process_index=0, process_count=1)
+  (decode,) = parallel_maps(dataset)
+  assert decode.attr["deterministic"].s in (b"true", b"default")   # tf.data's default: ordered
+
+
 def test_processes_read_disjoint_files_covering_the_split(builder, tokenizer):
   files = ip.split_files(builder, "train")
   per_process = [files.for_process(p, 2)[0] for p in range(2)]
@@ -106,22 +139,36 @@ def test_processes_read_disjoint_files_covering_the_split(builder, tokenizer):
   assert sorted(seen) == sorted(split_digests(builder, "train"))
 
 
-@pytest.mark.parametrize("process_count,local_batch", [(1, 3), (2, 2), (4, 1), (2, 8)])
+# (3, 2): shares of 4, 2 and 2 studies, so two processes end with a batch of padding only.
+@pytest.mark.parametrize("process_count,local_batch", [(1, 3), (2, 2), (4, 1), (2, 8), (3, 2)])
 def test_eval_counts_each_study_once_in_dataset_order(builder, tokenizer, process_count,
                                                       local_batch):
   expected = split_digests(builder, "test")
   streams = [list(ip.eval_batches(builder, "test", local_batch, tokenizer, process_index=p,
                                   process_count=process_count)) for p in range(process_count)]
-  assert len({len(s) for s in streams}) == 1  # same number of batches on every process
+  files = ip.split_files(builder, "test")
+  # The same number of batches on every process (collectives need it), of the same layout.
+  assert {len(s) for s in streams} == {ip.num_eval_batches(files, local_batch, process_count)}
+  stored = builder.info.features["volume"]
   found = {}
   for stream in streams:
     for batch in stream:
-      assert batch["volume"].shape[0] == local_batch
+      assert batch["volume"].shape == (local_batch, *stored.shape)
+      assert batch["volume"].dtype == stored.np_dtype and batch["index"].dtype == np.int32
       assert (batch["index"][~batch["mask"]] == -1).all()
+      assert not batch["volume"][~batch["mask"]].any()
       for index, volume in zip(batch["index"][batch["mask"]], batch["volume"][batch["mask"]]):
         assert index not in found
         found[int(index)] = digest(volume)
   assert [found[i] for i in range(len(expected))] == expected
+
+
+def test_eval_reads_this_process_share_by_default(builder, tokenizer):
+  default = list(ip.eval_batches(builder, "test", 4, tokenizer))
+  explicit = list(ip.eval_batches(builder, "test", 4, tokenizer, process_index=0, process_count=1))
+  assert len(default) == len(explicit) == 2
+  for a, b in zip(default, explicit):
+    np.testing.assert_array_equal(a["index"], b["index"])
 
 
 def test_eval_text_is_deterministic_and_matches_the_reports(builder, tokenizer):
@@ -274,7 +321,8 @@ def test_missing_split_names_the_available_ones(builder):
 
 
 def test_more_processes_than_files_says_how_to_reconvert(builder, tokenizer):
-  with pytest.raises(ip.DatasetError, match="min_shards=8"):
+  with pytest.raises(ip.DatasetError, match=r"^split 'val' has \d+ shard files but 8 processes "
+                                            r"read it; .*min_shards=8"):
     next(ip.eval_batches(builder, "val", 2, tokenizer, process_index=0, process_count=8))
 
 
