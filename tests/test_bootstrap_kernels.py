@@ -31,10 +31,11 @@ def reference_counts(seed, first, num, n):
   return counts
 
 
-def random_counts(n, replicates, seed=0):
-  """(n, R) uint8 draw counts of genuine resamples (each column sums to n)."""
+def random_counts(n, replicates, seed=0, draws=None):
+  """(n, R) uint8 draw counts of resamples of `draws` items (default n) from n."""
   rng = np.random.default_rng(seed)
-  columns = [np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(replicates)]
+  draws = n if draws is None else draws
+  columns = [np.bincount(rng.integers(0, n, draws), minlength=n) for _ in range(replicates)]
   return np.ascontiguousarray(np.stack(columns, axis=1).astype(np.uint8))
 
 
@@ -69,10 +70,7 @@ def test_rank_totals_are_each_replicates_hits_rank_sum_and_median():
   hits = np.ascontiguousarray(np.stack([[(sorted_ranks[0] <= k).astype(np.float64) for k in ks],
                                         rng.integers(0, 5, (len(ks), n)) / 4.0]))
   for total in (n, n - 1):          # an odd and an even number of draws: one or two middles
-    counts = random_counts(n, replicates, seed=total)
-    if total != n:
-      counts[np.argmax(counts[:, 0]), 0] -= 1
-      counts[:, 1:] = counts[:, :1]
+    counts = random_counts(n, replicates, seed=total, draws=total)
     middle = np.array([(total + 1) // 2, total // 2 + 1], np.int64)
     out_hits, out_sum = np.zeros((2, len(ks), replicates)), np.zeros((2, replicates))
     out_median = np.zeros((2, replicates))

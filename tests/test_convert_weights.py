@@ -11,6 +11,7 @@ import pytest
 
 from configs import default
 from medfinder_jax import convert_weights
+from medfinder_jax import text as text_lib
 from medfinder_jax.models import bert
 from medfinder_jax.models import medfinder
 
@@ -412,7 +413,7 @@ def write_bert_folder(folder, weights="model.safetensors", **config):
 
 
 def test_a_local_bert_folder_gives_its_config_and_weights(tmp_path):
-  for weights in convert_weights.text_lib.WEIGHT_FILES:
+  for weights in text_lib.WEIGHT_FILES:
     folder = str(tmp_path / weights.replace(".", "_"))
     model = write_bert_folder(folder, weights)
     config, params = convert_weights.load_hf_bert(folder)
@@ -430,7 +431,7 @@ def test_the_safetensors_file_is_preferred_and_a_folder_without_weights_is_named
     assert convert_weights.bert_weights_file(folder) == os.path.join(folder, name)
   os.remove(tmp_path / "model.safetensors")
   os.remove(tmp_path / "pytorch_model.bin")
-  with pytest.raises(convert_weights.text_lib.TextModelError,
+  with pytest.raises(text_lib.TextModelError,
                      match=rf"^{re.escape(folder)}: no model.safetensors or pytorch_model.bin$"):
     convert_weights.bert_weights_file(folder)
 
@@ -457,7 +458,7 @@ def test_a_weights_file_that_does_not_fit_the_config_is_named(tmp_path):
 def test_a_bert_config_that_is_missing_unreadable_or_not_bert_is_named(tmp_path, content, error):
   if content is not None:
     (tmp_path / "config.json").write_text(content)
-  with pytest.raises(convert_weights.text_lib.TextModelError,
+  with pytest.raises(text_lib.TextModelError,
                      match=rf"^{re.escape(str(tmp_path))}/{error}"):
     convert_weights.load_bert_config(str(tmp_path))
 

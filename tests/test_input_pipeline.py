@@ -1,17 +1,27 @@
 """Input pipeline: per-process shards, deterministic resumable training stream, padded eval."""
 
+import glob
 import hashlib
 import itertools
+import json
 import os
 import re
+import shutil
 import threading
 import time
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from configs import default
+from data_prep import convert
+from data_prep import corpus_base
+from data_prep import phantom_layouts
+from data_prep import schema
 from medfinder_jax import input_pipeline as ip
 from medfinder_jax import sharding
 from medfinder_jax import text as text_lib
@@ -113,7 +123,6 @@ def test_report_windows_are_drawn_afresh_each_epoch_and_resume_exactly(builder, 
 
 def parallel_maps(dataset):
   """The ParallelMapDataset nodes of a tf.data pipeline's graph."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   graph = tf.compat.v1.GraphDef.FromString(
       dataset._as_serialized_graph().numpy())  # pylint: disable=protected-access
   return [node for node in graph.node if node.op.startswith("ParallelMapDataset")]
@@ -264,7 +273,6 @@ def test_the_spec_names_the_dataset_its_splits_and_label_names(tiny_dataset, lab
   _, spec = ip.open_dataset(tiny_dataset)
   assert spec.directory == tiny_dataset and spec.label_names == ()
   assert spec.split_sizes == {"train": 28, "val": 4, "test": 8}
-  from data_prep import phantom_layouts  # pylint: disable=import-outside-toplevel
   builder, _ = labelled
   assert ip.open_dataset(builder.data_dir)[1].label_names == phantom_layouts.CTRATE_LABELS
 
@@ -272,8 +280,6 @@ def test_the_spec_names_the_dataset_its_splits_and_label_names(tiny_dataset, lab
 def copy_with_metadata(tiny_dataset, tmp_path, **changes):
   """A copy of the tiny dataset whose metadata.json has `changes` ({key: value}; nested
   preprocess keys as preprocess__shape); returns (directory, metadata.json path)."""
-  import json  # pylint: disable=import-outside-toplevel
-  import shutil  # pylint: disable=import-outside-toplevel
   directory = str(tmp_path / "dataset")
   shutil.copytree(tiny_dataset, directory)
   path = os.path.join(directory, "metadata.json")
@@ -291,7 +297,6 @@ def copy_with_metadata(tiny_dataset, tmp_path, **changes):
 
 def test_a_dataset_of_another_schema_version_is_refused_naming_its_metadata(tiny_dataset,
                                                                            tmp_path):
-  from data_prep import schema  # pylint: disable=import-outside-toplevel
   directory, path = copy_with_metadata(tiny_dataset, tmp_path, schema_version=99)
   with pytest.raises(ip.DatasetError) as err:
     ip.open_dataset(directory)
@@ -398,7 +403,6 @@ def test_a_slow_consumer_still_gets_every_batch():
 # --- Which dataset a config names -------------------------------------------------------------
 
 def data_config(tfrecord_dir="", data_root=""):
-  from configs import default  # pylint: disable=import-outside-toplevel
   config = default.get_config().data
   config.tfrecord_dir, config.data_root = tfrecord_dir, data_root
   return config
@@ -448,10 +452,6 @@ def test_a_data_root_that_is_neither_dataset_nor_corpus_is_named(tmp_path, make)
 def labelled(tmp_path_factory):
   """(builder, {study id: label row from the corpus's CSVs}) of a small CT-RATE-layout phantom
   (18 label columns), converted at 8x8x4."""
-  import glob  # pylint: disable=import-outside-toplevel
-  import pandas as pd  # pylint: disable=import-outside-toplevel
-  from configs import default  # pylint: disable=import-outside-toplevel
-  from data_prep import convert, corpus_base, phantom_layouts  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("ctrate")
   raw, out = str(root / "raw"), str(root / "tfrecords")
   phantom_layouts.write_phantom_corpus(raw, 8, seed=0, folders=4, layout="ctrate", size=32,
